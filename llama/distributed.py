@@ -1,0 +1,132 @@
+# The one place that picks devices, dtypes and backends, and sets up process groups.
+import atexit
+import logging
+import os
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+from fairscale.nn.model_parallel import initialize as fs_init
+
+logger = logging.getLogger(__name__)
+
+# Measured on the 2-core CI CPU (README, "Choosing a dtype"): bfloat16 matmuls beat float32 there
+# for both single-token decode and prefill, so CPUs with native bf16 support get bfloat16.
+CPU_DTYPE_PREFERENCE = (torch.bfloat16, torch.float32)
+
+
+def resolve_device(device: Union[str, torch.device, None] = None) -> torch.device:
+    """`None`: this process's CUDA device when CUDA is available (LOCAL_RANK under torchrun), else CPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but CUDA is not available: use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return device
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+    """`None`: bfloat16 on CUDA where supported else float16; on CPU bfloat16 if it runs natively."""
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+        resolved = getattr(torch, aliases.get(name, name), None)
+        if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+            raise ValueError(f"unknown dtype {dtype!r}: use bfloat16, float16 or float32")
+        return resolved
+    if dtype is not None:
+        return dtype
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+    return torch.float32
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def setup(device: torch.device, model_parallel_size: Optional[int] = None) -> int:
+    """Join (or create) the process group and fairscale's model-parallel groups; return the
+    model-parallel size.
+
+    Under torchrun (or any launcher that sets RANK and WORLD_SIZE) the default env:// rendezvous is
+    used. A plain `python` call gets a process group of one held in memory: no port, so any number
+    of such runs can share a machine.
+    """
+    if not dist.is_initialized():
+        backend = backend_for(device)
+        if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+            kwargs = {"device_id": device} if device.type == "cuda" else {}
+            dist.init_process_group(backend, **kwargs)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        atexit.register(shutdown)
+    world_size = dist.get_world_size()
+    if model_parallel_size is None:
+        model_parallel_size = world_size
+    if not fs_init.model_parallel_is_initialized():
+        if world_size % model_parallel_size:
+            raise ValueError(
+                f"model_parallel_size {model_parallel_size} does not divide the {world_size} processes"
+            )
+        _quietly(fs_init.initialize_model_parallel, model_parallel_size)
+    elif fs_init.get_model_parallel_world_size() != model_parallel_size:
+        raise ValueError(
+            f"model parallel is already set up with size {fs_init.get_model_parallel_world_size()}, "
+            f"not {model_parallel_size}"
+        )
+    return model_parallel_size
+
+
+def _quietly(fn, *args):
+    # fairscale prints its group layout from every rank; keep stdout for rank 0's results
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
+
+
+def model_parallel_rank() -> int:
+    return fs_init.get_model_parallel_rank()
+
+
+def model_parallel_size() -> int:
+    return fs_init.get_model_parallel_world_size()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def broadcast_object(obj=None, src: int = 0):
+    """Send a picklable object from rank `src` to every rank (identity with one process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shutdown() -> None:
+    """Tear the process groups down (gloo aborts at interpreter exit otherwise). Safe to call twice."""
+    if fs_init.model_parallel_is_initialized():
+        fs_init.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

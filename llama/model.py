@@ -1,0 +1,414 @@
+# Llama 3 decoder: the architecture of Meta's release, parameter names = checkpoint keys.
+import logging
+import math
+from dataclasses import dataclass, fields
+from typing import Optional, Union
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Longest context each RoPE variant was trained for.
+MAX_SEQ_LEN_UNSCALED = 8192
+MAX_SEQ_LEN_SCALED = 131072
+
+
+@dataclass(init=False)
+class ModelArgs:
+    """Model hyper-parameters: the keys of a Meta `params.json`, plus run-time limits.
+
+    Unknown keys (from later releases) are accepted and ignored, so
+    `ModelArgs(**json.load(open("params.json")))` works for every release.
+    """
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = -1
+    multiple_of: int = 256  # make SwiGLU hidden layer size multiple of large power of 2
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    # Llama 3.1 RoPE scaling; the four constants of the published recipe.
+    use_scaled_rope: bool = False
+    rope_scale_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
+
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+    def __init__(self, **kwargs):
+        for f in fields(self):
+            setattr(self, f.name, kwargs.pop(f.name, f.default))
+        if kwargs:
+            logger.debug("ModelArgs: ignoring unknown keys %s", sorted(kwargs))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    def validate(self, model_parallel_size: int = 1) -> None:
+        """Raise ValueError, saying why, if this shape cannot be built on `model_parallel_size` ranks."""
+        mp = model_parallel_size
+        n_kv = self.n_kv_heads or self.n_heads
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} (dim / n_heads) must be even for rotary embeddings")
+        if self.n_heads % n_kv:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {n_kv}")
+        if self.vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
+        if self.n_heads % mp:
+            raise ValueError(
+                f"n_heads {self.n_heads} is not divisible by the model-parallel size {mp}: "
+                f"use a process count that divides {self.n_heads}"
+            )
+        if n_kv % mp and mp % n_kv:
+            raise ValueError(
+                f"n_kv_heads {n_kv} and the model-parallel size {mp} do not divide one another"
+            )
+        for name, size in (("vocab_size", self.vocab_size), ("ffn hidden size", self.ffn_hidden_dim)):
+            if size % mp:
+                raise ValueError(f"{name} {size} is not divisible by the model-parallel size {mp}")
+        limit = MAX_SEQ_LEN_SCALED if self.use_scaled_rope else MAX_SEQ_LEN_UNSCALED
+        if self.max_seq_len > limit:
+            raise ValueError(
+                f"max_seq_len {self.max_seq_len} exceeds the {limit} tokens this model was trained for"
+                + ("" if self.use_scaled_rope else " (only Llama 3.1+ models with use_scaled_rope go longer)")
+            )
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    hidden_dim = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden_dim = int(ffn_dim_multiplier * hidden_dim)
+    return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 statistics whatever the activation dtype, as in the original
+        return self._norm(x.float()).type_as(x) * self.weight
+
+
+def apply_scaling(
+    freqs: torch.Tensor,
+    scale_factor: float = 8.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    old_context_len: int = 8192,
+) -> torch.Tensor:
+    """Llama 3.1 RoPE scaling: slow down low frequencies, keep high ones, blend in between."""
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * freqs / scale_factor + smooth * freqs
+    out = torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, blended)
+    return torch.where(wavelen < high_freq_wavelen, freqs, out)
+
+
+def precompute_freqs_cis(
+    dim: int, end: int, theta: float = 500000.0, use_scaled: bool = False, **scaling
+) -> torch.Tensor:
+    """Complex rotations e^{i * pos * f}, shape (end, dim // 2), complex64.
+
+    `scaling` takes apply_scaling's keyword arguments (scale_factor, ...).
+    """
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: (dim // 2)].float() / dim))
+    if use_scaled:
+        freqs = apply_scaling(freqs, **scaling)
+    t = torch.arange(end, device=freqs.device, dtype=torch.float32)
+    freqs = torch.outer(t, freqs)
+    return torch.polar(torch.ones_like(freqs), freqs)
+
+
+def apply_rotary_emb(
+    xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ADJACENT pairs (2i, 2i+1) of each head in float32.
+
+    xq, xk: (bsz, seqlen, n_heads, head_dim). freqs_cis: complex (seqlen, head_dim/2) or
+    (bsz, seqlen, head_dim/2), or the same as real (..., head_dim/2, 2) [cos, sin] pairs.
+    """
+    if freqs_cis.is_complex():
+        freqs_cis = torch.view_as_real(freqs_cis)
+    if freqs_cis.dim() == 3:
+        freqs_cis = freqs_cis.unsqueeze(0)
+    cos, sin = freqs_cis.unsqueeze(2).unbind(-1)  # (bsz|1, seqlen, 1, head_dim/2)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (bsz, seqlen, heads, head_dim/2)
+        # (x0 + i x1) * (cos + i sin), real and imaginary parts interleaved back
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(3).type_as(x)
+
+    return rotate(xq), rotate(xk)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """torch.repeat_interleave(x, dim=2, repeats=n_rep) for (bs, seqlen, n_kv_heads, head_dim).
+
+    Kept for users of the original API; attention below reads shared KV heads without copying.
+    """
+    bs, slen, n_kv_heads, head_dim = x.shape
+    if n_rep == 1:
+        return x
+    return (
+        x[:, :, :, None, :]
+        .expand(bs, slen, n_kv_heads, n_rep, head_dim)
+        .reshape(bs, slen, n_kv_heads * n_rep, head_dim)
+    )
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        model_parallel_size = fs_init.get_model_parallel_world_size()
+        self.n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
+        self.n_local_heads = args.n_heads // model_parallel_size
+        # with more ranks than KV heads, each rank holds one whole (repeated) KV head
+        self.n_local_kv_heads = max(self.n_kv_heads // model_parallel_size, 1)
+        self.n_rep = self.n_local_heads // self.n_local_kv_heads
+        self.head_dim = args.dim // args.n_heads
+        kv_out = self.n_local_kv_heads * model_parallel_size * self.head_dim
+
+        self.wq = ColumnParallelLinear(
+            args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=lambda x: x
+        )
+        self.wk = ColumnParallelLinear(args.dim, kv_out, bias=False, gather_output=False, init_method=lambda x: x)
+        self.wv = ColumnParallelLinear(args.dim, kv_out, bias=False, gather_output=False, init_method=lambda x: x)
+        self.wo = RowParallelLinear(
+            args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=lambda x: x
+        )
+        # KV cache, (max_batch, n_local_kv_heads, max_seq, head_dim); None until allocated
+        self.cache_k: Optional[torch.Tensor] = None
+        self.cache_v: Optional[torch.Tensor] = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        start_pos: Union[int, torch.Tensor],
+        freqs_cis: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
+
+        if not use_cache:
+            keys, values = xk.transpose(1, 2), xv.transpose(1, 2)
+        elif isinstance(start_pos, int):
+            self.cache_k[:bsz, :, start_pos : start_pos + seqlen] = xk.transpose(1, 2)
+            self.cache_v[:bsz, :, start_pos : start_pos + seqlen] = xv.transpose(1, 2)
+            keys = self.cache_k[:bsz, :, : start_pos + seqlen]
+            values = self.cache_v[:bsz, :, : start_pos + seqlen]
+        else:  # one start position per row; the mask hides slots a row has not written
+            pos = start_pos[:, None] + torch.arange(seqlen, device=x.device)  # (bsz, seqlen)
+            rows = torch.arange(bsz, device=x.device)[:, None]
+            self.cache_k[rows, :, pos] = xk
+            self.cache_v[rows, :, pos] = xv
+            keys, values = self.cache_k[:bsz], self.cache_v[:bsz]
+
+        if seqlen == 1 and self.n_rep > 1:
+            # Decode: the n_rep query heads of each KV head become rows of one matrix product,
+            # (bsz, n_kv, n_rep, head_dim), so shared KV heads are read once and never copied.
+            q = xq.view(bsz, self.n_local_kv_heads, self.n_rep, self.head_dim)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        else:
+            causal = mask is None and seqlen > 1
+            out = F.scaled_dot_product_attention(
+                xq.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, enable_gqa=self.n_rep > 1
+            )
+            out = out.transpose(1, 2)
+        out = out.reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_local_heads * head_dim)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]):
+        super().__init__()
+        # `hidden_dim` is 4 * dim, as the original passes it; the real size follows the published rule
+        hidden_dim = ffn_hidden_dim(hidden_dim * 3 // 8, multiple_of, ffn_dim_multiplier)
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=lambda x: x)
+        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=lambda x: x)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=lambda x: x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.dim = args.dim
+        self.head_dim = args.dim // args.n_heads
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(
+            dim=args.dim,
+            hidden_dim=4 * args.dim,
+            multiple_of=args.multiple_of,
+            ffn_dim_multiplier=args.ffn_dim_multiplier,
+        )
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        start_pos: Union[int, torch.Tensor],
+        freqs_cis: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, use_cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The Llama 3 decoder. Needs fairscale's model parallel initialised (llama.distributed.setup)."""
+
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        params.validate(fs_init.get_model_parallel_world_size())
+        self.params = params
+        self.vocab_size = params.vocab_size
+        self.n_layers = params.n_layers
+
+        self.tok_embeddings = VocabParallelEmbedding(params.vocab_size, params.dim, init_method=lambda x: x)
+        self.layers = nn.ModuleList(TransformerBlock(layer_id, params) for layer_id in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=lambda x: x)
+        # RoPE table as real [cos, sin] pairs, (max_seq_len, head_dim/2, 2); built on first use
+        self.freqs_cis: Optional[torch.Tensor] = None
+
+    def rope_table(self, device: torch.device) -> torch.Tensor:
+        p = self.params
+        if self.freqs_cis is None or self.freqs_cis.device != device:
+            freqs_cis = precompute_freqs_cis(
+                p.head_dim,
+                p.max_seq_len,
+                p.rope_theta,
+                p.use_scaled_rope,
+                scale_factor=p.rope_scale_factor,
+                low_freq_factor=p.rope_low_freq_factor,
+                high_freq_factor=p.rope_high_freq_factor,
+                old_context_len=p.rope_original_max_seq_len,
+            )
+            self.freqs_cis = torch.view_as_real(freqs_cis).to(device)
+        return self.freqs_cis
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
+        """Allocate each layer's KV cache for `max_batch_size` rows of `max_seq_len` tokens."""
+        if max_seq_len > self.params.max_seq_len:
+            raise ValueError(f"KV cache of {max_seq_len} tokens exceeds max_seq_len {self.params.max_seq_len}")
+        w = self.layers[0].attention.wk.weight
+        for layer in self.layers:
+            a = layer.attention
+            shape = (max_batch_size, a.n_local_kv_heads, max_seq_len, a.head_dim)
+            a.cache_k = torch.zeros(shape, device=w.device, dtype=w.dtype)
+            a.cache_v = torch.zeros(shape, device=w.device, dtype=w.dtype)
+
+    @property
+    def cache_shape(self) -> Optional[tuple[int, int]]:
+        """(batch rows, tokens) the KV cache holds, or None before it is allocated."""
+        c = self.layers[0].attention.cache_k
+        return None if c is None else (c.shape[0], c.shape[2])
+
+    def free_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.cache_k = layer.attention.cache_v = None
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: Union[int, torch.Tensor],
+        output_index: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Logits (float32) of `tokens` (bsz, seqlen) placed at positions start_pos..., KV cache updated.
+
+        `start_pos` is an int, or a (bsz,) tensor giving each row its own start (rows of different
+        lengths decoded together). `output_index` (bsz,) computes logits only at that index of each
+        row: (bsz, 1, vocab) instead of (bsz, seqlen, vocab).
+        """
+        if self.cache_shape is None:
+            self.setup_cache(self.params.max_batch_size, self.params.max_seq_len)
+        return self._forward(tokens, start_pos, output_index, use_cache=True)
+
+    def forward_train(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (float32) of a whole causal sequence from position 0, without the KV cache, with autograd."""
+        return self._forward(tokens, 0, None, use_cache=False)
+
+    def _forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: Union[int, torch.Tensor],
+        output_index: Optional[torch.Tensor],
+        use_cache: bool,
+    ) -> torch.Tensor:
+        bsz, seqlen = tokens.shape
+        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
+        rope = self.rope_table(h.device)
+
+        mask = None
+        if isinstance(start_pos, int):
+            if start_pos + seqlen > rope.shape[0]:
+                raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len {rope.shape[0]}")
+            freqs_cis = rope[start_pos : start_pos + seqlen]
+            if use_cache and start_pos > 0 and seqlen > 1:
+                # new tokens see every cached one and causally each other: (1, 1, seqlen, start_pos + seqlen)
+                mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=h.device)
+                mask = mask.tril(diagonal=start_pos)[None, None]
+        else:
+            pos = start_pos[:, None] + torch.arange(seqlen, device=h.device)  # (bsz, seqlen)
+            freqs_cis = rope[pos]
+            kv_len = self.cache_shape[1]
+            mask = torch.arange(kv_len, device=h.device) <= pos[..., None]  # (bsz, seqlen, kv_len)
+            mask = mask[:, None]
+
+        for layer in self.layers:
+            h = layer(h, start_pos, freqs_cis, mask, use_cache)
+        if output_index is not None:  # (bsz, seqlen, dim) -> (bsz, 1, dim)
+            h = h[torch.arange(bsz, device=h.device), output_index][:, None]
+        h = self.norm(h)
+        return self.output(h).float()
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: Optional[torch.Generator] = None) -> None:
+        """Random weights for training from scratch: normal(0, std) matrices, output projections of
+        each block scaled by 1/sqrt(2 * n_layers), norms at 1. Checkpoint loading does not need this."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+                continue
+            s = std / math.sqrt(2 * self.n_layers) if name.endswith(("wo.weight", "w2.weight")) else std
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(s).to(p.dtype))

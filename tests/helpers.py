@@ -1,0 +1,86 @@
+"""Test utilities: random Meta checkpoints, a byte-level tokenizer, and real multi-process runs."""
+import base64
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from llama.checkpoint import save_checkpoint
+from llama.model import ModelArgs
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_PARAMS = {
+    "dim": 64,
+    "n_layers": 2,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "vocab_size": 512,  # 256 byte tokens + 256 Llama 3 special tokens
+    "multiple_of": 32,
+    "ffn_dim_multiplier": 1.3,
+    "norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+}
+
+
+def random_state_dict(params: dict, seed: int = 0) -> dict:
+    """Full (unsharded) random weights for `params`, scaled so logits are decisive (no near ties)."""
+    args = ModelArgs(**params)
+    g = torch.Generator().manual_seed(seed)
+    kv_dim = (args.n_kv_heads or args.n_heads) * args.head_dim
+    hidden = args.ffn_hidden_dim
+
+    def mat(out_f: int, in_f: int) -> torch.Tensor:
+        return torch.randn(out_f, in_f, generator=g) / in_f**0.5
+
+    def norm() -> torch.Tensor:
+        return 1.0 + 0.1 * torch.randn(args.dim, generator=g)
+
+    sd = {"tok_embeddings.weight": torch.randn(args.vocab_size, args.dim, generator=g)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        sd[p + "attention.wq.weight"] = mat(args.dim, args.dim)
+        sd[p + "attention.wk.weight"] = mat(kv_dim, args.dim)
+        sd[p + "attention.wv.weight"] = mat(kv_dim, args.dim)
+        sd[p + "attention.wo.weight"] = mat(args.dim, args.dim)
+        sd[p + "feed_forward.w1.weight"] = mat(hidden, args.dim)
+        sd[p + "feed_forward.w2.weight"] = mat(args.dim, hidden)
+        sd[p + "feed_forward.w3.weight"] = mat(hidden, args.dim)
+        sd[p + "attention_norm.weight"] = norm()
+        sd[p + "ffn_norm.weight"] = norm()
+    sd["norm.weight"] = norm()
+    sd["output.weight"] = mat(args.vocab_size, args.dim) * 4.0
+    return sd
+
+
+def make_checkpoint(out_dir: Path, params: Optional[dict] = None, n_shards: int = 1, seed: int = 0) -> Path:
+    params = dict(TINY_PARAMS if params is None else params)
+    save_checkpoint(random_state_dict(params, seed), params, out_dir, n_shards=n_shards)
+    return out_dir
+
+
+def write_byte_tokenizer(path: Path) -> Path:
+    """A tiktoken BPE file of the 256 single bytes (no merges): n_words = 256 + 256 specials = 512."""
+    path.write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(script: str, args: list, nproc: int, timeout: float = 300, env: Optional[dict] = None):
+    """Run `script` under torchrun with `nproc` real processes on this machine (gloo on CPU)."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        script, *map(str, args),
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env)
