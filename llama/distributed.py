@@ -107,6 +107,11 @@ def model_parallel_size() -> int:
     return fs_init.get_model_parallel_world_size()
 
 
+def rank_from_env() -> int:
+    """This process's global rank as the launcher set it (0 without a launcher), before any setup."""
+    return int(os.environ.get("RANK", 0))
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

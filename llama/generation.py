@@ -1,0 +1,348 @@
+# The Llama generator: build from a Meta checkpoint, then generate, complete text or chat.
+import codecs
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, TypedDict, Union
+
+import torch
+import torch.nn.functional as F
+
+from llama import checkpoint, distributed
+from llama.model import ModelArgs, Transformer
+from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: Message
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+@dataclass
+class StreamToken:
+    """One new token of one sequence, as `Llama.stream` yields it."""
+
+    index: int  # row of the batch
+    token: int
+    text: str  # the printable text this token completes ("" for a stop token or a partial character)
+    logprob: Optional[float]
+    finished: bool  # the sequence ends with this token (stop token or length limit)
+
+
+class Llama:
+    @staticmethod
+    def build(
+        ckpt_dir: str,
+        tokenizer_path: str,
+        max_seq_len: int,
+        max_batch_size: int,
+        model_parallel_size: Optional[int] = None,
+        seed: int = 1,
+        device: Union[str, torch.device, None] = None,
+        dtype: Union[str, torch.dtype, None] = None,
+        rope_scale_factor: Optional[float] = None,
+    ) -> "Llama":
+        """Load a Meta-format checkpoint and its tokenizer.
+
+        Args:
+            ckpt_dir: directory with params.json and consolidated.NN.pth.
+            tokenizer_path: the tiktoken tokenizer.model of this checkpoint.
+            max_seq_len: longest sequence (prompt + generation) a request may use.
+            max_batch_size: most prompts in one request.
+            model_parallel_size: processes per model; default: all processes of the group.
+            seed: random seed, the same on every rank so that all ranks sample the same tokens.
+            device: "cuda", "cpu", a torch.device, or None for CUDA when available, else CPU.
+            dtype: "bfloat16", "float16", "float32", a torch.dtype, or None for the device's default
+                (bfloat16 on CUDA where supported, else float16; bfloat16 on CPUs that run it natively).
+            rope_scale_factor: Llama 3.1 RoPE scale for models with use_scaled_rope; None reads
+                params.json or, failing that, uses the published default for the model's shape.
+
+        Works under torchrun (one process per model-parallel rank) and as a plain `python` call.
+        """
+        start = time.perf_counter()
+        device = distributed.resolve_device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dtype = distributed.resolve_dtype(dtype, device)
+        mp_size = distributed.setup(device, model_parallel_size)
+        torch.manual_seed(seed)
+
+        params = checkpoint.read_params(ckpt_dir)
+        tokenizer = Tokenizer(model_path=str(tokenizer_path))
+        args = ModelArgs(**{**params, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size})
+        if args.use_scaled_rope:
+            args.rope_scale_factor = _rope_scale_factor(params, rope_scale_factor)
+        if tokenizer.n_words != args.vocab_size:
+            raise ValueError(
+                f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but {ckpt_dir}/params.json says "
+                f"vocab_size {args.vocab_size}: pass the tokenizer.model that belongs to this checkpoint"
+            )
+        model = checkpoint.load_model(ckpt_dir, args, distributed.model_parallel_rank(), mp_size, device, dtype)
+        if distributed.is_rank0():
+            logger.info(
+                "Loaded %s (%d shard(s), %d process(es)) on %s in %s in %.2f seconds",
+                ckpt_dir, len(checkpoint.shard_paths(ckpt_dir)), mp_size, device,
+                str(dtype).removeprefix("torch."), time.perf_counter() - start,
+            )
+        return Llama(model, tokenizer)
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.formatter = ChatFormat(tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    def _check_request(self, prompt_tokens: List[List[int]]) -> None:
+        params = self.model.params
+        if not prompt_tokens:
+            raise ValueError("no prompts given")
+        if len(prompt_tokens) > params.max_batch_size:
+            raise ValueError(
+                f"{len(prompt_tokens)} prompts exceed max_batch_size {params.max_batch_size}: "
+                "send fewer at once or build with a larger max_batch_size"
+            )
+        for i, t in enumerate(prompt_tokens):
+            if not t:
+                raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+            if len(t) > params.max_seq_len:
+                raise ValueError(
+                    f"prompt {i} has {len(t)} tokens, longer than max_seq_len {params.max_seq_len}: "
+                    "shorten it or build with a larger max_seq_len"
+                )
+
+    def _limits(self, prompt_tokens: List[List[int]], max_gen_len: int) -> List[int]:
+        """New tokens each row may get: max_gen_len, within max_seq_len (the original's total_len)."""
+        max_len = max(len(t) for t in prompt_tokens)
+        total_len = min(self.model.params.max_seq_len, max_gen_len + max_len)
+        return [max(0, min(max_gen_len, total_len - len(t))) for t in prompt_tokens]
+
+    @torch.inference_mode()
+    def _steps(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float,
+        top_p: float,
+        logprobs: bool,
+        prompt_logprobs: bool = False,
+        seed: Optional[int] = None,
+    ) -> Iterator[tuple]:
+        """The generation loop. Yields, once, the prompt log-probs (or None), then per step the
+        sampled tokens (bsz,), their log-probs (bsz,) or None, and which rows were already done."""
+        self._check_request(prompt_tokens)
+        params, device = self.model.params, self.device
+        bsz = len(prompt_tokens)
+        lens = [len(t) for t in prompt_tokens]
+        max_len = max(lens)
+        limits = self._limits(prompt_tokens, max_gen_len)
+        total_len = max(n + k for n, k in zip(lens, limits))
+        n_steps = max(limits)
+
+        rows, slots = self.model.cache_shape or (0, 0)
+        if rows < bsz or slots < total_len:  # size the KV cache to the request
+            self.model.setup_cache(bsz, total_len)
+
+        # Prompts of different lengths are prefilled together, padded at the end; each row then
+        # decodes from its own position, overwriting its padding slots in the KV cache.
+        tokens = torch.zeros(bsz, max_len, dtype=torch.long, device=device)
+        for i, t in enumerate(prompt_tokens):
+            tokens[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        lens_t = torch.tensor(lens, device=device)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+
+        if prompt_logprobs:  # full logits for the prompt's own log-probs
+            all_logits = self.model(tokens, 0)
+            logits = all_logits[torch.arange(bsz, device=device), lens_t - 1]
+            lp = -F.cross_entropy(all_logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+            yield torch.cat([torch.zeros(bsz, 1, device=device), lp], dim=1)
+        else:
+            yield None
+            if n_steps == 0:
+                return
+            logits = self.model(tokens, 0, output_index=lens_t - 1)[:, 0]
+
+        stop_tokens = torch.tensor(self.tokenizer.stop_tokens, device=device)
+        limits_t = torch.tensor(limits, device=device)
+        same_len = min(lens) == max_len
+        done = limits_t <= 0
+        for step in range(n_steps):
+            next_token = _sample(logits, temperature, top_p, generator)
+            token_lp = None
+            if logprobs:
+                token_lp = torch.log_softmax(logits, dim=-1).gather(1, next_token[:, None])[:, 0]
+            yield next_token, token_lp, done
+            done = done | torch.isin(next_token, stop_tokens) | (limits_t <= step + 1)
+            if step + 1 == n_steps or bool(done.all()):  # the one host sync per step
+                break
+            start_pos = max_len + step if same_len else lens_t + step
+            logits = self.model(next_token[:, None], start_pos)[:, -1]
+
+    def generate(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+        seed: Optional[int] = None,
+    ) -> tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Generate from token prompts; temperature 0 is greedy, otherwise nucleus (top_p) sampling.
+
+        Returns (tokens, logprobs or None) per prompt: cut at len(prompt) + max_gen_len and before the
+        first stop token (not returned); `echo` includes the prompt. `seed` makes this request's
+        sampling reproducible on its own (the same on every rank); None uses the global RNG.
+        """
+        steps = self._steps(prompt_tokens, max_gen_len, temperature, top_p, logprobs, logprobs and echo, seed)
+        prompt_lp = next(steps)
+        gen = [(tok, lp) for tok, lp, _ in steps]
+        bsz = len(prompt_tokens)
+        gen_tokens = torch.stack([t for t, _ in gen], 1).tolist() if gen else [[] for _ in range(bsz)]
+        gen_lps = torch.stack([lp for _, lp in gen], 1).tolist() if gen and logprobs else [[] for _ in range(bsz)]
+        prompt_lps = prompt_lp.tolist() if prompt_lp is not None else None
+
+        limits = self._limits(prompt_tokens, max_gen_len)
+        out_tokens, out_logprobs = [], []
+        for i, prompt in enumerate(prompt_tokens):
+            toks = (prompt if echo else []) + gen_tokens[i][: limits[i]]
+            lps = ((prompt_lps[i][: len(prompt)] if echo else []) + gen_lps[i]) if logprobs else []
+            lps = lps[: len(toks)]
+            for stop_token in self.tokenizer.stop_tokens:
+                if stop_token in toks:
+                    cut = toks.index(stop_token)
+                    toks, lps = toks[:cut], lps[:cut]
+            out_tokens.append(toks)
+            out_logprobs.append(lps)
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    def stream(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        seed: Optional[int] = None,
+    ) -> Iterator[List[StreamToken]]:
+        """Generate like `generate`, yielding each step's new token of every unfinished sequence.
+
+        A sequence's `text` pieces joined give its decoded generation; characters split across tokens
+        appear once complete. The stop token ends a sequence with `finished` and empty text.
+        """
+        decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in prompt_tokens]
+        steps = self._steps(prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, seed)
+        next(steps)
+        stop = set(self.tokenizer.stop_tokens)
+        limits = self._limits(prompt_tokens, max_gen_len)
+        finished = [k == 0 for k in limits]
+        n_new = [0] * len(prompt_tokens)
+        for tokens, lps, _ in steps:
+            tokens = tokens.tolist()
+            lps = lps.tolist() if lps is not None else [None] * len(tokens)
+            out = []
+            for i, (tok, lp) in enumerate(zip(tokens, lps)):
+                if finished[i]:
+                    continue
+                n_new[i] += 1
+                is_stop = tok in stop
+                finished[i] = is_stop or n_new[i] >= limits[i]
+                piece = self.tokenizer.model.decode_single_token_bytes(tok)
+                text = "" if is_stop else decoders[i].decode(piece, final=False)
+                if finished[i]:
+                    text += decoders[i].decode(b"", final=True)
+                out.append(StreamToken(i, tok, text, lp, finished[i]))
+            if out:
+                yield out
+
+    def text_completion(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+        seed: Optional[int] = None,
+    ) -> List[CompletionPrediction]:
+        """Complete each prompt (bos is added). max_gen_len defaults to max_seq_len - 1."""
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed)
+        if logprobs:
+            return [
+                {"generation": self.tokenizer.decode(t), "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}
+                for t, lp in zip(tokens, lps)
+            ]
+        return [{"generation": self.tokenizer.decode(t)} for t in tokens]
+
+    def chat_completion(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        seed: Optional[int] = None,
+    ) -> List[ChatPrediction]:
+        """Answer each dialog in the Llama 3 chat format. max_gen_len defaults to max_seq_len - 1."""
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, seed)
+        results: List[ChatPrediction] = []
+        for i, t in enumerate(tokens):
+            result: ChatPrediction = {"generation": {"role": "assistant", "content": self.tokenizer.decode(t)}}
+            if logprobs:
+                result["tokens"] = [self.tokenizer.decode([x]) for x in t]
+                result["logprobs"] = lps[i]
+            results.append(result)
+        return results
+
+
+def _rope_scale_factor(params: dict, override: Optional[float]) -> float:
+    from llama import registry
+
+    if override is not None:
+        factor, why = float(override), "as asked"
+    elif "rope_scale_factor" in params:
+        factor, why = float(params["rope_scale_factor"]), "from params.json"
+    else:
+        factor, why = registry.default_rope_scale_factor(params), "the published default for this shape"
+    if distributed.is_rank0():
+        logger.info("RoPE scaling factor %g (%s)", factor, why)
+    return factor
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Nucleus sampling: keep the smallest prefix of the sorted distribution whose mass reaches `p`
+    (the top token always), renormalise, draw one token per row. Returns (bsz, 1) token ids."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    mask = probs_sum - probs_sort > p
+    probs_sort[mask] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, next_token)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    if temperature > 0:
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return sample_top_p(probs, top_p, generator)[:, 0]
+    return torch.argmax(logits, dim=-1)

@@ -1,0 +1,24 @@
+"""Worker for multi-process tests: build a Llama, run greedy generation and one forward pass, and
+write the results from rank 0 to a file (torch.save)."""
+import fire
+import torch
+
+from llama import Llama, distributed
+
+PROMPTS = ["Hello, world", "The quick brown fox jumps over", "a"]
+
+
+def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12):
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4, device="cpu", dtype="float32")
+    prompt_tokens = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    tokens, logprobs = llama.generate(prompt_tokens, max_gen_len, temperature=0, logprobs=True)
+    sampled, _ = llama.generate(prompt_tokens, max_gen_len, temperature=0.8, top_p=0.9, seed=7)
+    llama.model.free_cache()
+    logits = llama.model(torch.tensor([prompt_tokens[1]]), 0)
+    if distributed.is_rank0():
+        torch.save({"tokens": tokens, "logprobs": logprobs, "sampled": sampled, "logits": logits}, out)
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
