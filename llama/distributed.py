@@ -120,12 +120,13 @@ def is_rank0() -> bool:
     return rank() == 0
 
 
-def broadcast_object(obj=None, src: int = 0):
-    """Send a picklable object from rank `src` to every rank (identity with one process)."""
+def broadcast_object(obj=None, src: int = 0, group: Optional[dist.ProcessGroup] = None):
+    """Send a picklable object from rank `src` to every rank of `group` (default: all; identity
+    with one process)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
 
 
