@@ -75,12 +75,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(script: str, args: list, nproc: int, timeout: float = 300, env: Optional[dict] = None):
-    """Run `script` under torchrun with `nproc` real processes on this machine (gloo on CPU)."""
+def run_torchrun(
+    script: str, args: list, nproc: int, timeout: float = 300, env: Optional[dict] = None, input: Optional[str] = None
+):
+    """Run `script` under torchrun with `nproc` real processes on this machine (gloo on CPU);
+    `input` is the text piped to their standard input."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         script, *map(str, args),
     ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env)
+    return subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env)
