@@ -189,7 +189,8 @@ class Llama:
             done = done | torch.isin(next_token, stop_tokens) | (limits_t <= step + 1)
             if step + 1 == n_steps or bool(done.all()):  # the one host sync per step
                 break
-            start_pos = max_len + step if same_len else lens_t + step
+            # finished rows ride along; keep their positions inside the cache
+            start_pos = max_len + step if same_len else (lens_t + step).clamp(max=total_len - 1)
             logits = self.model(next_token[:, None], start_pos)[:, -1]
 
     def generate(
@@ -208,6 +209,20 @@ class Llama:
         first stop token (not returned); `echo` includes the prompt. `seed` makes this request's
         sampling reproducible on its own (the same on every rank); None uses the global RNG.
         """
+        tokens, lps, _ = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed)
+        return tokens, (lps if logprobs else None)
+
+    def _generate(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float,
+        top_p: float,
+        logprobs: bool,
+        echo: bool,
+        seed: Optional[int],
+    ) -> tuple[List[List[int]], List[List[float]], List[Optional[int]]]:
+        """generate(), plus the stop token that ended each sequence (None: it ran out of tokens)."""
         steps = self._steps(prompt_tokens, max_gen_len, temperature, top_p, logprobs, logprobs and echo, seed)
         prompt_lp = next(steps)
         gen = [(tok, lp) for tok, lp, _ in steps]
@@ -217,18 +232,20 @@ class Llama:
         prompt_lps = prompt_lp.tolist() if prompt_lp is not None else None
 
         limits = self._limits(prompt_tokens, max_gen_len)
-        out_tokens, out_logprobs = [], []
+        out_tokens, out_logprobs, out_stops = [], [], []
         for i, prompt in enumerate(prompt_tokens):
             toks = (prompt if echo else []) + gen_tokens[i][: limits[i]]
             lps = ((prompt_lps[i][: len(prompt)] if echo else []) + gen_lps[i]) if logprobs else []
             lps = lps[: len(toks)]
+            stop = None
             for stop_token in self.tokenizer.stop_tokens:
                 if stop_token in toks:
                     cut = toks.index(stop_token)
-                    toks, lps = toks[:cut], lps[:cut]
+                    toks, lps, stop = toks[:cut], lps[:cut], stop_token
             out_tokens.append(toks)
             out_logprobs.append(lps)
-        return out_tokens, (out_logprobs if logprobs else None)
+            out_stops.append(stop)
+        return out_tokens, out_logprobs, out_stops
 
     def stream(
         self,
@@ -300,19 +317,32 @@ class Llama:
         logprobs: bool = False,
         seed: Optional[int] = None,
     ) -> List[ChatPrediction]:
-        """Answer each dialog in the Llama 3 chat format. max_gen_len defaults to max_seq_len - 1."""
+        """Answer each dialog in the Llama 3 chat format. max_gen_len defaults to max_seq_len - 1.
+
+        A Llama 3.1 answer that calls a tool comes back with `tool_calls` (llama.tokenizer.ToolCall)
+        and `stop_reason` ("end_of_message" when it waits for the tool's result, as `ipython` turn).
+        """
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, seed)
+        tokens, lps, stops = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, seed)
         results: List[ChatPrediction] = []
         for i, t in enumerate(tokens):
-            result: ChatPrediction = {"generation": {"role": "assistant", "content": self.tokenizer.decode(t)}}
+            result: ChatPrediction = {"generation": self._assistant_message(t, stops[i])}
             if logprobs:
                 result["tokens"] = [self.tokenizer.decode([x]) for x in t]
                 result["logprobs"] = lps[i]
             results.append(result)
         return results
+
+
+    def _assistant_message(self, tokens: List[int], stop: Optional[int]) -> Message:
+        """The answer as a message: tool calls parsed (Llama 3.1), plain text exactly as the original."""
+        reason = "out_of_tokens" if stop is None else "end_of_message" if stop == self.tokenizer.eom_id else "end_of_turn"
+        message = self.formatter.decode_assistant_message(tokens, reason)
+        if "tool_calls" not in message:
+            return {"role": "assistant", "content": message["content"]}
+        return message
 
 
 def _rope_scale_factor(params: dict, override: Optional[float]) -> float:

@@ -95,7 +95,13 @@ class ModelArgs:
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
-    hidden_dim = int(2 * (4 * dim) / 3)
+    """SwiGLU hidden size of a model of width `dim` (14336 for the 8B)."""
+    return _swiglu_hidden_dim(4 * dim, multiple_of, ffn_dim_multiplier)
+
+
+def _swiglu_hidden_dim(hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    # the original's rule, from hidden_dim = 4 * dim: two thirds, times the multiplier, rounded up
+    hidden_dim = int(2 * hidden_dim / 3)
     if ffn_dim_multiplier is not None:
         hidden_dim = int(ffn_dim_multiplier * hidden_dim)
     return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
@@ -254,8 +260,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]):
         super().__init__()
-        # `hidden_dim` is 4 * dim, as the original passes it; the real size follows the published rule
-        hidden_dim = ffn_hidden_dim(hidden_dim * 3 // 8, multiple_of, ffn_dim_multiplier)
+        hidden_dim = _swiglu_hidden_dim(hidden_dim, multiple_of, ffn_dim_multiplier)
         self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=lambda x: x)
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=lambda x: x)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=lambda x: x)

@@ -178,13 +178,14 @@ def main(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=lr, betas=(0.9, 0.95), eps=1e-8,
     )
-    step = 0
+    step, best = 0, float("inf")
+    params_json = {k: v for k, v in shape.items() if v is not None}
     state_path = work / "state.pt"
     if state_path.is_file():
         state = torch.load(state_path, map_location=dev)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        step = state["step"]
+        step, best = state["step"], state["best"]
         print(f"resumed from {state_path} at step {step}")
     fwd = torch.compile(model.forward_train) if compile else model.forward_train
     # bfloat16 autocast where the device runs it natively; master weights stay float32
@@ -225,19 +226,25 @@ def main(
             )
             log_loss = 0.0
         if step % eval_every == 0 or step == max_steps:
-            val = evaluate(model, data["heldout"][:200_000], seq_len, batch_size, dev, autocast)
+            val = evaluate(model, data["heldout"], seq_len, batch_size, dev, autocast)
             print(f"step {step}  held-out loss {val:.3f}  perplexity {math.exp(val):.1f}", flush=True)
+            if val < best:  # the corpus is small: keep the weights that generalise best
+                best = val
+                export(model, params_json, out_dir)
+                print(f"  best so far: wrote {out_dir}/params.json and consolidated.00.pth (bfloat16)")
         if step % save_every == 0 or step == max_steps:
             work.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, work / "state.tmp")
+            state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best}
+            torch.save(state, work / "state.tmp")
             (work / "state.tmp").replace(state_path)
-
-    params_json = {**{k: v for k, v in shape.items() if v is not None}}
-    save_checkpoint(
-        {k: v.detach().cpu() for k, v in model.state_dict().items()}, params_json, out_dir, dtype=torch.bfloat16
-    )
-    print(f"wrote {out_dir}/params.json and consolidated.00.pth (bfloat16)")
+    print(f"done: best held-out loss {best:.3f} (perplexity {math.exp(best):.1f}) in {out_dir}")
     distributed.shutdown()
+
+
+def export(model: Transformer, params: dict, out_dir: str) -> None:
+    """Write the model as a Meta checkpoint in bfloat16."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_checkpoint(state, params, out_dir, dtype=torch.bfloat16)
 
 
 if __name__ == "__main__":

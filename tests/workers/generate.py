@@ -8,13 +8,13 @@ from llama import Llama, distributed
 PROMPTS = ["Hello, world", "The quick brown fox jumps over", "a"]
 
 
-def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12):
-    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4, device="cpu", dtype="float32")
+def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12, device: str = "cpu"):
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4, device=device, dtype="float32")
     prompt_tokens = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     tokens, logprobs = llama.generate(prompt_tokens, max_gen_len, temperature=0, logprobs=True)
     sampled, _ = llama.generate(prompt_tokens, max_gen_len, temperature=0.8, top_p=0.9, seed=7)
     llama.model.free_cache()
-    logits = llama.model(torch.tensor([prompt_tokens[1]]), 0)
+    logits = llama.model(torch.tensor([prompt_tokens[1]], device=llama.device), 0).cpu()
     if distributed.is_rank0():
         torch.save({"tokens": tokens, "logprobs": logprobs, "sampled": sampled, "logits": logits}, out)
     distributed.shutdown()
