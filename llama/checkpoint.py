@@ -1,22 +1,36 @@
-# The one place that reads and writes Meta-format checkpoints (params.json + consolidated.NN.pth).
+# The one place that reads, slices and writes Meta-format checkpoints (params.json + consolidated.NN.pth).
+#
+# A checkpoint of N shards loads on M model-parallel processes whenever one count divides the other:
+# every rank assembles exactly its own slice of each weight, merging several source shards (N > M) or
+# cutting one (N < M), reading them memory-mapped, one at a time. The model knows nothing of this.
+import contextlib
 import json
 import logging
+import mmap
+import os
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
+import fairscale.nn.model_parallel.initialize as fs_init
+import fairscale.nn.model_parallel.layers as fs_layers
 import torch
 
+from llama import distributed
 from llama.model import ModelArgs, Transformer
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 IGNORED_KEYS = ("rope.freqs",)  # older checkpoints carry the RoPE table; it is recomputed
+TIED_KEY = "output.weight"  # may be absent (converted 3.2 checkpoints): the output then shares the embedding
 
 # How fairscale's tensor parallelism splits each weight across model-parallel ranks.
 COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "output", "tok_embeddings")  # split dim 0
 ROW_PARALLEL = ("wo", "w2")  # split dim 1
+KV_PARALLEL = ("wk", "wv")  # with more ranks than KV heads each rank holds one whole, repeated, head
 
 
 def shard_dim(key: str) -> Optional[int]:
@@ -52,6 +66,7 @@ def shard_paths(ckpt_dir: PathLike) -> list[Path]:
 
 
 def expected_keys(n_layers: int) -> set[str]:
+    """Every state-dict key of an `n_layers`-layer Llama 3 checkpoint (output.weight included)."""
     keys = {"tok_embeddings.weight", "norm.weight", "output.weight"}
     for i in range(n_layers):
         keys |= {f"layers.{i}.attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")}
@@ -60,10 +75,13 @@ def expected_keys(n_layers: int) -> set[str]:
     return keys
 
 
-def check_keys(state_dict: dict, n_layers: int, source: str) -> None:
-    """Strict key check: only IGNORED_KEYS may be extra. Names the missing and unexpected keys."""
+def check_keys(state_dict: dict, n_layers: int, source: str, allow_tied: bool = False) -> None:
+    """Strict key check: only IGNORED_KEYS may be extra, and with `allow_tied` output.weight may be
+    missing. Names the missing and unexpected keys."""
     want = expected_keys(n_layers)
     have = set(state_dict) - set(IGNORED_KEYS)
+    if allow_tied and TIED_KEY not in have:
+        want.discard(TIED_KEY)
     missing, unexpected = sorted(want - have), sorted(have - want)
     if missing or unexpected:
         raise ValueError(
@@ -74,54 +92,379 @@ def check_keys(state_dict: dict, n_layers: int, source: str) -> None:
 
 
 def load_shard(path: PathLike) -> dict:
-    """One .pth shard, memory-mapped and with weights_only (no code runs on load)."""
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    """One .pth shard, memory-mapped and with weights_only (no code runs on load).
+
+    Raises ValueError naming the file when it is empty, truncated or not a PyTorch zip checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint shard {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty: the download or copy did not finish; fetch it again")
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError for damaged files
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"
+        what = "is truncated or corrupt" if is_zip else "is not a PyTorch zip checkpoint (corrupt, or the legacy format)"
+        raise ValueError(f"{path} {what} ({reason}): download or copy it again") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Which part of each full (unsharded) weight a rank holds
+
+
+def full_shape(key: str, args: ModelArgs) -> torch.Size:
+    """Shape of the full (unsharded) weight `key` of `args`' model."""
+    dim, vocab, hidden = args.dim, args.vocab_size, args.ffn_hidden_dim
+    q_rows, kv_rows = args.n_heads * args.head_dim, (args.n_kv_heads or args.n_heads) * args.head_dim
+    shapes = {
+        "tok_embeddings": (vocab, dim), "output": (vocab, dim),
+        "norm": (dim,), "attention_norm": (dim,), "ffn_norm": (dim,),
+        "wq": (q_rows, dim), "wk": (kv_rows, dim), "wv": (kv_rows, dim), "wo": (dim, q_rows),
+        "w1": (hidden, dim), "w3": (hidden, dim), "w2": (dim, hidden),
+    }
+    return torch.Size(shapes[key.split(".")[-2]])
+
+
+def piece_range(key: str, args: ModelArgs, rank: int, count: int) -> Optional[tuple[int, int]]:
+    """(start, length) along shard_dim(key) of the full weight that rank `rank` of `count` holds;
+    None for replicated weights.
+
+    Even splits, except wk/wv with more ranks than KV heads: rank r then holds the whole head
+    r // (count / n_kv_heads), so ranks share (repeat) heads.
+    """
+    dim = shard_dim(key)
+    if dim is None:
+        return None
+    n_kv = args.n_kv_heads or args.n_heads
+    if key.split(".")[-2] in KV_PARALLEL and count > n_kv:
+        head = rank // (count // n_kv)
+        return head * args.head_dim, args.head_dim
+    size = full_shape(key, args)[dim] // count
+    return rank * size, size
+
+
+def piece_shape(key: str, args: ModelArgs, rank: int, count: int) -> torch.Size:
+    """Shape of rank `rank`'s slice of `key` when the model is split over `count` ranks."""
+    shape = list(full_shape(key, args))
+    span = piece_range(key, args, rank, count)
+    if span is not None:
+        shape[shard_dim(key)] = span[1]
+    return torch.Size(shape)
+
+
+def shard_tensor(key: str, full: torch.Tensor, args: ModelArgs, rank: int, count: int) -> torch.Tensor:
+    """Rank `rank`'s slice (a view) of the full weight `full` when split over `count` ranks."""
+    span = piece_range(key, args, rank, count)
+    return full if span is None else full.narrow(shard_dim(key), *span)
+
+
+def source_ranks(n_shards: int, rank: int, count: int) -> list[int]:
+    """The source shards rank `rank` of `count` reads: several when merging, one when cutting."""
+    if n_shards >= count:
+        per = n_shards // count
+        return list(range(rank * per, (rank + 1) * per))
+    return [rank // (count // n_shards)]
+
+
+def check_process_count(args: ModelArgs, n_shards: int, mp_size: int, source: str = "the checkpoint") -> None:
+    """ValueError, saying what to do, unless `n_shards` shards can be loaded on `mp_size` ranks."""
+    if mp_size > args.n_heads:
+        raise ValueError(
+            f"{mp_size} model-parallel processes but the model has only {args.n_heads} attention heads: "
+            f"use at most {args.n_heads} processes"
+        )
+    if n_shards % mp_size and mp_size % n_shards:
+        fits = [m for m in range(1, args.n_heads + 1) if (n_shards % m == 0 or m % n_shards == 0) and _fits(args, m)]
+        raise ValueError(
+            f"{source} has {n_shards} shard(s) and {mp_size} model-parallel processes were started, and neither "
+            f"count divides the other: use one of {fits[:8]} processes, or reshard it (scripts/reshard.py)"
+        )
+    args.validate(mp_size)
+
+
+def _fits(args: ModelArgs, mp_size: int) -> bool:
+    try:
+        args.validate(mp_size)
+        return True
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: a cheap pass over every shard's header, then each rank's slice one shard at a time
+
+
+@dataclass
+class Layout:
+    """What a checkpoint's shards hold, checked against params.json: keys, shapes, dtypes."""
+
+    paths: list[Path]
+    shapes: dict[str, torch.Size]  # of one shard (all shards have the same)
+    dtypes: dict[str, torch.dtype]
+    tied: bool  # output.weight absent: the output layer shares the embedding
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.paths)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+
+def inspect_checkpoint(ckpt_dir: PathLike, args: ModelArgs) -> Layout:
+    """Read the shards' headers (no weights: they are memory-mapped and not touched) and check that
+    their keys agree with a Llama 3 model, that all shards have the same shapes, and that those are
+    the shapes params.json implies. Raises ValueError naming the first problem."""
+    paths = shard_paths(ckpt_dir)
+    n = len(paths)
+    try:
+        args.validate(n)
+    except ValueError as e:
+        raise ValueError(f"{ckpt_dir} has {n} shard(s), which does not fit its params.json: {e}") from None
+    first: Optional[dict] = None
+    for path in paths:
+        shard = load_shard(path)
+        check_keys(shard, args.n_layers, str(path), allow_tied=True)
+        meta = {k: (v.shape, v.dtype) for k, v in shard.items() if k not in IGNORED_KEYS}
+        del shard  # unmaps the file
+        if first is None:
+            first, first_path = meta, path
+            continue
+        for key, (shape, _) in meta.items():
+            if key not in first:
+                raise ValueError(f"{key} is in {path.name} but not in {first_path.name}: the shards do not belong together")
+            if shape != first[key][0]:
+                raise ValueError(
+                    f"{key} has shape {tuple(shape)} in {path.name} but {tuple(first[key][0])} in "
+                    f"{first_path.name}: the shards of {ckpt_dir} do not belong to one checkpoint"
+                )
+        if TIED_KEY in first and TIED_KEY not in meta:
+            raise ValueError(f"{TIED_KEY} is in {first_path.name} but not in {path.name}: the shards do not belong together")
+    for key in _ordered(first):  # same order as the model, so "first mismatch" means the earliest layer
+        want = piece_shape(key, args, 0, n)
+        if first[key][0] != want:
+            raise ValueError(
+                f"params.json does not match the weights: {key} is {tuple(first[key][0])} in {first_path.name} "
+                f"but params.json implies {tuple(want)} for {n} shard(s); use the params.json of this checkpoint"
+            )
+    return Layout(
+        paths,
+        {k: first[k][0] for k in _ordered(first)},
+        {k: first[k][1] for k in first},
+        tied=TIED_KEY not in first,
+    )
+
+
+def _ordered(keys) -> list[str]:
+    """Checkpoint keys in the model's order: embedding, layers in order, final norm, output."""
+    def rank(key: str) -> tuple:
+        if key.startswith("layers."):
+            return (1, int(key.split(".")[1]), key)
+        return (0 if key.startswith("tok_") else 2 if key.startswith("norm") else 3, 0, key)
+
+    return sorted(keys, key=rank)
+
+
+class _MappedShard:
+    """A memory-mapped shard that can drop the pages of each tensor once it has been copied.
+
+    Copying from a mapping makes its pages resident in this process; without dropping them a
+    one-shard load would count the weights twice (file pages + the copy)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tensors = load_shard(path)
+        self._ranges = _file_mappings(path)
+
+    def release(self, t: torch.Tensor) -> None:
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        # only a tensor inside this file's private mapping: there MADV_DONTNEED just forgets clean
+        # pages (the data stays in the file); on ordinary memory it would destroy data
+        if not any(lo <= start and end <= hi for lo, hi in self._ranges):
+            return
+        page = mmap.PAGESIZE
+        lo, hi = -(-start // page) * page, end // page * page
+        if hi > lo:
+            _madvise_dontneed(lo, hi - lo)
+
+
+def _file_mappings(path: Path) -> list[tuple[int, int]]:
+    """Address ranges at which `path` is mapped into this process (Linux; empty elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    real = os.path.realpath(path)
+    ranges = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.rstrip("\n").split(maxsplit=5)
+                if len(parts) == 6 and parts[5] == real:
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    ranges.append((lo, hi))
+    except OSError:
+        return []
+    return ranges
+
+
+_LIBC = None
+MADV_DONTNEED = 4  # Linux
+
+
+def _madvise_dontneed(addr: int, length: int) -> None:
+    global _LIBC
+    import ctypes
+
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    _LIBC.madvise(addr, length, MADV_DONTNEED)  # a failure only costs memory, never correctness
+
+
+def load_rank_state(
+    ckpt_dir: PathLike,
+    args: ModelArgs,
+    rank: int,
+    count: int,
+    device: Union[str, torch.device] = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    layout: Optional[Layout] = None,
+) -> dict[str, torch.Tensor]:
+    """The state dict of model-parallel rank `rank` of `count`, assembled from the checkpoint's shards.
+
+    Reads only the shards this rank needs, one at a time and memory-mapped, copying each piece into
+    its final tensor (on `device`, in `dtype`; None keeps the stored dtype), so at most this rank's
+    slice plus one source shard are resident. output.weight is left out for a tied checkpoint.
+    """
+    layout = layout or inspect_checkpoint(ckpt_dir, args)
+    check_process_count(args, layout.n_shards, count, str(ckpt_dir))
+    targets = {
+        key: torch.empty(piece_shape(key, args, rank, count), dtype=dtype or layout.dtypes[key], device=device)
+        for key in layout.keys
+    }
+    covered = dict.fromkeys(targets, 0)
+    sources = source_ranks(layout.n_shards, rank, count)
+    show = distributed.is_rank0()
+    for i, k in enumerate(sources):
+        path = layout.paths[k]
+        if show:
+            logger.info("loading %s (%d/%d, %.2f GB) ...", path.name, i + 1, len(sources), path.stat().st_size / 1e9)
+        _copy_from_shard(_MappedShard(path), k, layout.n_shards, targets, covered, args, rank, count)
+    for key, done in covered.items():
+        want = piece_range(key, args, rank, count)
+        if done != (1 if want is None else want[1]):  # a slicing bug, never a user error
+            raise RuntimeError(f"internal error: {key} of rank {rank}/{count} was not fully assembled")
+    return targets
+
+
+def _copy_from_shard(
+    shard: _MappedShard, k: int, n: int, targets: dict, covered: dict, args: ModelArgs, rank: int, count: int
+) -> None:
+    """Copy the overlap of source shard k (of n) with each target slice of rank `rank` (of `count`)."""
+    for key, target in targets.items():
+        src = shard.tensors[key]
+        dim, span = shard_dim(key), piece_range(key, args, rank, count)
+        if span is None:  # replicated: any one shard gives it
+            if not covered[key]:
+                target.copy_(src)
+                covered[key] = 1
+        else:
+            s_start, s_len = piece_range(key, args, k, n)
+            t_start, t_len = span
+            lo, hi = max(s_start, t_start), min(s_start + s_len, t_start + t_len)
+            # a repeated KV head comes from several shards; covered[key] counts rows already filled
+            if lo < hi and covered[key] < t_len and lo - t_start >= covered[key]:
+                target.narrow(dim, lo - t_start, hi - lo).copy_(src.narrow(dim, lo - s_start, hi - lo))
+                covered[key] += hi - lo
+        shard.release(src)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the model
+
+
+@contextlib.contextmanager
+def _skeleton() -> Iterator[None]:
+    """Construct modules without materialising weights: every one is loaded afterwards.
+
+    fairscale's parallel layers build a full-size master weight on every rank and copy a slice out
+    of it (_initialize_affine_weight) when the model-parallel size is above 1: a no-op here. They
+    allocate with torch.Tensor(sizes), which ignores the default device, but leave it untouched
+    (no resident memory); everything else goes to the meta device.
+    """
+    original = fs_layers._initialize_affine_weight
+    fs_layers._initialize_affine_weight = lambda *args, **kwargs: None
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        fs_layers._initialize_affine_weight = original
 
 
 def load_model(
     ckpt_dir: PathLike, args: ModelArgs, mp_rank: int, mp_size: int, device: torch.device, dtype: torch.dtype
 ) -> Transformer:
-    """Build the Transformer for this model-parallel rank and fill it from its own shard."""
-    paths = shard_paths(ckpt_dir)
-    if len(paths) != mp_size:
-        raise ValueError(
-            f"{ckpt_dir} has {len(paths)} shard(s) but {mp_size} model-parallel process(es) were started: "
-            f"run this checkpoint with {len(paths)} process(es) (torchrun --nproc_per_node {len(paths)})"
-        )
+    """Build the Transformer for model-parallel rank `mp_rank` of `mp_size` and fill it from the
+    checkpoint, whatever its shard count N, provided N and mp_size divide one another.
+
+    Weights are read memory-mapped and converted to `device`/`dtype` tensor by tensor; a checkpoint
+    without output.weight gets an output layer tied to the embedding. Logs progress and the load time
+    on rank 0. Raises ValueError / FileNotFoundError with one line saying what is wrong.
+    """
     start = time.perf_counter()
-    state = load_shard(paths[mp_rank])
-    check_keys(state, args.n_layers, str(paths[mp_rank]))
-    for k in IGNORED_KEYS:
-        state.pop(k, None)
-    model = Transformer(args)
-    _check_shapes(model, state, paths[mp_rank])
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=True, assign=True)
-    model.to(device=device, dtype=dtype)
-    logger.debug("loaded %s in %.1fs", paths[mp_rank], time.perf_counter() - start)
+    n_shards = len(shard_paths(ckpt_dir))
+    check_process_count(args, n_shards, mp_size, str(ckpt_dir))
+    _check_model_parallel_group(mp_size)
+    layout = inspect_checkpoint(ckpt_dir, args)
+    with _skeleton():
+        model = Transformer(args)
+    state = load_rank_state(ckpt_dir, args, mp_rank, mp_size, device, dtype, layout)
+    if layout.tied:
+        state[TIED_KEY] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if layout.tied:
+        model.output.weight = model.tok_embeddings.weight  # one tensor, as in a tied model
+    if distributed.is_rank0():
+        logger.info(
+            "loaded %s (%d shard(s)) on %d process(es)%s in %.2fs",
+            ckpt_dir, n_shards, mp_size, ", output tied to the embedding" if layout.tied else "",
+            time.perf_counter() - start,
+        )
     return model.eval()
 
 
-def _check_shapes(model: Transformer, state: dict, source: PathLike) -> None:
-    for key, param in model.state_dict().items():
-        if state[key].shape != param.shape:
-            raise ValueError(
-                f"{source}: {key} has shape {tuple(state[key].shape)} but params.json implies "
-                f"{tuple(param.shape)} on this rank: the params do not match the weights"
-            )
+def _check_model_parallel_group(mp_size: int) -> None:
+    # the parallel layers take their shapes from fairscale's groups, not from our arguments
+    have = fs_init.get_model_parallel_world_size() if fs_init.model_parallel_is_initialized() else None
+    if have != mp_size:
+        raise ValueError(
+            f"load_model was asked for {mp_size} model-parallel rank(s) but fairscale's model-parallel "
+            f"size is {have}: call llama.distributed.setup(device, {mp_size}) first"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
 
 
 def save_checkpoint(
     state_dict: dict, params: dict, out_dir: PathLike, n_shards: int = 1, dtype: Optional[torch.dtype] = None
 ) -> None:
-    """Write a full (unsharded) state dict as a Meta checkpoint of `n_shards` consolidated.NN.pth."""
+    """Write a full (unsharded) state dict as a Meta checkpoint of `n_shards` consolidated.NN.pth,
+    split as fairscale splits it (KV heads repeated when n_shards exceeds n_kv_heads). A state dict
+    without output.weight gives a tied checkpoint."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    args = ModelArgs(**params)
     for k in range(n_shards):
         shard = {}
         for key, t in state_dict.items():
-            dim = shard_dim(key)
-            if dim is not None:
-                t = t.chunk(n_shards, dim=dim)[k]
+            if key not in IGNORED_KEYS:
+                t = shard_tensor(key, t, args, k, n_shards)
             shard[key] = (t if dtype is None else t.to(dtype)).detach().clone().contiguous()
         torch.save(shard, out_dir / f"consolidated.{k:02d}.pth")
