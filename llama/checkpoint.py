@@ -244,7 +244,7 @@ def inspect_checkpoint(ckpt_dir: PathLike, args: ModelArgs) -> Layout:
                 )
         if TIED_KEY in first and TIED_KEY not in meta:
             raise ValueError(f"{TIED_KEY} is in {first_path.name} but not in {path.name}: the shards do not belong together")
-    for key in _ordered(first):  # same order as the model, so "first mismatch" means the earliest layer
+    for key in first:  # the shard's own order (Meta's: embedding, layers, norm, output)
         want = piece_shape(key, args, 0, n)
         if first[key][0] != want:
             raise ValueError(
@@ -253,20 +253,10 @@ def inspect_checkpoint(ckpt_dir: PathLike, args: ModelArgs) -> Layout:
             )
     return Layout(
         paths,
-        {k: first[k][0] for k in _ordered(first)},
+        {k: first[k][0] for k in first},
         {k: first[k][1] for k in first},
         tied=TIED_KEY not in first,
     )
-
-
-def _ordered(keys) -> list[str]:
-    """Checkpoint keys in the model's order: embedding, layers in order, final norm, output."""
-    def rank(key: str) -> tuple:
-        if key.startswith("layers."):
-            return (1, int(key.split(".")[1]), key)
-        return (0 if key.startswith("tok_") else 2 if key.startswith("norm") else 3, 0, key)
-
-    return sorted(keys, key=rank)
 
 
 class _MappedShard:

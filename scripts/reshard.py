@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Rewrite a Meta-format Llama 3 checkpoint with another number of shards, once, instead of at every load.
+
+  python scripts/reshard.py CKPT_DIR OUT_DIR --shards M [--dtype bfloat16]
+
+The shard counts must divide one another (8 -> 1, 2, 4, 16, ...). Each output shard is assembled from
+the memory-mapped source shards it needs, one source shard at a time (llama.checkpoint, the same code
+that loads checkpoints), written, then read back and compared with what was meant to be written.
+params.json is copied unchanged, and tokenizer.model when present.
+"""
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import fire
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llama import checkpoint, distributed  # noqa: E402
+from llama.model import ModelArgs  # noqa: E402
+
+
+def reshard(ckpt_dir: str, out_dir: str, shards: int, dtype: Optional[str] = None) -> None:
+    """Write CKPT_DIR's weights to OUT_DIR as `shards` consolidated.NN.pth shards.
+
+    Args:
+        ckpt_dir: source checkpoint (params.json + consolidated.NN.pth).
+        out_dir: new directory (must not hold .pth files yet).
+        shards: number of output shards; it and the source's shard count must divide one another.
+        dtype: output dtype (bfloat16, float16, float32); default: keep the stored one.
+    """
+    src, out = Path(ckpt_dir), Path(out_dir)
+    params = checkpoint.read_params(src)
+    args = ModelArgs(**params)
+    layout = checkpoint.inspect_checkpoint(src, args)
+    checkpoint.check_process_count(args, layout.n_shards, shards, str(src))
+    out_dtype = distributed.resolve_dtype(dtype, torch.device("cpu")) if dtype else None
+    if out.exists() and any(out.glob("*.pth")):
+        raise ValueError(f"{out} already holds .pth files: choose a new or empty output directory")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{src}: {layout.n_shards} shard(s) -> {shards} shard(s) in {out}" + (" (tied output)" if layout.tied else ""))
+    start = time.perf_counter()
+    for k in range(shards):
+        state = checkpoint.load_rank_state(src, args, k, shards, "cpu", out_dtype, layout)
+        path = out / f"consolidated.{k:02d}.pth"
+        torch.save(state, path)
+        _verify_shard(path, state, args, k, shards)
+        print(f"[{k + 1}/{shards}] wrote and verified {path.name} ({time.perf_counter() - start:.1f}s)")
+        del state
+    shutil.copyfile(src / "params.json", out / "params.json")
+    if (src / "tokenizer.model").is_file():
+        shutil.copyfile(src / "tokenizer.model", out / "tokenizer.model")
+        print("copied tokenizer.model")
+    checkpoint.inspect_checkpoint(out, args)  # the whole result reads back as a checkpoint of `shards` shards
+    print(f"done: {out}")
+
+
+def _verify_shard(path: Path, state: dict, args: ModelArgs, rank: int, count: int) -> None:
+    """Re-read a written shard and compare it, tensor by tensor, with what was meant to be written."""
+    back = checkpoint.load_shard(path)
+    if set(back) != set(state):
+        raise ValueError(f"{path} reads back with keys {sorted(set(back) ^ set(state))} changed")
+    for key, t in state.items():
+        want = checkpoint.piece_shape(key, args, rank, count)
+        if back[key].shape != want or not torch.equal(back[key], t):
+            raise ValueError(f"{path}: {key} does not read back as written (shape {tuple(back[key].shape)}, want {tuple(want)})")
+
+
+def main() -> None:
+    try:
+        fire.Fire(reshard)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
