@@ -69,6 +69,13 @@ def write_byte_tokenizer(path: Path) -> Path:
     return path
 
 
+def child_env(**extra: str) -> dict:
+    """Environment for a child process: this repo first on PYTHONPATH (keeping what was there), one
+    thread per process so several processes share the 2 CI cores fairly."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,5 +92,5 @@ def run_torchrun(
         "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         script, *map(str, args),
     ]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    full_env = child_env(**(env or {}))
     return subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env)

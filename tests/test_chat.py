@@ -49,7 +49,7 @@ def expected_stdout(llama: Llama, lines: list) -> str:
 
 
 def run_script(args: list, input: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(helpers.REPO), "OMP_NUM_THREADS": "1"}
+    env = helpers.child_env()
     cmd = [sys.executable, SCRIPT, *map(str, args)]
     return subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=120, cwd=helpers.REPO, env=env)
 
@@ -147,7 +147,7 @@ class Terminal:
 
     def __init__(self, args: list):
         master, slave = pty.openpty()
-        env = {**os.environ, "PYTHONPATH": str(helpers.REPO), "OMP_NUM_THREADS": "1", "TERM": "dumb"}
+        env = helpers.child_env(TERM="dumb")
         self.proc = subprocess.Popen(
             [sys.executable, SCRIPT, *map(str, args)], stdin=slave, stdout=slave, stderr=slave, cwd=helpers.REPO, env=env
         )

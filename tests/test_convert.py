@@ -245,7 +245,7 @@ def test_refusals(tmp_path, tiny_ckpt):
 
 def test_cli_help_and_one_line_error(tmp_path):
     script = str(helpers.REPO / "scripts" / "convert.py")
-    env = {"PYTHONPATH": str(helpers.REPO), "PAGER": "cat", "OMP_NUM_THREADS": "1"}
+    env = helpers.child_env(PAGER="cat")
     done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0 and "to_hf" in done.stdout + done.stderr
     done = subprocess.run(
