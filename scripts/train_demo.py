@@ -118,7 +118,7 @@ def evaluate(model: Transformer, stream: torch.Tensor, seq_len: int, batch_size:
     return total / max(1, count)
 
 
-def main(
+def train(
     data_dir: str = "data/demo",
     tokenizer_path: str = "llama/demo/tokenizer.model",
     out_dir: str = "llama/demo",
@@ -140,6 +140,8 @@ def main(
     params: Optional[dict] = None,
 ):
     """Train the demo model and write it as a Meta checkpoint (params.json, consolidated.00.pth).
+
+    Returns the training losses of the steps run and the best held-out loss.
 
     Args:
         data_dir: corpus_{train,heldout}.txt and dialogs_{train,heldout}.jsonl from demo_corpus.py.
@@ -200,7 +202,7 @@ def main(
         f"device {dev}, bf16 autocast {use_bf16}"
     )
     model.train()
-    t0, tokens_done, log_loss = time.perf_counter(), 0, 0.0
+    t0, tokens_done, log_loss, losses = time.perf_counter(), 0, 0.0, []
     while step < max_steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, max_steps, warmup, lr, min_lr)
@@ -214,7 +216,8 @@ def main(
         opt.step()
         step += 1
         tokens_done += batch[:, 1:].numel()
-        log_loss += loss.item()
+        losses.append(loss.item())
+        log_loss += losses[-1]
         if step % 50 == 0 or step == max_steps:
             elapsed = time.perf_counter() - t0
             tps = tokens_done / elapsed
@@ -239,6 +242,7 @@ def main(
             (work / "state.tmp").replace(state_path)
     print(f"done: best held-out loss {best:.3f} (perplexity {math.exp(best):.1f}) in {out_dir}")
     distributed.shutdown()
+    return {"losses": losses, "best_heldout": best}
 
 
 def export(model: Transformer, params: dict, out_dir: str) -> None:
@@ -248,4 +252,4 @@ def export(model: Transformer, params: dict, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire.Fire(train, serialize=lambda _: None)
