@@ -1,6 +1,6 @@
-"""scripts/convert.py: Meta <-> Hugging Face round trips, parity with transformers on converted
+"""llama/convert.py (scripts/convert.py, llama-convert): Meta <-> Hugging Face round trips, parity with transformers on converted
 checkpoints (both directions), and clear refusals."""
-import importlib.util
+
 import json
 import subprocess
 import sys
@@ -23,9 +23,7 @@ from test_parity_hf import (
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-_spec = importlib.util.spec_from_file_location("convert", helpers.REPO / "scripts" / "convert.py")
-convert = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(convert)
+from llama import convert  # noqa: E402
 
 SCALED = {**helpers.TINY_PARAMS, "use_scaled_rope": True}
 

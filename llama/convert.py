@@ -1,0 +1,315 @@
+#!/usr/bin/env python
+"""Convert Llama 3 checkpoints between Meta's format and Hugging Face's (safetensors).
+
+  python scripts/convert.py to_hf CKPT_DIR OUT_DIR [--max_shard_size 5GB] [--dtype bfloat16]
+  python scripts/convert.py from_hf HF_DIR OUT_DIR [--shards N] [--dtype bfloat16]
+
+Both directions stream: one tensor (merged from its Meta shards) or one output file at a time, so
+memory stays near one output file (to_hf) or one output shard (from_hf), never the whole model
+twice. safetensors is the optional `convert` extra: pip install 'llama3-ref[convert]'.
+"""
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import fire  # noqa: E402
+import torch  # noqa: E402
+
+from llama import checkpoint, hf  # noqa: E402
+from llama.model import ModelArgs  # noqa: E402
+
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+        from safetensors import safe_open
+    except ImportError:
+        raise hf.ConversionError(
+            "safetensors is not installed: pip install safetensors (or the 'convert' extra)"
+        ) from None
+    return safetensors.torch, safe_open
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes in `size`: an int, or a string such as '5GB', '500MB', '2GiB'."""
+    if isinstance(size, int):
+        return size
+    text = str(size).strip().upper()
+    for unit in sorted(SIZE_UNITS, key=len, reverse=True):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * SIZE_UNITS[unit])
+    try:
+        return int(text)
+    except ValueError:
+        raise hf.ConversionError(f"cannot read size {size!r}: use e.g. 5GB, 500MB or a byte count") from None
+
+
+def _human(n_bytes: int) -> str:
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n_bytes >= size:
+            return f"{n_bytes / size:.2f} {unit}"
+    return f"{n_bytes} B"
+
+
+def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    if name is None:
+        return None
+    resolved = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise hf.ConversionError(f"unknown dtype {name!r}: use bfloat16, float16 or float32")
+    return resolved
+
+
+def _n_base_tokens(tokenizer: Path) -> Optional[int]:
+    """Number of BPE ranks in a tiktoken file (special tokens follow them), or None without one."""
+    if not tokenizer.is_file():
+        return None
+    with open(tokenizer, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _copy_tokenizer(candidates: list[Path], out_dir: Path) -> None:
+    for path in candidates:
+        if path.is_file():
+            shutil.copyfile(path, out_dir / "tokenizer.model")
+            print(f"copied {path}")
+            return
+    print("no tokenizer.model to copy")
+
+
+class MetaShards:
+    """The shards of a Meta checkpoint, memory-mapped; merges one key at a time."""
+
+    def __init__(self, ckpt_dir: Path):
+        self.params = checkpoint.read_params(ckpt_dir)
+        self.paths = checkpoint.shard_paths(ckpt_dir)
+        self.args = ModelArgs(**self.params)
+        self.args.validate(len(self.paths))
+        self.shards = [checkpoint.load_shard(p) for p in self.paths]
+        for path, shard in zip(self.paths, self.shards):
+            checkpoint.check_keys(shard, self.args.n_layers, str(path))
+        self.keys = [k for k in self.shards[0] if k not in hf.META_IGNORED]
+
+    def _pieces(self, key: str) -> list[torch.Tensor]:
+        n, n_kv = len(self.shards), self.args.n_kv_heads or self.args.n_heads
+        if key.endswith(("attention.wk.weight", "attention.wv.weight")) and n > n_kv:
+            # more ranks than KV heads: each rank holds a repeated copy of one whole KV head
+            rep = n // n_kv
+            for k in range(n):
+                if not torch.equal(self.shards[k][key], self.shards[k - k % rep][key]):
+                    raise hf.ConversionError(f"{key}: shard {k} should repeat shard {k - k % rep}'s KV head")
+            return [s[key] for s in self.shards[::rep]]
+        return [s[key] for s in self.shards]
+
+    def shape(self, key: str) -> torch.Size:
+        dim, pieces = checkpoint.shard_dim(key), self._pieces(key)
+        shape = list(pieces[0].shape)
+        if dim is not None:
+            shape[dim] = sum(p.shape[dim] for p in pieces)
+        return torch.Size(shape)
+
+    def merged(self, key: str) -> torch.Tensor:
+        dim, pieces = checkpoint.shard_dim(key), self._pieces(key)
+        return pieces[0] if dim is None else torch.cat(pieces, dim=dim)
+
+    def tied(self) -> bool:
+        # both are split on dim 0 the same way, so shard-wise equality is full equality
+        return all(torch.equal(s["tok_embeddings.weight"], s["output.weight"]) for s in self.shards)
+
+
+def _plan_files(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Greedy grouping of keys (in order) into files of at most max_bytes (a bigger tensor gets its own)."""
+    files, current, used = [], [], 0
+    for key, size in sizes.items():
+        if current and used + size > max_bytes:
+            files.append(current)
+            current, used = [], 0
+        current.append(key)
+        used += size
+    if current:
+        files.append(current)
+    return files
+
+
+def to_hf(
+    ckpt_dir: str,
+    out_dir: str,
+    max_shard_size: Union[int, str] = "5GB",
+    dtype: Optional[str] = None,
+    tie_word_embeddings: Optional[bool] = None,
+    rope_scale_factor: Optional[float] = None,
+) -> None:
+    """Meta checkpoint (params.json + consolidated.NN.pth, any shard count) -> Hugging Face directory.
+
+    Writes config.json, generation_config.json, safetensors files of at most max_shard_size with
+    model.safetensors.index.json when there are several, and tokenizer.model when present.
+    dtype: output dtype (default: the checkpoint's). tie_word_embeddings: default detects equal
+    tok_embeddings/output weights (3.2 1B/3B). rope_scale_factor: default from params.json, else
+    32 for the 3.2 1B/3B shapes and 8 otherwise.
+    """
+    st, _ = _safetensors()
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    src = MetaShards(ckpt_dir)
+    out_dtype = _dtype(dtype) or src.shards[0]["tok_embeddings.weight"].dtype
+    tied = src.tied() if tie_word_embeddings is None else bool(tie_word_embeddings)
+    config = hf.config_from_params(
+        src.params,
+        tie_word_embeddings=tied,
+        rope_scale_factor=rope_scale_factor,
+        n_base_tokens=_n_base_tokens(ckpt_dir / "tokenizer.model"),
+        torch_dtype=hf.dtype_name(out_dtype),
+    )
+    # a tied HF model has no lm_head tensor: it reads the embedding
+    keys = [k for k in src.keys if not (tied and k == "output.weight")]
+    sizes = {k: src.shape(k).numel() * out_dtype.itemsize for k in keys}
+    files = _plan_files(sizes, parse_size(max_shard_size))
+    names = (
+        ["model.safetensors"]
+        if len(files) == 1
+        else [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    )
+    print(f"{ckpt_dir}: {len(src.paths)} shard(s), {len(keys)} tensors -> {len(files)} safetensors file(s) in {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start, done, weight_map = time.perf_counter(), 0, {}
+    for name, group in zip(names, files):
+        tensors = {}
+        for key in group:
+            hf_key, t = hf.tensor_to_hf(key, src.merged(key), src.params)
+            # a fresh contiguous copy: safetensors refuses views sharing storage with the mmap'd source
+            tensors[hf_key] = t.to(dtype=out_dtype, copy=True).contiguous()
+            weight_map[hf_key] = name
+        st.save_file(tensors, out_dir / name, metadata={"format": "pt"})
+        done += len(group)
+        print(f"[{done}/{len(keys)}] wrote {name} ({_human(sum(sizes[k] for k in group))}, "
+              f"{time.perf_counter() - start:.1f}s)")
+        del tensors
+    if len(files) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = hf.generation_config_from(config)
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    _copy_tokenizer([ckpt_dir / "tokenizer.model"], out_dir)
+    print(f"done: {out_dir} (tie_word_embeddings={tied}, rope_scaling={config['rope_scaling']})")
+
+
+class HFWeights:
+    """The safetensors weights of a Hugging Face directory (single file or indexed), read lazily."""
+
+    def __init__(self, hf_dir: Path):
+        _, safe_open = _safetensors()
+        index = hf_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in hf_dir.glob("*.safetensors"))
+        if not files:
+            other = [p.name for p in hf_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf")]
+            raise hf.ConversionError(
+                f"no safetensors weights in {hf_dir}"
+                + (f" (found {other[:3]}: only safetensors converts; re-save with save_pretrained)" if other else "")
+            )
+        missing = [f for f in files if not (hf_dir / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{hf_dir}: weight file(s) {missing[:3]} named in the index are missing")
+        self.handles = {f: safe_open(str(hf_dir / f), framework="pt") for f in files}
+        self.where = {k: h for h in self.handles.values() for k in h.keys()}
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.where[key].get_tensor(key)
+
+
+def _meta_key_sources(weights: HFWeights, config: dict, n_layers: int) -> dict[str, str]:
+    """Meta key -> HF key to read it from, checking that exactly the Llama weights are there."""
+    sources, unexpected = {}, []
+    for key in weights.where:
+        if hf.HF_IGNORED.search(key):
+            continue
+        try:
+            sources[hf.hf_to_meta_key(key)] = key
+        except hf.ConversionError:
+            unexpected.append(key)
+    if config.get("tie_word_embeddings"):
+        sources["output.weight"] = "model.embed_tokens.weight"  # tied: the output layer is the embedding
+    want = checkpoint.expected_keys(n_layers)
+    missing, unexpected = sorted(want - set(sources)), sorted(unexpected + list(set(sources) - want))
+    if missing or unexpected:
+        raise hf.ConversionError(
+            f"weights do not match a {n_layers}-layer Llama: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
+    # Meta's own key order: embedding, layers, final norm, output
+    order = ["tok_embeddings.weight"]
+    for i in range(n_layers):
+        order += [f"layers.{i}.attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")]
+        order += [f"layers.{i}.feed_forward.{w}.weight" for w in ("w1", "w2", "w3")]
+        order += [f"layers.{i}.attention_norm.weight", f"layers.{i}.ffn_norm.weight"]
+    return {k: sources[k] for k in order + ["norm.weight", "output.weight"]}
+
+
+def _shard_piece(key: str, t: torch.Tensor, k: int, n: int, args: ModelArgs) -> torch.Tensor:
+    """Rank k's part of full tensor `t`, as fairscale splits it (KV heads repeated past n_kv_heads)."""
+    dim = checkpoint.shard_dim(key)
+    if dim is None or n == 1:
+        return t
+    n_kv = args.n_kv_heads or args.n_heads
+    if key.endswith(("attention.wk.weight", "attention.wv.weight")) and n > n_kv:
+        return t.reshape(n_kv, args.head_dim, -1)[k // (n // n_kv)]
+    size = t.shape[dim] // n
+    return t.narrow(dim, k * size, size)
+
+
+def from_hf(hf_dir: str, out_dir: str, shards: int = 1, dtype: Optional[str] = None) -> None:
+    """Hugging Face Llama directory (config.json + safetensors) -> Meta checkpoint of `shards` shards.
+
+    Writes params.json and consolidated.NN.pth; a tied model gets output.weight from the embedding;
+    tokenizer.model (or original/tokenizer.model) is copied when present. dtype: output dtype
+    (default: the stored one).
+    """
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing: not a Hugging Face model directory")
+    config = json.loads(config_path.read_text())
+    params = hf.params_from_config(config)
+    args = ModelArgs(**params)
+    args.validate(shards)
+    weights = HFWeights(hf_dir)
+    sources = _meta_key_sources(weights, config, args.n_layers)
+    out_dtype = _dtype(dtype)
+    print(f"{hf_dir}: {len(sources)} tensors in {len(weights.handles)} file(s) -> {shards} shard(s) in {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    # one output shard at a time keeps memory at 1/shards of the model (the mmap'd input is re-read)
+    for k in range(shards):
+        shard = {}
+        for meta_key, hf_key in sources.items():
+            _, t = hf.tensor_from_hf(hf_key, weights.get(hf_key), config)
+            t = _shard_piece(meta_key, t, k, shards, args)
+            shard[meta_key] = t.to(dtype=out_dtype or t.dtype, copy=True).contiguous()  # no shared storage
+        name = f"consolidated.{k:02d}.pth"
+        torch.save(shard, out_dir / name)
+        print(f"[{k + 1}/{shards}] wrote {name} ({time.perf_counter() - start:.1f}s)")
+        del shard
+    (out_dir / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    _copy_tokenizer([hf_dir / "tokenizer.model", hf_dir / "original" / "tokenizer.model"], out_dir)
+    print(f"done: {out_dir} ({args.n_layers} layers, dim {args.dim}, use_scaled_rope={args.use_scaled_rope})")
+
+
+def main() -> None:
+    try:
+        fire.Fire({"to_hf": to_hf, "from_hf": from_hf})
+    except (hf.ConversionError, ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
