@@ -1,0 +1,588 @@
+#!/usr/bin/env python
+"""Inference speed of this implementation against transformers.LlamaForCausalLM, in one run.
+
+    python scripts/benchmark.py                                   # Llama 3.2 1B shape, CPU or CUDA
+    python scripts/benchmark.py --shape small --quick             # seconds, for a smoke test
+    python scripts/benchmark.py --n_layers 4 --out bench.json     # 1B width, 4 layers
+    python scripts/benchmark.py --device cuda --shape llama3-8b --compile
+
+A model of a published shape (llama.registry) gets random weights, saved once as a Meta checkpoint
+and once as a Hugging Face directory (converted with llama/hf.py). Each implementation then runs in
+its own process (so load time and peak memory are its own) on the same prompts, device and dtype:
+ours (Llama.build), ours compiled (--compile), and transformers with eager and sdpa attention. Every
+run is greedy with a fixed number of new tokens: the output rows of the special tokens are zero, so
+no stop token is ever chosen.
+
+Measured: decode tokens/s at batch 1 and 8, at short and long context (steady state: the first
+steps, which may compile, are left out); prefill tokens/s and time to first token for one prompt;
+end-to-end tokens/s of a batch of 8 prompts of mixed lengths, and for ours also of the original's
+one-token-per-step prompt feeding; load time and peak memory. The machine's memory-bandwidth
+ceiling is measured in the same run, and each decode figure is given as a share of what that
+bandwidth allows for the bytes one step reads (weights once, plus each row's KV cache).
+"""
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from llama import checkpoint, distributed, hf, registry  # noqa: E402
+from llama.model import ModelArgs  # noqa: E402
+
+IMPLS = ("ours", "ours-compile", "hf-eager", "hf-sdpa")
+N_SPECIAL = 256  # Llama 3 special tokens: the last 256 ids of the vocabulary
+SKIP_STEPS = 2  # decode steps left out of the steady-state rate (compilation, first-call set-up)
+GB = 1e9
+
+
+# ---------------------------------------------------------------- settings and prompts
+
+
+def settings(quick: bool, long_context: Optional[int], prefill_len: Optional[int], device: torch.device) -> dict:
+    """Sizes of every scenario. --quick shrinks them all; long context batch 8 is GPU-only by default
+    (on a CPU it costs eight long prefills per implementation, and eager attention's score matrix
+    alone would need ~17 GB at 4K)."""
+    s = dict(short_prompt=64, short_new=64, long_context=4096, long_new=32, prefill_len=512, mixed_new=64)
+    if quick:
+        s = dict(short_prompt=16, short_new=12, long_context=256, long_new=8, prefill_len=64, mixed_new=8)
+    if long_context:
+        s["long_context"] = int(long_context)
+    if prefill_len:
+        s["prefill_len"] = int(prefill_len)
+    s["short_batches"] = [1, 8]
+    s["long_batches"] = [1, 8] if device.type == "cuda" else [1]
+    # 8 prompts spread evenly from 16 tokens to the prefill length (16..512 by default)
+    lo = min(16, s["prefill_len"])
+    s["mixed_lens"] = [round(lo + (s["prefill_len"] - lo) * i / 7) for i in range(8)]
+    # the long prompt leaves room for the new tokens inside long_context (a power of two by default)
+    s["long_prompt"] = max(1, s["long_context"] - s["long_new"])
+    s["max_seq_len"] = max(s["long_context"], s["short_prompt"] + s["short_new"], s["prefill_len"] + s["mixed_new"]) + 1
+    return s
+
+
+def prompts(n: int, length: Union[int, list], vocab_size: int, seed: int) -> list[list[int]]:
+    """`n` prompts of random ordinary tokens (no special ids), the same in every process."""
+    g = torch.Generator().manual_seed(seed)
+    lens = length if isinstance(length, list) else [length] * n
+    return [torch.randint(0, vocab_size - N_SPECIAL, (k,), generator=g).tolist() for k in lens]
+
+
+# ---------------------------------------------------------------- model files
+
+
+def random_weights(params: dict, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
+    """A full Meta state dict of random weights (normal, scaled 1/sqrt(fan-in); norms 1), on the CPU.
+
+    The special tokens' output rows are zero, so their logits are 0 while the largest ordinary logit
+    is positive: greedy decoding never stops early, in any implementation."""
+    args = ModelArgs(**params)
+    g = torch.Generator(device=device).manual_seed(seed)
+    kv_dim, hidden = (args.n_kv_heads or args.n_heads) * args.head_dim, args.ffn_hidden_dim
+
+    def mat(rows: int, cols: int, scale: Optional[float] = None) -> torch.Tensor:
+        w = torch.randn(rows, cols, generator=g, device=device, dtype=torch.float32)
+        return w.mul_(scale if scale is not None else cols**-0.5).to(dtype).cpu()
+
+    sd = {"tok_embeddings.weight": mat(args.vocab_size, args.dim, 1.0)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        for name, (rows, cols) in {
+            "attention.wq": (args.dim, args.dim),
+            "attention.wk": (kv_dim, args.dim),
+            "attention.wv": (kv_dim, args.dim),
+            "attention.wo": (args.dim, args.dim),
+            "feed_forward.w1": (hidden, args.dim),
+            "feed_forward.w2": (args.dim, hidden),
+            "feed_forward.w3": (hidden, args.dim),
+        }.items():
+            sd[p + name + ".weight"] = mat(rows, cols)
+        sd[p + "attention_norm.weight"] = torch.ones(args.dim, dtype=dtype)
+        sd[p + "ffn_norm.weight"] = torch.ones(args.dim, dtype=dtype)
+    sd["norm.weight"] = torch.ones(args.dim, dtype=dtype)
+    sd["output.weight"] = mat(args.vocab_size, args.dim)
+    sd["output.weight"][-N_SPECIAL:] = 0
+    return sd
+
+
+def write_tokenizer(path: Path, n_base: int) -> None:
+    """A tiktoken file of `n_base` distinct byte strings (bytes, then pairs, then triples): the
+    prompts are token ids, so any tokenizer of the right size does, and this one needs no download."""
+    import base64
+    import itertools
+
+    def pieces():
+        for n in (1, 2, 3):
+            yield from (bytes(t) for t in itertools.product(range(256), repeat=n))
+
+    with open(path, "w") as f:
+        for rank, piece in enumerate(itertools.islice(pieces(), n_base)):
+            f.write(f"{base64.b64encode(piece).decode()} {rank}\n")
+
+
+def write_models(root: Path, params: dict, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
+    """Meta checkpoint (root/meta) and Hugging Face directory (root/hf) of the same random weights."""
+    from safetensors.torch import save_file
+
+    meta, hf_dir = root / "meta", root / "hf"
+    sd = random_weights(params, dtype, device, seed)
+    checkpoint.save_checkpoint(sd, params, meta)
+    write_tokenizer(meta / "tokenizer.model", params["vocab_size"] - N_SPECIAL)
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    config = hf.config_from_params(params, torch_dtype=hf.dtype_name(dtype))
+    (hf_dir / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(dict(hf.tensor_to_hf(k, v, params) for k, v in sd.items()), str(hf_dir / "model.safetensors"))
+    return {"meta": str(meta), "tokenizer": str(meta / "tokenizer.model"), "hf": str(hf_dir)}
+
+
+def model_bytes(params: dict, dtype: torch.dtype) -> dict:
+    """Bytes one decode step reads: every weight but the embedding table (one row is looked up),
+    and per row of the batch, the KV cache of each token of context."""
+    args = ModelArgs(**params)
+    size = torch.tensor([], dtype=dtype).element_size()
+    kv_dim = (args.n_kv_heads or args.n_heads) * args.head_dim
+    per_layer = 2 * args.dim * args.dim + 2 * kv_dim * args.dim + 3 * args.dim * args.ffn_hidden_dim + 2 * args.dim
+    weights = args.n_layers * per_layer + args.vocab_size * args.dim + args.dim
+    return {"weights": weights * size, "kv_per_token": 2 * args.n_layers * kv_dim * size}
+
+
+# ---------------------------------------------------------------- timing helpers
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
+    """Fastest of `repeats` timed calls after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bandwidth(device: torch.device, dtype: torch.dtype) -> dict:
+    """Memory-bandwidth ceiling of this machine, GB/s, on buffers far bigger than the caches:
+    `read` sums a float32 buffer, `copy` counts bytes read plus written, `gemv` is a one-row matrix
+    product over one `dtype` matrix (how batch-1 decode reads weights; on a CPU the faster of oneDNN
+    and PyTorch's own kernel). The ceiling is the fastest way of reading seen: the better of read and gemv."""
+    n_bytes = (4 if device.type == "cuda" else 1) * 2**30
+    x = torch.ones(n_bytes // 4, device=device)
+    y = torch.empty_like(x)
+    read = n_bytes / best_time(lambda: x.sum(), device)
+    copy = 2 * n_bytes / best_time(lambda: y.copy_(x), device)
+    del x, y
+    cols = 4096
+    size = torch.tensor([], dtype=dtype).element_size()
+    w = torch.ones(n_bytes // 2 // (cols * size), cols, device=device, dtype=dtype)
+    v = torch.ones(1, cols, device=device, dtype=dtype)
+    gemv_s = best_time(lambda: torch.nn.functional.linear(v, w), device)
+    if device.type == "cpu":
+        with torch.backends.mkldnn.flags(enabled=False):
+            gemv_s = min(gemv_s, best_time(lambda: torch.nn.functional.linear(v, w), device))
+    gemv = w.numel() * size / gemv_s
+    del w
+    bw = {"read": read / GB, "copy": copy / GB, "gemv": gemv / GB}
+    return {**bw, "ceiling": max(bw["read"], bw["gemv"])}
+
+
+def peak_rss() -> float:
+    """Peak resident memory of this process so far, GB. Linux's VmHWM starts afresh at exec, while
+    getrusage's maxrss keeps the parent's peak from before the fork."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / GB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+
+
+# ---------------------------------------------------------------- the implementations under test
+
+
+class Ours:
+    """Llama.build from the Meta checkpoint; greedy through its public generate/stream."""
+
+    def __init__(self, spec: dict, compile: bool):
+        from llama import Llama
+
+        self.llama = Llama.build(
+            spec["files"]["meta"], spec["files"]["tokenizer"], max_seq_len=spec["settings"]["max_seq_len"],
+            max_batch_size=8, device=spec["device"], dtype=spec["dtype"], **({"compile": True} if compile else {}),
+        )
+
+    def stream(self, prompts: list, n_new: int) -> tuple[list, list]:
+        """(time after each step's token, new tokens per row)."""
+        times, out = [], [[] for _ in prompts]
+        for step in self.llama.stream(prompts, n_new, temperature=0):
+            times.append(time.perf_counter())
+            for t in step:
+                out[t.index].append(t.token)
+        return times, out
+
+    def generate(self, prompts: list, n_new: int) -> list:
+        return self.llama.generate(prompts, n_new, temperature=0)[0]
+
+
+class Original:
+    """Meta's original generation loop on our model: prompts of a batch are fed one token per step
+    from the shortest prompt's end, with full float32 logits of every fed token (the baseline that
+    mixed-length prefill replaces)."""
+
+    def __init__(self, ours: Ours):
+        self.model, self.stop = ours.llama.model, ours.llama.tokenizer.stop_tokens
+
+    @torch.inference_mode()
+    def generate(self, prompts: list, n_new: int) -> list:
+        device = self.model.tok_embeddings.weight.device
+        bsz, lens = len(prompts), [len(p) for p in prompts]
+        total_len = max(lens) + n_new
+        self.model.setup_cache(bsz, total_len)
+        tokens = torch.full((bsz, total_len), -1, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p, device=device)
+        is_prompt = tokens != -1
+        stop = torch.tensor(self.stop, device=device)
+        eos = torch.zeros(bsz, dtype=torch.bool, device=device)
+        prev = 0
+        for cur in range(min(lens), total_len):
+            logits = self.model.forward(tokens[:, prev:cur], prev)
+            next_token = torch.where(is_prompt[:, cur], tokens[:, cur], logits[:, -1].argmax(-1))
+            tokens[:, cur] = next_token
+            eos |= ~is_prompt[:, cur] & torch.isin(next_token, stop)
+            prev = cur
+            if bool(eos.all()):
+                break
+        return [tokens[i, n : n + n_new].tolist() for i, n in enumerate(lens)]
+
+
+class HF:
+    """transformers.LlamaForCausalLM.from_pretrained of the converted directory; greedy through
+    model.generate with exactly n_new tokens, prompts left-padded as transformers expects."""
+
+    def __init__(self, spec: dict, attn: str):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        self.device = torch.device(spec["device"])
+        dtype = getattr(torch, spec["dtype"])
+        self.model = transformers.LlamaForCausalLM.from_pretrained(
+            spec["files"]["hf"], dtype=dtype, attn_implementation=attn
+        ).to(self.device).eval()
+
+    def _inputs(self, prompts: list) -> dict:
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    @torch.inference_mode()
+    def _generate(self, prompts: list, n_new: int, streamer=None) -> list:
+        inputs = self._inputs(prompts)
+        out = self.model.generate(
+            **inputs, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0, streamer=streamer
+        )
+        return out[:, inputs["input_ids"].shape[1] :].tolist()
+
+    def stream(self, prompts: list, n_new: int) -> tuple[list, list]:
+        times = []
+
+        class Clock:  # transformers calls put() with the prompt, then once per new token
+            def put(self, value):
+                times.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        out = self._generate(prompts, n_new, Clock())
+        return times[1:], out
+
+    def generate(self, prompts: list, n_new: int) -> list:
+        return self._generate(prompts, n_new)
+
+
+# ---------------------------------------------------------------- one implementation, in its own process
+
+
+def worker(spec_path: str, out_path: str) -> None:
+    """Load one implementation and run every scenario; write the results as JSON."""
+    spec = json.loads(Path(spec_path).read_text())
+    s, impl, device = spec["settings"], spec["impl"], torch.device(spec["device"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    if impl.startswith("ours"):
+        distributed.setup(device)
+    vocab = spec["params"]["vocab_size"]
+    result = {"impl": impl}
+
+    start = time.perf_counter()
+    runner = Ours(spec, compile=impl == "ours-compile") if impl.startswith("ours") else HF(spec, impl[3:])
+    sync(device)
+    result["load_s"] = time.perf_counter() - start
+    result["load_peak_rss_gb"] = peak_rss()
+
+    # warm-up: first-call set-up of kernels (and, compiled, the batch-1 decode graph)
+    runner.generate(prompts(1, 8, vocab, 0), 4)
+
+    def timed_stream(batch: int, length: int, n_new: int, seed: int) -> tuple[dict, list]:
+        batch_prompts = prompts(batch, length, vocab, seed)
+        sync(device)
+        start = time.perf_counter()
+        times, tokens = runner.stream(batch_prompts, n_new)
+        sync(device)
+        end = time.perf_counter()
+        out = {"batch": batch, "prompt": length, "new": n_new, "ttft_s": times[0] - start, "total_s": end - start}
+        if n_new > SKIP_STEPS + 1:
+            steady = times[SKIP_STEPS:]
+            out["step_s"] = (steady[-1] - steady[0]) / (len(steady) - 1)
+            out["tokens_per_s"] = batch / out["step_s"]
+            out["context"] = length + SKIP_STEPS + len(steady) / 2  # mean context of the timed steps
+        return out, tokens
+
+    decode = {}
+    for name, length, n_new, batches in (
+        ("short", s["short_prompt"], s["short_new"], s["short_batches"]),
+        ("long", s["long_prompt"], s["long_new"], s["long_batches"]),
+    ):
+        for batch in batches:
+            print(f"[{impl}] decode {name} context, batch {batch}", file=sys.stderr, flush=True)
+            decode[f"{name}_b{batch}"], tokens = timed_stream(batch, length, n_new, seed=batch)
+            if name == "short" and batch == 1:
+                result["greedy_tokens"] = tokens[0]
+    result["decode"] = decode
+
+    print(f"[{impl}] prefill {s['prefill_len']} tokens", file=sys.stderr, flush=True)
+    runs = [timed_stream(1, s["prefill_len"], 1, seed=11)[0] for _ in range(2)]  # the first may set up kernels
+    ttft = min(r["ttft_s"] for r in runs)
+    result["prefill"] = {"tokens": s["prefill_len"], "ttft_s": ttft, "tokens_per_s": s["prefill_len"] / ttft}
+
+    def mixed(gen: Callable[[list, int], list], warm: bool) -> dict:
+        batch_prompts = prompts(8, s["mixed_lens"], vocab, seed=12)
+        if warm:  # compiled: the batch-8 graph for this cache size
+            gen(batch_prompts, 3)
+        sync(device)
+        start = time.perf_counter()
+        tokens = gen(batch_prompts, s["mixed_new"])
+        sync(device)
+        seconds = time.perf_counter() - start
+        n = sum(len(t) for t in tokens)
+        return {"lens": s["mixed_lens"], "new_tokens": n, "seconds": seconds, "tokens_per_s": n / seconds}, tokens
+
+    print(f"[{impl}] mixed-length batch of 8", file=sys.stderr, flush=True)
+    result["mixed"], tokens = mixed(runner.generate, warm=impl == "ours-compile")
+    if impl == "ours" and spec.get("baseline", True):
+        print(f"[{impl}] mixed-length batch, one token per step (original loop)", file=sys.stderr, flush=True)
+        result["original_loop"], base_tokens = mixed(Original(runner).generate, warm=False)
+        same = sum(a == b for x, y in zip(tokens, base_tokens) for a, b in zip(x, y))
+        result["original_loop"]["same_tokens"] = same / max(1, result["mixed"]["new_tokens"])
+
+    result["peak_rss_gb"] = peak_rss()
+    if device.type == "cuda":
+        result["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / GB
+    Path(out_path).write_text(json.dumps(result))
+    distributed.shutdown()
+
+
+# ---------------------------------------------------------------- report
+
+
+def decode_share(entry: dict, bytes_: dict, ceiling: float) -> float:
+    """Measured tokens/s over what the bandwidth ceiling allows for this step's reads."""
+    batch = entry["batch"]
+    step_bytes = bytes_["weights"] + batch * entry["context"] * bytes_["kv_per_token"]
+    return entry["tokens_per_s"] / (batch * ceiling * GB / step_bytes)
+
+
+def report(results: dict, bw: dict, bytes_: dict) -> tuple[list, dict]:
+    """Table rows: each metric per implementation, each of ours over the best transformers run, and
+    for decode each implementation's share of the bandwidth ceiling. Also the ratios by name."""
+    impls = list(results)
+    ours = [i for i in impls if i.startswith("ours")]
+    hf_impls = [i for i in impls if i.startswith("hf-")]
+    rows, ratios = [], {}
+
+    def add(metric: str, values: dict, higher_better: bool = True, share: Optional[Callable] = None) -> None:
+        row = {"metric": metric, **values}
+        hf_values = [values[i] for i in hf_impls if i in values]
+        if hf_values:
+            ref = max(hf_values) if higher_better else min(hf_values)
+            for o in ours:
+                row[f"{o} / hf"] = ratios[f"{metric}: {o} / best hf"] = (
+                    values[o] / ref if higher_better else ref / values[o]
+                )
+        if share:
+            for o in ours:
+                row[f"{o} / ceiling"] = ratios[f"{metric}: {o} / ceiling"] = share(o)
+            if hf_values:
+                row["hf / ceiling"] = max(share(i) for i in hf_impls)
+        rows.append(row)
+
+    for key in results[impls[0]]["decode"]:
+        entries = {i: r["decode"][key] for i, r in results.items()}
+        e = entries[impls[0]]
+        add(
+            f"decode tok/s, batch {e['batch']}, context {round(e['context'])}",
+            {i: x["tokens_per_s"] for i, x in entries.items()},
+            share=lambda i, entries=entries: decode_share(entries[i], bytes_, bw["ceiling"]),
+        )
+    r0 = results[impls[0]]
+    add(f"prefill tok/s, {r0['prefill']['tokens']}-token prompt", {i: r["prefill"]["tokens_per_s"] for i, r in results.items()})
+    add("time to first token, s", {i: r["prefill"]["ttft_s"] for i, r in results.items()}, higher_better=False)
+    lens = r0["mixed"]["lens"]
+    add(f"batch of 8, {lens[0]}..{lens[-1]} tokens, end-to-end tok/s", {i: r["mixed"]["tokens_per_s"] for i, r in results.items()})
+    if "original_loop" in results.get("ours", {}):
+        base = results["ours"]["original_loop"]["tokens_per_s"]
+        rows.append({"metric": "  the same, original one-token-per-step feeding", "ours": base})
+        ratios["batch of 8: ours / original loop"] = results["ours"]["mixed"]["tokens_per_s"] / base
+    add("load time, s", {i: r["load_s"] for i, r in results.items()}, higher_better=False)
+    add("peak resident memory, GB", {i: r["peak_rss_gb"] for i, r in results.items()}, higher_better=False)
+    if all("peak_gpu_gb" in r for r in results.values()):
+        add("peak GPU memory, GB", {i: r["peak_gpu_gb"] for i, r in results.items()}, higher_better=False)
+    return rows, ratios
+
+
+def print_table(rows: list) -> None:
+    columns = ["metric"] + list(dict.fromkeys(k for r in rows for k in r if k != "metric"))
+
+    def fmt(v) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    table = [columns] + [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for n, line in enumerate(table):
+        print(" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        if n == 0:
+            print("-+-".join("-" * w for w in widths))
+
+
+# ---------------------------------------------------------------- the command
+
+
+def main(
+    shape: str = "llama3.2-1b",
+    n_layers: Optional[int] = None,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+    quick: bool = False,
+    long_context: Optional[int] = None,
+    prefill_len: Optional[int] = None,
+    compile: bool = False,
+    impls: Optional[Union[str, tuple]] = None,
+    baseline: bool = True,
+    threads: Optional[int] = None,
+    out: Optional[str] = None,
+    seed: int = 0,
+) -> dict:
+    """Benchmark our Llama 3 against transformers on random weights of a published shape.
+
+    Args:
+        shape: a llama.registry name (llama3.2-1b, llama3-8b, small, tiny, ...).
+        n_layers: fewer (or more) layers than the shape has, for quicker runs.
+        device: cuda or cpu (default: cuda when available).
+        dtype: bfloat16, float16 or float32 (default: ours' default for the device).
+        quick: small sizes everywhere (seconds on small shapes).
+        long_context: context of the long decode runs, tokens (default 4096; 256 with --quick).
+        prefill_len: prompt length of the prefill run; the mixed batch spans 16 to this (default 512).
+        compile: also run ours with compile=True (torch.compile of the decode step).
+        impls: comma-separated subset of ours, ours-compile, hf-eager, hf-sdpa.
+        baseline: also time the original's one-token-per-step prompt feeding on our model.
+        threads: CPU threads for every implementation (default: torch's default).
+        out: write all results as JSON here.
+        seed: seed of the random weights and prompts.
+    """
+    dev = distributed.resolve_device(device)
+    dt = distributed.resolve_dtype(dtype, dev)
+    params = registry.get(shape)
+    if n_layers:
+        params["n_layers"] = int(n_layers)
+    s = settings(quick, long_context, prefill_len, dev)
+    if isinstance(impls, str):
+        impls = impls.split(",")
+    impls = list(impls or [i for i in IMPLS if compile or i != "ours-compile"])
+    unknown = set(impls) - set(IMPLS)
+    if unknown:
+        raise ValueError(f"unknown implementation(s) {sorted(unknown)}: choose from {', '.join(IMPLS)}")
+    bytes_ = model_bytes(params, dt)
+    print(
+        f"{shape}{f' with {n_layers} layers' if n_layers else ''} on {dev} in {hf.dtype_name(dt)}: "
+        f"{bytes_['weights'] / GB:.2f} GB of weights read per decode step, "
+        f"{bytes_['kv_per_token'] / 1e3:.1f} KB of KV cache per token of context",
+        flush=True,
+    )
+    bw = bandwidth(dev, dt)
+    print("memory bandwidth, GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in bw.items()), flush=True)
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="llama-bench-") as tmp:
+        start = time.perf_counter()
+        files = write_models(Path(tmp), params, dt, dev, seed)
+        print(f"wrote both checkpoints in {time.perf_counter() - start:.1f}s", flush=True)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])}
+        for impl in impls:
+            spec = {
+                "impl": impl, "params": params, "settings": s, "files": files, "device": str(dev),
+                "dtype": hf.dtype_name(dt), "threads": threads, "baseline": baseline,
+            }
+            spec_path, out_path = Path(tmp) / f"{impl}.json", Path(tmp) / f"{impl}.out.json"
+            spec_path.write_text(json.dumps(spec))
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, "_worker", str(spec_path), str(out_path)], env=env)
+            if proc.returncode != 0 or not out_path.is_file():
+                print(f"[{impl}] failed (exit code {proc.returncode}); left out of the table", flush=True)
+                continue
+            results[impl] = json.loads(out_path.read_text())
+            print(f"[{impl}] done in {time.perf_counter() - start:.0f}s", flush=True)
+    if not results:
+        raise SystemExit("no implementation ran")
+
+    rows, ratios = report(results, bw, bytes_)
+    print()
+    print_table(rows)
+    print()
+    if "batch of 8: ours / original loop" in ratios:
+        print(f"batch of 8 of mixed lengths: ours is {ratios['batch of 8: ours / original loop']:.2f}x the original's "
+              "one-token-per-step prompt feeding on the same model")
+    if "hf-eager" in results and "ours" in results:
+        same = sum(a == b for a, b in zip(results["ours"]["greedy_tokens"], results["hf-eager"]["greedy_tokens"]))
+        print(f"greedy tokens of ours and hf-eager agree on {same}/{len(results['ours']['greedy_tokens'])} (short decode, batch 1)")
+    summary = {
+        "shape": shape, "params": params, "device": str(dev), "dtype": hf.dtype_name(dt),
+        "torch": torch.__version__, "threads": threads or torch.get_num_threads(), "settings": s,
+        "bandwidth_gb_s": bw, "bytes": bytes_, "results": results, "table": rows, "ratios": ratios,
+    }
+    if out:
+        Path(out).write_text(json.dumps(summary, indent=2))
+        print(f"wrote {out}")
+    return summary
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["_worker"]:
+        worker(*sys.argv[2:4])
+    else:
+        import fire
+
+        fire.Fire(main, serialize=lambda _: None)
