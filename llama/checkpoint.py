@@ -271,8 +271,11 @@ class _MappedShard:
         self._ranges = _file_mappings(path)
 
     def release(self, t: torch.Tensor) -> None:
+        """Drop the resident pages spanned by `t` (a view of one of this shard's tensors)."""
+        if t.numel() == 0:
+            return
         start = t.data_ptr()
-        end = start + t.numel() * t.element_size()
+        end = start + (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size()
         # only a tensor inside this file's private mapping: there MADV_DONTNEED just forgets clean
         # pages (the data stays in the file); on ordinary memory it would destroy data
         if not any(lo <= start and end <= hi for lo, hi in self._ranges):
@@ -360,17 +363,29 @@ def _copy_from_shard(
         dim, span = shard_dim(key), piece_range(key, args, rank, count)
         if span is None:  # replicated: any one shard gives it
             if not covered[key]:
-                target.copy_(src)
+                _copy_released(target, src, shard)
                 covered[key] = 1
-        else:
-            s_start, s_len = piece_range(key, args, k, n)
-            t_start, t_len = span
-            lo, hi = max(s_start, t_start), min(s_start + s_len, t_start + t_len)
-            # a repeated KV head comes from several shards; covered[key] counts rows already filled
-            if lo < hi and covered[key] < t_len and lo - t_start >= covered[key]:
-                target.narrow(dim, lo - t_start, hi - lo).copy_(src.narrow(dim, lo - s_start, hi - lo))
-                covered[key] += hi - lo
-        shard.release(src)
+            continue
+        s_start, s_len = piece_range(key, args, k, n)
+        t_start, t_len = span
+        lo, hi = max(s_start, t_start), min(s_start + s_len, t_start + t_len)
+        # a repeated KV head comes from several shards; covered[key] counts rows already filled
+        if lo < hi and covered[key] < t_len and lo - t_start >= covered[key]:
+            _copy_released(target.narrow(dim, lo - t_start, hi - lo), src.narrow(dim, lo - s_start, hi - lo), shard)
+            covered[key] += hi - lo
+
+
+COPY_CHUNK_BYTES = 16 << 20  # resident memory exceeds the weights by at most this
+
+
+def _copy_released(dst: torch.Tensor, src: torch.Tensor, shard: _MappedShard) -> None:
+    """dst.copy_(src) (converting dtype and device) in chunks of rows, dropping each chunk's source
+    pages once copied: resident memory grows by the copy alone, not by the mapped file too."""
+    row_bytes = max(src[0].numel() * src.element_size(), 1) if src.dim() > 1 else src.numel() * src.element_size()
+    step = max(1, COPY_CHUNK_BYTES // max(row_bytes, 1)) if src.dim() > 1 else len(src)
+    for i in range(0, len(src), step):
+        dst[i : i + step].copy_(src[i : i + step])
+        shard.release(src[i : i + step])
 
 
 # ---------------------------------------------------------------------------------------------

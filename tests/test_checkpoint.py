@@ -293,3 +293,25 @@ def test_errors_are_one_line(cpu_group, tmp_path, ckpts):
     with pytest.raises(ValueError) as e:
         load(bad)
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: scripts/bench_load.py's measurement, on a small checkpoint
+
+
+def test_loading_costs_the_weights_once_where_the_naive_way_costs_twice(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_load", helpers.REPO / "scripts" / "bench_load.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    params = bench.make_params(512, 8, 8000)  # 149 MB in float32
+    size_gb = bench.create_checkpoint(tmp_path / "one", params, torch.float32, shards=1) * 4 / 2**30
+    bench.create_checkpoint(tmp_path / "two", params, torch.float32, shards=2)
+    runs = [bench.run_method(m, tmp_path / d, "float32") for m, d in (("lean", "one"), ("lean", "two"), ("naive", "one"))]
+    added = [(r["peak_rss_gb"] - r["base_rss_gb"]) / size_gb for r in runs]
+    # lean: the weights plus at most one 16 MiB copy chunk (0.11x of this small model), merging or
+    # not; naive: twice the weights
+    assert added[0] < 1.3 and added[1] < 1.3, added
+    assert added[2] > 1.8, added
+    assert runs[0]["checksum"] == runs[1]["checksum"] == runs[2]["checksum"]
