@@ -185,3 +185,23 @@ def test_params_json_from_later_releases_builds(tmp_path):
     assert args.ffn_hidden_dim == 8192
     tiny = {**registry.get("tiny"), "quantization_args": {"scheme": "fp8"}, "use_scaled_rope": True}
     Transformer(ModelArgs(**tiny, max_seq_len=16, max_batch_size=1))
+
+
+def test_greedy_generate_matches_transformers(tiny_ckpt, byte_tokenizer):
+    """Llama.generate at temperature 0 gives, token for token, transformers' greedy generate."""
+    from llama import Llama
+
+    llama = Llama.build(str(tiny_ckpt), str(byte_tokenizer), max_seq_len=64, max_batch_size=3, device="cpu", dtype="float32")
+    ref = hf_model(helpers.TINY_PARAMS, helpers.random_state_dict(helpers.TINY_PARAMS))
+    prompts = [llama.tokenizer.encode(t, bos=True, eos=False) for t in ("Greedy", "parity with transformers", "x")]
+    ours, _ = llama.generate(prompts, max_gen_len=16, temperature=0)
+    stop = list(llama.tokenizer.stop_tokens)
+    for prompt, tokens in zip(prompts, ours):
+        with torch.no_grad():
+            out = ref.generate(
+                torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=stop, pad_token_id=stop[0]
+            )
+        theirs = out[0, len(prompt):].tolist()
+        if theirs and theirs[-1] in stop:
+            theirs = theirs[:-1]
+        assert tokens == theirs
