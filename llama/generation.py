@@ -4,13 +4,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, TypedDict, Union
+from typing import Callable, Iterator, List, Optional, TypedDict, Union
 
 import torch
 import torch.nn.functional as F
 
 from llama import checkpoint, distributed
-from llama.model import ModelArgs, Transformer
+from llama.model import ModelArgs, Transformer, cpu_matmul_kernels
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class Llama:
         device: Union[str, torch.device, None] = None,
         dtype: Union[str, torch.dtype, None] = None,
         rope_scale_factor: Optional[float] = None,
+        compile: bool = False,
     ) -> "Llama":
         """Load a Meta-format checkpoint and its tokenizer.
 
@@ -66,6 +67,10 @@ class Llama:
                 (bfloat16 on CUDA where supported, else float16; bfloat16 on CPUs that run it natively).
             rope_scale_factor: Llama 3.1 RoPE scale for models with use_scaled_rope; None reads
                 params.json or, failing that, uses the published default for the model's shape.
+            compile: torch.compile the decode step, with static shapes (the KV cache padded to a
+                power-of-two length) and CUDA graphs on GPU; the first request of each batch size
+                and cache length compiles. Where compilation fails, a warning is logged and decoding
+                runs eagerly.
 
         Works under torchrun (one process per model-parallel rank) and as a plain `python` call.
         """
@@ -94,12 +99,13 @@ class Llama:
                 ckpt_dir, len(checkpoint.shard_paths(ckpt_dir)), mp_size, device,
                 str(dtype).removeprefix("torch."), time.perf_counter() - start,
             )
-        return Llama(model, tokenizer)
+        return Llama(model, tokenizer, compile=compile)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = ChatFormat(tokenizer)
+        self._compiled_decode = _compile_decode(model) if compile else None
 
     @property
     def device(self) -> torch.device:
@@ -151,9 +157,13 @@ class Llama:
         total_len = max(n + k for n, k in zip(lens, limits))
         n_steps = max(limits)
 
+        compiled = self._compiled_decode is not None
+        cache_len = _static_cache_len(total_len, params.max_seq_len) if compiled else total_len
         rows, slots = self.model.cache_shape or (0, 0)
-        if rows < bsz or slots < total_len:  # size the KV cache to the request
-            self.model.setup_cache(bsz, total_len)
+        if rows < bsz or slots < cache_len:  # size the KV cache to the request
+            self.model.setup_cache(bsz, cache_len)
+        if compiled:
+            _mark_static(self.model)
 
         # Prompts of different lengths are prefilled together, padded at the end; each row then
         # decodes from its own position, overwriting its padding slots in the KV cache.
@@ -190,8 +200,23 @@ class Llama:
             if step + 1 == n_steps or bool(done.all()):  # the one host sync per step
                 break
             # finished rows ride along; keep their positions inside the cache
-            start_pos = max_len + step if same_len else (lens_t + step).clamp(max=total_len - 1)
-            logits = self.model(next_token[:, None], start_pos)[:, -1]
+            if same_len and not compiled:
+                start_pos = max_len + step
+            else:  # compiled: always per-row positions, so that the shapes stay the same
+                start_pos = (lens_t + step).clamp(max=total_len - 1)
+            logits = self._decode(next_token[:, None], start_pos)
+
+    def _decode(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor]) -> torch.Tensor:
+        """Logits (bsz, vocab) of one new token per row: the compiled step when there is one."""
+        if self._compiled_decode is not None:
+            try:
+                with cpu_matmul_kernels(tokens, self.model.output.weight.dtype):
+                    torch.compiler.cudagraph_mark_step_begin()
+                    return self._compiled_decode(tokens, start_pos)
+            except Exception as e:  # a step rerun writes the same KV cache slots, so eager can take over
+                logger.warning("compiled decoding failed, decoding eagerly from now on: %s", e)
+                self._compiled_decode = None
+        return self.model(tokens, start_pos)[:, -1]
 
     def generate(
         self,
@@ -343,6 +368,37 @@ class Llama:
         if "tool_calls" not in message:
             return {"role": "assistant", "content": message["content"]}
         return message
+
+
+def _compile_decode(model: Transformer) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """torch.compile of one decode step, (bsz, 1) tokens at (bsz,) positions -> (bsz, vocab) logits,
+    with static shapes; on CUDA with CUDA graphs ("reduce-overhead"), which remove the launch
+    overhead that dominates small decode steps."""
+    from fairscale.nn.model_parallel import mappings
+
+    # fairscale's all-reduce marks its input dirty, which Dynamo cannot trace: taken whole into the
+    # graph instead of breaking it at every layer (it is the identity on one process)
+    torch.compiler.allow_in_graph(mappings.reduce_from_model_parallel_region)
+
+    def decode_step(tokens: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
+        return model._forward(tokens, start_pos, None, use_cache=True)[:, -1]
+
+    device = model.tok_embeddings.weight.device
+    return torch.compile(decode_step, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+
+
+def _static_cache_len(total_len: int, max_seq_len: int) -> int:
+    """KV cache length for compiled decoding: a power of two (at least 256) so that a few shapes, so a
+    few compilations, serve every request; decode attention then reads at most twice the context."""
+    return min(max_seq_len, max(256, 1 << (total_len - 1).bit_length()))
+
+
+def _mark_static(model: Transformer) -> None:
+    """The KV cache and RoPE table keep their addresses across steps: CUDA graphs may use them in place."""
+    torch._dynamo.mark_static_address(model.rope_table(model.tok_embeddings.weight.device))
+    for layer in model.layers:
+        torch._dynamo.mark_static_address(layer.attention.cache_k)
+        torch._dynamo.mark_static_address(layer.attention.cache_v)
 
 
 def _rope_scale_factor(params: dict, override: Optional[float]) -> float:

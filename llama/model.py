@@ -1,4 +1,5 @@
 # Llama 3 decoder: the architecture of Meta's release, parameter names = checkpoint keys.
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, fields
@@ -298,6 +299,24 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+@contextlib.contextmanager
+def cpu_matmul_kernels(tokens: torch.Tensor, dtype: torch.dtype):
+    """Pick the CPU matmul kernels for a step of `tokens`.
+
+    A bfloat16 step of one token in one row is a chain of matrix-vector products, which PyTorch's
+    own GEMV runs at about twice the memory bandwidth of oneDNN's (scripts/benchmark.py); oneDNN
+    is much faster for every larger product, so it is switched off for such steps only.
+    """
+    if tokens.device.type != "cpu" or tokens.numel() != 1 or dtype != torch.bfloat16 or not torch.backends.mkldnn.enabled:
+        yield
+        return
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = True
+
+
 class Transformer(nn.Module):
     """The Llama 3 decoder. Needs fairscale's model parallel initialised (llama.distributed.setup)."""
 
@@ -367,7 +386,8 @@ class Transformer(nn.Module):
         """
         if self.cache_shape is None:
             self.setup_cache(self.params.max_batch_size, self.params.max_seq_len)
-        return self._forward(tokens, start_pos, output_index, use_cache=True)
+        with cpu_matmul_kernels(tokens, self.output.weight.dtype):
+            return self._forward(tokens, start_pos, output_index, use_cache=True)
 
     def forward_train(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (float32) of a whole causal sequence from position 0, without the KV cache, with autograd."""
