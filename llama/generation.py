@@ -165,17 +165,15 @@ class Llama:
         if compiled:
             _mark_static(self.model)
 
-        # Prompts of different lengths are prefilled together, padded at the end; each row then
-        # decodes from its own position, overwriting its padding slots in the KV cache.
-        tokens = torch.zeros(bsz, max_len, dtype=torch.long, device=device)
-        for i, t in enumerate(prompt_tokens):
-            tokens[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         lens_t = torch.tensor(lens, device=device)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
 
-        if prompt_logprobs:  # full logits for the prompt's own log-probs
+        if prompt_logprobs:  # full logits for the prompt's own log-probs: prompts padded at the end
+            tokens = torch.zeros(bsz, max_len, dtype=torch.long, device=device)
+            for i, t in enumerate(prompt_tokens):
+                tokens[i, : len(t)] = torch.tensor(t, dtype=torch.long)
             all_logits = self.model(tokens, 0)
             logits = all_logits[torch.arange(bsz, device=device), lens_t - 1]
             lp = -F.cross_entropy(all_logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
@@ -184,7 +182,7 @@ class Llama:
             yield None
             if n_steps == 0:
                 return
-            logits = self.model(tokens, 0, output_index=lens_t - 1)[:, 0]
+            logits = self._prefill(prompt_tokens)
 
         stop_tokens = torch.tensor(self.tokenizer.stop_tokens, device=device)
         limits_t = torch.tensor(limits, device=device)
@@ -205,6 +203,36 @@ class Llama:
             else:  # compiled: always per-row positions, so that the shapes stay the same
                 start_pos = (lens_t + step).clamp(max=total_len - 1)
             logits = self._decode(next_token[:, None], start_pos)
+
+    def _prefill(self, prompt_tokens: List[List[int]]) -> torch.Tensor:
+        """Fill the KV cache with the prompts; return each one's last-position logits (bsz, vocab).
+
+        Prompts of mixed lengths run longest first, in stages: each stage takes the positions up to
+        the next prompt end, for the prompts that reach it (the first k), so no padding is computed;
+        the original fed every prompt past the shortest one token per step. The cache rows, filled
+        in that order, are then put back in the request's order; each row decodes from its own end.
+        """
+        device, bsz = self.device, len(prompt_tokens)
+        order = sorted(range(bsz), key=lambda i: -len(prompt_tokens[i]))
+        lens = [len(prompt_tokens[i]) for i in order]
+        tokens = torch.zeros(bsz, lens[0], dtype=torch.long)
+        for row, i in enumerate(order):
+            tokens[row, : lens[row]] = torch.tensor(prompt_tokens[i], dtype=torch.long)
+        tokens = tokens.to(device)
+        ends, start = [], 0
+        for end in sorted(set(lens)):
+            k = sum(n >= end for n in lens)
+            last = torch.full((k,), end - start - 1, device=device)
+            logits = self.model(tokens[:k, start:end], start, output_index=last)[:, 0]
+            ends.append(logits[k - lens.count(end) : k])  # the prompts that end here
+            start = end
+        logits = torch.cat(ends[::-1])  # longest first, as `order`
+        if order != sorted(order):
+            rank = torch.empty(bsz, dtype=torch.long)
+            rank[order] = torch.arange(bsz)
+            self.model.reorder_cache(rank.to(device))
+            logits = logits[rank.to(device)]
+        return logits
 
     def _decode(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor]) -> torch.Tensor:
         """Logits (bsz, vocab) of one new token per row: the compiled step when there is one."""

@@ -367,6 +367,13 @@ class Transformer(nn.Module):
         c = self.layers[0].attention.cache_k
         return None if c is None else (c.shape[0], c.shape[2])
 
+    def reorder_cache(self, rows: torch.Tensor) -> None:
+        """Row i of the KV cache takes the contents of row rows[i], for i < len(rows)."""
+        for layer in self.layers:
+            a = layer.attention
+            a.cache_k[: len(rows)] = a.cache_k[rows]
+            a.cache_v[: len(rows)] = a.cache_v[rows]
+
     def free_cache(self) -> None:
         for layer in self.layers:
             layer.attention.cache_k = layer.attention.cache_v = None
