@@ -381,8 +381,11 @@ COPY_CHUNK_BYTES = 16 << 20  # resident memory exceeds the weights by at most th
 def _copy_released(dst: torch.Tensor, src: torch.Tensor, shard: _MappedShard) -> None:
     """dst.copy_(src) (converting dtype and device) in chunks of rows, dropping each chunk's source
     pages once copied: resident memory grows by the copy alone, not by the mapped file too."""
-    row_bytes = max(src[0].numel() * src.element_size(), 1) if src.dim() > 1 else src.numel() * src.element_size()
-    step = max(1, COPY_CHUNK_BYTES // max(row_bytes, 1)) if src.dim() > 1 else len(src)
+    if src.dim() == 1:  # norms: small
+        dst.copy_(src)
+        shard.release(src)
+        return
+    step = max(1, COPY_CHUNK_BYTES // max(src[0].numel() * src.element_size(), 1))
     for i in range(0, len(src), step):
         dst[i : i + step].copy_(src[i : i + step])
         shard.release(src[i : i + step])

@@ -6,8 +6,10 @@
 
 Each method runs in a fresh process, so its peak resident memory (VmHWM) is its own:
 - lean: llama.checkpoint.load_model (memory-mapped shards, model built without weights, assign=True);
-- naive: what Meta's reference does, torch.load of the whole shard without mmap, a normally
-  constructed Transformer, then load_state_dict (the loaded dict stays alive until the end).
+- naive: what Meta's reference does, torch.load of the whole shard without mmap, a Transformer
+  constructed with the default tensor type set to the device and dtype, then load_state_dict (the
+  loaded dict stays alive until the end).
+Peak RSS is host memory; on CUDA the weights themselves live on the GPU.
 The files are read once beforehand, so both methods find them in the page cache.
 """
 import json
@@ -76,37 +78,57 @@ def _peak_rss_gb() -> float:
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def measure_method(method: str, ckpt_dir: str, dtype: str) -> dict:
+def measure_method(method: str, ckpt_dir: str, dtype: str, device: str = "cpu") -> dict:
     """Load the checkpoint in this process with `method`; load time, memory and a logits checksum."""
-    torch_dtype = distributed.resolve_dtype(dtype, torch.device("cpu"))
-    distributed.setup(torch.device("cpu"))
+    dev = distributed.resolve_device(device)
+    torch_dtype = distributed.resolve_dtype(dtype, dev)
+    distributed.setup(dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.zeros(1, device=dev)  # CUDA context before the clock starts
     params = checkpoint.read_params(ckpt_dir)
     args = ModelArgs(**params, max_seq_len=16, max_batch_size=1)
     base = _current_rss_gb()
     start = time.perf_counter()
     if method == "lean":
-        model = checkpoint.load_model(ckpt_dir, args, 0, 1, torch.device("cpu"), torch_dtype)
+        model = checkpoint.load_model(ckpt_dir, args, 0, 1, dev, torch_dtype)
     elif method == "naive":
         paths = checkpoint.shard_paths(ckpt_dir)
         if len(paths) != 1:
             raise ValueError("the naive way loads one shard per process: use a one-shard checkpoint")
         state = torch.load(paths[0], map_location="cpu", weights_only=True)
-        torch.set_default_dtype(torch_dtype)
+        _set_default_tensor_type(dev, torch_dtype)
         model = Transformer(args)
         model.load_state_dict(state, strict=False)  # the reference's call; `state` lives on
     else:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     load_s = time.perf_counter() - start
     peak = _peak_rss_gb()
-    logits = model(torch.tensor([[1, 2, 3]]), 0)
+    logits = model(torch.tensor([[1, 2, 3]], device=dev), 0)
     return {
         "method": method, "load_s": load_s, "base_rss_gb": base, "peak_rss_gb": peak,
         "dtype": str(model.layers[0].attention.wq.weight.dtype), "checksum": float(logits.double().sum()),
     }
 
 
-def run_method(method: str, ckpt_dir: Path, dtype: str) -> dict:
-    cmd = [sys.executable, __file__, "--measure", method, "--ckpt_dir", str(ckpt_dir), "--dtype", dtype]
+def _set_default_tensor_type(device: torch.device, dtype: torch.dtype) -> None:
+    """Where the reference's fairscale layers allocate (their torch.Tensor(sizes) follows only this)."""
+    if device.type == "cuda":
+        import warnings
+
+        names = {torch.float16: "HalfTensor", torch.bfloat16: "BFloat16Tensor", torch.float32: "FloatTensor"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated, but it is what the reference calls
+            torch.set_default_tensor_type(getattr(torch.cuda, names[dtype]))
+    else:
+        torch.set_default_dtype(dtype)
+
+
+def run_method(method: str, ckpt_dir: Path, dtype: str, device: str = "cpu") -> dict:
+    """Measure `method` in a fresh Python process (see measure_method)."""
+    cmd = [sys.executable, __file__, "--measure", method, "--ckpt_dir", str(ckpt_dir), "--dtype", dtype, "--device", device]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if r.returncode:
         raise RuntimeError(f"{method} failed: {r.stderr.strip()[-2000:]}")
@@ -120,6 +142,7 @@ def main(
     vocab_size: int = 32000,
     shards: int = 1,
     dtype: str = "float16",
+    device: str = "cpu",
     repeats: int = 2,
     keep: bool = False,
     measure: Optional[str] = None,
@@ -131,12 +154,13 @@ def main(
         dim, n_layers, vocab_size: shape of the created checkpoint (default ~504M params, 1.0 GB in float16).
         shards: shard count of the created checkpoint.
         dtype: dtype of the created checkpoint and of the loaded model.
+        device: where the model is loaded: cpu or cuda.
         repeats: runs per method (fresh processes); the fastest time and the highest peak are reported.
         keep: keep the created checkpoint (its path is printed).
         measure: internal: measure this one method in this process and print JSON.
     """
     if measure:
-        print(json.dumps(measure_method(measure, ckpt_dir, dtype)))
+        print(json.dumps(measure_method(measure, ckpt_dir, dtype, device)))
         return
     tmp = None
     if ckpt_dir is None:
@@ -147,24 +171,24 @@ def main(
         print(f"created {ckpt_dir}: {n / 1e6:.1f}M params in {time.perf_counter() - start:.1f}s")
     ckpt_dir = Path(ckpt_dir)
     try:
-        _report(ckpt_dir, dtype, repeats)
+        _report(ckpt_dir, dtype, device, repeats)
     finally:
         if tmp is not None and not keep:
             shutil.rmtree(tmp)
 
 
-def _report(ckpt_dir: Path, dtype: str, repeats: int) -> None:
+def _report(ckpt_dir: Path, dtype: str, device: str, repeats: int) -> None:
     paths = checkpoint.shard_paths(ckpt_dir)
     size_gb = sum(p.stat().st_size for p in paths) / 2**30
     for p in paths:  # warm the page cache so neither method pays for the disk
         with open(p, "rb") as f:
             while f.read(1 << 24):
                 pass
-    print(f"{ckpt_dir}: {len(paths)} shard(s), {size_gb:.2f} GiB on disk; load as {dtype} on CPU, page cache warm")
+    print(f"{ckpt_dir}: {len(paths)} shard(s), {size_gb:.2f} GiB on disk; load as {dtype} on {device}, page cache warm")
     print(f"{'method':<8} {'load s':>7} {'peak RSS GiB':>13} {'before load':>12} {'added':>7} {'added / size':>13}")
     results = {}
     for method in METHODS if len(paths) == 1 else ("lean",):  # naive: one shard per process only
-        runs = [run_method(method, ckpt_dir, dtype) for _ in range(repeats)]
+        runs = [run_method(method, ckpt_dir, dtype, device) for _ in range(repeats)]
         best = min(r["load_s"] for r in runs)
         peak = max(r["peak_rss_gb"] for r in runs)
         base = min(r["base_rss_gb"] for r in runs)

@@ -144,6 +144,21 @@ def test_construction_builds_no_master_weights_and_leaves_nothing_on_meta(cpu_gr
     assert all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_loads_every_shard_count(cpu_group, ckpts, full_sd, references, dtype):
+    for n_shards in SHARD_COUNTS:
+        model = checkpoint.load_model(ckpts[n_shards], model_args(), 0, 1, torch.device("cuda"), dtype)
+        for key, t in model.state_dict().items():
+            assert t.is_cuda and t.dtype == dtype and torch.equal(t.cpu(), full_sd[key].to(dtype)), key
+        if dtype == torch.float32:
+            logits, tokens = greedy(model, PROMPT)
+            assert tokens == references["untied"][1]
+            torch.testing.assert_close(logits, references["untied"][0], atol=1e-4, rtol=0)
+    tied = checkpoint.load_model(ckpts["tied2"], model_args(), 0, 1, torch.device("cuda"), dtype)
+    assert tied.output.weight is tied.tok_embeddings.weight and tied.output.weight.is_cuda
+
+
 def test_tied_checkpoint_shares_one_tensor(cpu_group, ckpts, references):
     model = checkpoint.load_model(ckpts["tied2"], model_args(), 0, 1, torch.device("cpu"), torch.float32)
     assert model.output.weight is model.tok_embeddings.weight
@@ -197,6 +212,7 @@ def multi_node_command(node_rank: int, port: int, script_args: list) -> list:
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", "2", "--node_rank", str(node_rank), "--nproc_per_node", "1",
         "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "ckpt-test",
+        "--local_addr", "127.0.0.1",  # this machine may have no resolvable host name
         WORKER, *map(str, script_args),
     ]
 
@@ -204,7 +220,8 @@ def multi_node_command(node_rank: int, port: int, script_args: list) -> list:
 def test_two_nodes_match_one_process(tmp_path, ckpts, references):
     out = tmp_path / "out.pt"
     port = helpers.free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(helpers.REPO)}
+    pythonpath = os.pathsep.join(p for p in (str(helpers.REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     args = ["--ckpt_dirs", f"{ckpts[2]},{ckpts['tied2']}", "--out", out]
     nodes = [
         subprocess.Popen(multi_node_command(rank, port, args), cwd=helpers.REPO, env=env, text=True,

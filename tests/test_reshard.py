@@ -2,6 +2,7 @@
 tied checkpoints, dtype conversion, and refusals."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -20,7 +21,8 @@ SCRIPT = str(helpers.REPO / "scripts" / "reshard.py")
 
 
 def run_cli(*args):
-    env = {"PYTHONPATH": str(helpers.REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    pythonpath = os.pathsep.join(p for p in (str(helpers.REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
 
 

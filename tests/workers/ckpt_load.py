@@ -13,14 +13,15 @@ STEPS = 6
 
 def greedy(model: Transformer, prompt: list, steps: int = STEPS) -> tuple[torch.Tensor, list]:
     """Logits of the prompt (1, len, vocab) and `steps` greedy tokens decoded one at a time."""
+    device = model.tok_embeddings.weight.device
     model.free_cache()
-    logits = model.forward(torch.tensor([prompt]), 0)
+    logits = model.forward(torch.tensor([prompt], device=device), 0)
     tokens = [int(logits[0, -1].argmax())]
     for i in range(steps - 1):
-        step = model.forward(torch.tensor([[tokens[-1]]]), len(prompt) + i)
+        step = model.forward(torch.tensor([[tokens[-1]]], device=device), len(prompt) + i)
         tokens.append(int(step[0, -1].argmax()))
     model.free_cache()
-    return logits, tokens
+    return logits.cpu(), tokens
 
 
 def main(ckpt_dirs, out: str) -> None:
