@@ -61,6 +61,7 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     seed: int = 1,
+    compile: bool = False,
 ):
     """Answer a few example dialogs in the Llama 3 chat format.
 
@@ -75,6 +76,7 @@ def main(
         device: cuda or cpu (default: cuda when available).
         dtype: bfloat16, float16 or float32 (default: the device's best).
         seed: random seed, the same on every process.
+        compile: torch.compile the decode step (CUDA graphs on GPU); eager if compilation fails.
     """
     if distributed.rank_from_env() == 0:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -88,6 +90,7 @@ def main(
         seed=seed,
         device=device,
         dtype=dtype,
+        compile=compile,
     )
     dialogs = DEMO_DIALOGS if demo else DIALOGS
     results = generator.chat_completion(dialogs, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)

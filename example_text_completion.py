@@ -49,6 +49,7 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     seed: int = 1,
+    compile: bool = False,
 ):
     """Complete a few example prompts.
 
@@ -63,6 +64,7 @@ def main(
         device: cuda or cpu (default: cuda when available).
         dtype: bfloat16, float16 or float32 (default: the device's best).
         seed: random seed, the same on every process.
+        compile: torch.compile the decode step (CUDA graphs on GPU); eager if compilation fails.
     """
     if distributed.rank_from_env() == 0:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -76,6 +78,7 @@ def main(
         seed=seed,
         device=device,
         dtype=dtype,
+        compile=compile,
     )
     prompts = DEMO_PROMPTS if demo else PROMPTS
     results = generator.text_completion(prompts, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
