@@ -107,7 +107,7 @@ def load_shard(path: PathLike) -> dict:
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         with open(path, "rb") as f:
             is_zip = f.read(4) == b"PK\x03\x04"
-        what = "is truncated or corrupt" if is_zip else "is not a PyTorch zip checkpoint (corrupt, or the legacy format)"
+        what = "is truncated or corrupt" if is_zip else "is not a PyTorch zip checkpoint (corrupt, or legacy format)"
         raise ValueError(f"{path} {what} ({reason}): download or copy it again") from None
 
 
@@ -236,14 +236,14 @@ def inspect_checkpoint(ckpt_dir: PathLike, args: ModelArgs) -> Layout:
             continue
         for key, (shape, _) in meta.items():
             if key not in first:
-                raise ValueError(f"{key} is in {path.name} but not in {first_path.name}: the shards do not belong together")
+                raise ValueError(f"{key} is in {path.name} but not in {first_path.name}: the shards do not match")
             if shape != first[key][0]:
                 raise ValueError(
                     f"{key} has shape {tuple(shape)} in {path.name} but {tuple(first[key][0])} in "
                     f"{first_path.name}: the shards of {ckpt_dir} do not belong to one checkpoint"
                 )
         if TIED_KEY in first and TIED_KEY not in meta:
-            raise ValueError(f"{TIED_KEY} is in {first_path.name} but not in {path.name}: the shards do not belong together")
+            raise ValueError(f"{TIED_KEY} is in {first_path.name} but not in {path.name}: the shards do not match")
     for key in first:  # the shard's own order (Meta's: embedding, layers, norm, output)
         want = piece_shape(key, args, 0, n)
         if first[key][0] != want:

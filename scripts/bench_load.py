@@ -128,7 +128,8 @@ def _set_default_tensor_type(device: torch.device, dtype: torch.dtype) -> None:
 
 def run_method(method: str, ckpt_dir: Path, dtype: str, device: str = "cpu") -> dict:
     """Measure `method` in a fresh Python process (see measure_method)."""
-    cmd = [sys.executable, __file__, "--measure", method, "--ckpt_dir", str(ckpt_dir), "--dtype", dtype, "--device", device]
+    cmd = [sys.executable, __file__, "--measure", method, "--ckpt_dir", str(ckpt_dir)]
+    cmd += ["--dtype", dtype, "--device", device]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if r.returncode:
         raise RuntimeError(f"{method} failed: {r.stderr.strip()[-2000:]}")
@@ -167,7 +168,8 @@ def main(
         tmp = Path(tempfile.mkdtemp(prefix="bench_load_"))
         ckpt_dir = tmp / "ckpt"
         start = time.perf_counter()
-        n = create_checkpoint(ckpt_dir, make_params(dim, n_layers, vocab_size), distributed.resolve_dtype(dtype, torch.device("cpu")), shards)
+        torch_dtype = distributed.resolve_dtype(dtype, torch.device("cpu"))
+        n = create_checkpoint(ckpt_dir, make_params(dim, n_layers, vocab_size), torch_dtype, shards)
         print(f"created {ckpt_dir}: {n / 1e6:.1f}M params in {time.perf_counter() - start:.1f}s")
     ckpt_dir = Path(ckpt_dir)
     try:
@@ -193,7 +195,8 @@ def _report(ckpt_dir: Path, dtype: str, device: str, repeats: int) -> None:
         peak = max(r["peak_rss_gb"] for r in runs)
         base = min(r["base_rss_gb"] for r in runs)
         results[method] = runs[0]
-        print(f"{method:<8} {best:>7.2f} {peak:>13.2f} {base:>12.2f} {peak - base:>7.2f} {(peak - base) / size_gb:>12.2f}x")
+        added = peak - base
+        print(f"{method:<8} {best:>7.2f} {peak:>13.2f} {base:>12.2f} {added:>7.2f} {added / size_gb:>12.2f}x")
     if "naive" not in results:
         print("naive: not run (it needs as many processes as shards)")
         return

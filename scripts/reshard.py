@@ -40,7 +40,8 @@ def reshard(ckpt_dir: str, out_dir: str, shards: int, dtype: Optional[str] = Non
     if out.exists() and any(out.glob("*.pth")):
         raise ValueError(f"{out} already holds .pth files: choose a new or empty output directory")
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{src}: {layout.n_shards} shard(s) -> {shards} shard(s) in {out}" + (" (tied output)" if layout.tied else ""))
+    tied = " (output tied to the embedding)" if layout.tied else ""
+    print(f"{src}: {layout.n_shards} shard(s) -> {shards} shard(s) in {out}{tied}")
     start = time.perf_counter()
     for k in range(shards):
         state = checkpoint.load_rank_state(src, args, k, shards, "cpu", out_dtype, layout)
@@ -65,7 +66,8 @@ def _verify_shard(path: Path, state: dict, args: ModelArgs, rank: int, count: in
     for key, t in state.items():
         want = checkpoint.piece_shape(key, args, rank, count)
         if back[key].shape != want or not torch.equal(back[key], t):
-            raise ValueError(f"{path}: {key} does not read back as written (shape {tuple(back[key].shape)}, want {tuple(want)})")
+            shape = tuple(back[key].shape)
+            raise ValueError(f"{path}: {key} does not read back as written (shape {shape}, want {tuple(want)})")
 
 
 def main() -> None:
