@@ -93,11 +93,10 @@ class Llama:
                 f"vocab_size {args.vocab_size}: pass the tokenizer.model that belongs to this checkpoint"
             )
         model = checkpoint.load_model(ckpt_dir, args, distributed.model_parallel_rank(), mp_size, device, dtype)
-        if distributed.is_rank0():
+        if distributed.is_rank0():  # the checkpoint module has logged the shards and their load time
             logger.info(
-                "Loaded %s (%d shard(s), %d process(es)) on %s in %s in %.2f seconds",
-                ckpt_dir, len(checkpoint.shard_paths(ckpt_dir)), mp_size, device,
-                str(dtype).removeprefix("torch."), time.perf_counter() - start,
+                "Loaded in %.2f seconds: running on %s in %s",
+                time.perf_counter() - start, device, str(dtype).removeprefix("torch."),
             )
         return Llama(model, tokenizer, compile=compile)
 
