@@ -175,12 +175,11 @@ def best_time(fn: Callable[[], object], device: torch.device, repeats: int = 5) 
     return min(times)
 
 
-def bandwidth(device: torch.device, dtype: torch.dtype) -> dict:
+def bandwidth(device: torch.device, dtype: torch.dtype, n_bytes: int) -> dict:
     """Memory-bandwidth ceiling of this machine, GB/s, on buffers far bigger than the caches:
     `read` sums a float32 buffer, `copy` counts bytes read plus written, `gemv` is a one-row matrix
     product over one `dtype` matrix (how batch-1 decode reads weights; on a CPU the faster of oneDNN
     and PyTorch's own kernel). The ceiling is the fastest way of reading seen: the better of read and gemv."""
-    n_bytes = (4 if device.type == "cuda" else 1) * 2**30
     x = torch.ones(n_bytes // 4, device=device)
     y = torch.empty_like(x)
     read = n_bytes / best_time(lambda: x.sum(), device)
@@ -191,9 +190,10 @@ def bandwidth(device: torch.device, dtype: torch.dtype) -> dict:
     w = torch.ones(n_bytes // 2 // (cols * size), cols, device=device, dtype=dtype)
     v = torch.ones(1, cols, device=device, dtype=dtype)
     gemv_s = best_time(lambda: torch.nn.functional.linear(v, w), device)
-    if device.type == "cpu":
-        with torch.backends.mkldnn.flags(enabled=False):
-            gemv_s = min(gemv_s, best_time(lambda: torch.nn.functional.linear(v, w), device))
+    if device.type == "cpu" and torch.backends.mkldnn.enabled:
+        torch.backends.mkldnn.enabled = False  # PyTorch's own kernel
+        gemv_s = min(gemv_s, best_time(lambda: torch.nn.functional.linear(v, w), device))
+        torch.backends.mkldnn.enabled = True
     gemv = w.numel() * size / gemv_s
     del w
     bw = {"read": read / GB, "copy": copy / GB, "gemv": gemv / GB}
@@ -532,7 +532,8 @@ def main(
         f"{bytes_['kv_per_token'] / 1e3:.1f} KB of KV cache per token of context",
         flush=True,
     )
-    bw = bandwidth(dev, dt)
+    # buffers far bigger than the last-level cache (32 MB here, 50 MB on an H100); smaller with --quick
+    bw = bandwidth(dev, dt, (2**28 if quick else 2**30) * (4 if dev.type == "cuda" else 1))
     print("memory bandwidth, GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in bw.items()), flush=True)
 
     results = {}
