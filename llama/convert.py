@@ -254,18 +254,6 @@ def _meta_key_sources(weights: HFWeights, config: dict, n_layers: int) -> dict[s
     return {k: sources[k] for k in order + ["norm.weight", "output.weight"]}
 
 
-def _shard_piece(key: str, t: torch.Tensor, k: int, n: int, args: ModelArgs) -> torch.Tensor:
-    """Rank k's part of full tensor `t`, as fairscale splits it (KV heads repeated past n_kv_heads)."""
-    dim = checkpoint.shard_dim(key)
-    if dim is None or n == 1:
-        return t
-    n_kv = args.n_kv_heads or args.n_heads
-    if key.endswith(("attention.wk.weight", "attention.wv.weight")) and n > n_kv:
-        return t.reshape(n_kv, args.head_dim, -1)[k // (n // n_kv)]
-    size = t.shape[dim] // n
-    return t.narrow(dim, k * size, size)
-
-
 def from_hf(hf_dir: str, out_dir: str, shards: int = 1, dtype: Optional[str] = None) -> None:
     """Hugging Face Llama directory (config.json + safetensors) -> Meta checkpoint of `shards` shards.
 
@@ -292,7 +280,7 @@ def from_hf(hf_dir: str, out_dir: str, shards: int = 1, dtype: Optional[str] = N
         shard = {}
         for meta_key, hf_key in sources.items():
             _, t = hf.tensor_from_hf(hf_key, weights.get(hf_key), config)
-            t = _shard_piece(meta_key, t, k, shards, args)
+            t = checkpoint.shard_tensor(meta_key, t, args, k, shards)
             shard[meta_key] = t.to(dtype=out_dtype or t.dtype, copy=True).contiguous()  # no shared storage
         name = f"consolidated.{k:02d}.pth"
         torch.save(shard, out_dir / name)
