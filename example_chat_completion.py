@@ -3,13 +3,12 @@
     torchrun --nproc_per_node 1 example_chat_completion.py
     torchrun --nproc_per_node 1 example_chat_completion.py --ckpt_dir Meta-Llama-3-8B-Instruct/ --tokenizer_path Meta-Llama-3-8B-Instruct/tokenizer.model
 """
-import logging
 from typing import List, Optional
 
 import fire
 
-from llama import Dialog, Llama, distributed
-from llama.demo import resolve_paths
+from llama import Dialog, distributed
+from llama.cli import build_generator
 
 # The original's dialogs, for real instruct checkpoints.
 DIALOGS: List[Dialog] = [
@@ -78,13 +77,10 @@ def main(
         seed: random seed, the same on every process.
         compile: torch.compile the decode step (CUDA graphs on GPU); eager if compilation fails.
     """
-    if distributed.rank_from_env() == 0:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
     demo = ckpt_dir is None and tokenizer_path is None
-    ckpt_dir, tokenizer_path = resolve_paths(ckpt_dir, tokenizer_path)
-    generator = Llama.build(
-        ckpt_dir=ckpt_dir,
-        tokenizer_path=tokenizer_path,
+    generator = build_generator(
+        ckpt_dir,
+        tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
         seed=seed,

@@ -8,7 +8,6 @@
 Commands: /reset clears the history (the system prompt stays), /exit (or end of input) quits.
 Ctrl-C stops the answer being written; what was written of it stays in the history.
 """
-import logging
 import sys
 from datetime import timedelta
 from typing import List, Optional, Tuple
@@ -17,7 +16,7 @@ import fire
 import torch.distributed as dist
 
 from llama import distributed
-from llama.demo import resolve_paths
+from llama.cli import build_generator
 from llama.generation import Llama
 from llama.tokenizer import ChatFormat, Message
 
@@ -200,12 +199,9 @@ def chat(
         device: cuda or cpu (default: cuda when available).
         dtype: bfloat16, float16 or float32 (default: the device's best).
     """
-    if distributed.rank_from_env() == 0:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ckpt_dir, tokenizer_path = resolve_paths(ckpt_dir, tokenizer_path)
-    generator = Llama.build(
-        ckpt_dir=ckpt_dir,
-        tokenizer_path=tokenizer_path,
+    generator = build_generator(
+        ckpt_dir,
+        tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=1,
         device=device,

@@ -3,7 +3,6 @@ import codecs
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, List, Optional, TypedDict, Union
 
 import torch

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import Llama, distributed
-from llama.demo import resolve_paths
+from llama.cli import build_generator
 
 
 def encode_docs(tokenizer, path: Path) -> list[int]:
@@ -81,8 +81,7 @@ def main(
         seq_len: context window for the model (its training length is 512).
         device, dtype: where and in what precision to run the model.
     """
-    ckpt_dir, tokenizer_path = resolve_paths(ckpt_dir, tokenizer_path)
-    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=seq_len, max_batch_size=1, device=device, dtype=dtype)
+    llama = build_generator(ckpt_dir, tokenizer_path, max_seq_len=seq_len, max_batch_size=1, device=device, dtype=dtype)
     data = Path(data_dir)
     heldout = encode_docs(llama.tokenizer, data / "corpus_heldout.txt")[: max_tokens or None]
     train = encode_docs(llama.tokenizer, data / "corpus_train.txt")
