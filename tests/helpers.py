@@ -9,22 +9,13 @@ from typing import Optional
 
 import torch
 
+from llama import registry
 from llama.checkpoint import save_checkpoint
 from llama.model import ModelArgs
 
 REPO = Path(__file__).resolve().parent.parent
 
-TINY_PARAMS = {
-    "dim": 64,
-    "n_layers": 2,
-    "n_heads": 4,
-    "n_kv_heads": 2,
-    "vocab_size": 512,  # 256 byte tokens + 256 Llama 3 special tokens
-    "multiple_of": 32,
-    "ffn_dim_multiplier": 1.3,
-    "norm_eps": 1e-5,
-    "rope_theta": 500000.0,
-}
+TINY_PARAMS = registry.get("tiny")  # grouped-query: 4 heads share 2 KV heads; 512 = 256 bytes + 256 specials
 
 
 def random_state_dict(params: dict, seed: int = 0) -> dict:
