@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import checkpoint, distributed
-from llama.model import ModelArgs, Transformer, cpu_matmul_kernels
+from llama.model import ModelArgs, Transformer, kernels_for
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -236,7 +236,7 @@ class Llama:
         """Logits (bsz, vocab) of one new token per row: the compiled step when there is one."""
         if self._compiled_decode is not None:
             try:
-                with cpu_matmul_kernels(tokens, self.model.output.weight.dtype):
+                with kernels_for(tokens, self.model.output.weight.dtype):
                     torch.compiler.cudagraph_mark_step_begin()
                     return self._compiled_decode(tokens, start_pos)
             except Exception as e:  # a step rerun writes the same KV cache slots, so eager can take over

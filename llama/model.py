@@ -14,6 +14,7 @@ from fairscale.nn.model_parallel.layers import (
     VocabParallelEmbedding,
 )
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -299,22 +300,30 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-@contextlib.contextmanager
-def cpu_matmul_kernels(tokens: torch.Tensor, dtype: torch.dtype):
-    """Pick the CPU matmul kernels for a step of `tokens`.
+# SDPA backends for CUDA: not cuDNN, which builds an execution plan for every new sequence length
+# (every decode step, every prompt length), where flash and memory-efficient attention need none.
+CUDA_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-    A bfloat16 step of one token in one row is a chain of matrix-vector products, which PyTorch's
-    own GEMV runs at about twice the memory bandwidth of oneDNN's (scripts/benchmark.py); oneDNN
-    is much faster for every larger product, so it is switched off for such steps only.
+
+@contextlib.contextmanager
+def kernels_for(tokens: torch.Tensor, dtype: torch.dtype):
+    """Choose the kernels for a forward pass of `tokens` (measured with scripts/benchmark.py).
+
+    CUDA: attention from CUDA_ATTENTION. CPU: a bfloat16 step of one token in one row is a chain of
+    matrix-vector products, which PyTorch's own GEMV runs at about twice the memory bandwidth of
+    oneDNN's; oneDNN is much faster for every larger product, so it is switched off for such steps only.
     """
-    if tokens.device.type != "cpu" or tokens.numel() != 1 or dtype != torch.bfloat16 or not torch.backends.mkldnn.enabled:
+    if tokens.device.type == "cuda":
+        with sdpa_kernel(CUDA_ATTENTION):
+            yield
+    elif tokens.numel() == 1 and dtype == torch.bfloat16 and torch.backends.mkldnn.enabled:
+        torch.backends.mkldnn.enabled = False
+        try:
+            yield
+        finally:
+            torch.backends.mkldnn.enabled = True
+    else:
         yield
-        return
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = True
 
 
 class Transformer(nn.Module):
@@ -393,7 +402,7 @@ class Transformer(nn.Module):
         """
         if self.cache_shape is None:
             self.setup_cache(self.params.max_batch_size, self.params.max_seq_len)
-        with cpu_matmul_kernels(tokens, self.output.weight.dtype):
+        with kernels_for(tokens, self.output.weight.dtype):
             return self._forward(tokens, start_pos, output_index, use_cache=True)
 
     def forward_train(self, tokens: torch.Tensor) -> torch.Tensor:
