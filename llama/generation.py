@@ -414,8 +414,8 @@ def _compile_decode(model: Transformer) -> Callable[[torch.Tensor, torch.Tensor]
 
 
 def _static_cache_len(total_len: int, max_seq_len: int) -> int:
-    """KV cache length for compiled decoding: a power of two (at least 256) so that a few shapes, so a
-    few compilations, serve every request; decode attention then reads at most twice the context."""
+    """KV cache length for compiled decoding: a power of two (at least 256), so that few shapes (few
+    compilations) serve every request; decode attention then reads at most twice the context."""
     return min(max_seq_len, max(256, 1 << (total_len - 1).bit_length()))
 
 
