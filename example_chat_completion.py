@@ -5,10 +5,8 @@
 """
 from typing import List, Optional
 
-import fire
-
 from llama import Dialog, distributed
-from llama.cli import build_generator
+from llama.cli import build_generator, run
 
 # The original's dialogs, for real instruct checkpoints.
 DIALOGS: List[Dialog] = [
@@ -100,4 +98,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

@@ -5,10 +5,8 @@
 """
 from typing import List, Optional
 
-import fire
-
 from llama import distributed
-from llama.cli import build_generator
+from llama.cli import build_generator, run
 
 # The original's prompts, for real checkpoints.
 PROMPTS: List[str] = [
@@ -87,4 +85,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

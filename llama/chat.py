@@ -12,11 +12,10 @@ import sys
 from datetime import timedelta
 from typing import List, Optional, Tuple
 
-import fire
 import torch.distributed as dist
 
 from llama import distributed
-from llama.cli import build_generator
+from llama import cli
 from llama.generation import Llama
 from llama.tokenizer import ChatFormat, Message
 
@@ -199,7 +198,7 @@ def chat(
         device: cuda or cpu (default: cuda when available).
         dtype: bfloat16, float16 or float32 (default: the device's best).
     """
-    generator = build_generator(
+    generator = cli.build_generator(
         ckpt_dir,
         tokenizer_path,
         max_seq_len=max_seq_len,
@@ -233,7 +232,7 @@ def chat(
 
 def main() -> None:
     """Console entry point (llama-chat)."""
-    fire.Fire(chat)
+    cli.run(chat)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def read_params(ckpt_dir: PathLike) -> dict:
     """params.json of a checkpoint directory, with clear errors for a missing dir or file."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist: pass --ckpt_dir DIR")
+        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist: give the directory holding params.json and consolidated.NN.pth")
     path = ckpt_dir / "params.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: a Meta checkpoint directory holds params.json")

@@ -12,12 +12,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-import fire
 import torch
 import torch.nn.functional as F
 
 from llama import Llama, distributed
-from llama.cli import build_generator
+from llama.cli import build_generator, run
 
 
 def encode_docs(tokenizer, path: Path) -> list[int]:
@@ -95,4 +94,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run(main)

@@ -197,3 +197,15 @@ def test_chat_completion_returns_parsed_tool_calls(llama, monkeypatch):
     monkeypatch.setattr(llama, "_generate", lambda *a, **k: ([plain], [[]], [tok.eot_id]))
     msg = llama.chat_completion([[{"role": "user", "content": "hi"}]], max_gen_len=4)[0]["generation"]
     assert msg == {"role": "assistant", "content": "just text"}  # exactly the original's result
+
+
+@pytest.mark.parametrize("script", ["example_text_completion.py", "example_chat_completion.py", "scripts/chat.py"])
+def test_scripts_report_bad_input_in_one_line(script, tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, script, "--ckpt_dir", str(tmp_path / "missing")], cwd=helpers.REPO,
+                       env=helpers.child_env(), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [f"error: checkpoint directory {tmp_path / 'missing'} does not exist: "
+                                             "give the directory holding params.json and consolidated.NN.pth"]
