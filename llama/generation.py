@@ -386,7 +386,6 @@ class Llama:
             results.append(result)
         return results
 
-
     def _assistant_message(self, tokens: List[int], stop: Optional[int]) -> Message:
         """The answer as a message: tool calls parsed (Llama 3.1), plain text exactly as the original."""
         reason = "out_of_tokens" if stop is None else "end_of_message" if stop == self.tokenizer.eom_id else "end_of_turn"
