@@ -116,7 +116,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        # x * rsqrt(mean(x^2) + eps): one fused kernel on CUDA, the same ops on CPU
+        return F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # float32 statistics whatever the activation dtype, as in the original
@@ -167,14 +168,23 @@ def apply_rotary_emb(
         freqs_cis = torch.view_as_real(freqs_cis)
     if freqs_cis.dim() == 3:
         freqs_cis = freqs_cis.unsqueeze(0)
-    cos, sin = freqs_cis.unsqueeze(2).unbind(-1)  # (bsz|1, seqlen, 1, head_dim/2)
+    freqs_cis = freqs_cis.unsqueeze(2)  # (bsz|1, seqlen, 1, head_dim/2, 2)
+    # the same numbers either way: eager runs one complex product (a third of the kernels of the
+    # real form); torch.compile fuses the real form into one kernel, where complex has no kernels
+    rotate = _rotate_real if torch.compiler.is_compiling() else _rotate_complex
+    return rotate(xq, freqs_cis), rotate(xk, freqs_cis)
 
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (bsz, seqlen, heads, head_dim/2)
-        # (x0 + i x1) * (cos + i sin), real and imaginary parts interleaved back
-        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(3).type_as(x)
 
-    return rotate(xq), rotate(xk)
+def _rotate_complex(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    x_ = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (bsz, seqlen, heads, head_dim/2)
+    return torch.view_as_real(x_ * torch.view_as_complex(freqs_cis)).flatten(3).type_as(x)
+
+
+def _rotate_real(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    cos, sin = freqs_cis.unbind(-1)
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (bsz, seqlen, heads, head_dim/2)
+    # (x0 + i x1) * (cos + i sin), real and imaginary parts interleaved back
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(3).type_as(x)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

@@ -58,6 +58,30 @@ def test_rope_rotates_adjacent_pairs_as_complex_numbers():
             assert out[0, pos, 1, 2 * i + 1].item() == pytest.approx(z.imag, abs=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_of_compiled_and_eager_steps_agree(dtype):
+    """Eager rotates with one complex product, torch.compile with the real form it can fuse:
+    both against the reference rotation above, on per-row positions and on a slice of the table."""
+    from llama.model import _rotate_complex, _rotate_real
+
+    torch.manual_seed(0)
+    tol = dict(atol=1e-6, rtol=0) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)  # bf16: 1 ulp
+    table = torch.view_as_real(precompute_freqs_cis(16, 64))  # (64, 8, 2)
+    x = torch.randn(3, 4, 5, 16).to(dtype)
+    pos = torch.tensor([[0, 1, 2, 3], [7, 8, 9, 10], [60, 61, 62, 63]])
+    for freqs in (table[pos], table[10:14][None].expand(3, -1, -1, -1)):
+        freqs = freqs.unsqueeze(2)  # (bsz, seqlen, 1, head_dim/2, 2)
+        a, b = _rotate_complex(x, freqs), _rotate_real(x, freqs)
+        assert a.dtype == b.dtype == dtype
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+
+    compiled = torch.compile(apply_rotary_emb, backend="eager", fullgraph=True)
+    q, k = compiled(x, x[:, :, :2], table[pos])
+    eager_q, eager_k = apply_rotary_emb(x, x[:, :, :2], table[pos])
+    torch.testing.assert_close(q, eager_q, **tol)
+    torch.testing.assert_close(k, eager_k, **tol)
+
+
 def test_rope_scaling_follows_the_published_rule():
     freqs = 1.0 / (500000.0 ** (torch.arange(0, 128, 2).double() / 128))
     scaled = apply_scaling(freqs.float(), scale_factor=8.0)
