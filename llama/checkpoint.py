@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
@@ -342,11 +342,12 @@ def load_rank_state(
     covered = dict.fromkeys(targets, 0)
     sources = source_ranks(layout.n_shards, rank, count)
     show = distributed.is_rank0()
+    progress = _progress(sum(t.numel() * t.element_size() for t in targets.values()), show)
     for i, k in enumerate(sources):
         path = layout.paths[k]
         if show:
             logger.info("loading %s (%d/%d, %.2f GB) ...", path.name, i + 1, len(sources), path.stat().st_size / 1e9)
-        _copy_from_shard(_MappedShard(path), k, layout.n_shards, targets, covered, args, rank, count)
+        _copy_from_shard(_MappedShard(path), k, layout.n_shards, targets, covered, args, rank, count, progress)
     for key, done in covered.items():
         want = piece_range(key, args, rank, count)
         if done != (1 if want is None else want[1]):  # a slicing bug, never a user error
@@ -355,9 +356,18 @@ def load_rank_state(
 
 
 def _copy_from_shard(
-    shard: _MappedShard, k: int, n: int, targets: dict, covered: dict, args: ModelArgs, rank: int, count: int
+    shard: _MappedShard,
+    k: int,
+    n: int,
+    targets: dict,
+    covered: dict,
+    args: ModelArgs,
+    rank: int,
+    count: int,
+    progress: Callable[[int], None] = lambda n_bytes: None,
 ) -> None:
-    """Copy the overlap of source shard k (of n) with each target slice of rank `rank` (of `count`)."""
+    """Copy the overlap of source shard k (of n) with each target slice of rank `rank` (of `count`),
+    telling `progress` the bytes of each piece filled."""
     for key, target in targets.items():
         src = shard.tensors[key]
         dim, span = shard_dim(key), piece_range(key, args, rank, count)
@@ -365,14 +375,39 @@ def _copy_from_shard(
             if not covered[key]:
                 _copy_released(target, src, shard)
                 covered[key] = 1
+                progress(target.numel() * target.element_size())
             continue
         s_start, s_len = piece_range(key, args, k, n)
         t_start, t_len = span
         lo, hi = max(s_start, t_start), min(s_start + s_len, t_start + t_len)
         # a repeated KV head comes from several shards; covered[key] counts rows already filled
         if lo < hi and covered[key] < t_len and lo - t_start >= covered[key]:
-            _copy_released(target.narrow(dim, lo - t_start, hi - lo), src.narrow(dim, lo - s_start, hi - lo), shard)
+            piece = target.narrow(dim, lo - t_start, hi - lo)
+            _copy_released(piece, src.narrow(dim, lo - s_start, hi - lo), shard)
             covered[key] += hi - lo
+            progress(piece.numel() * piece.element_size())
+
+
+PROGRESS_MIN_BYTES = 1 << 30  # loads smaller than this log only their shards
+
+
+def _progress(total: int, show: bool) -> Callable[[int], None]:
+    """A counter of bytes loaded that logs each further quarter of `total` (on rank 0, for loads
+    of at least PROGRESS_MIN_BYTES): a single 16 GB shard otherwise shows one line for minutes."""
+    done, quarter = 0, 0
+    start = time.perf_counter()
+
+    def add(n_bytes: int) -> None:
+        nonlocal done, quarter
+        done += n_bytes
+        if show and total >= PROGRESS_MIN_BYTES and 4 * done >= (quarter + 1) * total:
+            quarter = 4 * done // total
+            logger.info(
+                "  %d%% of this process's weights (%.2f of %.2f GB) in %.1fs",
+                100 * done // total, done / 1e9, total / 1e9, time.perf_counter() - start,
+            )
+
+    return add
 
 
 COPY_CHUNK_BYTES = 16 << 20  # resident memory exceeds the weights by at most this

@@ -182,6 +182,18 @@ def test_progress_and_load_time_are_logged_on_rank0(cpu_group, ckpts, caplog):
     assert messages[-1].startswith(f"loaded {ckpts[4]} (4 shard(s)) on 1 process(es) in ")
 
 
+def test_large_loads_log_each_quarter(cpu_group, ckpts, caplog, monkeypatch):
+    monkeypatch.setattr(checkpoint, "PROGRESS_MIN_BYTES", 0)  # the test checkpoint is small
+    with caplog.at_level(logging.INFO, logger="llama.checkpoint"):
+        checkpoint.load_model(ckpts[2], model_args(), 0, 1, torch.device("cpu"), torch.float32)
+    quarters = [r.getMessage() for r in caplog.records if "of this process's weights" in r.getMessage()]
+    percents = [int(m.split("%")[0]) for m in quarters]
+    assert percents == sorted(percents) and percents[-1] == 100 and len(percents) <= 4, quarters
+    assert len(percents) >= 2  # several lines, not one at the end
+    total = sum(t.numel() * 4 for t in checkpoint.load_rank_state(ckpts[2], model_args(), 0, 1).values())
+    assert f"of {total / 1e9:.2f} GB" in quarters[-1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Real processes (gloo): every shard count on 1, 2 and 4 processes, and two simulated nodes
 
