@@ -84,6 +84,19 @@ def _copy_tokenizer(candidates: list[Path], out_dir: Path) -> None:
     print("no tokenizer.model to copy")
 
 
+def _write_hf_tokenizer(tokenizer: Path, out_dir: Path) -> None:
+    """tokenizer.json and its config for AutoTokenizer, when transformers is installed."""
+    if not tokenizer.is_file():
+        return
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("tokenizer.json not written: it needs transformers (pip install transformers)")
+        return
+    written = hf.write_hf_tokenizer(str(tokenizer), str(out_dir))
+    print(f"wrote {', '.join(Path(p).name for p in written)}")
+
+
 class MetaShards:
     """The shards of a Meta checkpoint, memory-mapped; merges one key at a time."""
 
@@ -149,7 +162,8 @@ def to_hf(
     """Meta checkpoint (params.json + consolidated.NN.pth, any shard count) -> Hugging Face directory.
 
     Writes config.json, generation_config.json, safetensors files of at most max_shard_size with
-    model.safetensors.index.json when there are several, and tokenizer.model when present.
+    model.safetensors.index.json when there are several, and tokenizer.model when present, with
+    tokenizer.json and tokenizer_config.json (chat template included) when transformers is installed.
     dtype: output dtype (default: the checkpoint's). tie_word_embeddings: default detects equal
     tok_embeddings/output weights (3.2 1B/3B). rope_scale_factor: default from params.json, else
     32 for the 3.2 1B/3B shapes and 8 otherwise.
@@ -197,6 +211,7 @@ def to_hf(
     gen = hf.generation_config_from(config)
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     _copy_tokenizer([ckpt_dir / "tokenizer.model"], out_dir)
+    _write_hf_tokenizer(ckpt_dir / "tokenizer.model", out_dir)
     print(f"done: {out_dir} (tie_word_embeddings={tied}, rope_scaling={config['rope_scaling']})")
 
 

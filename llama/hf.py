@@ -279,3 +279,47 @@ def params_from_config(config: dict) -> dict:
 
 def dtype_name(dtype: Union[torch.dtype, str]) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+# The chat layout of llama.tokenizer.ChatFormat for plain role/content messages: bos, then per
+# message a header, the stripped content and <|eot_id|>; an open assistant header to generate.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def write_hf_tokenizer(tokenizer_model: str, out_dir: str) -> list[str]:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json for `tokenizer_model`
+    (a Llama 3 tiktoken file), so that transformers.AutoTokenizer loads the converted directory.
+
+    The BPE ranks become merges via transformers' tiktoken converter (transformers is needed here
+    only). Ids equal llama.Tokenizer's: encoding adds <|begin_of_text|> as ours does with bos=True,
+    and `apply_chat_template` gives ChatFormat's prompt for plain messages. Returns the files written.
+    """
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from llama.tokenizer import Tokenizer
+
+    ours = Tokenizer(tokenizer_model)
+    names = sorted(ours.special_tokens, key=ours.special_tokens.get)
+    backend = TikTokenConverter(vocab_file=tokenizer_model, pattern=Tokenizer.pat_str, extra_special_tokens=names).converted()
+    bos = "<|begin_of_text|>"
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ours.bos_id)]),
+    ])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token="<|end_of_text|>",
+        chat_template=CHAT_TEMPLATE,
+        model_input_names=["input_ids", "attention_mask"],
+        clean_up_tokenization_spaces=False,
+    )
+    return [str(p) for p in fast.save_pretrained(out_dir, legacy_format=False)]

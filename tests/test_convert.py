@@ -11,6 +11,7 @@ import torch
 import helpers
 from llama import checkpoint, distributed, hf, registry
 from llama.model import ModelArgs
+from llama.tokenizer import ChatFormat, Tokenizer
 from test_parity_hf import (
     ATOL,
     LONG_PARAMS,
@@ -123,6 +124,48 @@ def test_transformers_reads_converted_checkpoint(tmp_path, tiny_ckpt_2shards, ti
     theirs = hf_logits(load_hf(out), tokens)
     ours = load_ours(tiny_ckpt).forward_train(tokens)  # same weights, one shard
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    # the tokenizer converted too: AutoTokenizer gives our ids
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    assert auto("hello, wörld")["input_ids"] == Tokenizer(str(byte_tokenizer)).encode("hello, wörld", bos=True, eos=False)
+
+
+TEXTS = [
+    "Hello world",
+    "naïve café, 日本語のテキスト and a llama 🦙",
+    "  leading spaces\n\n\ttabs and   runs of spaces   ",
+    "def f(x):\n    return x ** 2  # 12345678901",
+    "I'M can't WE'LL they'd",
+    "",
+]
+
+
+def test_converted_tokenizer_matches_ours_on_the_real_llama3_file(tmp_path):
+    """hf.write_hf_tokenizer on the real tokenizer.model: AutoTokenizer's ids, specials and chat
+    prompt against ours (itself checked against Meta's llama_models in test_tokenizer.py)."""
+    import os
+
+    llama_models = pytest.importorskip("llama_models")
+    path = os.path.join(os.path.dirname(llama_models.__file__), "llama3", "tokenizer.model")
+    written = hf.write_hf_tokenizer(path, str(tmp_path))
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {os.path.basename(p) for p in written}
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = Tokenizer(path)
+    assert len(auto) == ours.n_words == 128256
+    for name, i in ours.special_tokens.items():
+        assert auto.convert_tokens_to_ids(name) == i, name
+    for text in TEXTS:
+        ids = ours.encode(text, bos=True, eos=False)
+        assert auto(text)["input_ids"] == ids, text
+        assert auto.decode(ids, skip_special_tokens=True) == text
+    dialog = [
+        {"role": "system", "content": "Answer briefly. "},
+        {"role": "user", "content": "  What is 2 + 2?\n"},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": "And 日本?"},
+    ]
+    got = auto.apply_chat_template(dialog, add_generation_prompt=True, tokenize=True)
+    got = got["input_ids"] if not isinstance(got, list) else got
+    assert got == ChatFormat(ours).encode_dialog_prompt(dialog)
 
 
 def test_transformers_reads_converted_scaled_checkpoint_past_8192(tmp_path):
