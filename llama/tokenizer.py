@@ -207,20 +207,33 @@ def _parse_builtin_call(code: str) -> Optional[ToolCall]:
     return ToolCall(_new_call_id(), expr.func.value.id, arguments)
 
 
-def _parse_json_call(text: str) -> Optional[ToolCall]:
-    """`{"name": str, "parameters": dict}` -> ToolCall, or None when the text is anything else."""
+_FUNCTION_TAG = re.compile(r"<function=(?P<name>[^>]+)>(?P<args>\{.*\})(?:</function>)?", re.DOTALL)
+
+
+def _parse_custom_call(text: str) -> Optional[ToolCall]:
+    """A custom tool call that is the whole message, or None when the text is anything else.
+
+    Llama 3.1 models answer `{"name": str, "parameters": {...}}` (sometimes with "type": "function")
+    or, in the alternative syntax of Meta's prompt guide, `<function=name>{...}</function>`.
+    """
+    tag = _FUNCTION_TAG.fullmatch(text)
+    if tag:
+        obj = {"name": tag["name"], "parameters": _json_object(tag["args"])}
+    else:
+        obj = _json_object(text)
+        if obj is None or obj.get("type", "function") != "function" or not set(obj) <= {"type", "name", "parameters"}:
+            return None
+    if isinstance(obj.get("name"), str) and obj["name"] and isinstance(obj.get("parameters"), dict):
+        return ToolCall(_new_call_id(), obj["name"], obj["parameters"])
+    return None
+
+
+def _json_object(text: str) -> Optional[dict]:
     try:
         obj = json.loads(text)
     except (ValueError, RecursionError):
         return None
-    if (
-        isinstance(obj, dict)
-        and set(obj) == {"name", "parameters"}
-        and isinstance(obj["name"], str)
-        and isinstance(obj["parameters"], dict)
-    ):
-        return ToolCall(_new_call_id(), obj["name"], obj["parameters"])
-    return None
+    return obj if isinstance(obj, dict) else None
 
 
 class ChatFormat:
@@ -271,8 +284,8 @@ class ChatFormat:
         (stopped on <|eom_id|>: it waits for a tool result) or "out_of_tokens". A trailing stop
         token in `tokens` is ignored. Text after <|python_tag|> becomes a built-in tool call
         (code_interpreter unless it is `brave_search.call(...)` and the like), text that is exactly a
-        `{"name": ..., "parameters": {...}}` JSON object a custom tool call; anything else, including
-        malformed calls, stays plain content.
+        `{"name": ..., "parameters": {...}}` JSON object (or `<function=name>{...}</function>`) a custom
+        tool call; anything else, including malformed calls, stays plain content.
         """
         if stop_reason not in STOP_REASONS:
             raise ValueError(f"unknown stop_reason {stop_reason!r}: use one of {', '.join(STOP_REASONS)}")
@@ -289,7 +302,7 @@ class ChatFormat:
             message["tool_calls"] = [call]
             return message
         text = tok.decode(tokens)
-        call = _parse_json_call(text.strip())
+        call = _parse_custom_call(text.strip())
         if call is None:
             message["content"] = text
         else:

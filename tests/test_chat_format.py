@@ -122,6 +122,30 @@ def test_decode_custom_tool_call(fmt, tok):
     assert fmt.encode_message(msg) == [START, ASSISTANT, END, NL2] + text(tok, body) + [EOT]
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"type": "function", "name": "get_weather", "parameters": {"city": "Paris", "days": 3}}',
+        '<function=get_weather>{"city": "Paris", "days": 3}</function>',
+        '<function=get_weather>{"city": "Paris", "days": 3}',  # stopped before the closing tag
+    ],
+)
+def test_decode_other_custom_call_forms_as_meta_does(fmt, tok, body):
+    """The "type": "function" JSON and the <function=...> syntax, against Meta's own decoder."""
+    from llama_models.datatypes import StopReason
+    from llama_models.llama3.chat_format import ChatFormat as MetaChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
+
+    msg = fmt.decode_assistant_message(text(tok, body) + [EOT], "end_of_turn")
+    (call,) = msg["tool_calls"]
+    meta = MetaChatFormat(MetaTokenizer(Path(REAL_TOKENIZER))).decode_assistant_message_from_content(
+        body, StopReason.end_of_turn
+    )
+    (ref,) = meta.tool_calls
+    assert (call.tool_name, call.arguments, msg["content"]) == (ref.tool_name, ref.arguments, meta.content)
+    assert (call.tool_name, call.arguments) == ("get_weather", {"city": "Paris", "days": 3})
+
+
 def test_decode_plain_text(fmt, tok):
     msg = fmt.decode_assistant_message(text(tok, "Bonjour! 🇫🇷") + [EOT], "end_of_turn")
     assert msg == {"role": "assistant", "content": "Bonjour! 🇫🇷", "stop_reason": "end_of_turn"}
@@ -135,6 +159,11 @@ def test_decode_plain_text(fmt, tok):
         '{"name": 3, "parameters": {}}',  # name not a string
         '{"name": "f", "parameters": {}, "extra": 1}',  # unexpected key
         '["get_weather", {"city": "Paris"}]',  # not an object
+        '{"type": "code", "name": "f", "parameters": {}}',  # not a function
+        '{"name": "", "parameters": {}}',  # no name
+        '<function=get_weather>{"city": "Paris"',  # cut off
+        '<function=get_weather>["Paris"]</function>',  # arguments not an object
+        'Call <function=get_weather>{"city": "Paris"}</function>',  # not the whole message
         "[" * 100_000,  # nesting deep enough to break a recursive parser
     ],
 )
