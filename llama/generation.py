@@ -94,8 +94,8 @@ class Llama:
         model = checkpoint.load_model(ckpt_dir, args, distributed.model_parallel_rank(), mp_size, device, dtype)
         if distributed.is_rank0():  # the checkpoint module has logged the shards and their load time
             logger.info(
-                "Loaded in %.2f seconds: running on %s in %s",
-                time.perf_counter() - start, device, str(dtype).removeprefix("torch."),
+                "Loaded in %.2f seconds: running on %s in %s; tokenizer %s (%d tokens)",
+                time.perf_counter() - start, device, str(dtype).removeprefix("torch."), tokenizer_path, tokenizer.n_words,
             )
         return Llama(model, tokenizer, compile=compile)
 

@@ -182,7 +182,8 @@ def test_example_scripts_run_under_torchrun(script, nproc, tiny_ckpt, tiny_ckpt_
     r = helpers.run_torchrun(script, args, nproc)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("==================================") == 4  # rank 0 alone prints
-    assert "Loaded" in r.stderr
+    assert r.stderr.count("Loaded in") == 1 and f"tokenizer {byte_tokenizer} (512 tokens)" in r.stderr  # and logs
+    assert "loading consolidated" in r.stderr
 
 
 def test_chat_completion_returns_parsed_tool_calls(llama, monkeypatch):
