@@ -517,7 +517,7 @@ def main(
         impls: comma-separated subset of ours, ours-compile, hf-eager, hf-sdpa.
         baseline: also time the original's one-token-per-step prompt feeding on our model.
         threads: CPU threads for every implementation (default: torch's default).
-        out: write all results as JSON here.
+        out: write all results as JSON here (also after each implementation, marked incomplete).
         seed: seed of the random weights and prompts.
     """
     dev = distributed.resolve_device(device)
@@ -545,6 +545,10 @@ def main(
     empty_cache(dev)
     print("memory bandwidth, GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in bw.items()), flush=True)
 
+    header = {
+        "shape": shape, "params": params, "device": str(dev), "dtype": hf.dtype_name(dt),
+        "torch": torch.__version__, "threads": threads or torch.get_num_threads(), "settings": s, "bytes": bytes_,
+    }
     results = {}
     with tempfile.TemporaryDirectory(prefix="llama-bench-") as tmp:
         start = time.perf_counter()
@@ -566,6 +570,9 @@ def main(
                 continue
             results[impl] = json.loads(out_path.read_text())
             print(f"[{impl}] done in {time.perf_counter() - start:.0f}s", flush=True)
+            if out:  # what is done survives a run cut short (a time limit on a lent GPU, say)
+                partial = {**header, "complete": False, "bandwidth_gb_s": bw, "results": results}
+                Path(out).write_text(json.dumps(partial, indent=2))
     if not results:
         raise SystemExit("no implementation ran")
     # measured again at the end: on a shared machine the better of the two is nearer the truth
@@ -582,11 +589,7 @@ def main(
     if "hf-eager" in results and "ours" in results:
         same = sum(a == b for a, b in zip(results["ours"]["greedy_tokens"], results["hf-eager"]["greedy_tokens"]))
         print(f"greedy tokens of ours and hf-eager agree on {same}/{len(results['ours']['greedy_tokens'])} (short decode, batch 1)")
-    summary = {
-        "shape": shape, "params": params, "device": str(dev), "dtype": hf.dtype_name(dt),
-        "torch": torch.__version__, "threads": threads or torch.get_num_threads(), "settings": s,
-        "bandwidth_gb_s": bw, "bytes": bytes_, "results": results, "table": rows, "ratios": ratios,
-    }
+    summary = {**header, "complete": True, "bandwidth_gb_s": bw, "results": results, "table": rows, "ratios": ratios}
     if out:
         Path(out).write_text(json.dumps(summary, indent=2))
         print(f"wrote {out}")

@@ -27,6 +27,7 @@ def test_benchmark_reports_every_field(tmp_path):
     assert "ours / hf" in proc.stdout and "ours / ceiling" in proc.stdout
     report = json.loads(out.read_text())
 
+    assert report["complete"] is True
     assert set(report["results"]) == {"ours", "hf-eager", "hf-sdpa"}
     assert {"read", "copy", "gemv", "ceiling"} <= set(report["bandwidth_gb_s"])
     assert report["bytes"]["weights"] > 0 and report["bytes"]["kv_per_token"] > 0
@@ -55,6 +56,31 @@ PROMPTS = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11, 12, 13], [14, 15]]
 
 
 @pytest.mark.slow
+def test_a_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
+    """The JSON is written after each implementation, so a run stopped midway (a time limit on a
+    lent GPU) keeps the implementations it finished."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_script", BENCHMARK)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    real_run = subprocess.run
+
+    def run(cmd, **kwargs):
+        if "hf-eager.json" in " ".join(map(str, cmd)):
+            raise KeyboardInterrupt  # stopped while the second implementation runs
+        return real_run(cmd, **kwargs)
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    out = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(shape="tiny", quick=True, impls="ours,hf-eager", baseline=False, out=str(out))
+    report = json.loads(out.read_text())
+    assert report["complete"] is False and set(report["results"]) == {"ours"}
+    assert report["results"]["ours"]["decode"]["short_b1"]["tokens_per_s"] > 0
+    assert report["shape"] == "tiny" and report["bytes"]["weights"] > 0
+
+
 def test_compiled_decode_gives_the_eager_tokens(tiny_ckpt, byte_tokenizer):
     kwargs = dict(max_seq_len=64, max_batch_size=4, device="cpu", dtype="float32")
     eager = Llama.build(str(tiny_ckpt), str(byte_tokenizer), **kwargs)
