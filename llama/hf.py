@@ -308,12 +308,13 @@ def write_hf_tokenizer(tokenizer_model: str, out_dir: str) -> list[str]:
 
     ours = Tokenizer(tokenizer_model)
     names = sorted(ours.special_tokens, key=ours.special_tokens.get)
-    backend = TikTokenConverter(vocab_file=tokenizer_model, pattern=Tokenizer.pat_str, extra_special_tokens=names).converted()
+    converter = TikTokenConverter(vocab_file=tokenizer_model, pattern=Tokenizer.pat_str, extra_special_tokens=names)
+    backend = converter.converted()
     bos = "<|begin_of_text|>"
-    backend.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ours.bos_id)]),
-    ])
+    add_bos = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ours.bos_id)]
+    )
+    backend.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), add_bos])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=bos,

@@ -95,7 +95,9 @@ class Tokenizer:
         self.pad_id: int = -1  # as in the original Llama 3 release: no padding token
         self.stop_tokens: list[int] = [self.eos_id, self.eot_id, self.eom_id]
         # debug: every rank loads it; Llama.build reports it once, on rank 0
-        logger.debug("loaded tokenizer %s: %d words, bos %d, eos %d", model_path, self.n_words, self.bos_id, self.eos_id)
+        logger.debug(
+            "loaded tokenizer %s: %d words, bos %d, eos %d", model_path, self.n_words, self.bos_id, self.eos_id
+        )
 
     def encode(
         self,
