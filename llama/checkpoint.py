@@ -342,7 +342,7 @@ def load_rank_state(
     covered = dict.fromkeys(targets, 0)
     sources = source_ranks(layout.n_shards, rank, count)
     show = distributed.is_rank0()
-    progress = _progress(sum(t.numel() * t.element_size() for t in targets.values()), show)
+    progress = _progress(sum(t.nbytes for t in targets.values()), show)
     for i, k in enumerate(sources):
         path = layout.paths[k]
         if show:
@@ -364,7 +364,7 @@ def _copy_from_shard(
     args: ModelArgs,
     rank: int,
     count: int,
-    progress: Callable[[int], None] = lambda n_bytes: None,
+    progress: Callable[[int], None],
 ) -> None:
     """Copy the overlap of source shard k (of n) with each target slice of rank `rank` (of `count`),
     telling `progress` the bytes of each piece filled."""
@@ -375,7 +375,7 @@ def _copy_from_shard(
             if not covered[key]:
                 _copy_released(target, src, shard)
                 covered[key] = 1
-                progress(target.numel() * target.element_size())
+                progress(target.nbytes)
             continue
         s_start, s_len = piece_range(key, args, k, n)
         t_start, t_len = span
@@ -385,7 +385,7 @@ def _copy_from_shard(
             piece = target.narrow(dim, lo - t_start, hi - lo)
             _copy_released(piece, src.narrow(dim, lo - s_start, hi - lo), shard)
             covered[key] += hi - lo
-            progress(piece.numel() * piece.element_size())
+            progress(piece.nbytes)
 
 
 PROGRESS_MIN_BYTES = 1 << 30  # loads smaller than this log only their shards
@@ -394,14 +394,13 @@ PROGRESS_MIN_BYTES = 1 << 30  # loads smaller than this log only their shards
 def _progress(total: int, show: bool) -> Callable[[int], None]:
     """A counter of bytes loaded that logs each further quarter of `total` (on rank 0, for loads
     of at least PROGRESS_MIN_BYTES): a single 16 GB shard otherwise shows one line for minutes."""
-    done, quarter = 0, 0
+    done = 0
     start = time.perf_counter()
 
     def add(n_bytes: int) -> None:
-        nonlocal done, quarter
-        done += n_bytes
-        if show and total >= PROGRESS_MIN_BYTES and 4 * done >= (quarter + 1) * total:
-            quarter = 4 * done // total
+        nonlocal done
+        before, done = done, done + n_bytes
+        if show and total >= PROGRESS_MIN_BYTES and 4 * done // total > 4 * before // total:  # a quarter passed
             logger.info(
                 "  %d%% of this process's weights (%.2f of %.2f GB) in %.1fs",
                 100 * done // total, done / 1e9, total / 1e9, time.perf_counter() - start,

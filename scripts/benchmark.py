@@ -147,7 +147,7 @@ def model_bytes(params: dict, dtype: torch.dtype) -> dict:
     """Bytes one decode step reads: every weight but the embedding table (one row is looked up),
     and per row of the batch, the KV cache of each token of context."""
     args = ModelArgs(**params)
-    size = torch.tensor([], dtype=dtype).element_size()
+    size = dtype.itemsize
     kv_dim = (args.n_kv_heads or args.n_heads) * args.head_dim
     per_layer = 2 * args.dim * args.dim + 2 * kv_dim * args.dim + 3 * args.dim * args.ffn_hidden_dim + 2 * args.dim
     weights = args.n_layers * per_layer + args.vocab_size * args.dim + args.dim
@@ -186,7 +186,7 @@ def bandwidth(device: torch.device, dtype: torch.dtype, n_bytes: int) -> dict:
     copy = 2 * n_bytes / best_time(lambda: y.copy_(x), device)
     del x, y
     cols = 4096
-    size = torch.tensor([], dtype=dtype).element_size()
+    size = dtype.itemsize
     w = torch.ones(n_bytes // 2 // (cols * size), cols, device=device, dtype=dtype)
     v = torch.ones(1, cols, device=device, dtype=dtype)
     gemv_s = best_time(lambda: torch.nn.functional.linear(v, w), device)
