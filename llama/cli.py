@@ -21,11 +21,11 @@ def build_generator(ckpt_dir: Optional[str], tokenizer_path: Optional[str], **bu
     return Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, **build_kwargs)
 
 
-def run(fn: Callable) -> None:
-    """fire.Fire(fn), with bad input (a missing file, a shape or count that does not fit) reported as
-    one line from rank 0 and exit status 1, instead of a traceback from every rank."""
+def run(fn: Callable, **fire_kwargs) -> None:
+    """fire.Fire(fn, **fire_kwargs), with bad input (a missing file, a shape or count that does not
+    fit) reported as one line from rank 0 and exit status 1, instead of a traceback from every rank."""
     try:
-        fire.Fire(fn)
+        fire.Fire(fn, **fire_kwargs)
     except (FileNotFoundError, ValueError) as e:
         if distributed.rank_from_env() == 0:
             print(f"error: {e}", file=sys.stderr)

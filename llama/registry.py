@@ -72,11 +72,18 @@ def names() -> list[str]:
     return [*PUBLISHED, *TINY]
 
 
+class UnknownModel(KeyError, ValueError):
+    """A name `get` does not know: a failed lookup, and bad input that scripts report in one line."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # the message, not KeyError's quoted repr of it
+
+
 def get(name: str) -> dict:
     """params.json dict of a published or tiny shape (a fresh copy, safe to modify)."""
     table = {**PUBLISHED, **TINY}
     if name not in table:
-        raise KeyError(f"unknown model {name!r}: known are {', '.join(table)}")
+        raise UnknownModel(f"unknown model {name!r}: known are {', '.join(table)}")
     return copy.deepcopy(table[name])
 
 

@@ -600,6 +600,6 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["_worker"]:
         worker(*sys.argv[2:4])
     else:
-        import fire
+        from llama import cli
 
-        fire.Fire(main, serialize=lambda _: None)
+        cli.run(main, serialize=lambda _: None)

@@ -52,6 +52,17 @@ def test_benchmark_help():
     assert proc.returncode == 0 and "--n_layers" in text and "--compile" in text
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--shape", "nope"], "error: unknown model 'nope': known are llama3-8b"),
+     (["--impls", "ours,bogus"], "error: unknown implementation(s) ['bogus']: choose from ours")],
+)
+def test_bad_input_is_one_line(args, message):
+    proc = subprocess.run([sys.executable, str(BENCHMARK), *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith(message), proc.stderr
+
+
 PROMPTS = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11, 12, 13], [14, 15]]
 
 
