@@ -8,7 +8,7 @@ from typing import Callable, Iterator, List, Optional, TypedDict, Union
 import torch
 import torch.nn.functional as F
 
-from llama import checkpoint, distributed
+from llama import checkpoint, distributed, kv_cache
 from llama.model import ModelArgs, Transformer, kernels_for
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
 
@@ -157,7 +157,7 @@ class Llama:
 
         compiled = self._compiled_decode is not None
         cache_len = _static_cache_len(total_len, params.max_seq_len) if compiled else total_len
-        rows, slots = self.model.cache_shape or (0, 0)
+        rows, slots = kv_cache.shape(self.model) or (0, 0)
         if rows < bsz or slots < cache_len:  # size the KV cache to the request
             self.model.setup_cache(bsz, cache_len)
         if compiled:
@@ -228,7 +228,7 @@ class Llama:
         if order != sorted(order):
             rank = torch.empty(bsz, dtype=torch.long)
             rank[order] = torch.arange(bsz)
-            self.model.reorder_cache(rank.to(device))
+            kv_cache.move_rows(self.model, list(range(bsz)), rank.tolist())
             logits = logits[rank.to(device)]
         return logits
 
@@ -421,9 +421,9 @@ def _static_cache_len(total_len: int, max_seq_len: int) -> int:
 def _mark_static(model: Transformer) -> None:
     """The KV cache and RoPE table keep their addresses across steps: CUDA graphs may use them in place."""
     torch._dynamo.mark_static_address(model.rope_table(model.tok_embeddings.weight.device))
-    for layer in model.layers:
-        torch._dynamo.mark_static_address(layer.attention.cache_k)
-        torch._dynamo.mark_static_address(layer.attention.cache_v)
+    for cache in kv_cache.caches(model):
+        torch._dynamo.mark_static_address(cache.k)
+        torch._dynamo.mark_static_address(cache.v)
 
 
 def _rope_scale_factor(params: dict, override: Optional[float]) -> float:

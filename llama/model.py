@@ -16,6 +16,9 @@ from fairscale.nn.model_parallel.layers import (
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from llama import kv_cache
+from llama.kv_cache import KVCache
+
 logger = logging.getLogger(__name__)
 
 # Longest context each RoPE variant was trained for.
@@ -222,9 +225,8 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(
             args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=lambda x: x
         )
-        # KV cache, (max_batch, n_local_kv_heads, max_seq, head_dim); None until allocated
-        self.cache_k: Optional[torch.Tensor] = None
-        self.cache_v: Optional[torch.Tensor] = None
+        # (rows, n_local_kv_heads, seq_len, head_dim) keys and values; None until allocated
+        self.kv_cache: Optional[KVCache] = None
 
     def forward(
         self,
@@ -233,6 +235,8 @@ class Attention(nn.Module):
         freqs_cis: torch.Tensor,
         mask: Optional[torch.Tensor],
         use_cache: bool = True,
+        row0: int = 0,
+        kv_len: Optional[int] = None,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
@@ -240,19 +244,10 @@ class Attention(nn.Module):
         xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
 
-        if not use_cache:
+        if use_cache:  # (bsz, n_local_kv_heads, kv, head_dim) of cache rows row0..row0+bsz
+            keys, values = self.kv_cache.update(row0, start_pos, xk, xv, kv_len)
+        else:
             keys, values = xk.transpose(1, 2), xv.transpose(1, 2)
-        elif isinstance(start_pos, int):
-            self.cache_k[:bsz, :, start_pos : start_pos + seqlen] = xk.transpose(1, 2)
-            self.cache_v[:bsz, :, start_pos : start_pos + seqlen] = xv.transpose(1, 2)
-            keys = self.cache_k[:bsz, :, : start_pos + seqlen]
-            values = self.cache_v[:bsz, :, : start_pos + seqlen]
-        else:  # one start position per row; the mask hides slots a row has not written
-            pos = start_pos[:, None] + torch.arange(seqlen, device=x.device)  # (bsz, seqlen)
-            rows = torch.arange(bsz, device=x.device)[:, None]
-            self.cache_k[rows, :, pos] = xk
-            self.cache_v[rows, :, pos] = xv
-            keys, values = self.cache_k[:bsz], self.cache_v[:bsz]
 
         if seqlen == 1 and self.n_rep > 1:
             # Decode: the n_rep query heads of each KV head become rows of one matrix product,
@@ -305,8 +300,10 @@ class TransformerBlock(nn.Module):
         freqs_cis: torch.Tensor,
         mask: Optional[torch.Tensor],
         use_cache: bool = True,
+        row0: int = 0,
+        kv_len: Optional[int] = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, use_cache)
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, use_cache, row0, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -371,31 +368,10 @@ class Transformer(nn.Module):
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
         """Allocate each layer's KV cache for `max_batch_size` rows of `max_seq_len` tokens."""
-        if max_seq_len > self.params.max_seq_len:
-            raise ValueError(f"KV cache of {max_seq_len} tokens exceeds max_seq_len {self.params.max_seq_len}")
-        w = self.layers[0].attention.wk.weight
-        for layer in self.layers:
-            a = layer.attention
-            shape = (max_batch_size, a.n_local_kv_heads, max_seq_len, a.head_dim)
-            a.cache_k = torch.zeros(shape, device=w.device, dtype=w.dtype)
-            a.cache_v = torch.zeros(shape, device=w.device, dtype=w.dtype)
-
-    @property
-    def cache_shape(self) -> Optional[tuple[int, int]]:
-        """(batch rows, tokens) the KV cache holds, or None before it is allocated."""
-        c = self.layers[0].attention.cache_k
-        return None if c is None else (c.shape[0], c.shape[2])
-
-    def reorder_cache(self, rows: torch.Tensor) -> None:
-        """Row i of the KV cache takes the contents of row rows[i], for i < len(rows)."""
-        for layer in self.layers:
-            a = layer.attention
-            a.cache_k[: len(rows)] = a.cache_k[rows]
-            a.cache_v[: len(rows)] = a.cache_v[rows]
+        kv_cache.allocate(self, max_batch_size, max_seq_len)
 
     def free_cache(self) -> None:
-        for layer in self.layers:
-            layer.attention.cache_k = layer.attention.cache_v = None
+        kv_cache.free(self)
 
     @torch.inference_mode()
     def forward(
@@ -403,17 +379,21 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         start_pos: Union[int, torch.Tensor],
         output_index: Optional[torch.Tensor] = None,
+        row0: int = 0,
+        kv_len: Optional[int] = None,
     ) -> torch.Tensor:
         """Logits (float32) of `tokens` (bsz, seqlen) placed at positions start_pos..., KV cache updated.
 
         `start_pos` is an int, or a (bsz,) tensor giving each row its own start (rows of different
         lengths decoded together). `output_index` (bsz,) computes logits only at that index of each
-        row: (bsz, 1, vocab) instead of (bsz, seqlen, vocab).
+        row: (bsz, 1, vocab) instead of (bsz, seqlen, vocab). The batch uses KV cache rows
+        row0..row0+bsz; with a tensor `start_pos`, rows attend to the first `kv_len` cache slots
+        (default: all; every position written must be below it).
         """
-        if self.cache_shape is None:
+        if kv_cache.shape(self) is None:
             self.setup_cache(self.params.max_batch_size, self.params.max_seq_len)
         with kernels_for(tokens, self.output.weight.dtype):
-            return self._forward(tokens, start_pos, output_index, use_cache=True)
+            return self._forward(tokens, start_pos, output_index, use_cache=True, row0=row0, kv_len=kv_len)
 
     def forward_train(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (float32) of a whole causal sequence from position 0, without the KV cache, with autograd."""
@@ -425,6 +405,8 @@ class Transformer(nn.Module):
         start_pos: Union[int, torch.Tensor],
         output_index: Optional[torch.Tensor],
         use_cache: bool,
+        row0: int = 0,
+        kv_len: Optional[int] = None,
     ) -> torch.Tensor:
         bsz, seqlen = tokens.shape
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
@@ -442,12 +424,13 @@ class Transformer(nn.Module):
         else:
             pos = start_pos[:, None] + torch.arange(seqlen, device=h.device)  # (bsz, seqlen)
             freqs_cis = rope[pos]
-            kv_len = self.cache_shape[1]
+            if kv_len is None:
+                kv_len = kv_cache.shape(self)[1]
             mask = torch.arange(kv_len, device=h.device) <= pos[..., None]  # (bsz, seqlen, kv_len)
             mask = mask[:, None]
 
         for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask, use_cache)
+            h = layer(h, start_pos, freqs_cis, mask, use_cache, row0, kv_len)
         if output_index is not None:  # (bsz, seqlen, dim) -> (bsz, 1, dim)
             h = h[torch.arange(bsz, device=h.device), output_index][:, None]
         h = self.norm(h)

@@ -21,7 +21,7 @@ def test_cuda_float32_matches_cpu(tiny_ckpt, byte_tokenizer):
     prompt = cpu.tokenizer.encode("CUDA parity", bos=True, eos=False)
     torch.testing.assert_close(logits_of(gpu, prompt), logits_of(cpu, prompt), atol=1e-4, rtol=0)
     assert gpu.generate([prompt], 10, temperature=0)[0] == cpu.generate([prompt], 10, temperature=0)[0]
-    assert gpu.model.layers[0].attention.cache_k.is_cuda
+    assert gpu.model.layers[0].attention.kv_cache.k.is_cuda
 
 
 def test_cuda_default_dtype_is_bfloat16_and_close_to_float32(tiny_ckpt, byte_tokenizer):

@@ -132,7 +132,7 @@ def test_build_twice_gives_independent_models(tiny_ckpt, byte_tokenizer, llama):
     a, _ = other.generate(prompt, max_gen_len=5, temperature=0)
     b, _ = llama.generate(prompt, max_gen_len=5, temperature=0)
     assert a == b
-    assert other.model.layers[0].attention.cache_k is not llama.model.layers[0].attention.cache_k
+    assert other.model.layers[0].attention.kv_cache.k is not llama.model.layers[0].attention.kv_cache.k
 
 
 def test_bad_inputs_name_the_problem(tmp_path, tiny_ckpt, byte_tokenizer):
