@@ -1,14 +1,13 @@
 # The Llama generator: build from a Meta checkpoint, then generate, complete text or chat.
-import codecs
 import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, TypedDict, Union
 
 import torch
-import torch.nn.functional as F
 
 from llama import checkpoint, distributed, kv_cache
+from llama.engine import Engine, Request, _sample, sample_top_p  # noqa: F401 (re-exported)
 from llama.model import ModelArgs, Transformer, kernels_for
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
 
@@ -127,112 +126,43 @@ class Llama:
                     "shorten it or build with a larger max_seq_len"
                 )
 
-    def _limits(self, prompt_tokens: List[List[int]], max_gen_len: int) -> List[int]:
-        """New tokens each row may get: max_gen_len, within max_seq_len (the original's total_len)."""
-        max_len = max(len(t) for t in prompt_tokens)
-        total_len = min(self.model.params.max_seq_len, max_gen_len + max_len)
-        return [max(0, min(max_gen_len, total_len - len(t))) for t in prompt_tokens]
-
-    @torch.inference_mode()
-    def _steps(
+    def _start(
         self,
         prompt_tokens: List[List[int]],
         max_gen_len: int,
         temperature: float,
         top_p: float,
         logprobs: bool,
-        prompt_logprobs: bool = False,
-        seed: Optional[int] = None,
-    ) -> Iterator[tuple]:
-        """The generation loop. Yields, once, the prompt log-probs (or None), then per step the
-        sampled tokens (bsz,), their log-probs (bsz,) or None, and which rows were already done."""
+        prompt_logprobs: bool,
+        seed: Optional[int],
+    ) -> tuple[Engine, List[int]]:
+        """An engine over a KV cache large enough for this request, with one sequence per prompt
+        (each with its own generator from `seed`, so a row's tokens do not depend on its batch)."""
         self._check_request(prompt_tokens)
-        params, device = self.model.params, self.device
-        bsz = len(prompt_tokens)
-        lens = [len(t) for t in prompt_tokens]
-        max_len = max(lens)
-        limits = self._limits(prompt_tokens, max_gen_len)
-        total_len = max(n + k for n, k in zip(lens, limits))
-        n_steps = max(limits)
+        params = self.model.params
+        # each row gets max_gen_len new tokens within max_seq_len (the original's total_len)
+        total_len = max(min(params.max_seq_len, len(t) + max(0, max_gen_len)) for t in prompt_tokens)
+        engine = self.engine(len(prompt_tokens), total_len)
+        ids = [
+            engine.add(Request(t, max_gen_len, temperature, top_p, seed=seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs))
+            for t in prompt_tokens
+        ]
+        return engine, ids
 
+    def engine(self, rows: int, seq_len: int) -> Engine:
+        """A continuous-batching engine (llama.engine) over this model, with a KV cache of at least
+        `rows` sequences of `seq_len` tokens (reused when the current one is large enough; with
+        compile=True its length is rounded up to a power of two)."""
         compiled = self._compiled_decode is not None
-        cache_len = _static_cache_len(total_len, params.max_seq_len) if compiled else total_len
-        rows, slots = kv_cache.shape(self.model) or (0, 0)
-        if rows < bsz or slots < cache_len:  # size the KV cache to the request
-            self.model.setup_cache(bsz, cache_len)
+        cache_len = _static_cache_len(seq_len, self.model.params.max_seq_len) if compiled else seq_len
+        have_rows, have_len = kv_cache.shape(self.model) or (0, 0)
+        if have_rows < rows or have_len < cache_len:
+            self.model.setup_cache(rows, cache_len)
         if compiled:
             _mark_static(self.model)
+        return Engine(self.model, self.tokenizer, self._decode, static_shapes=compiled)
 
-        lens_t = torch.tensor(lens, device=device)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=device).manual_seed(seed)
-
-        if prompt_logprobs:  # full logits for the prompt's own log-probs: prompts padded at the end
-            tokens = torch.zeros(bsz, max_len, dtype=torch.long, device=device)
-            for i, t in enumerate(prompt_tokens):
-                tokens[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-            all_logits = self.model(tokens, 0)
-            logits = all_logits[torch.arange(bsz, device=device), lens_t - 1]
-            lp = -F.cross_entropy(all_logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
-            yield torch.cat([torch.zeros(bsz, 1, device=device), lp], dim=1)
-        else:
-            yield None
-            if n_steps == 0:
-                return
-            logits = self._prefill(prompt_tokens)
-
-        stop_tokens = torch.tensor(self.tokenizer.stop_tokens, device=device)
-        limits_t = torch.tensor(limits, device=device)
-        same_len = min(lens) == max_len
-        done = limits_t <= 0
-        for step in range(n_steps):
-            next_token = _sample(logits, temperature, top_p, generator)
-            token_lp = None
-            if logprobs:
-                token_lp = torch.log_softmax(logits, dim=-1).gather(1, next_token[:, None])[:, 0]
-            yield next_token, token_lp, done
-            done = done | torch.isin(next_token, stop_tokens) | (limits_t <= step + 1)
-            if step + 1 == n_steps or bool(done.all()):  # the one host sync per step
-                break
-            # finished rows ride along; keep their positions inside the cache
-            if same_len and not compiled:
-                start_pos = max_len + step
-            else:  # compiled: always per-row positions, so that the shapes stay the same
-                start_pos = (lens_t + step).clamp(max=total_len - 1)
-            logits = self._decode(next_token[:, None], start_pos)
-
-    def _prefill(self, prompt_tokens: List[List[int]]) -> torch.Tensor:
-        """Fill the KV cache with the prompts; return each one's last-position logits (bsz, vocab).
-
-        Prompts of mixed lengths run longest first, in stages: each stage takes the positions up to
-        the next prompt end, for the prompts that reach it (the first k), so no padding is computed;
-        the original fed every prompt past the shortest one token per step. The cache rows, filled
-        in that order, are then put back in the request's order; each row decodes from its own end.
-        """
-        device, bsz = self.device, len(prompt_tokens)
-        order = sorted(range(bsz), key=lambda i: -len(prompt_tokens[i]))
-        lens = [len(prompt_tokens[i]) for i in order]
-        tokens = torch.zeros(bsz, lens[0], dtype=torch.long)
-        for row, i in enumerate(order):
-            tokens[row, : lens[row]] = torch.tensor(prompt_tokens[i], dtype=torch.long)
-        tokens = tokens.to(device)
-        ends, start = [], 0
-        for end in sorted(set(lens)):
-            k = sum(n >= end for n in lens)
-            last = torch.full((k,), end - start - 1, device=device)
-            logits = self.model(tokens[:k, start:end], start, output_index=last)[:, 0]
-            ends.append(logits[k - lens.count(end) : k])  # the prompts that end here
-            start = end
-        logits = torch.cat(ends[::-1])  # longest first, as `order`
-        if order != sorted(order):
-            rank = torch.empty(bsz, dtype=torch.long)
-            rank[order] = torch.arange(bsz)
-            kv_cache.move_rows(self.model, list(range(bsz)), rank.tolist())
-            logits = logits[rank.to(device)]
-        return logits
-
-    def _decode(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor]) -> torch.Tensor:
+    def _decode(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], kv_len: Optional[int] = None) -> torch.Tensor:
         """Logits (bsz, vocab) of one new token per row: the compiled step when there is one."""
         if self._compiled_decode is not None:
             try:
@@ -242,7 +172,7 @@ class Llama:
             except Exception as e:  # a step rerun writes the same KV cache slots, so eager can take over
                 logger.warning("compiled decoding failed, decoding eagerly from now on: %s", e)
                 self._compiled_decode = None
-        return self.model(tokens, start_pos)[:, -1]
+        return self.model(tokens, start_pos, kv_len=kv_len)[:, -1]
 
     def generate(
         self,
@@ -274,28 +204,25 @@ class Llama:
         seed: Optional[int],
     ) -> tuple[List[List[int]], List[List[float]], List[Optional[int]]]:
         """generate(), plus the stop token that ended each sequence (None: it ran out of tokens)."""
-        steps = self._steps(prompt_tokens, max_gen_len, temperature, top_p, logprobs, logprobs and echo, seed)
-        prompt_lp = next(steps)
-        gen = [(tok, lp) for tok, lp, _ in steps]
-        bsz = len(prompt_tokens)
-        gen_tokens = torch.stack([t for t, _ in gen], 1).tolist() if gen else [[] for _ in range(bsz)]
-        gen_lps = torch.stack([lp for _, lp in gen], 1).tolist() if gen and logprobs else [[] for _ in range(bsz)]
-        prompt_lps = prompt_lp.tolist() if prompt_lp is not None else None
-
-        limits = self._limits(prompt_tokens, max_gen_len)
+        engine, ids = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs, logprobs and echo, seed)
+        for _ in engine.run():
+            pass
         out_tokens, out_logprobs, out_stops = [], [], []
-        for i, prompt in enumerate(prompt_tokens):
-            toks = (prompt if echo else []) + gen_tokens[i][: limits[i]]
-            lps = ((prompt_lps[i][: len(prompt)] if echo else []) + gen_lps[i]) if logprobs else []
-            lps = lps[: len(toks)]
-            stop = None
-            for stop_token in self.tokenizer.stop_tokens:
-                if stop_token in toks:
-                    cut = toks.index(stop_token)
-                    toks, lps, stop = toks[:cut], lps[:cut], stop_token
+        for prompt, seq_id in zip(prompt_tokens, ids):
+            s = engine.pop(seq_id)
+            n = len(s.tokens) - (s.stop_token is not None)  # the stop token is not returned
+            toks = (prompt if echo else []) + s.tokens[:n]
+            lps = []
+            if logprobs:
+                lps = ([0.0] + s.prompt_logprobs[1:] if echo else []) + s.logprobs[:n]
+            if echo:  # as the original: an echoed prompt is cut at its own first stop token too
+                for stop_token in self.tokenizer.stop_tokens:
+                    if stop_token in toks:
+                        cut = toks.index(stop_token)
+                        toks, lps = toks[:cut], lps[:cut]
             out_tokens.append(toks)
             out_logprobs.append(lps)
-            out_stops.append(stop)
+            out_stops.append(s.stop_token)
         return out_tokens, out_logprobs, out_stops
 
     def stream(
@@ -312,30 +239,15 @@ class Llama:
         A sequence's `text` pieces joined give its decoded generation; characters split across tokens
         appear once complete. The stop token ends a sequence with `finished` and empty text.
         """
-        decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in prompt_tokens]
-        steps = self._steps(prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, seed)
-        next(steps)
-        stop = set(self.tokenizer.stop_tokens)
-        limits = self._limits(prompt_tokens, max_gen_len)
-        finished = [k == 0 for k in limits]
-        n_new = [0] * len(prompt_tokens)
-        for tokens, lps, _ in steps:
-            tokens = tokens.tolist()
-            lps = lps.tolist() if lps is not None else [None] * len(tokens)
-            out = []
-            for i, (tok, lp) in enumerate(zip(tokens, lps)):
-                if finished[i]:
-                    continue
-                n_new[i] += 1
-                is_stop = tok in stop
-                finished[i] = is_stop or n_new[i] >= limits[i]
-                piece = self.tokenizer.model.decode_single_token_bytes(tok)
-                text = "" if is_stop else decoders[i].decode(piece, final=False)
-                if finished[i]:
-                    text += decoders[i].decode(b"", final=True)
-                out.append(StreamToken(i, tok, text, lp, finished[i]))
+        engine, ids = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, seed)
+        index = {seq_id: i for i, seq_id in enumerate(ids)}
+        for events in engine.run():
+            out = [StreamToken(index[e.seq_id], e.token, e.text, e.logprob, e.finished) for e in events if e.token is not None]
+            for e in events:
+                if e.finished:
+                    engine.pop(e.seq_id)
             if out:
-                yield out
+                yield sorted(out, key=lambda t: t.index)
 
     def text_completion(
         self,
@@ -438,22 +350,3 @@ def _rope_scale_factor(params: dict, override: Optional[float]) -> float:
     if distributed.is_rank0():
         logger.info("RoPE scaling factor %g (%s)", factor, why)
     return factor
-
-
-def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Nucleus sampling: keep the smallest prefix of the sorted distribution whose mass reaches `p`
-    (the top token always), renormalise, draw one token per row. Returns (bsz, 1) token ids."""
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-    probs_sum = torch.cumsum(probs_sort, dim=-1)
-    mask = probs_sum - probs_sort > p
-    probs_sort[mask] = 0.0
-    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
-    return torch.gather(probs_idx, -1, next_token)
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    if temperature > 0:
-        probs = torch.softmax(logits / temperature, dim=-1)
-        return sample_top_p(probs, top_p, generator)[:, 0]
-    return torch.argmax(logits, dim=-1)

@@ -1,0 +1,121 @@
+"""The step-level engine: requests admitted and retired while others decode get exactly what
+Llama.generate gives each alone; per-sequence stop rules, sampling and cancellation."""
+import pytest
+import torch
+
+from llama import Llama, kv_cache
+from llama.engine import Engine, Request
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_ckpt, byte_tokenizer) -> Llama:
+    return Llama.build(str(tiny_ckpt), str(byte_tokenizer), max_seq_len=96, max_batch_size=4, device="cpu", dtype="float32")
+
+
+def encode(llama: Llama, text: str) -> list:
+    return llama.tokenizer.encode(text, bos=True, eos=False)
+
+
+def engine_for(llama: Llama, rows: int = 3, seq_len: int = 96) -> Engine:
+    kv_cache.allocate(llama.model, rows, seq_len)
+    return Engine(llama.model, llama.tokenizer)
+
+
+def drain(engine: Engine, arrivals: dict) -> dict:
+    """Step the engine, adding arrivals[step] (a list of (name, Request)) at each step; return each
+    name's generated tokens (stop token included) and its events."""
+    ids, events, step = {}, {}, 0
+    while engine.busy or any(s >= step for s in arrivals):
+        for name, req in arrivals.get(step, []):
+            ids[engine.add(req)] = name
+        for e in engine.step():
+            events.setdefault(ids[e.seq_id], []).append(e)
+        step += 1
+    return {ids[i]: s for i, s in list(engine.results.items())}, events
+
+
+def test_staggered_arrivals_give_each_request_its_tokens_alone(llama):
+    prompts = {
+        "short": encode(llama, "Hi"),
+        "long": encode(llama, "A considerably longer prompt than the others, to be sure"),
+        "mid": encode(llama, "Medium-sized prompt"),
+        "late": encode(llama, "arrives last"),
+        "tiny": encode(llama, "x"),
+    }
+    lengths = {"short": 20, "long": 7, "mid": 12, "late": 9, "tiny": 15}
+    # 3 rows for 5 requests: some wait for a row, some arrive while others decode
+    arrivals = {0: [("short", None), ("long", None)], 3: [("mid", None), ("late", None)], 5: [("tiny", None)]}
+    arrivals = {s: [(n, Request(prompts[n], lengths[n], temperature=0)) for n, _ in reqs] for s, reqs in arrivals.items()}
+    results, _ = drain(engine_for(llama), arrivals)
+    for name, prompt in prompts.items():
+        alone, _ = llama.generate([prompt], max_gen_len=lengths[name], temperature=0)
+        seq = results[name]
+        assert seq.tokens[: len(seq.tokens) - (seq.stop_token is not None)] == alone[0], name
+        assert seq.finish_reason == ("length" if seq.stop_token is None else "stop")
+    assert sum(results[n].finish_reason == "length" for n in prompts) >= 3  # most run to their own limits
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(llama):
+    prompt = encode(llama, "Seeded sampling")
+    req = dict(max_new_tokens=10, temperature=1.0, top_p=0.95, seed=7)
+    alone, _ = drain(engine_for(llama), {0: [("a", Request(prompt, **req))]})
+    others = [("b", Request(encode(llama, "other"), 6, temperature=0.8, seed=1)), ("c", Request(prompt, 5, temperature=0))]
+    mixed, _ = drain(engine_for(llama), {0: others, 2: [("a", Request(prompt, **req))]})
+    assert mixed["a"].tokens == alone["a"].tokens
+
+
+def test_stop_strings_cut_the_text_and_hold_back_what_may_start_one(llama):
+    prompt = encode(llama, "Stop strings")
+    full, _ = drain(engine_for(llama), {0: [("full", Request(prompt, 16, temperature=0))]})
+    text = full["full"].text
+    stop = text[5:8]  # a stop string that first appears in the middle
+    first = text.index(stop)
+    cut, events = drain(engine_for(llama), {0: [("cut", Request(prompt, 16, temperature=0, stop=[stop]))]})
+    assert cut["cut"].text == text[:first] and cut["cut"].finish_reason == "stop"
+    assert "".join(e.text for e in events["cut"]) == text[:first]
+    assert events["cut"][-1].finished and events["cut"][-1].finish_reason == "stop"
+
+
+def test_stop_tokens_end_a_sequence_with_reason_stop(llama):
+    prompt = encode(llama, "Stop tokens")
+    full, _ = drain(engine_for(llama), {0: [("f", Request(prompt, 8, temperature=0))]})
+    stop_token = full["f"].tokens[3]
+    first = full["f"].tokens.index(stop_token)
+    got, events = drain(engine_for(llama), {0: [("s", Request(prompt, 8, temperature=0, stop_tokens=[stop_token]))]})
+    assert got["s"].tokens == full["f"].tokens[: first + 1] and got["s"].stop_token == stop_token
+    assert events["s"][-1].text == "" and events["s"][-1].finish_reason == "stop"
+
+
+def test_cancelled_and_finished_sequences_free_their_rows(llama):
+    engine = engine_for(llama, rows=2)
+    a = engine.add(Request(encode(llama, "first"), 30, temperature=0))
+    b = engine.add(Request(encode(llama, "second one"), 30, temperature=0))
+    c = engine.add(Request(encode(llama, "third, waiting"), 4, temperature=0))
+    engine.step()
+    assert engine.n_running == 2 and len(engine.waiting) == 1
+    engine.cancel(a)
+    assert engine.n_running == 1 and engine.running[0].id == b and engine.running[0].row == 0
+    engine.step()  # c takes the freed row
+    assert engine.n_running == 2 and not engine.waiting
+    engine.cancel(b)
+    while engine.busy:
+        engine.step()
+    assert set(engine.results) == {c}
+    alone, _ = llama.generate([encode(llama, "third, waiting")], max_gen_len=4, temperature=0)
+    assert engine.pop(c).tokens == alone[0]
+
+
+def test_logprobs_and_prompt_logprobs_equal_the_forward_pass(llama):
+    prompt = encode(llama, "Log-probs")
+    got, events = drain(engine_for(llama), {0: [("x", Request(prompt, 4, temperature=0, logprobs=True, top_logprobs=3, prompt_logprobs=True))]})
+    seq = prompt + got["x"].tokens
+    llama.model.free_cache()
+    lsm = torch.log_softmax(llama.model(torch.tensor([seq]), 0)[0], dim=-1)
+    want = lsm[:-1].gather(1, torch.tensor(seq[1:])[:, None])[:, 0].tolist()
+    first = events["x"][0]
+    assert first.prompt_logprobs[0] is None
+    assert first.prompt_logprobs[1:] == pytest.approx(want[: len(prompt) - 1], abs=1e-4)
+    assert got["x"].logprobs == pytest.approx(want[len(prompt) - 1 :], abs=1e-4)
+    top = first.top_logprobs
+    assert len(top) == 3 and top[0][0] == got["x"].tokens[0]  # greedy: the chosen token is the likeliest
+    assert [t for t, _ in first.prompt_top_logprobs[1]] == lsm[0].topk(3).indices.tolist()
