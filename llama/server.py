@@ -528,21 +528,24 @@ def create_app(server: Server):
                 loop.cancel(handle)
 
     async def gather(handle: _Handle, request: HTTPRequest) -> Optional[List[_Choice]]:
-        choices = {i: _Choice() for i in handle.ids}
-        stream = events(handle)
-        try:
-            while True:
-                try:
-                    e = await asyncio.wait_for(stream.__anext__(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return None
-                    continue
-                except StopAsyncIteration:
-                    return [choices[i] for i in handle.ids]
+        """The whole answer; None when the client went away first (its sequences are cancelled)."""
+        async def collect():
+            choices = {i: _Choice() for i in handle.ids}
+            async for e in events(handle):
                 choices[e.seq_id].add(e, server.stop_tokens)
-        finally:
-            await stream.aclose()
+            return [choices[i] for i in handle.ids]
+
+        async def disconnected():  # the body is read: the next message is the client leaving
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        answer, gone = asyncio.create_task(collect()), asyncio.create_task(disconnected())
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if answer.done():
+            gone.cancel()
+            return answer.result()
+        answer.cancel()  # its events() generator cancels the sequences
+        return None
 
     @app.get("/health")
     async def health():
@@ -615,9 +618,9 @@ def create_app(server: Server):
             prompt = server.llama.formatter.encode_dialog_prompt(dialog)
         except (ValueError, KeyError, TypeError) as e:
             raise APIError(400, f"'messages' cannot be formatted: {e}", param="messages") from None
+        if f["max_tokens"] is None:  # the rest of the context, at least one token
+            f["max_tokens"] = max(1, server.max_seq_len - len(prompt))
         check_lengths([prompt], f["max_tokens"], server.max_seq_len)
-        if f["max_tokens"] is None:  # the rest of the context
-            f["max_tokens"] = server.max_seq_len - len(prompt)
         f["logprobs"] = f["logprobs"] or f["top_logprobs"] > 0
         handle = loop.submit(server.requests([prompt], f))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
