@@ -731,9 +731,13 @@ def serve(
     loop.start()
     logger.info("Serving %s on http://%s:%d/v1 (%d rows of %d tokens, queue %d)", model_name, host, port,
                 max_batch_size, max_seq_len, max_queue)
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)).run()
-    loop.stop()
-    distributed.shutdown()
+    try:
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it has handled: a normal way to stop
+        pass
+    finally:
+        loop.stop()  # the other ranks stop with it
+        distributed.shutdown()
 
 
 def main() -> None:

@@ -119,3 +119,15 @@ def test_logprobs_and_prompt_logprobs_equal_the_forward_pass(llama):
     top = first.top_logprobs
     assert len(top) == 3 and top[0][0] == got["x"].tokens[0]  # greedy: the chosen token is the likeliest
     assert [t for t, _ in first.prompt_top_logprobs[1]] == lsm[0].topk(3).indices.tolist()
+
+
+def test_the_kv_cache_is_no_part_of_the_state_dict_and_its_rows_move(llama):
+    keys = set(llama.model.state_dict())
+    kv_cache.allocate(llama.model, 3, 16)
+    assert set(llama.model.state_dict()) == keys  # checkpoint keys stay exact
+    c = llama.model.layers[0].attention.kv_cache
+    c.k[0], c.k[1], c.k[2] = 1.0, 2.0, 3.0
+    c.move_rows(torch.tensor([0, 2]), torch.tensor([2, 0]))  # both read before either is written
+    assert c.k[0].eq(3).all() and c.k[1].eq(2).all() and c.k[2].eq(1).all()
+    c.reset_rows(torch.tensor([1]))
+    assert c.k[1].eq(0).all() and kv_cache.shape(llama.model) == (3, 16)
