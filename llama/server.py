@@ -181,7 +181,7 @@ def _field(body: dict, name: str, kinds: tuple, default: Any = None, check=None,
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):  # JSON true is no number
         names = " or ".join(k.__name__.replace("str", "string").replace("int", "integer").replace("float", "number")
                             .replace("bool", "boolean").replace("list", "array").replace("dict", "object") for k in kinds)
         raise APIError(400, f"'{name}' must be {names}, got {json.dumps(value)[:80]}", param=name, code="invalid_type")
@@ -310,8 +310,9 @@ def to_dialog(messages: list, tools: list) -> list:
         message = {"role": role, "content": _text(m.get("content"), where, allow_none=role == "assistant")}
         calls = m.get("tool_calls")
         if role == "assistant" and calls:
-            message["tool_calls"] = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)] \
-                if isinstance(calls, list) else _bad(f"{where}.tool_calls must be an array")
+            if not isinstance(calls, list):
+                raise APIError(400, f"{where}.tool_calls must be an array", param=where)
+            message["tool_calls"] = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)]
         dialog.append(message)
     if tools:
         prompt = tool_prompt(tools)
@@ -320,10 +321,6 @@ def to_dialog(messages: list, tools: list) -> list:
         else:
             dialog.insert(0, {"role": "system", "content": prompt})
     return dialog
-
-
-def _bad(message: str):
-    raise APIError(400, message)
 
 
 def _text(content: Any, where: str, allow_none: bool) -> str:
@@ -504,7 +501,7 @@ def create_app(server: Server):
         logger.exception("internal error")
         return JSONResponse(APIError(500, f"internal error ({type(e).__name__})", type="server_error").body(), status_code=500)
 
-    async def read(request: HTTPRequest, chat: bool) -> dict:
+    async def read(request: HTTPRequest) -> Any:
         server.check_key(request.headers.get("authorization"))
         raw = await request.body()
         try:
@@ -568,7 +565,7 @@ def create_app(server: Server):
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
-        body = await read(request, chat=False)
+        body = await read(request)
         f = server.check(body, chat=False)
         tok = server.tokenizer
         prompts = [tok.encode(p, bos=True, eos=False) if isinstance(p, str) else p for p in f["prompt"]]
@@ -590,16 +587,19 @@ def create_app(server: Server):
 
         async def chunks():
             index = {seq_id: i for i, seq_id in enumerate(handle.ids)}
-            started, acc = set(), {i: _Choice() for i in handle.ids}
+            started, acc, offsets = set(), {i: _Choice() for i in handle.ids}, {}
             async for e in events(handle):
                 i = index[e.seq_id]
                 c = _Choice()
                 c.add(e, server.stop_tokens)
                 acc[e.seq_id].add(e, server.stop_tokens)
-                text = c.text if i in started else echo[i // n] + c.text
+                first = i not in started
+                text = echo[i // n] + c.text if first else c.text
                 logprobs = None
                 if f["logprobs"]:
-                    logprobs = server.completion_logprobs(c, prompts[i // n] if f["echo"] and i not in started else None, 0)
+                    offset = offsets.get(i, 0)
+                    logprobs = server.completion_logprobs(c, prompts[i // n] if f["echo"] and first else None, offset)
+                    offsets[i] = offset + sum(len(t) for t in logprobs["tokens"])
                 started.add(i)
                 yield _sse(head([{"index": i, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}]))
             if _include_usage(body):
@@ -610,7 +610,7 @@ def create_app(server: Server):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
-        body = await read(request, chat=True)
+        body = await read(request)
         f = server.check(body, chat=True)
         tools = f["tools"] if f["tool_choice"] != "none" else []
         dialog = to_dialog(f["messages"], tools)

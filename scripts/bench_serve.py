@@ -11,14 +11,12 @@ throughput (generated tokens/s over the wall time), time to first token and inte
 import concurrent.futures
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-import fire
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [
