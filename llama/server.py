@@ -675,6 +675,13 @@ def create_app(server: Server):
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def warn_if_open(host: str, api_key: Optional[str]) -> None:
+    """A warning when the server listens beyond this machine and asks no key."""
+    if host not in LOOPBACK and api_key is None:
+        logger.warning("serving on %s without an API key: anyone who can reach it can use it "
+                       "(set --api_key or LLAMA_API_KEY)", host)
+
+
 def serve(
     ckpt_dir: Optional[str] = None,
     tokenizer_path: Optional[str] = None,
@@ -724,15 +731,13 @@ def serve(
         return
     if model_name is None:
         model_name = os.path.basename(os.path.normpath(ckpt_dir)) if ckpt_dir else "llama3-demo"
-    if host not in LOOPBACK and api_key is None:
-        logger.warning("serving on %s without an API key: anyone who can reach it can use it "
-                       "(set --api_key or LLAMA_API_KEY)", host)
+    warn_if_open(host, api_key)
     app = create_app(Server(llama, loop, model_name, api_key, max_seq_len, max_queue))
     loop.start()
     logger.info("Serving %s on http://%s:%d/v1 (%d rows of %d tokens, queue %d)", model_name, host, port,
                 max_batch_size, max_seq_len, max_queue)
     try:
-        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)).run()
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)).run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it has handled: a normal way to stop
         pass
     finally:

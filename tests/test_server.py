@@ -378,3 +378,14 @@ def test_two_processes_serve_what_one_process_generates_and_a_dead_rank_ends_it(
         assert "error: the engine stopped" in served.output()  # rank 0 saw it and said so
     finally:
         stop(served)
+
+
+def test_listening_beyond_localhost_without_a_key_warns(caplog):
+    from llama.server import warn_if_open
+
+    with caplog.at_level("WARNING", logger="llama.server"):
+        warn_if_open("127.0.0.1", None)
+        warn_if_open("0.0.0.0", "a key")
+        assert not caplog.records
+        warn_if_open("0.0.0.0", None)
+    assert "without an API key" in caplog.text
