@@ -200,7 +200,9 @@ class Engine:
                 batch.append(s)
         if not batch:
             return events
-        batch.sort(key=lambda s: -len(s.request.prompt))  # rows in this order: longest first
+        # rows in this order: the staged prefill's (consecutive rows, longest prompt first), then
+        # those that need their prompt's full logits, one by one
+        batch.sort(key=lambda s: (s.request.prompt_logprobs, -len(s.request.prompt)))
         for s in batch:
             s.row, s.pos = len(self.running), len(s.request.prompt)
             self.running.append(s)

@@ -131,3 +131,18 @@ def test_the_kv_cache_is_no_part_of_the_state_dict_and_its_rows_move(llama):
     assert c.k[0].eq(3).all() and c.k[1].eq(2).all() and c.k[2].eq(1).all()
     c.reset_rows(torch.tensor([1]))
     assert c.k[1].eq(0).all() and kv_cache.shape(llama.model) == (3, 16)
+
+
+def test_prompt_logprob_requests_admitted_beside_others_change_no_tokens(llama):
+    # longest first, the one asking for prompt log-probs in the middle
+    prompts = [encode(llama, "short"), encode(llama, "a mid-sized one"), encode(llama, "the longest prompt of this batch, by far")]
+    reqs = [("a", Request(prompts[0], 8, temperature=0)), ("b", Request(prompts[1], 8, temperature=0, prompt_logprobs=True)),
+            ("c", Request(prompts[2], 8, temperature=0))]
+    results, _ = drain(engine_for(llama), {0: reqs})
+    for (name, _), prompt in zip(reqs, prompts):
+        seq = results[name]
+        assert seq.tokens[: len(seq.tokens) - (seq.stop_token is not None)] == alone_tokens(llama, prompt, 8), name
+
+
+def alone_tokens(llama: Llama, prompt: list, n: int) -> list:
+    return llama.generate([prompt], max_gen_len=n, temperature=0)[0][0]
