@@ -188,7 +188,9 @@ class Llama:
 
         Returns (tokens, logprobs or None) per prompt: cut at len(prompt) + max_gen_len and before the
         first stop token (not returned); `echo` includes the prompt. `seed` makes this request's
-        sampling reproducible on its own (the same on every rank); None uses the global RNG.
+        sampling reproducible on its own (the same on every rank): each row draws from its own
+        generator seeded with it, so a row's tokens do not depend on the rest of the batch. None
+        uses the global RNG.
         """
         tokens, lps, _ = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed)
         return tokens, (lps if logprobs else None)
