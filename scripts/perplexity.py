@@ -2,8 +2,10 @@
 
 Each file is encoded after <|begin_of_text|>; windows of --max_seq_len tokens start every --stride
 tokens and each scores only the tokens no earlier window scored, the convention of Hugging Face's
-perplexity guide (https://huggingface.co/docs/transformers/perplexity), so the numbers are the
-ones transformers gives on the same text, window and stride (tests/test_perplexity.py).
+perplexity guide (https://huggingface.co/docs/transformers/perplexity): with --stride equal to
+--max_seq_len a window's first token has no context inside it and is not scored. The loss is the
+one transformers gives on the same text, window and stride (tests/test_perplexity.py); the guide's
+own token count is one low per overlapping window, the mean here is over the tokens scored.
 
     python scripts/perplexity.py data/demo/corpus_heldout.txt                  # the demo model
     python scripts/perplexity.py a.txt b.txt --ckpt_dir ~/Meta-Llama-3.1-8B --max_seq_len 4096 --stride 2048
@@ -60,7 +62,7 @@ def main(
     """
     if not files:
         raise ValueError("no files given: pass one or more text files, e.g. scripts/perplexity.py notes.txt")
-    stride = stride or max(1, max_seq_len // 2)
+    stride = max(1, max_seq_len // 2) if stride is None else stride
     sliding_windows(0, max_seq_len, stride)  # checks the stride before the model is loaded
     texts = []
     for f in files:
