@@ -13,9 +13,12 @@ from typing import Optional, Sequence, Union
 
 from tqdm import tqdm
 
-from lm_eval import utils as lm_utils
-from lm_eval.api.model import TemplateLM
-from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+try:
+    from lm_eval import utils as lm_utils
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+except ImportError as e:  # the optional dependency
+    raise ImportError(f"{e}: evaluation needs lm-evaluation-harness: pip install 'llama3-ref[eval]'") from e
 
 from llama import distributed
 from llama.eval_tasks import SUITE, TASKS_DIR

@@ -2,8 +2,9 @@
 held-out pages, which the demo model never trained on. Deterministic: the same corpus gives the
 same files, byte for byte.
 
-    python scripts/demo_corpus.py          # writes data/demo/corpus_heldout.txt (fetches the pinned .deb)
-    python scripts/build_eval_tasks.py     # writes llama/eval_tasks/*.jsonl
+    python scripts/demo_corpus.py               # writes data/demo/corpus_heldout.txt (fetches the pinned .deb)
+    python scripts/build_eval_tasks.py build    # writes llama/eval_tasks/*.jsonl
+    python scripts/build_eval_tasks.py chance   # what chance scores on them (the README's baseline)
 
 Three tasks (see llama/eval_tasks/*.yaml):
   next_sentence.jsonl  multiple choice: the sentence that follows a passage, against three
@@ -13,10 +14,13 @@ Three tasks (see llama/eval_tasks/*.yaml):
   next_word.jsonl      generation: the next word of a passage (exact match on the first word).
 """
 import json
+import math
 import random
 import re
 import sys
+from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
@@ -111,7 +115,7 @@ def write_jsonl(path: Path, items: list[dict]) -> None:
     print(f"{path}: {len(items)} items, {path.stat().st_size:,} bytes")
 
 
-def main(heldout: str = "data/demo/corpus_heldout.txt", out_dir: str = str(TASKS_DIR)) -> None:
+def build(heldout: str = "data/demo/corpus_heldout.txt", out_dir: str = str(TASKS_DIR)) -> None:
     """Write next_sentence.jsonl, perplexity.jsonl and next_word.jsonl to out_dir.
 
     Args:
@@ -127,5 +131,35 @@ def main(heldout: str = "data/demo/corpus_heldout.txt", out_dir: str = str(TASKS
     write_jsonl(out / "next_word.jsonl", next_word_items(pages, random.Random(SEED)))
 
 
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def chance(tasks_dir: str = str(TASKS_DIR), tokenizer_path: Optional[str] = None) -> None:
+    """Print the scores of chance on the bundled tasks, in lm-eval's metrics.
+
+    next_sentence: a uniform pick among the choices. next_word: always answering the most common
+    target. perplexity: every token uniform over the vocabulary, counted as lm-eval counts tokens
+    (each piece's tokens after <|begin_of_text|>, that token included), words and bytes.
+    """
+    from llama.demo import TOKENIZER_PATH
+    from llama.tokenizer import Tokenizer
+
+    d = Path(tasks_dir)
+    mc = _read(d / "next_sentence.jsonl")
+    print(f"llama_demo_next_sentence acc, acc_norm: {sum(1 / len(x['choices']) for x in mc) / len(mc):.4f}")
+    targets = Counter(x["target"] for x in _read(d / "next_word.jsonl"))
+    word, n = targets.most_common(1)[0]
+    print(f"llama_demo_next_word exact_match: {n / sum(targets.values()):.4f} (always {word!r})")
+    tok = Tokenizer(str(tokenizer_path or TOKENIZER_PATH))
+    nll = words = n_bytes = 0.0
+    for x in _read(d / "perplexity.jsonl"):
+        nll += len(tok.encode(x["text"], bos=True, eos=False)) * math.log(tok.n_words)
+        words += len(re.split(r"\s+", x["text"]))
+        n_bytes += len(x["text"].encode("utf-8"))
+    print(f"llama_demo_perplexity (uniform over {tok.n_words} tokens): bits_per_byte {nll / n_bytes / math.log(2):.4f}, "
+          f"byte_perplexity {math.exp(nll / n_bytes):.4f}, word_perplexity {math.exp(nll / words):.1f}")
+
+
 if __name__ == "__main__":
-    run(main)
+    run({"build": build, "chance": chance})
