@@ -117,19 +117,22 @@ def test_rolling_windows_score_every_token_once():
 
 
 def test_two_processes_give_the_results_of_one(tmp_path, byte_tokenizer):
-    """torchrun with 2 ranks (the model split in two) writes the results and samples of 1 process."""
+    """scripts/evaluate.py under torchrun with 2 ranks (the model split in two) writes the results and
+    samples that one process computes."""
     ckpt = helpers.make_checkpoint(tmp_path / "tiny")
     shutil.copy(byte_tokenizer, ckpt / "tokenizer.model")
-    args = ["--ckpt_dir", ckpt, "--limit", 3, "--max_seq_len", 256, "--batch_size", 4, "--device", "cpu",
-            "--dtype", "float32", "--log_samples", "--bootstrap_iters", 0]
-    outs = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"out{nproc}"
-        proc = helpers.run_torchrun(str(EVALUATE), [*args, "--output_path", out], nproc=nproc, env=OFFLINE)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert proc.stdout.count("llama_demo_next_sentence") == 1  # one table, from rank 0
-        outs[nproc] = read_outputs(out)
-    (r1, s1), (r2, s2) = outs[1], outs[2]
+    out = tmp_path / "out2"
+    proc = helpers.run_torchrun(
+        str(EVALUATE),
+        ["--ckpt_dir", ckpt, "--limit", 3, "--max_seq_len", 256, "--batch_size", 4, "--device", "cpu", "--dtype", "float32",
+         "--log_samples", "--bootstrap_iters", 0, "--output_path", out],
+        nproc=2, env=OFFLINE,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("llama_demo_next_sentence") == 1  # one table, from rank 0
+    llama = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=256, max_batch_size=4, device="cpu", dtype="float32")
+    evaluate(LlamaLM(llama, batch_size=4), limit=3, log_samples=True, output_path=str(tmp_path / "out1"), bootstrap_iters=0)
+    (r1, s1), (r2, s2) = read_outputs(tmp_path / "out1"), read_outputs(out)
     for task in TASKS:
         # the random model's sums reach thousands of nats, where one float32 step is 2.4e-4
         assert_same_samples(s1[task], s2[task], task, rel=1e-6)
