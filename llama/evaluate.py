@@ -333,6 +333,22 @@ def check_tokenizer(ckpt_dir: Optional[str], tokenizer_path: Optional[str]) -> N
         )
 
 
+def _quiet_lm_eval() -> None:
+    """No lm-eval logs or progress bars on this process. Under tensor parallelism every rank tells
+    lm-eval it is rank 0 (each must run every request), so lm-eval would draw on all of them; its
+    bars pass `disable=` themselves, hence the override of tqdm's own default."""
+    import tqdm as tqdm_module
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    init = tqdm_module.tqdm.__init__
+
+    def quiet_init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    tqdm_module.tqdm.__init__ = quiet_init
+
+
 def cli(
     tasks: Union[str, Sequence[str]] = SUITE,
     ckpt_dir: Optional[str] = None,
@@ -378,11 +394,8 @@ def cli(
     from llama.cli import build_generator
 
     rank0 = distributed.rank_from_env() == 0
-    if not rank0:  # lm-eval logs and draws progress bars on every process; one is enough
-        import os
-
-        os.environ["TQDM_DISABLE"] = "1"
-        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    if not rank0:
+        _quiet_lm_eval()
     if output_path is not None and Path(output_path).is_file() and Path(output_path).suffix != ".json":
         raise ValueError(f"--output_path {output_path} is a file: pass a directory, or a .json file name")
     check_tokenizer(ckpt_dir, tokenizer_path)
