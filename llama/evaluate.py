@@ -184,6 +184,8 @@ class LlamaLM(TemplateLM):
         seed = self.seed if temperature > 0 else None
         for step in self.llama.stream(prompts, max_gen, temperature=temperature, top_p=top_p, seed=seed):
             for t in step:
+                if done[t.index]:  # its text is final up to the stop string; other rows go on
+                    continue
                 if t.token not in stop_tokens:
                     tokens[t.index].append(t.token)
                     text = self.tok_decode(tokens[t.index])
