@@ -18,7 +18,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
 import torch
 
-from llama import distributed
+from llama import distributed, validation
 from llama.model import ModelArgs, Transformer
 
 logger = logging.getLogger(__name__)
@@ -52,9 +52,11 @@ def read_params(ckpt_dir: PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: a Meta checkpoint directory holds params.json")
     try:
-        return json.loads(path.read_text())
+        params = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    validation.check_params(params, str(path), required=True)
+    return params
 
 
 def shard_paths(ckpt_dir: PathLike) -> list[Path]:

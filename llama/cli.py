@@ -26,7 +26,7 @@ def run(fn: Callable, **fire_kwargs) -> None:
     fit) reported as one line from rank 0 and exit status 1, instead of a traceback from every rank."""
     try:
         fire.Fire(fn, **fire_kwargs)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, TypeError) as e:
         if distributed.rank_from_env() == 0:
             print(f"error: {e}", file=sys.stderr)
         distributed.shutdown()

@@ -8,7 +8,7 @@ from typing import Callable, Iterator, List, Optional, TypedDict, Union
 import torch
 import torch.nn.functional as F
 
-from llama import checkpoint, distributed
+from llama import checkpoint, distributed, validation
 from llama.model import ModelArgs, Transformer, kernels_for
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
 
@@ -260,6 +260,10 @@ class Llama:
         first stop token (not returned); `echo` includes the prompt. `seed` makes this request's
         sampling reproducible on its own (the same on every rank); None uses the global RNG.
         """
+        validation.check_request(
+            self.model.params.vocab_size, prompt_tokens=prompt_tokens, temperature=temperature, top_p=top_p,
+            max_gen_len=max_gen_len, seed=seed, logprobs=logprobs, echo=echo, max_gen_len_optional=False,
+        )
         tokens, lps, _ = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed)
         return tokens, (lps if logprobs else None)
 
@@ -312,6 +316,10 @@ class Llama:
         A sequence's `text` pieces joined give its decoded generation; characters split across tokens
         appear once complete. The stop token ends a sequence with `finished` and empty text.
         """
+        validation.check_request(
+            self.model.params.vocab_size, prompt_tokens=prompt_tokens, temperature=temperature, top_p=top_p,
+            max_gen_len=max_gen_len, seed=seed, logprobs=logprobs, max_gen_len_optional=False,
+        )
         decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in prompt_tokens]
         steps = self._steps(prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, seed)
         next(steps)
@@ -348,6 +356,10 @@ class Llama:
         seed: Optional[int] = None,
     ) -> List[CompletionPrediction]:
         """Complete each prompt (bos is added). max_gen_len defaults to max_seq_len - 1."""
+        validation.check_request(
+            self.model.params.vocab_size, prompts=prompts, temperature=temperature, top_p=top_p,
+            max_gen_len=max_gen_len, seed=seed, logprobs=logprobs, echo=echo,
+        )
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
@@ -373,6 +385,10 @@ class Llama:
         A Llama 3.1 answer that calls a tool comes back with `tool_calls` (llama.tokenizer.ToolCall)
         and `stop_reason` ("end_of_message" when it waits for the tool's result, as `ipython` turn).
         """
+        validation.check_request(
+            self.model.params.vocab_size, dialogs=dialogs, temperature=temperature, top_p=top_p,
+            max_gen_len=max_gen_len, seed=seed, logprobs=logprobs,
+        )
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
@@ -452,7 +468,18 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     return torch.gather(probs_idx, -1, next_token)
 
 
+class NonFiniteLogitsError(ValueError):
+    """The model produced NaN or infinite logits: nothing can be sampled from them."""
+
+
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    if not bool(torch.isfinite(logits).all()):  # argmax would pick garbage, multinomial would crash
+        rows = (~torch.isfinite(logits)).any(-1).nonzero()[:, 0].tolist()
+        raise NonFiniteLogitsError(
+            f"the model produced NaN or infinite logits (batch rows {rows[:8]}): the weights are likely corrupt "
+            "(check them with scripts/verify.py), or the activations overflowed in float16 (run in bfloat16 or "
+            "float32: --dtype bfloat16)"
+        )
     if temperature > 0:
         probs = torch.softmax(logits / temperature, dim=-1)
         return sample_top_p(probs, top_p, generator)[:, 0]

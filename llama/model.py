@@ -16,6 +16,8 @@ from fairscale.nn.model_parallel.layers import (
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from llama import validation
+
 logger = logging.getLogger(__name__)
 
 # Longest context each RoPE variant was trained for.
@@ -51,6 +53,7 @@ class ModelArgs:
     max_seq_len: int = 2048
 
     def __init__(self, **kwargs):
+        validation.check_params(kwargs, "model settings")  # types and ranges, naming the key
         for f in fields(self):
             setattr(self, f.name, kwargs.pop(f.name, f.default))
         if kwargs:
