@@ -51,6 +51,7 @@ class Llama:
         dtype: Union[str, torch.dtype, None] = None,
         rope_scale_factor: Optional[float] = None,
         compile: bool = False,
+        verify: bool = False,
     ) -> "Llama":
         """Load a Meta-format checkpoint and its tokenizer.
 
@@ -70,6 +71,7 @@ class Llama:
                 power-of-two length) and CUDA graphs on GPU; the first request of each batch size
                 and cache length compiles. Where compilation fails, a warning is logged and decoding
                 runs eagerly.
+            verify: first check every file against the checkpoint's checklist.chk (Meta's md5 list).
 
         Works under torchrun (one process per model-parallel rank) and as a plain `python` call.
         """
@@ -81,6 +83,8 @@ class Llama:
         mp_size = distributed.setup(device, model_parallel_size)
         torch.manual_seed(seed)
 
+        if verify:
+            checkpoint.verify_checklist(ckpt_dir)
         params = checkpoint.read_params(ckpt_dir)
         tokenizer = Tokenizer(model_path=str(tokenizer_path))
         args = ModelArgs(**{**params, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size})
