@@ -184,3 +184,17 @@ def test_non_finite_logits_check_does_not_fire_on_finite_input():
 
     logits = torch.randn(2, 16)
     assert _sample(logits, 0, 0.9, None).tolist() == logits.argmax(-1).tolist()
+
+
+def test_under_torchrun_the_last_lines_name_the_problem(tmp_path, tiny_ckpt_2shards, byte_tokenizer):
+    args = ["--ckpt_dir", tiny_ckpt_2shards, "--tokenizer_path", byte_tokenizer, "--temperature", -1,
+            "--device", "cpu", "--max_seq_len", 64]
+    r = helpers.run_torchrun("example_text_completion.py", args, 2)
+    assert r.returncode == 1
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert "error: temperature must be >= 0, got -1" in "\n".join(lines[-3:])  # the launcher's summary ends with it
+    assert sum(x.startswith("error: ") for x in lines) == 1  # rank 0's own line, once
+    assert "Traceback" not in "\n".join(lines[lines.index("Root Cause (first observed failure):"):])
+    # rank 0 reads one of the two shards: its log says so, rather than "1/1"
+    assert "loading consolidated.00.pth (shard 1 of 2 in the checkpoint" in r.stderr
+    assert "1 of 1 this process reads" in r.stderr
