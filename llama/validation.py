@@ -208,3 +208,6 @@ def check_params(params: Any, source: str = "params", required: bool = False) ->
             check_real(name, value, positive=True, allow_none=nullable)
         else:
             check_bool(name, value)
+    low, high = params.get("rope_low_freq_factor", 1.0), params.get("rope_high_freq_factor", 4.0)
+    if high <= low:  # the RoPE scaling recipe blends between the two: (x - low) / (high - low)
+        raise ValueError(f"{source}: 'rope_high_freq_factor' ({high}) must exceed 'rope_low_freq_factor' ({low})")
