@@ -72,7 +72,7 @@ def atomic_output_dir(
         if verify is not None:
             verify(tmp)
         _finish_files(tmp)
-        _publish(tmp, dst)
+        _publish(tmp, dst, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -123,7 +123,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _publish(tmp: Path, dst: Path) -> None:
+def _publish(tmp: Path, dst: Path, overwrite: bool) -> None:
     """Put `tmp` at `dst`: one rename when dst is absent or empty; an atomic exchange, then deletion
     of the old version, when it holds files."""
     try:
@@ -131,6 +131,8 @@ def _publish(tmp: Path, dst: Path) -> None:
     except OSError as e:
         if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
+        if not overwrite:  # another run filled it while this one wrote
+            raise ValueError(f"output {dst} was filled by something else while this run wrote: pass --overwrite to replace it") from None
         old = Path(tempfile.mkdtemp(prefix=f".{dst.name}{_OLD}{os.getpid()}-", dir=dst.parent))
         if _exchange(tmp, dst):  # dst is now the new version; tmp's path holds the old one
             old.rmdir()

@@ -477,8 +477,10 @@ class NonFiniteLogitsError(ValueError):
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    if not bool(torch.isfinite(logits).all()):  # argmax would pick garbage, multinomial would crash
-        rows = (~torch.isfinite(logits)).any(-1).nonzero()[:, 0].tolist()
+    # NaN or +inf anywhere, or a row all -inf: argmax would pick garbage, multinomial would crash
+    bad = (torch.isnan(logits) | torch.isposinf(logits)).any(-1) | torch.isneginf(logits).all(-1)
+    if bool(bad.any()):
+        rows = bad.nonzero()[:, 0].tolist()
         raise NonFiniteLogitsError(
             f"the model produced NaN or infinite logits (batch rows {rows[:8]}): the weights are likely corrupt "
             "(check them with scripts/verify.py), or the activations overflowed in float16 (run in bfloat16 or "

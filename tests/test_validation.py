@@ -198,3 +198,14 @@ def test_under_torchrun_the_last_lines_name_the_problem(tmp_path, tiny_ckpt_2sha
     # rank 0 reads one of the two shards: its log says so, rather than "1/1"
     assert "loading consolidated.00.pth (shard 1 of 2 in the checkpoint" in r.stderr
     assert "1 of 1 this process reads" in r.stderr
+
+
+def test_logits_masked_with_minus_inf_still_sample_but_a_row_all_minus_inf_does_not():
+    from llama.generation import _sample
+
+    logits = torch.randn(2, 16)
+    logits[:, :8] = -math.inf  # a legitimate mask
+    assert (_sample(logits, 0.7, 0.9, None) >= 8).all() and (_sample(logits, 0, 0.9, None) >= 8).all()
+    logits[1] = -math.inf
+    with pytest.raises(NonFiniteLogitsError, match=r"batch rows \[1\]"):
+        _sample(logits, 0.7, 0.9, None)

@@ -391,3 +391,13 @@ def test_sigkill_at_any_step_never_leaves_a_mix(tmp_path, meta, hf_dir, forkserv
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     assert kills == steps[False] + steps[True]
     print(f"{kind}: killed before each of {steps[False]} steps into a new directory and {steps[True]} over an existing one")
+
+
+def test_a_destination_filled_while_writing_is_not_replaced_without_overwrite(tmp_path):
+    dst = tmp_path / "dst"
+    with pytest.raises(ValueError, match="was filled by something else while this run wrote"):
+        with atomic.atomic_output_dir(dst) as tmp:
+            (tmp / "mine").write_text("mine")
+            dst.mkdir()
+            (dst / "theirs").write_text("theirs")  # another run published first
+    assert os.listdir(dst) == ["theirs"] and sorted(os.listdir(tmp_path)) == ["dst"]
