@@ -271,6 +271,8 @@ def test_checklist_names_each_damaged_or_missing_file(tmp_path, meta, byte_token
     assert r.returncode == 1
     assert [x for x in r.stderr.splitlines() if x.startswith("bad: ")] == [f"bad: {p}" for p in problems]
     assert r.stderr.strip().splitlines()[-1].startswith("error: 2 of 4 file(s)")
+    r = subprocess.run(script[:2] + ["--help"], capture_output=True, text=True, env=helpers.child_env(), timeout=120)
+    assert r.returncode == 0 and "verify.py CKPT_DIR" in r.stdout + r.stderr
     with pytest.raises(ValueError, match=r"does not match its checklist.chk: consolidated.01.pth: md5"):
         Llama.build(str(ckpt), str(byte_tokenizer), 32, 1, device="cpu", dtype="float32", verify=True)
 
