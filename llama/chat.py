@@ -182,6 +182,7 @@ def chat(
     seed: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    verify: bool = False,
 ):
     """Chat with a Llama 3 instruct checkpoint, or with no arguments the bundled demo model.
 
@@ -202,6 +203,7 @@ def chat(
             before it; default: the random stream seeded at start-up (the same on every rank).
         device: cuda or cpu (default: cuda when available).
         dtype: bfloat16, float16 or float32 (default: the device's best).
+        verify: check the checkpoint's files against its checklist.chk (md5) before loading.
     """
     generator = cli.build_generator(
         ckpt_dir,
@@ -210,6 +212,7 @@ def chat(
         max_batch_size=1,
         device=device,
         dtype=dtype,
+        verify=verify,
     )
     tty = sys.stdin.isatty()
     if tty:

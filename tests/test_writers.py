@@ -403,3 +403,16 @@ def test_a_destination_filled_while_writing_is_not_replaced_without_overwrite(tm
             dst.mkdir()
             (dst / "theirs").write_text("theirs")  # another run published first
     assert os.listdir(dst) == ["theirs"] and sorted(os.listdir(tmp_path)) == ["dst"]
+
+
+def test_example_script_verify_flag_names_the_damaged_file(tmp_path, meta):
+    ckpt = tmp_path / "c"
+    shutil.copytree(meta, ckpt)
+    write_checklist(ckpt)
+    (ckpt / "params.json").write_text((ckpt / "params.json").read_text() + " ")  # changed after the download
+    cmd = [sys.executable, str(helpers.REPO / "example_text_completion.py"), "--ckpt_dir", str(ckpt), "--verify", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=helpers.child_env(), timeout=120)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "does not match its checklist.chk: params.json: md5" in last
+    assert "[4/4] tokenizer.model ok" in r.stderr  # progress, one line per file
