@@ -268,6 +268,11 @@ class Layout:
         return list(self.shapes)
 
 
+def inspect_dir(ckpt_dir: PathLike) -> Layout:
+    """inspect_checkpoint against the directory's own params.json: does it read as a whole checkpoint?"""
+    return inspect_checkpoint(ckpt_dir, ModelArgs(**read_params(ckpt_dir)))
+
+
 def inspect_checkpoint(ckpt_dir: PathLike, args: ModelArgs) -> Layout:
     """Read the shards' headers (no weights: they are memory-mapped and not touched) and check that
     their keys agree with a Llama 3 model, that all shards have the same shapes, and that those are

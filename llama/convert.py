@@ -326,11 +326,7 @@ def from_hf(hf_dir: str, out_dir: str, shards: int = 1, dtype: Optional[str] = N
     sources = _meta_key_sources(weights, config, args.n_layers)
     out_dtype = _dtype(dtype)
     print(f"{hf_dir}: {len(sources)} tensors in {len(weights.handles)} file(s) -> {shards} shard(s) in {out_dir}")
-
-    def verify(tmp: Path) -> None:
-        checkpoint.inspect_checkpoint(tmp, ModelArgs(**checkpoint.read_params(tmp)))
-
-    with atomic.atomic_output_dir(out_dir, overwrite, inputs=[hf_dir], verify=verify) as tmp:
+    with atomic.atomic_output_dir(out_dir, overwrite, inputs=[hf_dir], verify=checkpoint.inspect_dir) as tmp:
         _write_meta(weights, sources, config, params, args, shards, out_dtype, tmp, hf_dir)
     print(f"done: {out_dir} ({args.n_layers} layers, dim {args.dim}, use_scaled_rope={args.use_scaled_rope})")
 

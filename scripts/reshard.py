@@ -42,11 +42,8 @@ def reshard(ckpt_dir: str, out_dir: str, shards: int, dtype: Optional[str] = Non
     out_dtype = distributed.resolve_dtype(dtype, torch.device("cpu")) if dtype else None
     tied = " (output tied to the embedding)" if layout.tied else ""
     print(f"{src}: {layout.n_shards} shard(s) -> {shards} shard(s) in {out}{tied}")
-
-    def verify(tmp: Path) -> None:  # the whole result reads back as a checkpoint of `shards` shards
-        checkpoint.inspect_checkpoint(tmp, ModelArgs(**checkpoint.read_params(tmp)))
-
-    with atomic.atomic_output_dir(out, overwrite, inputs=[src], verify=verify) as tmp:
+    # published only once the whole result reads back as a checkpoint of `shards` shards
+    with atomic.atomic_output_dir(out, overwrite, inputs=[src], verify=checkpoint.inspect_dir) as tmp:
         _write(src, tmp, args, layout, shards, out_dtype)
     print(f"done: {out}")
 

@@ -3,7 +3,6 @@ destination's bytes unchanged, --overwrite replaces it whole, a SIGKILL at any s
 as it was, or complete; readers refuse inconsistent directories; checklist.chk is verified."""
 import hashlib
 import importlib.util
-import json
 import multiprocessing
 import os
 import shutil
@@ -17,7 +16,6 @@ import torch
 
 import helpers
 from llama import Llama, atomic, checkpoint
-from llama.model import ModelArgs
 
 pytest.importorskip("safetensors")
 from llama import convert  # noqa: E402
@@ -385,7 +383,7 @@ def test_sigkill_at_any_step_never_leaves_a_mix(tmp_path, meta, hf_dir, forkserv
                 if kind == "to_hf":
                     convert.HFWeights(dst)
                 else:
-                    checkpoint.inspect_checkpoint(dst, ModelArgs(**checkpoint.read_params(dst)))
+                    checkpoint.inspect_dir(dst)
             assert snapshot(src) == src_hash, "the input changed"
     # a run after the kills cleans up what they left and writes the complete result
     run_writer(forkserver, kind, src, dst, True, 10**9)
