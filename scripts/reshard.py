@@ -48,7 +48,9 @@ def reshard(ckpt_dir: str, out_dir: str, shards: int, dtype: Optional[str] = Non
     print(f"done: {out}")
 
 
-def _write(src: Path, out: Path, args: ModelArgs, layout: checkpoint.Layout, shards: int, out_dtype) -> None:
+def _write(
+    src: Path, out: Path, args: ModelArgs, layout: checkpoint.Layout, shards: int, out_dtype: Optional[torch.dtype]
+) -> None:
     start = time.perf_counter()
     for k in range(shards):
         state = checkpoint.load_rank_state(src, args, k, shards, "cpu", out_dtype, layout)
