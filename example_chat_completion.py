@@ -59,6 +59,7 @@ def main(
     dtype: Optional[str] = None,
     seed: int = 1,
     compile: bool = False,
+    verify: bool = False,
 ):
     """Answer a few example dialogs in the Llama 3 chat format.
 
@@ -74,6 +75,7 @@ def main(
         dtype: bfloat16, float16 or float32 (default: the device's best).
         seed: random seed, the same on every process.
         compile: torch.compile the decode step (CUDA graphs on GPU); eager if compilation fails.
+        verify: check the checkpoint's files against its checklist.chk (md5) before loading.
     """
     demo = ckpt_dir is None and tokenizer_path is None
     generator = build_generator(
@@ -85,6 +87,7 @@ def main(
         device=device,
         dtype=dtype,
         compile=compile,
+        verify=verify,
     )
     dialogs = DEMO_DIALOGS if demo else DIALOGS
     results = generator.chat_completion(dialogs, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)

@@ -22,6 +22,9 @@ from llama.tokenizer import ChatFormat, Message
 # The other ranks wait in a broadcast while the user types; the default collective timeout
 # (10 minutes with NCCL, 30 with gloo) would end an idle chat, so lines travel in their own group.
 IDLE_TIMEOUT = timedelta(days=7)
+# Off a terminal the answers are all stdout holds; an answer may span lines, so a line of its own
+# stands between two answers (none before the first or after the last).
+PIPED_SEPARATOR = "---\n"
 
 
 def trim_history(
@@ -74,6 +77,7 @@ class ChatSession:
         self.sampling = dict(max_gen_len=max_gen_len, temperature=temperature, top_p=top_p, seed=seed)
         self.show = show
         self.tty = tty
+        self.n_answers = 0
 
     def say(self, text: str) -> None:
         """Write answer text to stdout at once (it streams), if this session shows output."""
@@ -112,7 +116,8 @@ class ChatSession:
             self.note(f"history trimmed: the oldest {dropped} turn(s) no longer fit in max_seq_len")
         prompt = formatter.encode_dialog_prompt(self.system + self.history)
 
-        self.say("Assistant: " if self.tty else "")
+        self.say("Assistant: " if self.tty else PIPED_SEPARATOR if self.n_answers else "")
+        self.n_answers += 1
         pieces: List[str] = []
         try:
             for step in self.generator.stream([prompt], **self.sampling):
@@ -177,6 +182,7 @@ def chat(
     seed: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    verify: bool = False,
 ):
     """Chat with a Llama 3 instruct checkpoint, or with no arguments the bundled demo model.
 
@@ -197,6 +203,7 @@ def chat(
             before it; default: the random stream seeded at start-up (the same on every rank).
         device: cuda or cpu (default: cuda when available).
         dtype: bfloat16, float16 or float32 (default: the device's best).
+        verify: check the checkpoint's files against its checklist.chk (md5) before loading.
     """
     generator = cli.build_generator(
         ckpt_dir,
@@ -205,6 +212,7 @@ def chat(
         max_batch_size=1,
         device=device,
         dtype=dtype,
+        verify=verify,
     )
     tty = sys.stdin.isatty()
     if tty:

@@ -4,10 +4,13 @@
 # every rank assembles exactly its own slice of each weight, merging several source shards (N > M) or
 # cutting one (N < M), reading them memory-mapped, one at a time. The model knows nothing of this.
 import contextlib
+import hashlib
 import json
 import logging
 import mmap
 import os
+import pickle
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -18,7 +21,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
 import torch
 
-from llama import distributed
+from llama import distributed, validation
 from llama.model import ModelArgs, Transformer
 
 logger = logging.getLogger(__name__)
@@ -52,16 +55,34 @@ def read_params(ckpt_dir: PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: a Meta checkpoint directory holds params.json")
     try:
-        return json.loads(path.read_text())
+        params = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    validation.check_params(params, str(path), required=True)
+    return params
 
 
 def shard_paths(ckpt_dir: PathLike) -> list[Path]:
-    """The consolidated.NN.pth shards, sorted: shard k belongs to model-parallel rank k."""
+    """The consolidated.NN.pth shards, sorted: shard k belongs to model-parallel rank k.
+
+    Raises ValueError when the numbering has gaps (a shard is missing) or other .pth files lie
+    beside Meta's shards (two checkpoints mixed in one directory)."""
     paths = sorted(Path(ckpt_dir).glob("*.pth"))
     if not paths:
         raise FileNotFoundError(f"no checkpoint files (*.pth) in {ckpt_dir}")
+    numbered = {int(m.group(1)): p for p in paths if (m := re.fullmatch(r"consolidated\.(\d+)\.pth", p.name))}
+    if numbered:
+        others = [p.name for p in paths if p not in numbered.values()]
+        if others:
+            raise ValueError(f"{ckpt_dir} holds {others[:3]} beside its consolidated.NN.pth shards: remove them or use another directory")
+        gaps = sorted(set(range(max(numbered) + 1)) - set(numbered))
+        if gaps:
+            missing = [f"consolidated.{k:02d}.pth" for k in gaps]
+            raise ValueError(
+                f"{ckpt_dir} has shards up to consolidated.{max(numbered):02d}.pth but {missing[:4]} "
+                f"{'is' if len(missing) == 1 else 'are'} missing: download or copy the checkpoint again"
+            )
+        paths = [numbered[k] for k in sorted(numbered)]
     return paths
 
 
@@ -103,12 +124,44 @@ def load_shard(path: PathLike) -> dict:
         raise ValueError(f"{path} is empty: the download or copy did not finish; fetch it again")
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # what weights_only refused to construct
+        if found is None:
+            _damaged(path, e)
+        name = found.group(1)
+        if _names_real_object(name):  # intact, but holds something that is not a tensor
+            raise ValueError(
+                f"{path} holds Python objects other than tensors ({name}: code could run on loading it) and was "
+                "refused for safety: use a checkpoint from a source you trust, saved as a plain state dict"
+            ) from None
+        raise ValueError(  # a name that exists nowhere: more likely damage than a payload
+            f"{path} is corrupt or holds Python objects other than tensors (it names {name}) and was refused for "
+            "safety: download or copy it again from a source you trust"
+        ) from None
     except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError for damaged files
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        with open(path, "rb") as f:
-            is_zip = f.read(4) == b"PK\x03\x04"
-        what = "is truncated or corrupt" if is_zip else "is not a PyTorch zip checkpoint (corrupt, or legacy format)"
-        raise ValueError(f"{path} {what} ({reason}): download or copy it again") from None
+        _damaged(path, e)
+
+
+def _names_real_object(dotted: str) -> bool:
+    """Whether `module.attr` names an object of an already imported module (nothing is imported)."""
+    parts = dotted.split(".")
+    for i in range(len(parts) - 1, 0, -1):  # the longest imported module prefix
+        obj = sys.modules.get(".".join(parts[:i]))
+        if obj is None:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr, None)
+        return obj is not None
+    return False
+
+
+def _damaged(path: Path, e: Exception) -> None:
+    """Raise the ValueError for a shard that could not be read, naming what it looks like."""
+    reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    what = "is truncated or corrupt" if is_zip else "is not a PyTorch zip checkpoint (corrupt, or legacy format)"
+    raise ValueError(f"{path} {what} ({reason}): download or copy it again") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +266,11 @@ class Layout:
     @property
     def keys(self) -> list[str]:
         return list(self.shapes)
+
+
+def inspect_dir(ckpt_dir: PathLike) -> Layout:
+    """inspect_checkpoint against the directory's own params.json: does it read as a whole checkpoint?"""
+    return inspect_checkpoint(ckpt_dir, ModelArgs(**read_params(ckpt_dir)))
 
 
 def inspect_checkpoint(ckpt_dir: PathLike, args: ModelArgs) -> Layout:
@@ -345,8 +403,11 @@ def load_rank_state(
     progress = _progress(sum(t.nbytes for t in targets.values()), show)
     for i, k in enumerate(sources):
         path = layout.paths[k]
-        if show:
-            logger.info("loading %s (%d/%d, %.2f GB) ...", path.name, i + 1, len(sources), path.stat().st_size / 1e9)
+        if show:  # with several ranks each reads its own shards: say both counts
+            logger.info(
+                "loading %s (shard %d of %d in the checkpoint, %.2f GB; %d of %d this process reads) ...",
+                path.name, k + 1, layout.n_shards, path.stat().st_size / 1e9, i + 1, len(sources),
+            )
         _copy_from_shard(_MappedShard(path), k, layout.n_shards, targets, covered, args, rank, count, progress)
     for key, done in covered.items():
         want = piece_range(key, args, rank, count)
@@ -510,3 +571,66 @@ def save_checkpoint(
                 t = shard_tensor(key, t, args, k, n_shards)
             shard[key] = (t if dtype is None else t.to(dtype)).detach().clone().contiguous()
         torch.save(shard, out_dir / f"consolidated.{k:02d}.pth")
+
+
+# ---------------------------------------------------------------------------------------------
+# Meta's checklist.chk: the md5 of every file, as Meta's download ships it
+
+CHECKLIST = "checklist.chk"
+HASH_CHUNK_BYTES = 8 << 20
+
+
+def read_checklist(ckpt_dir: PathLike) -> dict[str, str]:
+    """File name -> md5 from ckpt_dir/checklist.chk (lines "md5  name", as md5sum writes them)."""
+    path = Path(ckpt_dir) / CHECKLIST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: verifying needs the checklist.chk that Meta's download ships")
+    sums = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2 or not re.fullmatch(r"[0-9a-fA-F]{32}", parts[0]):
+            raise ValueError(f"{path} line {n} is not 'md5  filename': {line[:80]!r}")
+        sums[parts[1].strip().lstrip("*")] = parts[0].lower()  # md5sum marks binary mode with '*'
+    return sums
+
+
+def checklist_problems(ckpt_dir: PathLike, report: Optional[Callable[[str], None]] = None) -> list[str]:
+    """Hash every file checklist.chk names; one line per file that is missing or does not match.
+    `report` gets a progress line per file (name, size, time)."""
+    ckpt_dir = Path(ckpt_dir)
+    sums = read_checklist(ckpt_dir)
+    problems = []
+    for i, (name, want) in enumerate(sums.items(), 1):
+        path = ckpt_dir / name
+        if not path.is_file():
+            problems.append(f"{name}: missing (checklist.chk lists it)")
+            continue
+        start, digest = time.perf_counter(), hashlib.md5()
+        with open(path, "rb") as f:
+            while chunk := f.read(HASH_CHUNK_BYTES):
+                digest.update(chunk)
+        ok = digest.hexdigest() == want
+        if not ok:
+            problems.append(f"{name}: md5 {digest.hexdigest()} but checklist.chk says {want} (damaged or another version)")
+        if report is not None:
+            report(f"[{i}/{len(sums)}] {name} {'ok' if ok else 'MISMATCH'} "
+                   f"({path.stat().st_size / 1e9:.2f} GB, {time.perf_counter() - start:.1f}s)")
+    return problems
+
+
+def verify_checklist(ckpt_dir: PathLike) -> None:
+    """Raise ValueError naming every file of ckpt_dir that checklist.chk says is damaged or missing.
+    Rank 0 hashes (logging progress); every rank gets the verdict, so all stop together."""
+    read_checklist(ckpt_dir)  # on every rank: a missing or malformed checklist stops all of them alike
+    problems = None
+    if distributed.is_rank0():
+        logger.info("verifying %s against %s ...", ckpt_dir, CHECKLIST)
+        try:
+            problems = checklist_problems(ckpt_dir, logger.info)
+        except OSError as e:  # an unreadable file: the other ranks must hear of it, not wait
+            problems = [f"{e.filename}: {e.strerror}"]
+    problems = distributed.broadcast_object(problems)
+    if problems:
+        raise ValueError(f"{ckpt_dir} does not match its {CHECKLIST}: " + "; ".join(problems) + ": download those files again")

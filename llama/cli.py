@@ -1,6 +1,9 @@
 """What the command-line scripts share: logs on rank 0 only, and the model they were asked for."""
+import json
 import logging
+import os
 import sys
+import time
 from typing import Callable, Optional
 
 import fire
@@ -23,11 +26,31 @@ def build_generator(ckpt_dir: Optional[str], tokenizer_path: Optional[str], **bu
 
 def run(fn: Callable, **fire_kwargs) -> None:
     """fire.Fire(fn, **fire_kwargs), with bad input (a missing file, a shape or count that does not
-    fit) reported as one line from rank 0 and exit status 1, instead of a traceback from every rank."""
+    fit) reported as one line from rank 0 and exit status 1, instead of a traceback from every rank.
+
+    Under torchrun the line also goes to the launcher's error file, so that the failure summary the
+    launcher prints last shows it as the root cause."""
     try:
         fire.Fire(fn, **fire_kwargs)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        line = f"error: {e}"
         if distributed.rank_from_env() == 0:
-            print(f"error: {e}", file=sys.stderr)
+            print(line, file=sys.stderr)
+        _tell_launcher(line)
         distributed.shutdown()
         sys.exit(1)
+
+
+def _tell_launcher(message: str) -> None:
+    """Write `message` where torch.distributed.elastic's launcher reads a worker's failure (the file
+    named by TORCHELASTIC_ERROR_FILE, in the format of its ErrorHandler); nothing without a launcher."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    # the summary prints py_callstack as the "traceback": our one line instead of a Python traceback
+    info = {"py_callstack": message, "timestamp": str(int(time.time()))}
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": info}}, f)
+    except OSError:
+        pass  # the error line is already on stderr

@@ -1,8 +1,12 @@
 #!/usr/bin/env python
 """Convert Llama 3 checkpoints between Meta's format and Hugging Face's (safetensors).
 
-  python scripts/convert.py to_hf CKPT_DIR OUT_DIR [--max_shard_size 5GB] [--dtype bfloat16]
-  python scripts/convert.py from_hf HF_DIR OUT_DIR [--shards N] [--dtype bfloat16]
+  python scripts/convert.py to_hf CKPT_DIR OUT_DIR [--max_shard_size 5GB] [--dtype bfloat16] [--overwrite]
+  python scripts/convert.py from_hf HF_DIR OUT_DIR [--shards N] [--dtype bfloat16] [--overwrite]
+
+OUT_DIR appears whole or not at all (llama/atomic.py): the files are written beside it, read back,
+then renamed into place. An OUT_DIR that holds files is refused unless --overwrite, which replaces
+it whole; an OUT_DIR inside CKPT_DIR/HF_DIR is refused.
 
 Both directions stream: one tensor (merged from its Meta shards) or one output file at a time, so
 memory stays near one output file (to_hf) or one output shard (from_hf), never the whole model
@@ -20,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import fire  # noqa: E402
 import torch  # noqa: E402
 
-from llama import checkpoint, hf  # noqa: E402
+from llama import atomic, checkpoint, hf  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -158,6 +162,7 @@ def to_hf(
     dtype: Optional[str] = None,
     tie_word_embeddings: Optional[bool] = None,
     rope_scale_factor: Optional[float] = None,
+    overwrite: bool = False,
 ) -> None:
     """Meta checkpoint (params.json + consolidated.NN.pth, any shard count) -> Hugging Face directory.
 
@@ -166,10 +171,11 @@ def to_hf(
     tokenizer.json and tokenizer_config.json (chat template included) when transformers is installed.
     dtype: output dtype (default: the checkpoint's). tie_word_embeddings: default detects equal
     tok_embeddings/output weights (3.2 1B/3B). rope_scale_factor: default from params.json, else
-    32 for the 3.2 1B/3B shapes and 8 otherwise.
+    32 for the 3.2 1B/3B shapes and 8 otherwise. overwrite: replace an OUT_DIR that holds files.
     """
     st, _ = _safetensors()
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    atomic.check_destination(out_dir, overwrite, inputs=[ckpt_dir])  # refuse before reading anything
     src = MetaShards(ckpt_dir)
     out_dtype = _dtype(dtype) or src.shards[0]["tok_embeddings.weight"].dtype
     tied = src.tied() if tie_word_embeddings is None else bool(tie_word_embeddings)
@@ -190,7 +196,16 @@ def to_hf(
         else [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
     )
     print(f"{ckpt_dir}: {len(src.paths)} shard(s), {len(keys)} tensors -> {len(files)} safetensors file(s) in {out_dir}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic.atomic_output_dir(out_dir, overwrite, inputs=[ckpt_dir], verify=_verify_hf) as tmp:
+        _write_hf(src, tmp, ckpt_dir, files, names, sizes, out_dtype, config, st)
+    print(f"done: {out_dir} (tie_word_embeddings={tied}, rope_scaling={config['rope_scaling']})")
+
+
+def _write_hf(
+    src: MetaShards, out_dir: Path, ckpt_dir: Path, files: list[list[str]], names: list[str],
+    sizes: dict[str, int], out_dtype: torch.dtype, config: dict, st,
+) -> None:
+    keys = [k for group in files for k in group]
     start, done, weight_map = time.perf_counter(), 0, {}
     for name, group in zip(names, files):
         tensors = {}
@@ -212,7 +227,14 @@ def to_hf(
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     _copy_tokenizer([ckpt_dir / "tokenizer.model"], out_dir)
     _write_hf_tokenizer(ckpt_dir / "tokenizer.model", out_dir)
-    print(f"done: {out_dir} (tie_word_embeddings={tied}, rope_scaling={config['rope_scaling']})")
+
+
+def _verify_hf(out_dir: Path) -> None:
+    """The written directory reads back: config, index and files agree, every tensor's header reads."""
+    config = json.loads((out_dir / "config.json").read_text())
+    weights = HFWeights(out_dir)
+    _meta_key_sources(weights, config, config["num_hidden_layers"])
+    print(f"read back {len(weights.where)} tensors in {len(weights.handles)} file(s)")
 
 
 class HFWeights:
@@ -221,11 +243,22 @@ class HFWeights:
     def __init__(self, hf_dir: Path):
         _, safe_open = _safetensors()
         index = hf_dir / "model.safetensors.index.json"
+        present = sorted(p.name for p in hf_dir.glob("*.safetensors"))
+        weight_map = None
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise hf.ConversionError(f"{index} is not a safetensors index ({type(e).__name__}: {e})") from None
             files = sorted(set(weight_map.values()))
+            unnamed = [f for f in present if f not in files]
+            if unnamed:
+                raise hf.ConversionError(
+                    f"{hf_dir}: safetensors file(s) {unnamed[:3]} are not named in {index.name}: the directory mixes "
+                    "two conversions; convert again into a new directory"
+                )
         else:
-            files = sorted(p.name for p in hf_dir.glob("*.safetensors"))
+            files = present
         if not files:
             other = [p.name for p in hf_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf")]
             raise hf.ConversionError(
@@ -237,6 +270,10 @@ class HFWeights:
             raise FileNotFoundError(f"{hf_dir}: weight file(s) {missing[:3]} named in the index are missing")
         self.handles = {f: safe_open(str(hf_dir / f), framework="pt") for f in files}
         self.where = {k: h for h in self.handles.values() for k in h.keys()}
+        if weight_map is not None:
+            wrong = [k for k, f in weight_map.items() if k not in self.handles[f].keys()]
+            if wrong:
+                raise hf.ConversionError(f"{hf_dir}: tensors {wrong[:3]} are not in the files the index names for them")
 
     def get(self, key: str) -> torch.Tensor:
         return self.where[key].get_tensor(key)
@@ -269,14 +306,15 @@ def _meta_key_sources(weights: HFWeights, config: dict, n_layers: int) -> dict[s
     return {k: sources[k] for k in order + ["norm.weight", "output.weight"]}
 
 
-def from_hf(hf_dir: str, out_dir: str, shards: int = 1, dtype: Optional[str] = None) -> None:
+def from_hf(hf_dir: str, out_dir: str, shards: int = 1, dtype: Optional[str] = None, overwrite: bool = False) -> None:
     """Hugging Face Llama directory (config.json + safetensors) -> Meta checkpoint of `shards` shards.
 
     Writes params.json and consolidated.NN.pth; a tied model gets output.weight from the embedding;
     tokenizer.model (or original/tokenizer.model) is copied when present. dtype: output dtype
-    (default: the stored one).
+    (default: the stored one). overwrite: replace an OUT_DIR that holds files.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    atomic.check_destination(out_dir, overwrite, inputs=[hf_dir])  # refuse before reading anything
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing: not a Hugging Face model directory")
@@ -288,7 +326,15 @@ def from_hf(hf_dir: str, out_dir: str, shards: int = 1, dtype: Optional[str] = N
     sources = _meta_key_sources(weights, config, args.n_layers)
     out_dtype = _dtype(dtype)
     print(f"{hf_dir}: {len(sources)} tensors in {len(weights.handles)} file(s) -> {shards} shard(s) in {out_dir}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic.atomic_output_dir(out_dir, overwrite, inputs=[hf_dir], verify=checkpoint.inspect_dir) as tmp:
+        _write_meta(weights, sources, config, params, args, shards, out_dtype, tmp, hf_dir)
+    print(f"done: {out_dir} ({args.n_layers} layers, dim {args.dim}, use_scaled_rope={args.use_scaled_rope})")
+
+
+def _write_meta(
+    weights: "HFWeights", sources: dict[str, str], config: dict, params: dict, args: ModelArgs, shards: int,
+    out_dtype: Optional[torch.dtype], out_dir: Path, hf_dir: Path,
+) -> None:
     start = time.perf_counter()
     # one output shard at a time keeps memory at 1/shards of the model (the mmap'd input is re-read)
     for k in range(shards):
@@ -303,13 +349,12 @@ def from_hf(hf_dir: str, out_dir: str, shards: int = 1, dtype: Optional[str] = N
         del shard
     (out_dir / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     _copy_tokenizer([hf_dir / "tokenizer.model", hf_dir / "original" / "tokenizer.model"], out_dir)
-    print(f"done: {out_dir} ({args.n_layers} layers, dim {args.dim}, use_scaled_rope={args.use_scaled_rope})")
 
 
 def main() -> None:
     try:
         fire.Fire({"to_hf": to_hf, "from_hf": from_hf})
-    except (hf.ConversionError, ValueError, FileNotFoundError, KeyError) as e:
+    except (hf.ConversionError, ValueError, TypeError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -264,10 +264,11 @@ class Engine:
     def _sample(self, seqs: List[_Sequence], logits: torch.Tensor) -> List[Event]:
         """Each sequence's next token from its logits row (len(seqs), vocab), with its own sampling
         parameters and generator; then the stop rule."""
+        check_finite(logits)
         tokens = torch.argmax(logits, dim=-1)
         for i, s in enumerate(seqs):
             if s.request.temperature > 0:
-                tokens[i] = _sample(logits[i : i + 1], s.request.temperature, s.request.top_p, s.generator)[0]
+                tokens[i] = _draw(logits[i : i + 1], s.request.temperature, s.request.top_p, s.generator)[0]
         want_lp = [i for i, s in enumerate(seqs) if s.request.logprobs or s.request.top_logprobs]
         lps: Dict[int, float] = {}
         tops: Dict[int, list] = {}
@@ -358,8 +359,30 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     return torch.gather(probs_idx, -1, next_token)
 
 
+class NonFiniteLogitsError(ValueError):
+    """The model produced NaN or infinite logits: nothing can be sampled from them."""
+
+
+def check_finite(logits: torch.Tensor) -> None:
+    """Raise NonFiniteLogitsError, naming the likely causes, for NaN or +inf logits or a row that is
+    all -inf (a -inf mask on some tokens still samples); argmax would pick garbage, multinomial crash."""
+    bad = (torch.isnan(logits) | torch.isposinf(logits)).any(-1) | torch.isneginf(logits).all(-1)
+    if bool(bad.any()):
+        rows = bad.nonzero()[:, 0].tolist()
+        raise NonFiniteLogitsError(
+            f"the model produced NaN or infinite logits (batch rows {rows[:8]}): the weights are likely corrupt "
+            "(check them with scripts/verify.py), or the activations overflowed in float16 (run in bfloat16 or "
+            "float32: --dtype bfloat16)"
+        )
+
+
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
     """(bsz, vocab) logits -> (bsz,) tokens: greedy at temperature 0, else nucleus sampling."""
+    check_finite(logits)
+    return _draw(logits, temperature, top_p, generator)
+
+
+def _draw(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
     if temperature > 0:
         probs = torch.softmax(logits / temperature, dim=-1)
         return sample_top_p(probs, top_p, generator)[:, 0]

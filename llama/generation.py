@@ -6,8 +6,8 @@ from typing import Callable, Iterator, List, Optional, TypedDict, Union
 
 import torch
 
-from llama import checkpoint, distributed, kv_cache
-from llama.engine import Engine, Request, _sample, sample_top_p  # noqa: F401 (re-exported)
+from llama import checkpoint, distributed, kv_cache, validation
+from llama.engine import Engine, NonFiniteLogitsError, Request, _sample, sample_top_p  # noqa: F401 (re-exported)
 from llama.model import ModelArgs, Transformer, kernels_for
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
 
@@ -50,6 +50,7 @@ class Llama:
         dtype: Union[str, torch.dtype, None] = None,
         rope_scale_factor: Optional[float] = None,
         compile: bool = False,
+        verify: bool = False,
     ) -> "Llama":
         """Load a Meta-format checkpoint and its tokenizer.
 
@@ -69,6 +70,7 @@ class Llama:
                 power-of-two length) and CUDA graphs on GPU; the first request of each batch size
                 and cache length compiles. Where compilation fails, a warning is logged and decoding
                 runs eagerly.
+            verify: first check every file against the checkpoint's checklist.chk (Meta's md5 list).
 
         Works under torchrun (one process per model-parallel rank) and as a plain `python` call.
         """
@@ -80,6 +82,8 @@ class Llama:
         mp_size = distributed.setup(device, model_parallel_size)
         torch.manual_seed(seed)
 
+        if verify:
+            checkpoint.verify_checklist(ckpt_dir)
         params = checkpoint.read_params(ckpt_dir)
         tokenizer = Tokenizer(model_path=str(tokenizer_path))
         args = ModelArgs(**{**params, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size})
@@ -192,6 +196,10 @@ class Llama:
         generator seeded with it, so a row's tokens do not depend on the rest of the batch. None
         uses the global RNG.
         """
+        validation.check_request(
+            self.model.params.vocab_size, prompt_tokens=prompt_tokens, temperature=temperature, top_p=top_p,
+            max_gen_len=max_gen_len, seed=seed, logprobs=logprobs, echo=echo, max_gen_len_optional=False,
+        )
         tokens, lps, _ = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed)
         return tokens, (lps if logprobs else None)
 
@@ -241,6 +249,10 @@ class Llama:
         A sequence's `text` pieces joined give its decoded generation; characters split across tokens
         appear once complete. The stop token ends a sequence with `finished` and empty text.
         """
+        validation.check_request(
+            self.model.params.vocab_size, prompt_tokens=prompt_tokens, temperature=temperature, top_p=top_p,
+            max_gen_len=max_gen_len, seed=seed, logprobs=logprobs, max_gen_len_optional=False,
+        )
         engine, ids = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, seed)
         index = {seq_id: i for i, seq_id in enumerate(ids)}
         for events in engine.run():
@@ -262,6 +274,10 @@ class Llama:
         seed: Optional[int] = None,
     ) -> List[CompletionPrediction]:
         """Complete each prompt (bos is added). max_gen_len defaults to max_seq_len - 1."""
+        validation.check_request(
+            self.model.params.vocab_size, prompts=prompts, temperature=temperature, top_p=top_p,
+            max_gen_len=max_gen_len, seed=seed, logprobs=logprobs, echo=echo,
+        )
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
@@ -287,6 +303,10 @@ class Llama:
         A Llama 3.1 answer that calls a tool comes back with `tool_calls` (llama.tokenizer.ToolCall)
         and `stop_reason` ("end_of_message" when it waits for the tool's result, as `ipython` turn).
         """
+        validation.check_request(
+            self.model.params.vocab_size, dialogs=dialogs, temperature=temperature, top_p=top_p,
+            max_gen_len=max_gen_len, seed=seed, logprobs=logprobs,
+        )
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]

@@ -16,7 +16,7 @@ from fairscale.nn.model_parallel.layers import (
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from llama import kv_cache
+from llama import kv_cache, validation
 from llama.kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class ModelArgs:
     max_seq_len: int = 2048
 
     def __init__(self, **kwargs):
+        validation.check_params(kwargs, "model settings")  # types and ranges, naming the key
         for f in fields(self):
             setattr(self, f.name, kwargs.pop(f.name, f.default))
         if kwargs:

@@ -1,7 +1,9 @@
 """Convert between Meta checkpoints and the Hugging Face layout (see llama/convert.py).
 
-    python scripts/convert.py to_hf CKPT_DIR OUT_DIR
-    python scripts/convert.py from_hf HF_DIR OUT_DIR --shards N
+    python scripts/convert.py to_hf CKPT_DIR OUT_DIR [--overwrite]
+    python scripts/convert.py from_hf HF_DIR OUT_DIR --shards N [--overwrite]
+
+OUT_DIR appears only once complete and read back; one that holds files needs --overwrite.
 """
 import sys
 from pathlib import Path

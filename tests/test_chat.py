@@ -12,7 +12,7 @@ import pytest
 
 import helpers
 from llama import ChatFormat, Llama, Tokenizer
-from llama.chat import ChatSession, trim_history
+from llama.chat import PIPED_SEPARATOR, ChatSession, trim_history
 
 SCRIPT = "scripts/chat.py"
 MAX_SEQ_LEN, MAX_GEN_LEN = 128, 32
@@ -45,7 +45,7 @@ def expected_stdout(llama: Llama, lines: list) -> str:
             s.reset()
         else:
             answers.append(s.turn(line))
-    return "".join(a + "\n" for a in answers)
+    return PIPED_SEPARATOR.join(a + "\n" for a in answers)
 
 
 def run_script(args: list, input: str) -> subprocess.CompletedProcess:
@@ -206,3 +206,11 @@ def test_sigint_on_a_terminal_stops_only_the_answer(tiny_ckpt, byte_tokenizer):
     term.expect("You: ")
     term.type("/exit")
     assert term.close() == 0
+
+
+def test_piped_answers_have_a_separator_line_between_them(llama, capsys):
+    s = session(llama)
+    answers = [s.turn("Hello there"), s.turn("x" * 10)]
+    out = capsys.readouterr().out
+    assert out == answers[0] + "\n" + PIPED_SEPARATOR + answers[1] + "\n"
+    assert not out.startswith(PIPED_SEPARATOR) and not out.endswith(PIPED_SEPARATOR)

@@ -178,7 +178,7 @@ def test_progress_and_load_time_are_logged_on_rank0(cpu_group, ckpts, caplog):
         checkpoint.load_model(ckpts[4], model_args(), 0, 1, torch.device("cpu"), torch.float32)
     messages = [r.getMessage() for r in caplog.records]
     assert [m.split(" (")[0] for m in messages[:4]] == [f"loading consolidated.0{k}.pth" for k in range(4)]
-    assert "(4/4, " in messages[3]
+    assert "(shard 4 of 4 in the checkpoint, " in messages[3] and "; 4 of 4 this process reads)" in messages[3]
     assert messages[-1].startswith(f"loaded {ckpts[4]} (4 shard(s)) on 1 process(es) in ")
 
 

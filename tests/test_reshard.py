@@ -83,7 +83,7 @@ def test_refusals_are_one_line_errors(tmp_path, original):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "neither count divides the other" in r.stderr
-    with pytest.raises(ValueError, match="already holds .pth files: choose a new or empty output directory"):
+    with pytest.raises(ValueError, match="already holds 4 file.*choose a new or empty directory, or pass --overwrite"):
         reshard.reshard(original, tmp_path / "mp2", shards=2)
     bad = tmp_path / "bad"
     bad.mkdir()
