@@ -18,7 +18,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
 import torch
 
-from llama import distributed
+from llama import distributed, sharding
 from llama.model import ModelArgs, Transformer
 
 logger = logging.getLogger(__name__)
@@ -26,22 +26,6 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 IGNORED_KEYS = ("rope.freqs",)  # older checkpoints carry the RoPE table; it is recomputed
 TIED_KEY = "output.weight"  # may be absent (converted 3.2 checkpoints): the output then shares the embedding
-
-# How fairscale's tensor parallelism splits each weight across model-parallel ranks.
-COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "output", "tok_embeddings")  # split dim 0
-ROW_PARALLEL = ("wo", "w2")  # split dim 1
-KV_PARALLEL = ("wk", "wv")  # with more ranks than KV heads each rank holds one whole, repeated, head
-
-
-def shard_dim(key: str) -> Optional[int]:
-    """The dimension along which `key` is split across ranks, or None if replicated (the norms)."""
-    module = key.split(".")[-2]
-    if module in COLUMN_PARALLEL:
-        return 0
-    if module in ROW_PARALLEL:
-        return 1
-    return None
-
 
 def read_params(ckpt_dir: PathLike) -> dict:
     """params.json of a checkpoint directory, with clear errors for a missing dir or file."""
@@ -112,88 +96,6 @@ def load_shard(path: PathLike) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Which part of each full (unsharded) weight a rank holds
-
-
-def full_shape(key: str, args: ModelArgs) -> torch.Size:
-    """Shape of the full (unsharded) weight `key` of `args`' model."""
-    dim, vocab, hidden = args.dim, args.vocab_size, args.ffn_hidden_dim
-    q_rows, kv_rows = args.n_heads * args.head_dim, (args.n_kv_heads or args.n_heads) * args.head_dim
-    shapes = {
-        "tok_embeddings": (vocab, dim), "output": (vocab, dim),
-        "norm": (dim,), "attention_norm": (dim,), "ffn_norm": (dim,),
-        "wq": (q_rows, dim), "wk": (kv_rows, dim), "wv": (kv_rows, dim), "wo": (dim, q_rows),
-        "w1": (hidden, dim), "w3": (hidden, dim), "w2": (dim, hidden),
-    }
-    return torch.Size(shapes[key.split(".")[-2]])
-
-
-def piece_range(key: str, args: ModelArgs, rank: int, count: int) -> Optional[tuple[int, int]]:
-    """(start, length) along shard_dim(key) of the full weight that rank `rank` of `count` holds;
-    None for replicated weights.
-
-    Even splits, except wk/wv with more ranks than KV heads: rank r then holds the whole head
-    r // (count / n_kv_heads), so ranks share (repeat) heads.
-    """
-    dim = shard_dim(key)
-    if dim is None:
-        return None
-    n_kv = args.n_kv_heads or args.n_heads
-    if key.split(".")[-2] in KV_PARALLEL and count > n_kv:
-        head = rank // (count // n_kv)
-        return head * args.head_dim, args.head_dim
-    size = full_shape(key, args)[dim] // count
-    return rank * size, size
-
-
-def piece_shape(key: str, args: ModelArgs, rank: int, count: int) -> torch.Size:
-    """Shape of rank `rank`'s slice of `key` when the model is split over `count` ranks."""
-    shape = list(full_shape(key, args))
-    span = piece_range(key, args, rank, count)
-    if span is not None:
-        shape[shard_dim(key)] = span[1]
-    return torch.Size(shape)
-
-
-def shard_tensor(key: str, full: torch.Tensor, args: ModelArgs, rank: int, count: int) -> torch.Tensor:
-    """Rank `rank`'s slice (a view) of the full weight `full` when split over `count` ranks."""
-    span = piece_range(key, args, rank, count)
-    return full if span is None else full.narrow(shard_dim(key), *span)
-
-
-def source_ranks(n_shards: int, rank: int, count: int) -> list[int]:
-    """The source shards rank `rank` of `count` reads: several when merging, one when cutting."""
-    if n_shards >= count:
-        per = n_shards // count
-        return list(range(rank * per, (rank + 1) * per))
-    return [rank // (count // n_shards)]
-
-
-def check_process_count(args: ModelArgs, n_shards: int, mp_size: int, source: str = "the checkpoint") -> None:
-    """ValueError, saying what to do, unless `n_shards` shards can be loaded on `mp_size` ranks."""
-    if mp_size > args.n_heads:
-        raise ValueError(
-            f"{mp_size} model-parallel processes but the model has only {args.n_heads} attention heads: "
-            f"use at most {args.n_heads} processes"
-        )
-    if n_shards % mp_size and mp_size % n_shards:
-        fits = [m for m in range(1, args.n_heads + 1) if (n_shards % m == 0 or m % n_shards == 0) and _fits(args, m)]
-        raise ValueError(
-            f"{source} has {n_shards} shard(s) and {mp_size} model-parallel processes were started, and neither "
-            f"count divides the other: use one of {fits[:8]} processes, or reshard it (scripts/reshard.py)"
-        )
-    args.validate(mp_size)
-
-
-def _fits(args: ModelArgs, mp_size: int) -> bool:
-    try:
-        args.validate(mp_size)
-        return True
-    except ValueError:
-        return False
-
-
-# ---------------------------------------------------------------------------------------------
 # Reading: a cheap pass over every shard's header, then each rank's slice one shard at a time
 
 
@@ -245,7 +147,7 @@ def inspect_checkpoint(ckpt_dir: PathLike, args: ModelArgs) -> Layout:
         if TIED_KEY in first and TIED_KEY not in meta:
             raise ValueError(f"{TIED_KEY} is in {first_path.name} but not in {path.name}: the shards do not match")
     for key in first:  # the shard's own order (Meta's: embedding, layers, norm, output)
-        want = piece_shape(key, args, 0, n)
+        want = sharding.piece_shape(key, args, 0, n)
         if first[key][0] != want:
             raise ValueError(
                 f"params.json does not match the weights: {key} is {tuple(first[key][0])} in {first_path.name} "
@@ -334,13 +236,13 @@ def load_rank_state(
     slice plus one source shard are resident. output.weight is left out for a tied checkpoint.
     """
     layout = layout or inspect_checkpoint(ckpt_dir, args)
-    check_process_count(args, layout.n_shards, count, str(ckpt_dir))
+    sharding.check_process_count(args, layout.n_shards, count, str(ckpt_dir))
     targets = {
-        key: torch.empty(piece_shape(key, args, rank, count), dtype=dtype or layout.dtypes[key], device=device)
+        key: torch.empty(sharding.piece_shape(key, args, rank, count), dtype=dtype or layout.dtypes[key], device=device)
         for key in layout.keys
     }
     covered = dict.fromkeys(targets, 0)
-    sources = source_ranks(layout.n_shards, rank, count)
+    sources = sharding.source_ranks(layout.n_shards, rank, count)
     show = distributed.is_rank0()
     progress = _progress(sum(t.nbytes for t in targets.values()), show)
     for i, k in enumerate(sources):
@@ -349,7 +251,7 @@ def load_rank_state(
             logger.info("loading %s (%d/%d, %.2f GB) ...", path.name, i + 1, len(sources), path.stat().st_size / 1e9)
         _copy_from_shard(_MappedShard(path), k, layout.n_shards, targets, covered, args, rank, count, progress)
     for key, done in covered.items():
-        want = piece_range(key, args, rank, count)
+        want = sharding.piece_range(key, args, rank, count)
         if done != (1 if want is None else want[1]):  # a slicing bug, never a user error
             raise RuntimeError(f"internal error: {key} of rank {rank}/{count} was not fully assembled")
     return targets
@@ -370,14 +272,14 @@ def _copy_from_shard(
     telling `progress` the bytes of each piece filled."""
     for key, target in targets.items():
         src = shard.tensors[key]
-        dim, span = shard_dim(key), piece_range(key, args, rank, count)
+        dim, span = sharding.shard_dim(key), sharding.piece_range(key, args, rank, count)
         if span is None:  # replicated: any one shard gives it
             if not covered[key]:
                 _copy_released(target, src, shard)
                 covered[key] = 1
                 progress(target.nbytes)
             continue
-        s_start, s_len = piece_range(key, args, k, n)
+        s_start, s_len = sharding.piece_range(key, args, k, n)
         t_start, t_len = span
         lo, hi = max(s_start, t_start), min(s_start + s_len, t_start + t_len)
         # a repeated KV head comes from several shards; covered[key] counts rows already filled
@@ -459,7 +361,7 @@ def load_model(
     """
     start = time.perf_counter()
     n_shards = len(shard_paths(ckpt_dir))
-    check_process_count(args, n_shards, mp_size, str(ckpt_dir))
+    sharding.check_process_count(args, n_shards, mp_size, str(ckpt_dir))
     _check_model_parallel_group(mp_size)
     layout = inspect_checkpoint(ckpt_dir, args)
     with _skeleton():
@@ -507,6 +409,6 @@ def save_checkpoint(
         shard = {}
         for key, t in state_dict.items():
             if key not in IGNORED_KEYS:
-                t = shard_tensor(key, t, args, k, n_shards)
+                t = sharding.shard_tensor(key, t, args, k, n_shards)
             shard[key] = (t if dtype is None else t.to(dtype)).detach().clone().contiguous()
         torch.save(shard, out_dir / f"consolidated.{k:02d}.pth")

@@ -18,7 +18,7 @@ import fire
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llama import checkpoint, distributed  # noqa: E402
+from llama import checkpoint, distributed, sharding  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def reshard(ckpt_dir: str, out_dir: str, shards: int, dtype: Optional[str] = Non
     params = checkpoint.read_params(src)
     args = ModelArgs(**params)
     layout = checkpoint.inspect_checkpoint(src, args)
-    checkpoint.check_process_count(args, layout.n_shards, shards, str(src))
+    sharding.check_process_count(args, layout.n_shards, shards, str(src))
     out_dtype = distributed.resolve_dtype(dtype, torch.device("cpu")) if dtype else None
     if out.exists() and any(out.glob("*.pth")):
         raise ValueError(f"{out} already holds .pth files: choose a new or empty output directory")
@@ -64,7 +64,7 @@ def _verify_shard(path: Path, state: dict, args: ModelArgs, rank: int, count: in
     if set(back) != set(state):
         raise ValueError(f"{path} reads back with keys {sorted(set(back) ^ set(state))} changed")
     for key, t in state.items():
-        want = checkpoint.piece_shape(key, args, rank, count)
+        want = sharding.piece_shape(key, args, rank, count)
         if back[key].shape != want or not torch.equal(back[key], t):
             shape = tuple(back[key].shape)
             raise ValueError(f"{path}: {key} does not read back as written (shape {shape}, want {tuple(want)})")
