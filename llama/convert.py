@@ -102,6 +102,11 @@ class MetaShards:
 
     def __init__(self, ckpt_dir: Path):
         self.params = checkpoint.read_params(ckpt_dir)
+        if "quantization" in self.params:
+            raise hf.ConversionError(
+                f"{ckpt_dir} is quantized ({self.params['quantization'].get('mode')}): Hugging Face conversion "
+                "needs full-precision weights; convert the checkpoint it was quantized from"
+            )
         self.paths = checkpoint.shard_paths(ckpt_dir)
         self.args = ModelArgs(**self.params)
         self.args.validate(len(self.paths))

@@ -6,7 +6,8 @@
 The shard counts must divide one another (8 -> 1, 2, 4, 16, ...). Each output shard is assembled from
 the memory-mapped source shards it needs, one source shard at a time (llama.checkpoint, the same code
 that loads checkpoints), written, then read back and compared with what was meant to be written.
-params.json is copied unchanged, and tokenizer.model when present.
+params.json is copied unchanged, and tokenizer.model when present. A quantized checkpoint
+(scripts/quantize.py) reshards as stored: its scales split with their weights.
 """
 import shutil
 import sys
@@ -47,7 +48,7 @@ def reshard(ckpt_dir: str, out_dir: str, shards: int, dtype: Optional[str] = Non
         state = checkpoint.load_rank_state(src, args, k, shards, "cpu", out_dtype, layout)
         path = out / f"consolidated.{k:02d}.pth"
         torch.save(state, path)
-        _verify_shard(path, state, args, k, shards)
+        _verify_shard(path, state, args, k, shards, layout.quant)
         print(f"[{k + 1}/{shards}] wrote and verified {path.name} ({time.perf_counter() - start:.1f}s)")
         del state
     shutil.copyfile(src / "params.json", out / "params.json")
@@ -58,13 +59,13 @@ def reshard(ckpt_dir: str, out_dir: str, shards: int, dtype: Optional[str] = Non
     print(f"done: {out}")
 
 
-def _verify_shard(path: Path, state: dict, args: ModelArgs, rank: int, count: int) -> None:
+def _verify_shard(path: Path, state: dict, args: ModelArgs, rank: int, count: int, quant=None) -> None:
     """Re-read a written shard and compare it, tensor by tensor, with what was meant to be written."""
     back = checkpoint.load_shard(path)
     if set(back) != set(state):
         raise ValueError(f"{path} reads back with keys {sorted(set(back) ^ set(state))} changed")
     for key, t in state.items():
-        want = sharding.piece_shape(key, args, rank, count)
+        want = sharding.piece_shape(key, args, rank, count, quant)
         if back[key].shape != want or not torch.equal(back[key], t):
             shape = tuple(back[key].shape)
             raise ValueError(f"{path}: {key} does not read back as written (shape {shape}, want {tuple(want)})")
