@@ -177,6 +177,8 @@ def chat(
     seed: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    quantize: Optional[str] = None,
+    group_size: int = 32,
 ):
     """Chat with a Llama 3 instruct checkpoint, or with no arguments the bundled demo model.
 
@@ -197,6 +199,9 @@ def chat(
             before it; default: the random stream seeded at start-up (the same on every rank).
         device: cuda or cpu (default: cuda when available).
         dtype: bfloat16, float16 or float32 (default: the device's best).
+        quantize: int8, int4 (or fp8 on CUDA sm89+) weight-only quantization on load (default: none;
+            a checkpoint from scripts/quantize.py loads quantized as stored).
+        group_size: int4 group size (32, 64, 128, 256).
     """
     generator = cli.build_generator(
         ckpt_dir,
@@ -205,6 +210,8 @@ def chat(
         max_batch_size=1,
         device=device,
         dtype=dtype,
+        quantize=quantize,
+        group_size=group_size,
     )
     tty = sys.stdin.isatty()
     if tty:

@@ -241,3 +241,15 @@ def test_cuda_quantized_linear_matches_dequantize(mode):
     want = F.linear(x.float(), quantize.dequantize(mode, *stored, group_size=32))
     tol = 0.1 if mode == "fp8" else 0.02  # fp8 also quantizes the activations
     assert (lin(x).float() - want).abs().max() <= tol * want.abs().max()
+
+
+@pytest.mark.parametrize("script, mode", [("example_text_completion.py", "int8"), ("scripts/chat.py", "int4")])
+def test_scripts_take_quantize(script, mode):
+    """--quantize passes through to Llama.build (the bundled demo model, quantized on load)."""
+    proc = subprocess.run(
+        [sys.executable, script, "--quantize", mode, "--max_gen_len", "4", "--device", "cpu"],
+        input="What does the len function do?\n", capture_output=True, text=True, cwd=helpers.REPO,
+        env=helpers.child_env(), timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"quantized ({mode}" in proc.stderr and proc.stdout.strip()
