@@ -70,7 +70,7 @@ def check_keys(
     want = expected_keys(n_layers, quant)
     have = set(state_dict) - set(IGNORED_KEYS)
     if allow_tied and TIED_KEY not in have:
-        want.discard(TIED_KEY)
+        want -= set(quant.keys(TIED_KEY) if quant is not None and quant.applies(TIED_KEY) else [TIED_KEY])
     missing, unexpected = sorted(want - have), sorted(have - want)
     if missing or unexpected:
         raise ValueError(
@@ -454,8 +454,9 @@ def load_model(
     reduce_max = quantize.model_parallel_max() if quant is not None and layout.quant is None else None
     state = load_rank_state(ckpt_dir, args, mp_rank, mp_size, device, dtype, layout, quant, reduce_max)
     tied_output = layout.tied and not (active is not None and active.applies(TIED_KEY))
-    if layout.tied and not tied_output:  # a quantized copy of the embedding (column-parallel alike)
-        state.update(quantize.quantize_weight(TIED_KEY, state["tok_embeddings.weight"], active))
+    if layout.tied and not tied_output:  # the embedding's quantized tensors serve the output too
+        for key in active.keys(TIED_KEY):
+            state[key] = state[key.replace("output.", "tok_embeddings.", 1)]
     if tied_output:
         state[TIED_KEY] = state["tok_embeddings.weight"]
     if active is not None:

@@ -364,7 +364,7 @@ class Transformer(nn.Module):
         """Allocate each layer's KV cache for `max_batch_size` rows of `max_seq_len` tokens."""
         if max_seq_len > self.params.max_seq_len:
             raise ValueError(f"KV cache of {max_seq_len} tokens exceeds max_seq_len {self.params.max_seq_len}")
-        w = self.tok_embeddings.weight  # the activations' dtype (projections may hold quantized weights)
+        w = self.norm.weight  # the activations' dtype and device (projections may hold quantized weights)
         for layer in self.layers:
             a = layer.attention
             shape = (max_batch_size, a.n_local_kv_heads, max_seq_len, a.head_dim)

@@ -35,6 +35,7 @@ MODES = ("int8", "int4", "fp8")
 FILE_MODES = ("int8", "int4")  # what scripts/quantize.py writes
 GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4 kernels take
 BLOCK_MODULES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+VOCAB_MODULES = ("output", "tok_embeddings")
 FP8_MAX = 448.0  # largest float8_e4m3fn
 ReduceMax = Callable[[torch.Tensor], torch.Tensor]  # all-reduce MAX over the model-parallel group
 
@@ -48,9 +49,11 @@ class QuantConfig:
     output: bool = True
 
     def applies(self, key: str) -> bool:
-        """Whether the weight of `key`'s module (a checkpoint key) is quantized."""
+        """Whether the weight of `key`'s module (a checkpoint key) is quantized: the block projections,
+        and with `output` the two vocabulary matrices, the output projection and the embedding (one
+        matrix in a tied model; rows are dequantized as they are looked up)."""
         module = sharding.module_of(key)
-        return module in BLOCK_MODULES or (self.output and module == "output")
+        return module in BLOCK_MODULES or (self.output and module in VOCAB_MODULES)
 
     def keys(self, weight_key: str) -> list[str]:
         """The stored keys of a quantized weight: <m>.weight, <m>.scales (and <m>.zeros for int4)."""
@@ -191,12 +194,37 @@ def quantize_weight(
     """
     names = config.keys(key)
     if config.mode == "int4":
-        return dict(zip(names, quantize_int4(w, config.group_size)))
-    amax = w.float().abs().amax(dim=1)
+        return dict(zip(names, _by_rows(lambda rows: quantize_int4(rows, config.group_size), w)))
+    amax = torch.cat([rows.float().abs().amax(dim=1) for rows in w.split(_chunk_rows(w), dim=0)])
     if reduce_max is not None and sharding.shard_dim(key) == 1:
         amax = reduce_max(amax)
     fn = quantize_int8 if config.mode == "int8" else quantize_fp8
-    return dict(zip(names, fn(w, amax)))
+    step = _chunk_rows(w)
+    return dict(zip(names, _by_rows(lambda rows, i: fn(rows, amax[i : i + step]), w, with_start=True)))
+
+
+CHUNK_BYTES = 32 << 20  # float32 temporaries of quantization stay within a few times this
+
+
+def _chunk_rows(w: torch.Tensor, multiple: int = 64) -> int:
+    """Rows per chunk of `w` for float32 work of about CHUNK_BYTES, a multiple of `multiple`."""
+    rows = max(1, CHUNK_BYTES // max(4 * w[0].numel(), 1)) // multiple * multiple
+    return max(rows, multiple)
+
+
+def _by_rows(fn: Callable, w: torch.Tensor, with_start: bool = False) -> tuple[torch.Tensor, ...]:
+    """fn applied to chunks of rows of `w`, its outputs written into tensors of all the rows: the
+    float32 temporaries of a whole output projection (vocab x dim) would otherwise add gigabytes."""
+    step, outs = _chunk_rows(w), None
+    for i in range(0, len(w), step):
+        parts = fn(w[i : i + step], i) if with_start else fn(w[i : i + step])
+        if outs is None:
+            if len(w) <= step:
+                return parts
+            outs = tuple(torch.empty((len(w), *p.shape[1:]), dtype=p.dtype, device=p.device) for p in parts)
+        for out, p in zip(outs, parts):
+            out[i : i + step] = p
+    return outs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,6 +396,35 @@ class QuantizedLinear(nn.Module):
         return out
 
 
+class QuantizedEmbedding(nn.Module):
+    """fairscale's VocabParallelEmbedding over stored quantized rows (int8 or int4): each rank holds
+    a range of the vocabulary, looks up the tokens in it, dequantizes just those rows to `act_dtype`,
+    and the ranks' partial results are summed."""
+
+    def __init__(
+        self, mode: str, q: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], group_size: int,
+        act_dtype: torch.dtype, vocab_start: int = 0,
+    ):
+        super().__init__()
+        self.mode, self.group_size, self.act_dtype = mode, group_size, act_dtype
+        self.vocab_start, self.vocab_end = vocab_start, vocab_start + q.shape[0]
+        self.register_buffer("weight", q, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        if zeros is not None:
+            self.register_buffer("zeros", zeros, persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)
+        local = (tokens - self.vocab_start).masked_fill(outside, 0)
+        flat = local.reshape(-1)
+        rows = dequantize(
+            self.mode, self.weight[flat], self.scales[flat], getattr(self, "zeros", None)[flat] if self.mode == "int4" else None,
+            self.group_size,
+        )  # (tokens, dim) float32
+        out = rows.to(self.act_dtype).reshape(*tokens.shape, -1).masked_fill(outside[..., None], 0)
+        return reduce_from_model_parallel_region(out)
+
+
 def _name(base: str, dtype: torch.dtype) -> str:
     return f"{base}_{str(dtype).removeprefix('torch.')}"
 
@@ -378,7 +435,11 @@ def _int4_kernel_layout(q: torch.Tensor) -> torch.Tensor:
         values = unpack_int4(q)
         swapped = (values[:, ::2] << 4) | values[:, 1::2]
         return torch._convert_weight_to_int4pack(swapped.contiguous(), INT4_INNER_K_TILES["cuda"])
-    return torch._convert_weight_to_int4pack_for_cpu(unpack_int4(q).to(torch.int32), INT4_INNER_K_TILES["cpu"])
+    # in chunks of 64 rows (the kernel's blocks), so the int32 copy it takes stays small
+    step = _chunk_rows(unpack_int4(q[:1]).to(torch.int32))
+    chunks = q.split(step if len(q) % 64 == 0 else len(q), dim=0)
+    packed = [torch._convert_weight_to_int4pack_for_cpu(unpack_int4(c).to(torch.int32), INT4_INNER_K_TILES["cpu"]) for c in chunks]
+    return torch.cat(packed) if len(packed) > 1 else packed[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,11 +470,17 @@ def install(
             raise ValueError(f"quantized weights {missing} are missing: the checkpoint is not quantized as {config.describe()}")
         q, scales, *zeros = (rest.pop(k) for k in keys)
         old = model.get_submodule(name)
-        parallel = "row" if sharding.shard_dim(name + ".weight") == 1 else "column"
-        new = QuantizedLinear(
-            config.mode, q, scales, zeros[0] if zeros else None, config.group_size, act_dtype,
-            parallel=parallel, gather_output=getattr(old, "gather_output", False), compute_dtype=compute_dtype,
-        )
+        if name == "tok_embeddings":
+            new = QuantizedEmbedding(
+                config.mode, q, scales, zeros[0] if zeros else None, config.group_size, act_dtype,
+                vocab_start=getattr(old, "vocab_start_index", 0),
+            )
+        else:
+            parallel = "row" if sharding.shard_dim(name + ".weight") == 1 else "column"
+            new = QuantizedLinear(
+                config.mode, q, scales, zeros[0] if zeros else None, config.group_size, act_dtype,
+                parallel=parallel, gather_output=getattr(old, "gather_output", False), compute_dtype=compute_dtype,
+            )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     if names and model.__class__.__name__ == "Transformer":
@@ -453,10 +520,9 @@ def model_parallel_max() -> Optional[ReduceMax]:
 
 def quantized_bytes(model: nn.Module) -> int:
     """Bytes held by the model's parameters and quantized buffers (the KV cache left out)."""
-    total = sum(p.nbytes for p in model.parameters())
-    for m in model.modules():
-        if isinstance(m, QuantizedLinear):
-            total += sum(b.nbytes for b in m.buffers(recurse=False))
-    return total
+    seen = {}  # a tied model's output shares the embedding's tensors: count them once
+    for t in list(model.parameters()) + [b for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding)) for b in m.buffers(recurse=False)]:
+        seen[t.data_ptr()] = t.nbytes
+    return sum(seen.values())
 
 

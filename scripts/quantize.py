@@ -59,8 +59,7 @@ def main(
     for key in layout.keys:
         full = sharding.merge_pieces(key, [m[key] for m in mapped], args)
         state.update(quantize.quantize_weight(key, full, config) if config.applies(key) else {key: full})
-    if layout.tied and config.output:  # the output projection is the embedding: a quantized copy of it
-        state.update(quantize.quantize_weight(checkpoint.TIED_KEY, state["tok_embeddings.weight"], config))
+    # a tied checkpoint stays tied: the loader gives the output the embedding's quantized tensors
     print(f"quantized {len(keys)} projections in {time.perf_counter() - start:.1f}s")
     checkpoint.save_checkpoint(state, {**params, "quantization": config.to_params()}, out, n_shards=n_out)
     if (src_dir / "tokenizer.model").is_file():

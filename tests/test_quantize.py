@@ -253,3 +253,23 @@ def test_scripts_take_quantize(script, mode):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"quantized ({mode}" in proc.stderr and proc.stdout.strip()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_tied_checkpoint_quantizes_the_embedding_once_and_stays_tied(tmp_path, fp_ckpt, mode):
+    sd = checkpoint.load_rank_state(fp_ckpt, ModelArgs(**PARAMS), 0, 1)
+    tied = tmp_path / "tied"
+    checkpoint.save_checkpoint({k: v for k, v in sd.items() if k != "output.weight"}, PARAMS, tied)
+    helpers.write_byte_tokenizer(tied / "tokenizer.model")
+    quantize_script.main(str(tied), str(tmp_path / "q"), mode=mode)
+    assert "output.weight" not in checkpoint.load_shard(tmp_path / "q" / "consolidated.00.pth")
+    helpers.write_byte_tokenizer(tmp_path / "q" / "tokenizer.model")
+    on_load, from_file = build(tied, mode), build(tmp_path / "q")
+    assert torch.equal(logits_of(on_load), logits_of(from_file))
+    m = on_load.model
+    assert isinstance(m.tok_embeddings, quantize.QuantizedEmbedding) and isinstance(m.output, quantize.QuantizedLinear)
+    if mode == "int8":  # one int8 matrix serves both
+        assert m.output.weight.data_ptr() == m.tok_embeddings.weight.data_ptr()
+    tokens = torch.tensor([[3, 70, 500]])
+    want = quantize.dequantize(mode, m.tok_embeddings.weight, m.tok_embeddings.scales, getattr(m.tok_embeddings, "zeros", None))
+    assert torch.equal(m.tok_embeddings(tokens), want[tokens[0]][None])
