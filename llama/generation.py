@@ -74,12 +74,13 @@ class Llama:
                 and cache length compiles. Where compilation fails, a warning is logged and decoding
                 runs eagerly.
             quantize: None (full precision, exactly as stored), "int8", "int4" or "fp8" (CUDA sm89+):
-                weight-only quantization of the seven projections of every block (and the output
-                projection), done on load by each rank from its own slice (llama.quantize). A
+                weight-only quantization of the seven projections of every block (and of the output
+                projection and the embedding), done on load by each rank from its own slice (llama.quantize). A
                 checkpoint written by scripts/quantize.py loads quantized as stored with None or
                 its own mode; another mode is an error.
             group_size: int4 group size along the input dimension (32, 64, 128 or 256).
-            quantize_output: quantize the output projection too (False keeps it in full precision).
+            quantize_output: quantize the vocabulary matrices too, the output projection and the
+                embedding (one matrix in a tied model); False keeps both in full precision.
                 With dtype=None the quantized products run in the dtype measured fastest for each
                 kind of step (llama.quantize.cpu_kernel); a dtype given runs them in that dtype.
 

@@ -1,5 +1,6 @@
 # Weight-only quantization (gpt-fast style): the model is built plain, then its projections are
-# replaced by QuantizedLinear modules holding int8 or int4 weights (or fp8 on CUDA sm89+).
+# replaced by QuantizedLinear modules holding int8 or int4 weights (or fp8 on CUDA sm89+), and,
+# with the output projection, the embedding by a QuantizedEmbedding (rows dequantized on lookup).
 #
 # The stored (canonical) form of a quantized projection `<m>` -- what scripts/quantize.py writes and
 # what quantizing on load produces, bit for bit -- is, for an (out, in) weight W:
@@ -79,7 +80,7 @@ class QuantConfig:
 
     def describe(self) -> str:
         extra = f", group size {self.group_size}" if self.mode == "int4" else ""
-        return f"{self.mode}{extra}, output projection {'quantized' if self.output else 'in full precision'}"
+        return f"{self.mode}{extra}, output and embedding {'quantized' if self.output else 'in full precision'}"
 
 
 def resolve(quantize: Optional[str], group_size: int = 32, quantize_output: bool = True) -> Optional[QuantConfig]:

@@ -33,7 +33,7 @@ def main(
         dst: output directory (must not hold .pth files yet).
         mode: int8 (symmetric, a scale per output channel) or int4 (group-wise scales and zero points).
         group_size: int4 group size along the input dimension (32, 64, 128, 256).
-        quantize_output: quantize the output projection too (False keeps it as stored).
+        quantize_output: quantize the output projection and the embedding too (False keeps them as stored).
         shards: shard count of DST (default: SRC's); any count the model splits into.
     """
     src_dir, out = Path(src), Path(dst)
