@@ -60,6 +60,8 @@ def main(
     seed: int = 1,
     compile: bool = False,
     verify: bool = False,
+    quantize: Optional[str] = None,
+    group_size: int = 32,
 ):
     """Answer a few example dialogs in the Llama 3 chat format.
 
@@ -76,6 +78,9 @@ def main(
         seed: random seed, the same on every process.
         compile: torch.compile the decode step (CUDA graphs on GPU); eager if compilation fails.
         verify: check the checkpoint's files against its checklist.chk (md5) before loading.
+        quantize: int8, int4 (or fp8 on CUDA sm89+) weight-only quantization on load (default: none;
+            a checkpoint from scripts/quantize.py loads quantized as stored).
+        group_size: int4 group size (32, 64, 128, 256).
     """
     demo = ckpt_dir is None and tokenizer_path is None
     generator = build_generator(
@@ -88,6 +93,8 @@ def main(
         dtype=dtype,
         compile=compile,
         verify=verify,
+        quantize=quantize,
+        group_size=group_size,
     )
     dialogs = DEMO_DIALOGS if demo else DIALOGS
     results = generator.chat_completion(dialogs, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)

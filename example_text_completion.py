@@ -48,6 +48,8 @@ def main(
     seed: int = 1,
     compile: bool = False,
     verify: bool = False,
+    quantize: Optional[str] = None,
+    group_size: int = 32,
 ):
     """Complete a few example prompts.
 
@@ -64,6 +66,9 @@ def main(
         seed: random seed, the same on every process.
         compile: torch.compile the decode step (CUDA graphs on GPU); eager if compilation fails.
         verify: check the checkpoint's files against its checklist.chk (md5) before loading.
+        quantize: int8, int4 (or fp8 on CUDA sm89+) weight-only quantization on load (default: none;
+            a checkpoint from scripts/quantize.py loads quantized as stored).
+        group_size: int4 group size (32, 64, 128, 256).
     """
     demo = ckpt_dir is None and tokenizer_path is None
     generator = build_generator(
@@ -76,6 +81,8 @@ def main(
         dtype=dtype,
         compile=compile,
         verify=verify,
+        quantize=quantize,
+        group_size=group_size,
     )
     prompts = DEMO_PROMPTS if demo else PROMPTS
     results = generator.text_completion(prompts, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)

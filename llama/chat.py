@@ -183,6 +183,8 @@ def chat(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     verify: bool = False,
+    quantize: Optional[str] = None,
+    group_size: int = 32,
 ):
     """Chat with a Llama 3 instruct checkpoint, or with no arguments the bundled demo model.
 
@@ -204,6 +206,9 @@ def chat(
         device: cuda or cpu (default: cuda when available).
         dtype: bfloat16, float16 or float32 (default: the device's best).
         verify: check the checkpoint's files against its checklist.chk (md5) before loading.
+        quantize: int8, int4 (or fp8 on CUDA sm89+) weight-only quantization on load (default: none;
+            a checkpoint from scripts/quantize.py loads quantized as stored).
+        group_size: int4 group size (32, 64, 128, 256).
     """
     generator = cli.build_generator(
         ckpt_dir,
@@ -213,6 +218,8 @@ def chat(
         device=device,
         dtype=dtype,
         verify=verify,
+        quantize=quantize,
+        group_size=group_size,
     )
     tty = sys.stdin.isatty()
     if tty:

@@ -21,7 +21,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
 import torch
 
-from llama import distributed, validation
+from llama import distributed, quantize, sharding, validation
 from llama.model import ModelArgs, Transformer
 
 logger = logging.getLogger(__name__)
@@ -29,22 +29,6 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 IGNORED_KEYS = ("rope.freqs",)  # older checkpoints carry the RoPE table; it is recomputed
 TIED_KEY = "output.weight"  # may be absent (converted 3.2 checkpoints): the output then shares the embedding
-
-# How fairscale's tensor parallelism splits each weight across model-parallel ranks.
-COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "output", "tok_embeddings")  # split dim 0
-ROW_PARALLEL = ("wo", "w2")  # split dim 1
-KV_PARALLEL = ("wk", "wv")  # with more ranks than KV heads each rank holds one whole, repeated, head
-
-
-def shard_dim(key: str) -> Optional[int]:
-    """The dimension along which `key` is split across ranks, or None if replicated (the norms)."""
-    module = key.split(".")[-2]
-    if module in COLUMN_PARALLEL:
-        return 0
-    if module in ROW_PARALLEL:
-        return 1
-    return None
-
 
 def read_params(ckpt_dir: PathLike) -> dict:
     """params.json of a checkpoint directory, with clear errors for a missing dir or file."""
@@ -86,23 +70,28 @@ def shard_paths(ckpt_dir: PathLike) -> list[Path]:
     return paths
 
 
-def expected_keys(n_layers: int) -> set[str]:
-    """Every state-dict key of an `n_layers`-layer Llama 3 checkpoint (output.weight included)."""
+def expected_keys(n_layers: int, quant: Optional[quantize.QuantConfig] = None) -> set[str]:
+    """Every state-dict key of an `n_layers`-layer Llama 3 checkpoint (output.weight included),
+    quantized as `quant` says (each quantized weight with its scales, and zeros for int4)."""
     keys = {"tok_embeddings.weight", "norm.weight", "output.weight"}
     for i in range(n_layers):
         keys |= {f"layers.{i}.attention.{w}.weight" for w in ("wq", "wk", "wv", "wo")}
         keys |= {f"layers.{i}.feed_forward.{w}.weight" for w in ("w1", "w2", "w3")}
         keys |= {f"layers.{i}.attention_norm.weight", f"layers.{i}.ffn_norm.weight"}
+    if quant is not None:
+        keys = {k for key in keys for k in (quant.keys(key) if quant.applies(key) else [key])}
     return keys
 
 
-def check_keys(state_dict: dict, n_layers: int, source: str, allow_tied: bool = False) -> None:
+def check_keys(
+    state_dict: dict, n_layers: int, source: str, allow_tied: bool = False, quant: Optional[quantize.QuantConfig] = None
+) -> None:
     """Strict key check: only IGNORED_KEYS may be extra, and with `allow_tied` output.weight may be
     missing. Names the missing and unexpected keys."""
-    want = expected_keys(n_layers)
+    want = expected_keys(n_layers, quant)
     have = set(state_dict) - set(IGNORED_KEYS)
     if allow_tied and TIED_KEY not in have:
-        want.discard(TIED_KEY)
+        want -= set(quant.keys(TIED_KEY) if quant is not None and quant.applies(TIED_KEY) else [TIED_KEY])
     missing, unexpected = sorted(want - have), sorted(have - want)
     if missing or unexpected:
         raise ValueError(
@@ -165,88 +154,6 @@ def _damaged(path: Path, e: Exception) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Which part of each full (unsharded) weight a rank holds
-
-
-def full_shape(key: str, args: ModelArgs) -> torch.Size:
-    """Shape of the full (unsharded) weight `key` of `args`' model."""
-    dim, vocab, hidden = args.dim, args.vocab_size, args.ffn_hidden_dim
-    q_rows, kv_rows = args.n_heads * args.head_dim, (args.n_kv_heads or args.n_heads) * args.head_dim
-    shapes = {
-        "tok_embeddings": (vocab, dim), "output": (vocab, dim),
-        "norm": (dim,), "attention_norm": (dim,), "ffn_norm": (dim,),
-        "wq": (q_rows, dim), "wk": (kv_rows, dim), "wv": (kv_rows, dim), "wo": (dim, q_rows),
-        "w1": (hidden, dim), "w3": (hidden, dim), "w2": (dim, hidden),
-    }
-    return torch.Size(shapes[key.split(".")[-2]])
-
-
-def piece_range(key: str, args: ModelArgs, rank: int, count: int) -> Optional[tuple[int, int]]:
-    """(start, length) along shard_dim(key) of the full weight that rank `rank` of `count` holds;
-    None for replicated weights.
-
-    Even splits, except wk/wv with more ranks than KV heads: rank r then holds the whole head
-    r // (count / n_kv_heads), so ranks share (repeat) heads.
-    """
-    dim = shard_dim(key)
-    if dim is None:
-        return None
-    n_kv = args.n_kv_heads or args.n_heads
-    if key.split(".")[-2] in KV_PARALLEL and count > n_kv:
-        head = rank // (count // n_kv)
-        return head * args.head_dim, args.head_dim
-    size = full_shape(key, args)[dim] // count
-    return rank * size, size
-
-
-def piece_shape(key: str, args: ModelArgs, rank: int, count: int) -> torch.Size:
-    """Shape of rank `rank`'s slice of `key` when the model is split over `count` ranks."""
-    shape = list(full_shape(key, args))
-    span = piece_range(key, args, rank, count)
-    if span is not None:
-        shape[shard_dim(key)] = span[1]
-    return torch.Size(shape)
-
-
-def shard_tensor(key: str, full: torch.Tensor, args: ModelArgs, rank: int, count: int) -> torch.Tensor:
-    """Rank `rank`'s slice (a view) of the full weight `full` when split over `count` ranks."""
-    span = piece_range(key, args, rank, count)
-    return full if span is None else full.narrow(shard_dim(key), *span)
-
-
-def source_ranks(n_shards: int, rank: int, count: int) -> list[int]:
-    """The source shards rank `rank` of `count` reads: several when merging, one when cutting."""
-    if n_shards >= count:
-        per = n_shards // count
-        return list(range(rank * per, (rank + 1) * per))
-    return [rank // (count // n_shards)]
-
-
-def check_process_count(args: ModelArgs, n_shards: int, mp_size: int, source: str = "the checkpoint") -> None:
-    """ValueError, saying what to do, unless `n_shards` shards can be loaded on `mp_size` ranks."""
-    if mp_size > args.n_heads:
-        raise ValueError(
-            f"{mp_size} model-parallel processes but the model has only {args.n_heads} attention heads: "
-            f"use at most {args.n_heads} processes"
-        )
-    if n_shards % mp_size and mp_size % n_shards:
-        fits = [m for m in range(1, args.n_heads + 1) if (n_shards % m == 0 or m % n_shards == 0) and _fits(args, m)]
-        raise ValueError(
-            f"{source} has {n_shards} shard(s) and {mp_size} model-parallel processes were started, and neither "
-            f"count divides the other: use one of {fits[:8]} processes, or reshard it (scripts/reshard.py)"
-        )
-    args.validate(mp_size)
-
-
-def _fits(args: ModelArgs, mp_size: int) -> bool:
-    try:
-        args.validate(mp_size)
-        return True
-    except ValueError:
-        return False
-
-
-# ---------------------------------------------------------------------------------------------
 # Reading: a cheap pass over every shard's header, then each rank's slice one shard at a time
 
 
@@ -258,6 +165,7 @@ class Layout:
     shapes: dict[str, torch.Size]  # of one shard (all shards have the same)
     dtypes: dict[str, torch.dtype]
     tied: bool  # output.weight absent: the output layer shares the embedding
+    quant: Optional[quantize.QuantConfig] = None  # params.json's quantization block: how the shards are stored
 
     @property
     def n_shards(self) -> int:
@@ -279,6 +187,7 @@ def inspect_checkpoint(ckpt_dir: PathLike, args: ModelArgs) -> Layout:
     the shapes params.json implies. Raises ValueError naming the first problem."""
     paths = shard_paths(ckpt_dir)
     n = len(paths)
+    quant = quantize.QuantConfig.from_params(read_params(ckpt_dir))
     try:
         args.validate(n)
     except ValueError as e:
@@ -286,7 +195,7 @@ def inspect_checkpoint(ckpt_dir: PathLike, args: ModelArgs) -> Layout:
     first: Optional[dict] = None
     for path in paths:
         shard = load_shard(path)
-        check_keys(shard, args.n_layers, str(path), allow_tied=True)
+        check_keys(shard, args.n_layers, str(path), allow_tied=True, quant=quant)
         meta = {k: (v.shape, v.dtype) for k, v in shard.items() if k not in IGNORED_KEYS}
         del shard  # unmaps the file
         if first is None:
@@ -303,7 +212,7 @@ def inspect_checkpoint(ckpt_dir: PathLike, args: ModelArgs) -> Layout:
         if TIED_KEY in first and TIED_KEY not in meta:
             raise ValueError(f"{TIED_KEY} is in {first_path.name} but not in {path.name}: the shards do not match")
     for key in first:  # the shard's own order (Meta's: embedding, layers, norm, output)
-        want = piece_shape(key, args, 0, n)
+        want = sharding.piece_shape(key, args, 0, n, quant)
         if first[key][0] != want:
             raise ValueError(
                 f"params.json does not match the weights: {key} is {tuple(first[key][0])} in {first_path.name} "
@@ -314,6 +223,7 @@ def inspect_checkpoint(ckpt_dir: PathLike, args: ModelArgs) -> Layout:
         {k: first[k][0] for k in first},
         {k: first[k][1] for k in first},
         tied=TIED_KEY not in first,
+        quant=quant,
     )
 
 
@@ -384,69 +294,130 @@ def load_rank_state(
     device: Union[str, torch.device] = "cpu",
     dtype: Optional[torch.dtype] = None,
     layout: Optional[Layout] = None,
+    quant: Optional[quantize.QuantConfig] = None,
+    reduce_max: Optional[quantize.ReduceMax] = None,
 ) -> dict[str, torch.Tensor]:
     """The state dict of model-parallel rank `rank` of `count`, assembled from the checkpoint's shards.
 
     Reads only the shards this rank needs, one at a time and memory-mapped, copying each piece into
     its final tensor (on `device`, in `dtype`; None keeps the stored dtype), so at most this rank's
     slice plus one source shard are resident. output.weight is left out for a tied checkpoint.
+
+    A quantized checkpoint gives its stored quantized tensors (in their own dtypes). `quant` on a
+    full-precision one quantizes on load: each weight is assembled alone (its source shards mapped
+    together), quantized and dropped, so at most one full-precision tensor is resident beside the
+    quantized ones; `reduce_max` (an all-reduce MAX over the ranks) makes the row-parallel int8 and
+    fp8 scales those of the whole weight (quantize.quantize_weight). On a quantized checkpoint,
+    `quant` must be how it is stored.
     """
     layout = layout or inspect_checkpoint(ckpt_dir, args)
-    check_process_count(args, layout.n_shards, count, str(ckpt_dir))
-    targets = {
-        key: torch.empty(piece_shape(key, args, rank, count), dtype=dtype or layout.dtypes[key], device=device)
-        for key in layout.keys
-    }
-    covered = dict.fromkeys(targets, 0)
-    sources = source_ranks(layout.n_shards, rank, count)
+    sharding.check_process_count(args, layout.n_shards, count, str(ckpt_dir))
+    stored = layout.quant
+    check_quantization(stored, quant, ckpt_dir)
+    active = stored or quant
+    if active is not None and active.mode == "int4":
+        sharding.check_group_alignment(
+            args, count, active.group_size, [k for k in expected_keys(args.n_layers) if active.applies(k)]
+        )
+    on_load = quant if stored is None else None
+    if on_load is not None and count > 1 and reduce_max is None and on_load.mode != "int4":
+        raise ValueError("quantizing int8/fp8 on load over several ranks needs reduce_max (load_model passes it)")
+
+    def target(key: str) -> torch.Tensor:
+        kept = layout.dtypes[key]  # quantized tensors, and weights about to be quantized, keep theirs
+        keep = (stored is not None and stored.applies(key)) or (on_load is not None and on_load.applies(key))
+        shape = sharding.piece_shape(key, args, rank, count, stored)
+        return torch.empty(shape, dtype=kept if keep or dtype is None else dtype, device=device)
+
+    sources = sharding.source_ranks(layout.n_shards, rank, count)
     show = distributed.is_rank0()
-    progress = _progress(sum(t.nbytes for t in targets.values()), show)
-    for i, k in enumerate(sources):
-        path = layout.paths[k]
-        if show:  # with several ranks each reads its own shards: say both counts
-            logger.info(
-                "loading %s (shard %d of %d in the checkpoint, %.2f GB; %d of %d this process reads) ...",
-                path.name, k + 1, layout.n_shards, path.stat().st_size / 1e9, i + 1, len(sources),
-            )
-        _copy_from_shard(_MappedShard(path), k, layout.n_shards, targets, covered, args, rank, count, progress)
-    for key, done in covered.items():
-        want = piece_range(key, args, rank, count)
-        if done != (1 if want is None else want[1]):  # a slicing bug, never a user error
-            raise RuntimeError(f"internal error: {key} of rank {rank}/{count} was not fully assembled")
-    return targets
+    if on_load is None:  # one source shard at a time, each filling its part of every tensor
+        targets = {key: target(key) for key in layout.keys}
+        covered = dict.fromkeys(targets, 0)
+        progress = _progress(sum(t.nbytes for t in targets.values()), show)
+        for i, k in enumerate(sources):
+            path = layout.paths[k]
+            if show:  # with several ranks each reads its own shards: say both counts
+                logger.info(
+                    "loading %s (shard %d of %d in the checkpoint, %.2f GB; %d of %d this process reads) ...",
+                    path.name, k + 1, layout.n_shards, path.stat().st_size / 1e9, i + 1, len(sources),
+                )
+            shard = _MappedShard(path)
+            for key, t in targets.items():
+                covered[key] = _copy_piece(key, t, covered[key], shard, k, layout.n_shards, args, rank, count, stored, progress)
+        for key in targets:
+            _check_covered(key, covered[key], args, rank, count, stored)
+        return targets
+
+    # quantizing on load: one tensor at a time, from all its source shards (mapped, not resident)
+    if show:
+        logger.info("loading %s and quantizing (%s) ...", ", ".join(layout.paths[k].name for k in sources), quant.describe())
+    shards = {k: _MappedShard(layout.paths[k]) for k in sources}
+    progress = _progress(sum(sharding.piece_shape(key, args, rank, count).numel() * layout.dtypes[key].itemsize for key in layout.keys), show)
+    state = {}
+    for key in layout.keys:
+        t, done = target(key), 0
+        for k, shard in shards.items():
+            done = _copy_piece(key, t, done, shard, k, layout.n_shards, args, rank, count, None, progress)
+        _check_covered(key, done, args, rank, count, None)
+        if on_load.applies(key):
+            state.update(quantize.quantize_weight(key, t, on_load, reduce_max))
+            del t
+        else:
+            state[key] = t
+    return state
 
 
-def _copy_from_shard(
+def check_quantization(stored: Optional[quantize.QuantConfig], asked: Optional[quantize.QuantConfig], ckpt_dir: PathLike) -> None:
+    """ValueError when a quantized checkpoint is asked to load with another quantization."""
+    if stored is not None and asked is not None and stored != asked:
+        raise ValueError(
+            f"{ckpt_dir} is quantized ({stored.describe()}) but quantize={asked.mode!r} "
+            f"({asked.describe()}) was asked: build with quantize={stored.mode!r}"
+            f"{f', group_size={stored.group_size}' if stored.mode == 'int4' else ''}"
+            f"{'' if stored.output else ', quantize_output=False'}, or quantize the full-precision checkpoint"
+        )
+
+
+def _check_covered(key: str, done: int, args: ModelArgs, rank: int, count: int, quant) -> None:
+    want = sharding.piece_range(key, args, rank, count, quant)
+    if done != (1 if want is None else want[1]):  # a slicing bug, never a user error
+        raise RuntimeError(f"internal error: {key} of rank {rank}/{count} was not fully assembled")
+
+
+def _copy_piece(
+    key: str,
+    target: torch.Tensor,
+    covered: int,
     shard: _MappedShard,
     k: int,
     n: int,
-    targets: dict,
-    covered: dict,
     args: ModelArgs,
     rank: int,
     count: int,
+    quant: Optional[quantize.QuantConfig],
     progress: Callable[[int], None],
-) -> None:
-    """Copy the overlap of source shard k (of n) with each target slice of rank `rank` (of `count`),
-    telling `progress` the bytes of each piece filled."""
-    for key, target in targets.items():
-        src = shard.tensors[key]
-        dim, span = shard_dim(key), piece_range(key, args, rank, count)
-        if span is None:  # replicated: any one shard gives it
-            if not covered[key]:
-                _copy_released(target, src, shard)
-                covered[key] = 1
-                progress(target.nbytes)
-            continue
-        s_start, s_len = piece_range(key, args, k, n)
-        t_start, t_len = span
-        lo, hi = max(s_start, t_start), min(s_start + s_len, t_start + t_len)
-        # a repeated KV head comes from several shards; covered[key] counts rows already filled
-        if lo < hi and covered[key] < t_len and lo - t_start >= covered[key]:
-            piece = target.narrow(dim, lo - t_start, hi - lo)
-            _copy_released(piece, src.narrow(dim, lo - s_start, hi - lo), shard)
-            covered[key] += hi - lo
-            progress(piece.nbytes)
+) -> int:
+    """Copy the overlap of source shard k (of n) with rank `rank`'s (of `count`) slice `target` of
+    `key`, of which `covered` rows or columns are filled already; returns how many are now, and
+    tells `progress` the bytes filled."""
+    src = shard.tensors[key]
+    dim, span = sharding.shard_dim(key, quant), sharding.piece_range(key, args, rank, count, quant)
+    if span is None:  # replicated: any one shard gives it
+        if not covered:
+            _copy_released(target, src, shard)
+            progress(target.nbytes)
+        return 1
+    s_start, s_len = sharding.piece_range(key, args, k, n, quant)
+    t_start, t_len = span
+    lo, hi = max(s_start, t_start), min(s_start + s_len, t_start + t_len)
+    # a repeated KV head comes from several shards; `covered` counts rows already filled
+    if lo < hi and covered < t_len and lo - t_start >= covered:
+        piece = target.narrow(dim, lo - t_start, hi - lo)
+        _copy_released(piece, src.narrow(dim, lo - s_start, hi - lo), shard)
+        progress(piece.nbytes)
+        return covered + hi - lo
+    return covered
 
 
 PROGRESS_MIN_BYTES = 1 << 30  # loads smaller than this log only their shards
@@ -509,7 +480,14 @@ def _skeleton() -> Iterator[None]:
 
 
 def load_model(
-    ckpt_dir: PathLike, args: ModelArgs, mp_rank: int, mp_size: int, device: torch.device, dtype: torch.dtype
+    ckpt_dir: PathLike,
+    args: ModelArgs,
+    mp_rank: int,
+    mp_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    quant: Optional[quantize.QuantConfig] = None,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> Transformer:
     """Build the Transformer for model-parallel rank `mp_rank` of `mp_size` and fill it from the
     checkpoint, whatever its shard count N, provided N and mp_size divide one another.
@@ -517,24 +495,41 @@ def load_model(
     Weights are read memory-mapped and converted to `device`/`dtype` tensor by tensor; a checkpoint
     without output.weight gets an output layer tied to the embedding. Logs progress and the load time
     on rank 0. Raises ValueError / FileNotFoundError with one line saying what is wrong.
+
+    `quant` quantizes the projections on load (llama.quantize; activations stay in `dtype`); a
+    checkpoint written quantized (scripts/quantize.py) loads quantized as stored, and `quant`, when
+    given, must match it. `compute_dtype`: the dtype quantized products run in (None: the measured
+    choice per step, llama.quantize.cpu_kernel).
     """
     start = time.perf_counter()
     n_shards = len(shard_paths(ckpt_dir))
-    check_process_count(args, n_shards, mp_size, str(ckpt_dir))
+    sharding.check_process_count(args, n_shards, mp_size, str(ckpt_dir))
     _check_model_parallel_group(mp_size)
     layout = inspect_checkpoint(ckpt_dir, args)
+    check_quantization(layout.quant, quant, ckpt_dir)
+    active = layout.quant or quant
+    if active is not None:
+        quantize.check_device(active.mode, device)
     with _skeleton():
         model = Transformer(args)
-    state = load_rank_state(ckpt_dir, args, mp_rank, mp_size, device, dtype, layout)
-    if layout.tied:
+    reduce_max = quantize.model_parallel_max() if quant is not None and layout.quant is None else None
+    state = load_rank_state(ckpt_dir, args, mp_rank, mp_size, device, dtype, layout, quant, reduce_max)
+    tied_output = layout.tied and not (active is not None and active.applies(TIED_KEY))
+    if layout.tied and not tied_output:  # the embedding's quantized tensors serve the output too
+        for key in active.keys(TIED_KEY):
+            state[key] = state[key.replace("output.", "tok_embeddings.", 1)]
+    if tied_output:
         state[TIED_KEY] = state["tok_embeddings.weight"]
+    if active is not None:
+        state = quantize.install(model, state, active, dtype, compute_dtype)
     model.load_state_dict(state, strict=True, assign=True)
-    if layout.tied:
+    if tied_output:
         model.output.weight = model.tok_embeddings.weight  # one tensor, as in a tied model
     if distributed.is_rank0():
         logger.info(
-            "loaded %s (%d shard(s)) on %d process(es)%s in %.2fs",
-            ckpt_dir, n_shards, mp_size, ", output tied to the embedding" if layout.tied else "",
+            "loaded %s (%d shard(s)) on %d process(es)%s%s in %.2fs",
+            ckpt_dir, n_shards, mp_size, ", output tied to the embedding" if tied_output else "",
+            f", quantized ({active.describe()})" if active is not None else "",
             time.perf_counter() - start,
         )
     return model.eval()
@@ -559,17 +554,22 @@ def save_checkpoint(
 ) -> None:
     """Write a full (unsharded) state dict as a Meta checkpoint of `n_shards` consolidated.NN.pth,
     split as fairscale splits it (KV heads repeated when n_shards exceeds n_kv_heads). A state dict
-    without output.weight gives a tied checkpoint."""
+    without output.weight gives a tied checkpoint.
+
+    A quantized state dict (llama.quantize's stored tensors) goes with params holding its
+    `quantization` block; its scales split with their weights, and `dtype` leaves them as they are."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     args = ModelArgs(**params)
+    quant = quantize.QuantConfig.from_params(params)
     for k in range(n_shards):
         shard = {}
         for key, t in state_dict.items():
             if key not in IGNORED_KEYS:
-                t = shard_tensor(key, t, args, k, n_shards)
-            shard[key] = (t if dtype is None else t.to(dtype)).detach().clone().contiguous()
+                t = sharding.shard_tensor(key, t, args, k, n_shards, quant)
+            keep = dtype is None or (quant is not None and quant.applies(key))
+            shard[key] = (t if keep else t.to(dtype)).detach().clone().contiguous()
         torch.save(shard, out_dir / f"consolidated.{k:02d}.pth")
 
 

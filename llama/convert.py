@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import fire  # noqa: E402
 import torch  # noqa: E402
 
-from llama import atomic, checkpoint, hf  # noqa: E402
+from llama import atomic, checkpoint, hf, sharding  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -106,6 +106,11 @@ class MetaShards:
 
     def __init__(self, ckpt_dir: Path):
         self.params = checkpoint.read_params(ckpt_dir)
+        if "quantization" in self.params:
+            raise hf.ConversionError(
+                f"{ckpt_dir} is quantized ({self.params['quantization'].get('mode')}): Hugging Face conversion "
+                "needs full-precision weights; convert the checkpoint it was quantized from"
+            )
         self.paths = checkpoint.shard_paths(ckpt_dir)
         self.args = ModelArgs(**self.params)
         self.args.validate(len(self.paths))
@@ -115,26 +120,13 @@ class MetaShards:
         self.keys = [k for k in self.shards[0] if k not in hf.META_IGNORED]
 
     def _pieces(self, key: str) -> list[torch.Tensor]:
-        n, n_kv = len(self.shards), self.args.n_kv_heads or self.args.n_heads
-        if key.endswith(("attention.wk.weight", "attention.wv.weight")) and n > n_kv:
-            # more ranks than KV heads: each rank holds a repeated copy of one whole KV head
-            rep = n // n_kv
-            for k in range(n):
-                if not torch.equal(self.shards[k][key], self.shards[k - k % rep][key]):
-                    raise hf.ConversionError(f"{key}: shard {k} should repeat shard {k - k % rep}'s KV head")
-            return [s[key] for s in self.shards[::rep]]
         return [s[key] for s in self.shards]
 
     def shape(self, key: str) -> torch.Size:
-        dim, pieces = checkpoint.shard_dim(key), self._pieces(key)
-        shape = list(pieces[0].shape)
-        if dim is not None:
-            shape[dim] = sum(p.shape[dim] for p in pieces)
-        return torch.Size(shape)
+        return sharding.merged_shape(key, self._pieces(key), self.args)
 
     def merged(self, key: str) -> torch.Tensor:
-        dim, pieces = checkpoint.shard_dim(key), self._pieces(key)
-        return pieces[0] if dim is None else torch.cat(pieces, dim=dim)
+        return sharding.merge_pieces(key, self._pieces(key), self.args)
 
     def tied(self) -> bool:
         # both are split on dim 0 the same way, so shard-wise equality is full equality
@@ -341,7 +333,7 @@ def _write_meta(
         shard = {}
         for meta_key, hf_key in sources.items():
             _, t = hf.tensor_from_hf(hf_key, weights.get(hf_key), config)
-            t = checkpoint.shard_tensor(meta_key, t, args, k, shards)
+            t = sharding.shard_tensor(meta_key, t, args, k, shards)
             shard[meta_key] = t.to(dtype=out_dtype or t.dtype, copy=True).contiguous()  # no shared storage
         name = f"consolidated.{k:02d}.pth"
         torch.save(shard, out_dir / name)

@@ -51,6 +51,9 @@ class Llama:
         rope_scale_factor: Optional[float] = None,
         compile: bool = False,
         verify: bool = False,
+        quantize: Optional[str] = None,
+        group_size: int = 32,
+        quantize_output: bool = True,
     ) -> "Llama":
         """Load a Meta-format checkpoint and its tokenizer.
 
@@ -71,6 +74,16 @@ class Llama:
                 and cache length compiles. Where compilation fails, a warning is logged and decoding
                 runs eagerly.
             verify: first check every file against the checkpoint's checklist.chk (Meta's md5 list).
+            quantize: None (full precision, exactly as stored), "int8", "int4" or "fp8" (CUDA sm89+):
+                weight-only quantization of the seven projections of every block (and of the output
+                projection and the embedding), done on load by each rank from its own slice (llama.quantize). A
+                checkpoint written by scripts/quantize.py loads quantized as stored with None or
+                its own mode; another mode is an error.
+            group_size: int4 group size along the input dimension (32, 64, 128 or 256).
+            quantize_output: quantize the vocabulary matrices too, the output projection and the
+                embedding (one matrix in a tied model); False keeps both in full precision.
+                With dtype=None the quantized products run in the dtype measured fastest for each
+                kind of step (llama.quantize.cpu_kernel); a dtype given runs them in that dtype.
 
         Works under torchrun (one process per model-parallel rank) and as a plain `python` call.
         """
@@ -78,6 +91,7 @@ class Llama:
         device = distributed.resolve_device(device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        forced_dtype = dtype is not None  # quantized products then run in it too; else as measured fastest
         dtype = distributed.resolve_dtype(dtype, device)
         mp_size = distributed.setup(device, model_parallel_size)
         torch.manual_seed(seed)
@@ -94,7 +108,13 @@ class Llama:
                 f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but {ckpt_dir}/params.json says "
                 f"vocab_size {args.vocab_size}: pass the tokenizer.model that belongs to this checkpoint"
             )
-        model = checkpoint.load_model(ckpt_dir, args, distributed.model_parallel_rank(), mp_size, device, dtype)
+        from llama.quantize import resolve as resolve_quantization  # the argument is named `quantize`
+
+        quant = resolve_quantization(quantize, group_size, quantize_output)
+        model = checkpoint.load_model(
+            ckpt_dir, args, distributed.model_parallel_rank(), mp_size, device, dtype, quant,
+            compute_dtype=dtype if forced_dtype else None,
+        )
         if distributed.is_rank0():  # the checkpoint module has logged the shards and their load time
             logger.info(
                 "Loaded in %.2f seconds: running on %s in %s; tokenizer %s (%d tokens)",

@@ -72,10 +72,11 @@ def caches(model: nn.Module) -> list[KVCache]:
 
 def allocate(model: nn.Module, rows: int, seq_len: int) -> None:
     """Give every attention layer of `model` a KV cache of `rows` rows of `seq_len` tokens, in the
-    dtype and on the device of its weights."""
+    activations' dtype and on the device of the model (the final norm's: projections may hold
+    quantized weights)."""
     if seq_len > model.params.max_seq_len:
         raise ValueError(f"KV cache of {seq_len} tokens exceeds max_seq_len {model.params.max_seq_len}")
-    w = model.layers[0].attention.wk.weight
+    w = model.norm.weight
     for layer in model.layers:
         a = layer.attention
         a.kv_cache = KVCache(rows, a.n_local_kv_heads, seq_len, a.head_dim, w.dtype, w.device)

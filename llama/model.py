@@ -16,7 +16,7 @@ from fairscale.nn.model_parallel.layers import (
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from llama import kv_cache, validation
+from llama import kv_cache, sharding, validation
 from llama.kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
@@ -80,18 +80,7 @@ class ModelArgs:
             raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {n_kv}")
         if self.vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
-        if self.n_heads % mp:
-            raise ValueError(
-                f"n_heads {self.n_heads} is not divisible by the model-parallel size {mp}: "
-                f"use a process count that divides {self.n_heads}"
-            )
-        if n_kv % mp and mp % n_kv:
-            raise ValueError(
-                f"n_kv_heads {n_kv} and the model-parallel size {mp} do not divide one another"
-            )
-        for name, size in (("vocab_size", self.vocab_size), ("ffn hidden size", self.ffn_hidden_dim)):
-            if size % mp:
-                raise ValueError(f"{name} {size} is not divisible by the model-parallel size {mp}")
+        sharding.check_model_parallel(self, mp)
         limit = MAX_SEQ_LEN_SCALED if self.use_scaled_rope else MAX_SEQ_LEN_UNSCALED
         if self.max_seq_len > limit:
             raise ValueError(

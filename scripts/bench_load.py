@@ -27,7 +27,7 @@ import fire
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llama import checkpoint, distributed  # noqa: E402
+from llama import checkpoint, distributed, sharding  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
 
 METHODS = ("lean", "naive")
@@ -49,7 +49,7 @@ def create_checkpoint(out_dir: Path, params: dict, dtype: torch.dtype, shards: i
     gen = torch.Generator().manual_seed(0)
     full = {}
     for key in sorted(checkpoint.expected_keys(args.n_layers)):
-        shape = checkpoint.full_shape(key, args)
+        shape = sharding.full_shape(key, args)
         scale = 1.0 if len(shape) == 1 else shape[1] ** -0.5
         full[key] = (torch.randn(shape, generator=gen) * scale).to(dtype)
     checkpoint.save_checkpoint(full, params, out_dir, n_shards=shards)

@@ -70,6 +70,8 @@ def main(
     seq_len: int = 512,
     device: Optional[str] = None,
     dtype: str = "float32",
+    quantize: Optional[str] = None,
+    group_size: int = 32,
 ):
     """Print held-out perplexities: model, unigram and bigram baselines.
 
@@ -79,8 +81,13 @@ def main(
         max_tokens: score only the first max_tokens held-out tokens.
         seq_len: context window for the model (its training length is 512).
         device, dtype: where and in what precision to run the model.
+        quantize: int8, int4 (or fp8 on CUDA sm89+) weight-only quantization on load (default: none;
+            a checkpoint from scripts/quantize.py loads quantized as stored).
+        group_size: int4 group size (32, 64, 128, 256).
     """
-    llama = build_generator(ckpt_dir, tokenizer_path, max_seq_len=seq_len, max_batch_size=1, device=device, dtype=dtype)
+    llama = build_generator(ckpt_dir, tokenizer_path, max_seq_len=seq_len, max_batch_size=1, device=device, dtype=dtype,
+        quantize=quantize, group_size=group_size,
+    )
     data = Path(data_dir)
     heldout = encode_docs(llama.tokenizer, data / "corpus_heldout.txt")[: max_tokens or None]
     train = encode_docs(llama.tokenizer, data / "corpus_train.txt")

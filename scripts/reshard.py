@@ -6,8 +6,10 @@
 The shard counts must divide one another (8 -> 1, 2, 4, 16, ...). Each output shard is assembled from
 the memory-mapped source shards it needs, one source shard at a time (llama.checkpoint, the same code
 that loads checkpoints), written, then read back and compared with what was meant to be written.
-params.json is copied unchanged, and tokenizer.model when present. OUT_DIR appears whole or not at
-all (llama/atomic.py): an OUT_DIR that holds files is refused unless --overwrite, which replaces it whole.
+params.json is copied unchanged, and tokenizer.model when present. A quantized checkpoint
+(scripts/quantize.py) reshards as stored: its scales split with their weights. OUT_DIR appears whole
+or not at all (llama/atomic.py): an OUT_DIR that holds files is refused unless --overwrite, which
+replaces it whole.
 """
 import shutil
 import sys
@@ -19,7 +21,7 @@ import fire
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llama import atomic, checkpoint, distributed  # noqa: E402
+from llama import atomic, checkpoint, distributed, sharding  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 
 
@@ -38,7 +40,7 @@ def reshard(ckpt_dir: str, out_dir: str, shards: int, dtype: Optional[str] = Non
     params = checkpoint.read_params(src)
     args = ModelArgs(**params)
     layout = checkpoint.inspect_checkpoint(src, args)
-    checkpoint.check_process_count(args, layout.n_shards, shards, str(src))
+    sharding.check_process_count(args, layout.n_shards, shards, str(src))
     out_dtype = distributed.resolve_dtype(dtype, torch.device("cpu")) if dtype else None
     tied = " (output tied to the embedding)" if layout.tied else ""
     print(f"{src}: {layout.n_shards} shard(s) -> {shards} shard(s) in {out}{tied}")
@@ -56,7 +58,7 @@ def _write(
         state = checkpoint.load_rank_state(src, args, k, shards, "cpu", out_dtype, layout)
         path = out / f"consolidated.{k:02d}.pth"
         torch.save(state, path)
-        _verify_shard(path, state, args, k, shards)
+        _verify_shard(path, state, args, k, shards, layout.quant)
         print(f"[{k + 1}/{shards}] wrote and verified {path.name} ({time.perf_counter() - start:.1f}s)")
         del state
     shutil.copyfile(src / "params.json", out / "params.json")
@@ -65,13 +67,13 @@ def _write(
         print("copied tokenizer.model")
 
 
-def _verify_shard(path: Path, state: dict, args: ModelArgs, rank: int, count: int) -> None:
+def _verify_shard(path: Path, state: dict, args: ModelArgs, rank: int, count: int, quant=None) -> None:
     """Re-read a written shard and compare it, tensor by tensor, with what was meant to be written."""
     back = checkpoint.load_shard(path)
     if set(back) != set(state):
         raise ValueError(f"{path} reads back with keys {sorted(set(back) ^ set(state))} changed")
     for key, t in state.items():
-        want = checkpoint.piece_shape(key, args, rank, count)
+        want = sharding.piece_shape(key, args, rank, count, quant)
         if back[key].shape != want or not torch.equal(back[key], t):
             shape = tuple(back[key].shape)
             raise ValueError(f"{path}: {key} does not read back as written (shape {shape}, want {tuple(want)})")

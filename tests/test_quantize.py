@@ -1,0 +1,275 @@
+"""Weight-only quantization: the weight transforms against plain math, every CPU kernel path against
+dequantize-then-F.linear, quantized checkpoints against quantizing on load (bit for bit), real
+multi-process runs against one process, resharding, and one-line errors for bad input."""
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import helpers
+from llama import Llama, checkpoint, convert, distributed, hf, quantize, sharding
+from llama.model import ModelArgs
+
+# hidden 384 and dim 128: int4 groups of 32 fit each slice on 1, 2 and 4 processes
+PARAMS = {**helpers.TINY_PARAMS, "dim": 128, "multiple_of": 128, "ffn_dim_multiplier": None}
+WORKER = "tests/workers/quantized_generate.py"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, helpers.REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+quantize_script, reshard_script = _script("quantize"), _script("reshard")
+
+
+@pytest.fixture(scope="module")
+def fp_ckpt(tmp_path_factory):
+    """Full-precision bfloat16 checkpoint (as Meta ships them), 1 shard, with the byte tokenizer."""
+    out = tmp_path_factory.mktemp("fp")
+    sd = {k: v.bfloat16() for k, v in helpers.random_state_dict(PARAMS, seed=5).items()}
+    checkpoint.save_checkpoint(sd, PARAMS, out)
+    helpers.write_byte_tokenizer(out / "tokenizer.model")
+    return out
+
+
+@pytest.fixture(scope="module")
+def q_ckpts(tmp_path_factory, fp_ckpt):
+    """fp_ckpt written by scripts/quantize.py as int8 and as int4 (group 32)."""
+    root = tmp_path_factory.mktemp("q")
+    for mode in ("int8", "int4"):
+        quantize_script.main(str(fp_ckpt), str(root / mode), mode=mode)
+    return {mode: root / mode for mode in ("int8", "int4")}
+
+
+def build(ckpt, quant=None, **kwargs) -> Llama:
+    return Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), 32, 2, dtype="float32", quantize=quant, **kwargs)
+
+
+def logits_of(llama: Llama) -> torch.Tensor:
+    llama.model.free_cache()
+    return llama.model(torch.tensor([[1, 72, 101, 108, 108, 111]]), 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The transforms and the kernels
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_dequantized_weights_are_within_half_a_step(group_size):
+    w = torch.randn(48, 256) * torch.linspace(0.01, 3, 256)  # groups of very different ranges
+    w[3] += 5.0  # a row far from zero: the zero point's rounding must not push it off the grid
+    q, s = quantize.quantize_int8(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.bfloat16
+    assert ((quantize.dequantize("int8", q, s) - w).abs() <= s.float()[:, None] / 2).all()
+    q4, s4, z4 = quantize.quantize_int4(w, group_size)
+    assert q4.shape == (48, 128) and s4.shape == z4.shape == (48, 256 // group_size)
+    step = s4.float().repeat_interleave(group_size, dim=1)
+    assert ((quantize.dequantize("int4", q4, s4, z4, group_size) - w).abs() <= step / 2).all()
+    assert torch.equal(quantize.unpack_int4(q4), quantize.unpack_int4(q4).clamp(0, 15))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("path", quantize.CPU_PATHS + (None,))  # None: the measured policy
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
+def test_quantized_linear_equals_dequantize_then_linear(mode, path, act):
+    w = torch.randn(96, 128) / 128**0.5
+    stored = quantize.quantize_int8(w) + (None,) if mode == "int8" else quantize.quantize_int4(w, 32)
+    deq = quantize.dequantize(mode, *stored, group_size=32)
+    lin = quantize.QuantizedLinear(mode, *stored, 32, act, path=path)
+    for rows in (1, 9):  # a decode step and a prefill-size product
+        x = torch.randn(rows, 128).to(act)
+        _, dt = lin.kernels["decode" if rows <= quantize.DECODE_ROWS else "prefill"]
+        dt = dt or act
+        want = F.linear(x.to(dt).double(), deq.double())  # the activations as the kernel sees them
+        got = lin(x)
+        assert got.dtype == act and got.shape == (rows, 96)
+        eps = torch.finfo(dt if dt != act else act).eps
+        tol = 4 * eps * (x.to(dt).double().abs() @ deq.double().abs().t()).max()
+        assert (got.double() - want).abs().max() <= tol
+    # the held form reads back as the stored one (the packed int4 layout through the kernel itself)
+    assert torch.allclose(lin.dequantize(), deq, atol=1e-2 * deq.abs().max().item())
+
+
+def test_the_policy_table_covers_each_mode_step_and_dtype():
+    for mode in ("int8", "int4"):
+        for step in ("decode", "prefill"):
+            for forced in (None, torch.float32, torch.bfloat16):
+                path, dt = quantize.cpu_kernel(mode, step, forced)
+                assert path in quantize.CPU_PATHS and mode in quantize.PATH_MODES[path]
+                assert dt == (forced or quantize.CPU_COMPUTE[(mode, step)])
+
+
+def test_row_parallel_int8_scales_are_those_of_the_whole_row():
+    w = torch.randn(8, 64)
+    whole = quantize.quantize_weight("layers.0.attention.wo.weight", w, quantize.resolve("int8"))
+    halves = [w[:, :32], w[:, 32:]]
+    amax = torch.maximum(*(h.abs().amax(1) for h in halves))
+    parts = [quantize.quantize_weight("layers.0.attention.wo.weight", h, quantize.resolve("int8"), lambda _: amax) for h in halves]
+    assert all(torch.equal(p["layers.0.attention.wo.scales"], whole["layers.0.attention.wo.scales"]) for p in parts)
+    assert torch.equal(torch.cat([p["layers.0.attention.wo.weight"] for p in parts], 1), whole["layers.0.attention.wo.weight"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, checkpoints, processes
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_checkpoint_loads_to_the_logits_of_quantizing_on_load_bit_for_bit(fp_ckpt, q_ckpts, mode):
+    args = ModelArgs(**PARAMS)
+    on_load = checkpoint.load_rank_state(fp_ckpt, args, 0, 1, quant=quantize.resolve(mode))
+    stored = checkpoint.load_rank_state(q_ckpts[mode], args, 0, 1)
+    assert stored.keys() == on_load.keys()
+    assert all(torch.equal(stored[k], on_load[k]) and stored[k].dtype == on_load[k].dtype for k in stored)
+    from_file, quantized = build(q_ckpts[mode]), build(fp_ckpt, mode)
+    assert isinstance(from_file.model.layers[1].feed_forward.w2, quantize.QuantizedLinear)
+    assert torch.equal(logits_of(from_file), logits_of(quantized))
+    assert torch.equal(logits_of(build(q_ckpts[mode], mode)), logits_of(quantized))  # its own mode is fine
+    full = logits_of(build(fp_ckpt))
+    assert (logits_of(quantized) - full).abs().max() < (0.05 if mode == "int8" else 0.5) * full.abs().max()
+
+
+def test_quantize_none_is_the_unquantized_model_and_output_can_stay_full_precision(fp_ckpt):
+    plain = build(fp_ckpt)
+    assert not any(isinstance(m, quantize.QuantizedLinear) for m in plain.model.modules())
+    kept = build(fp_ckpt, "int8", quantize_output=False)
+    assert not isinstance(kept.model.output, quantize.QuantizedLinear)
+    assert isinstance(kept.model.layers[0].attention.wq, quantize.QuantizedLinear)
+    assert quantize.quantized_bytes(kept.model) < sum(p.nbytes for p in plain.model.parameters())
+
+
+def test_quantized_runs_on_1_2_and_4_processes_give_the_tokens_of_one(tmp_path, fp_ckpt, q_ckpts):
+    runs = [f"{fp_ckpt}|int8", f"{fp_ckpt}|int4", f"{q_ckpts['int4']}|none"]
+    results = {}
+    for n in (1, 2, 4):
+        out = tmp_path / f"out{n}.pt"
+        proc = helpers.run_torchrun(WORKER, [",".join(runs), fp_ckpt / "tokenizer.model", out], nproc=n)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[n] = torch.load(out)
+    for run in runs:
+        for n in (2, 4):
+            assert results[n][run]["tokens"] == results[1][run]["tokens"], (run, n)
+            torch.testing.assert_close(results[n][run]["logits"], results[1][run]["logits"], rtol=1e-4, atol=1e-4)
+    assert results[1][runs[1]]["tokens"] == results[1][runs[2]]["tokens"]  # on load == from the file
+
+
+def test_reshard_of_a_quantized_checkpoint_loads_bit_for_bit(tmp_path, q_ckpts):
+    args = ModelArgs(**PARAMS)
+    for mode, shards in (("int4", 4), ("int8", 2)):
+        out = tmp_path / f"{mode}-{shards}"
+        reshard_script.reshard(str(q_ckpts[mode]), str(out), shards)
+        assert json.loads((out / "params.json").read_text())["quantization"]["mode"] == mode
+        back = tmp_path / f"{mode}-back"
+        reshard_script.reshard(str(out), str(back), 1)
+        original = checkpoint.load_rank_state(q_ckpts[mode], args, 0, 1)
+        again = checkpoint.load_rank_state(back, args, 0, 1)
+        assert all(torch.equal(original[k], again[k]) for k in original)
+        # the scales split with their weights: rank 1 of `shards` reads the same slice either way
+        sliced = checkpoint.load_rank_state(q_ckpts[mode], args, 1, shards)
+        assert all(torch.equal(sliced[k], t) for k, t in checkpoint.load_shard(out / "consolidated.01.pth").items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line naming the fix
+
+
+def test_unknown_mode_is_a_one_line_error(fp_ckpt):
+    with pytest.raises(ValueError, match="unknown quantize mode 'int3': use one of int8, int4, fp8"):
+        build(fp_ckpt, "int3")
+
+
+def test_group_size_not_dividing_the_input_or_a_shard_is_a_one_line_error(fp_ckpt):
+    with pytest.raises(ValueError, match="int4 group size 48 is not supported: use one of"):
+        build(fp_ckpt, "int4", group_size=48)
+    with pytest.raises(ValueError, match="group size 32 does not divide the input dimension 80"):
+        quantize.quantize_int4(torch.randn(16, 80), 32)
+    with pytest.raises(ValueError, match="would straddle the split of .*w2.weight over 4 processes"):
+        sharding.check_group_alignment(ModelArgs(**PARAMS), 4, 128, ["layers.0.feed_forward.w2.weight"])
+    with pytest.raises(ValueError, match="would straddle the split"):
+        checkpoint.load_rank_state(fp_ckpt, ModelArgs(**PARAMS), 0, 4, quant=quantize.resolve("int4", 128))
+
+
+def test_int4_and_fp8_on_a_device_without_a_kernel_are_one_line_errors(fp_ckpt, monkeypatch):
+    with pytest.raises(ValueError, match="quantize='fp8' needs a CUDA GPU with float8 .* not cpu: use quantize='int8' or 'int4'"):
+        build(fp_ckpt, "fp8")
+    monkeypatch.delattr(torch, "_weight_int4pack_mm_for_cpu")
+    with pytest.raises(ValueError, match="quantize='int4' has no kernel on cpu in this PyTorch: use quantize='int8'"):
+        build(fp_ckpt, "int4")
+
+
+def test_a_quantized_checkpoint_with_another_quantize_is_a_one_line_error(q_ckpts):
+    with pytest.raises(ValueError, match=r"is quantized \(int8, .*\) but quantize='int4' .* build with quantize='int8'"):
+        build(q_ckpts["int8"], "int4")
+    with pytest.raises(ValueError, match="build with quantize='int4', group_size=32"):
+        build(q_ckpts["int4"], "int4", group_size=64)
+
+
+def test_a_quantized_checkpoint_to_hf_is_a_one_line_error(tmp_path, q_ckpts):
+    with pytest.raises(hf.ConversionError, match=r"is quantized \(int8\): Hugging Face conversion needs full-precision"):
+        convert.to_hf(str(q_ckpts["int8"]), str(tmp_path / "hf"))
+
+
+def test_quantize_script_refusals_are_one_line_errors(tmp_path, fp_ckpt, q_ckpts):
+    for args, message in (
+        ([fp_ckpt, tmp_path / "a", "--mode", "int5"], "error: unknown mode 'int5'"),
+        ([q_ckpts["int8"], tmp_path / "b", "--mode", "int4"], "is already quantized"),
+        ([fp_ckpt, tmp_path / "c", "--mode", "int4", "--group_size", "256"], "does not divide the input dimension 128"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "scripts/quantize.py", *map(str, args)],
+            capture_output=True, text=True, cwd=helpers.REPO, env=helpers.child_env(),
+        )
+        assert proc.returncode == 1 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp8"])
+def test_cuda_quantized_linear_matches_dequantize(mode):
+    if mode == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9+")
+    w = torch.randn(256, 512, device="cuda") / 512**0.5
+    fn = {"int8": quantize.quantize_int8, "fp8": quantize.quantize_fp8}.get(mode)
+    stored = fn(w) + (None,) if fn else quantize.quantize_int4(w, 32)
+    lin = quantize.QuantizedLinear(mode, *stored, 32, torch.bfloat16)
+    x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
+    want = F.linear(x.float(), quantize.dequantize(mode, *stored, group_size=32))
+    tol = 0.1 if mode == "fp8" else 0.02  # fp8 also quantizes the activations
+    assert (lin(x).float() - want).abs().max() <= tol * want.abs().max()
+
+
+@pytest.mark.parametrize("script, mode", [("example_text_completion.py", "int8"), ("scripts/chat.py", "int4")])
+def test_scripts_take_quantize(script, mode):
+    """--quantize passes through to Llama.build (the bundled demo model, quantized on load)."""
+    proc = subprocess.run(
+        [sys.executable, script, "--quantize", mode, "--max_gen_len", "4", "--device", "cpu"],
+        input="What does the len function do?\n", capture_output=True, text=True, cwd=helpers.REPO,
+        env=helpers.child_env(), timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"quantized ({mode}" in proc.stderr and proc.stdout.strip()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_tied_checkpoint_quantizes_the_embedding_once_and_stays_tied(tmp_path, fp_ckpt, mode):
+    sd = checkpoint.load_rank_state(fp_ckpt, ModelArgs(**PARAMS), 0, 1)
+    tied = tmp_path / "tied"
+    checkpoint.save_checkpoint({k: v for k, v in sd.items() if k != "output.weight"}, PARAMS, tied)
+    helpers.write_byte_tokenizer(tied / "tokenizer.model")
+    quantize_script.main(str(tied), str(tmp_path / "q"), mode=mode)
+    assert "output.weight" not in checkpoint.load_shard(tmp_path / "q" / "consolidated.00.pth")
+    helpers.write_byte_tokenizer(tmp_path / "q" / "tokenizer.model")
+    on_load, from_file = build(tied, mode), build(tmp_path / "q")
+    assert torch.equal(logits_of(on_load), logits_of(from_file))
+    m = on_load.model
+    assert isinstance(m.tok_embeddings, quantize.QuantizedEmbedding) and isinstance(m.output, quantize.QuantizedLinear)
+    if mode == "int8":  # one int8 matrix serves both
+        assert m.output.weight.data_ptr() == m.tok_embeddings.weight.data_ptr()
+    tokens = torch.tensor([[3, 70, 500]])
+    want = quantize.dequantize(mode, m.tok_embeddings.weight, m.tok_embeddings.scales, getattr(m.tok_embeddings, "zeros", None))
+    assert torch.equal(m.tok_embeddings(tokens), want[tokens[0]][None])
