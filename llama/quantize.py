@@ -461,8 +461,10 @@ def install(
 ) -> dict[str, torch.Tensor]:
     """Replace each linear layer `config` quantizes by a QuantizedLinear built from its stored
     tensors in `state` (this rank's slices), which are taken out of it. Returns the rest of `state`
-    (the full-precision weights: embedding, norms, an unquantized output) for load_state_dict."""
-    rest = dict(state)
+    (the full-precision weights: embedding, norms, an unquantized output) for load_state_dict.
+    Takes them out of `state` itself, so each stored tensor is freed once it is in the kernels'
+    layout: packing int4 then needs one tensor's room, not a second copy of the model."""
+    rest = state
     names = quantized_module_names(model, config)
     for name in names:
         keys = config.keys(name + ".weight")
