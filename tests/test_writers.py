@@ -1,4 +1,4 @@
-"""Writers (convert both ways, reshard, llama/atomic.py) never lose or mix data: refusals leave the
+"""Writers (convert both ways, reshard, quantize, llama/atomic.py) never lose or mix data: refusals leave the
 destination's bytes unchanged, --overwrite replaces it whole, a SIGKILL at any step leaves it absent,
 as it was, or complete; readers refuse inconsistent directories; checklist.chk is verified."""
 import hashlib
@@ -47,7 +47,7 @@ def contents(path: Path) -> dict:
     for p in sorted(path.rglob("*")):
         if p.suffix == ".pth":
             shard = checkpoint.load_shard(p)
-            out[p.name] = {k: (v.dtype, tuple(v.shape), hashlib.sha256(v.numpy().tobytes()).hexdigest()) for k, v in shard.items()}
+            out[p.name] = {k: (v.dtype, tuple(v.shape), hashlib.sha256(v.contiguous().flatten().view(torch.uint8).numpy().tobytes()).hexdigest()) for k, v in shard.items()}
         elif p.is_file():
             out[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
@@ -286,7 +286,7 @@ def test_verify_without_a_checklist_says_so(tmp_path, meta, byte_tokenizer):
 # ---------------------------------------------------------------------------------------------
 # SIGKILL at every kind of step: the destination is absent, as it was, or complete; the input intact
 
-WRITERS = ["to_hf", "from_hf", "reshard"]
+WRITERS = ["to_hf", "from_hf", "reshard", "quantize"]
 
 
 @pytest.fixture(scope="module")
@@ -414,3 +414,20 @@ def test_example_script_verify_flag_names_the_damaged_file(tmp_path, meta):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "does not match its checklist.chk: params.json: md5" in last
     assert "[4/4] tokenizer.model ok" in r.stderr  # progress, one line per file
+
+
+def test_quantize_over_an_existing_checkpoint_is_refused_and_overwrite_replaces_it_whole(tmp_path, meta):
+    spec = importlib.util.spec_from_file_location("quantize_script", helpers.REPO / "scripts" / "quantize.py")
+    quantize_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quantize_script)
+    dst = tmp_path / "dst"
+    shutil.copytree(meta, dst)
+    before = snapshot(dst)
+    with pytest.raises(ValueError, match=r"already holds 4 file\(s\) .*pass --overwrite to replace it whole"):
+        quantize_script.main(str(meta), str(dst), mode="int8")
+    assert snapshot(dst) == before
+    with pytest.raises(ValueError, match="is the input directory"):
+        quantize_script.main(str(meta), str(meta), mode="int8", overwrite=True)
+    quantize_script.main(str(meta), str(dst), mode="int8", overwrite=True)
+    assert sorted(p.name for p in dst.iterdir()) == ["consolidated.00.pth", "consolidated.01.pth", "params.json", "tokenizer.model"]
+    assert checkpoint.inspect_dir(dst).quant.mode == "int8"

@@ -1,4 +1,4 @@
-"""A writer (to_hf, from_hf, reshard) that stops at its k-th file-system step and waits to be killed.
+"""A writer (to_hf, from_hf, reshard, quantize) that stops at its k-th file-system step and waits to be killed.
 
 tests/test_writers.py runs `run_writer` in a child process (forked from a server that has imported
 torch and the writers once), waits for the child to report that it reached step k, and SIGKILLs it.
@@ -20,6 +20,9 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("reshard_script", REPO / "scripts" / "reshard.py")
 reshard_script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(reshard_script)
+_spec = importlib.util.spec_from_file_location("quantize_script", REPO / "scripts" / "quantize.py")
+quantize_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(quantize_script)
 
 # (owner, attribute) of every call that changes the file system while a writer runs
 STEPS = [
@@ -56,6 +59,8 @@ def run_writer(kind: str, src: str, dst: str, overwrite: bool, kill_at: int, con
         convert.to_hf(src, dst, max_shard_size="100KB", overwrite=overwrite)
     elif kind == "from_hf":
         convert.from_hf(src, dst, shards=2, overwrite=overwrite)
+    elif kind == "quantize":
+        quantize_script.main(src, dst, mode="int8", overwrite=overwrite)
     else:
         reshard_script.reshard(src, dst, shards=2, overwrite=overwrite)
     conn.send(("done", count))
