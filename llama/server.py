@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from llama import distributed
+from llama import distributed, validation
 from llama.engine import Engine, Event, Plan, Request
 from llama.generation import Llama
 from llama.tokenizer import ToolCall
@@ -241,6 +241,10 @@ def check_request(body: Any, chat: bool, model_name: str, max_seq_len: int, voca
         _field(body, "best_of", (int,), 1, lambda v: v == 1, "is not supported (only 1)")
         _field(body, "suffix", (str,), None, lambda v: False, "is not supported")
         out["prompt"] = _prompts(body.get("prompt"), vocab_size)
+    try:  # the library's own checks of what reaches the engine (llama/validation.py), as a 400
+        validation.check_sampling(out["temperature"], out["top_p"], out["max_tokens"], out["seed"])
+    except (TypeError, ValueError) as e:
+        raise APIError(400, str(e)) from None
     return out
 
 
