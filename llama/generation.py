@@ -8,8 +8,8 @@ from typing import Callable, Iterator, List, Optional, TypedDict, Union
 import torch
 import torch.nn.functional as F
 
-from llama import checkpoint, distributed
-from llama.model import ModelArgs, Transformer, kernels_for
+from llama import checkpoint, distributed, kernels
+from llama.model import ModelArgs, Transformer
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -62,8 +62,10 @@ class Llama:
             model_parallel_size: processes per model; default: all processes of the group.
             seed: random seed, the same on every rank so that all ranks sample the same tokens.
             device: "cuda", "cpu", a torch.device, or None for CUDA when available, else CPU.
-            dtype: "bfloat16", "float16", "float32", a torch.dtype, or None for the device's default
-                (bfloat16 on CUDA where supported, else float16; bfloat16 on CPUs that run it natively).
+            dtype: "bfloat16", "float16", "float32", a torch.dtype: that dtype for weights and every
+                step. None: the device's policy (llama.kernels): bfloat16 on CUDA where supported,
+                else float16; on CPU, measured at start-up: for example bfloat16 weights decoding in
+                bfloat16 and prefilling in float32 where that is what the CPU does fastest.
             rope_scale_factor: Llama 3.1 RoPE scale for models with use_scaled_rope; None reads
                 params.json or, failing that, uses the published default for the model's shape.
             compile: torch.compile the decode step, with static shapes (the KV cache padded to a
@@ -77,7 +79,8 @@ class Llama:
         device = distributed.resolve_device(device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dtype = distributed.resolve_dtype(dtype, device)
+        if dtype is not None:
+            kernels.parse_dtype(dtype)  # a bad name fails before any process group is set up
         mp_size = distributed.setup(device, model_parallel_size)
         torch.manual_seed(seed)
 
@@ -91,7 +94,10 @@ class Llama:
                 f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but {ckpt_dir}/params.json says "
                 f"vocab_size {args.vocab_size}: pass the tokenizer.model that belongs to this checkpoint"
             )
+        policy = kernels.policy_for(device, dtype)  # the same on every rank (rank 0's)
+        dtype = policy.weights
         model = checkpoint.load_model(ckpt_dir, args, distributed.model_parallel_rank(), mp_size, device, dtype)
+        model.policy = policy
         if distributed.is_rank0():  # the checkpoint module has logged the shards and their load time
             logger.info(
                 "Loaded in %.2f seconds: running on %s in %s; tokenizer %s (%d tokens)",
@@ -236,7 +242,7 @@ class Llama:
         """Logits (bsz, vocab) of one new token per row: the compiled step when there is one."""
         if self._compiled_decode is not None:
             try:
-                with kernels_for(tokens, self.model.output.weight.dtype):
+                with kernels.kernels_for(tokens, self.model.policy, compiled=True):
                     torch.compiler.cudagraph_mark_step_begin()
                     return self._compiled_decode(tokens, start_pos)
             except Exception as e:  # a step rerun writes the same KV cache slots, so eager can take over

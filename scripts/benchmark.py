@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch  # noqa: E402
 
-from llama import checkpoint, distributed, hf, registry  # noqa: E402
+from llama import checkpoint, distributed, hf, kernels, registry  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 
 IMPLS = ("ours", "ours-compile", "hf-eager", "hf-sdpa")
@@ -521,7 +521,7 @@ def main(
         seed: seed of the random weights and prompts.
     """
     dev = distributed.resolve_device(device)
-    dt = distributed.resolve_dtype(dtype, dev)
+    dt = kernels.resolve_dtype(dtype, dev)
     params = registry.get(shape)
     if n_layers:
         params["n_layers"] = int(n_layers)

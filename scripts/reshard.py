@@ -18,7 +18,7 @@ import fire
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llama import checkpoint, distributed  # noqa: E402
+from llama import checkpoint, kernels  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def reshard(ckpt_dir: str, out_dir: str, shards: int, dtype: Optional[str] = Non
     args = ModelArgs(**params)
     layout = checkpoint.inspect_checkpoint(src, args)
     checkpoint.check_process_count(args, layout.n_shards, shards, str(src))
-    out_dtype = distributed.resolve_dtype(dtype, torch.device("cpu")) if dtype else None
+    out_dtype = kernels.parse_dtype(dtype) if dtype else None
     if out.exists() and any(out.glob("*.pth")):
         raise ValueError(f"{out} already holds .pth files: choose a new or empty output directory")
     out.mkdir(parents=True, exist_ok=True)
