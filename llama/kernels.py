@@ -161,12 +161,11 @@ def _fastest(timings: dict, kind: str, compute: str) -> tuple[float, bool]:
 # ---------------------------------------------------------------- measuring
 
 
-def measure(threads: Optional[int] = None, repeats: int = 2) -> dict:
+def measure(repeats: int = 2) -> dict:
     """Seconds of one product per (kind, compute, onednn) on this CPU, fastest of `repeats` after a
-    warm-up: PROBE_ROWS rows times a PROBE_SHAPE weight, in bfloat16, float32, and float32 over an
-    upcast bfloat16 weight (not timed for one-row decode, where it can only lose to float32 weights)."""
-    if threads:
-        torch.set_num_threads(threads)
+    warm-up (more for the short decode products): PROBE_ROWS rows times a PROBE_SHAPE weight, in
+    bfloat16, float32, and float32 over an upcast bfloat16 weight (not timed for one-row decode,
+    where it can only lose to float32 weights)."""
     big = PROBE_SHAPE["decode"]
     w16 = torch.full(big, 0.01, dtype=torch.bfloat16)
     w32 = torch.full(big, 0.01, dtype=torch.float32)
@@ -188,7 +187,7 @@ def measure(threads: Optional[int] = None, repeats: int = 2) -> dict:
                     continue
                 for onednn in (True, False):
                     torch.backends.mkldnn.enabled = onednn
-                    timings[(kind, compute, onednn)] = _best_time(fn, repeats)
+                    timings[(kind, compute, onednn)] = _best_time(fn, repeats * (3 if kind == "decode" else 1))
     finally:
         torch.backends.mkldnn.enabled = was
     return timings
