@@ -34,6 +34,10 @@ COMPUTES = ("bfloat16", "float32", "upcast")
 # (every decode step, every prompt length), where flash and memory-efficient attention need none.
 CUDA_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
+# Weights computed in another dtype are converted this many elements at a time into one reused
+# buffer (16 MB in float32): it stays in the last-level cache, and no weight is ever held twice.
+UPCAST_CHUNK = 4 * 2**20
+
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
 
@@ -169,6 +173,7 @@ def measure(repeats: int = 2) -> dict:
     big = PROBE_SHAPE["decode"]
     w16 = torch.full(big, 0.01, dtype=torch.bfloat16)
     w32 = torch.full(big, 0.01, dtype=torch.float32)
+    scratch = torch.empty(UPCAST_CHUNK)
     timings = {}
     was = torch.backends.mkldnn.enabled
     try:
@@ -180,7 +185,7 @@ def measure(repeats: int = 2) -> dict:
             cases: dict[str, Callable[[], torch.Tensor]] = {
                 "bfloat16": lambda: F.linear(x16, a16),
                 "float32": lambda: F.linear(x32, a32),
-                "upcast": lambda: F.linear(x32, a16.float()),
+                "upcast": lambda: upcast_linear(x32, a16, scratch),
             }
             for compute, fn in cases.items():
                 if kind == "decode" and compute == "upcast":
@@ -268,13 +273,31 @@ def kernels_for(tokens: torch.Tensor, policy: Optional[Policy], compiled: bool =
         torch.backends.mkldnn.enabled = was
 
 
+def upcast_linear(
+    x: torch.Tensor, weight: torch.Tensor, scratch: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """F.linear(x, weight.to(x.dtype), bias) without converting the whole weight at once: blocks of
+    output rows are converted into `scratch` (a 1-D buffer of x's dtype) and multiplied in turn."""
+    out_features, in_features = weight.shape
+    rows = max(1, scratch.numel() // in_features)
+    if rows >= out_features and scratch.numel() >= weight.numel():
+        parts = [F.linear(x, scratch[: weight.numel()].view(weight.shape).copy_(weight))]
+    else:
+        parts = []
+        for start in range(0, out_features, rows):
+            block = weight[start : start + rows]
+            parts.append(F.linear(x, scratch[: block.numel()].view(block.shape).copy_(block)))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (..., out_features)
+    return out if bias is None else out + bias.to(out.dtype)
+
+
 class ComputeIn(TorchFunctionMode):
     """Compute a forward pass in `dtype` over weights (and KV cache) held in another dtype.
 
-    Linear layers multiply `dtype` activations by their weight converted for that one product;
-    embeddings are looked up and then converted (never the whole table); attention reads the KV
-    cache converted to the query's dtype; writes into a tensor of another dtype (the KV cache)
-    convert to the destination's dtype. Everything else follows PyTorch's type promotion, which
+    Linear layers multiply `dtype` activations by their weight converted block by block for that
+    one product (`upcast_linear`); embeddings are looked up and then converted (never the whole
+    table); attention reads the KV cache converted to the query's dtype; writes into a tensor of
+    another dtype (the KV cache) convert to the destination's dtype. Everything else follows PyTorch's type promotion, which
     keeps `dtype` activations in `dtype` (norm weights in bfloat16 times float32 is float32).
     """
 
@@ -283,13 +306,21 @@ class ComputeIn(TorchFunctionMode):
     def __init__(self, dtype: torch.dtype):
         super().__init__()
         self.dtype = dtype
+        self.scratch: Optional[torch.Tensor] = None
+
+    def _linear(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self._cast(input)  # F.linear's own argument names
+        if weight.dtype == self.dtype:
+            return F.linear(x, weight, self._cast(bias))
+        if self.scratch is None or self.scratch.device != weight.device:
+            self.scratch = torch.empty(UPCAST_CHUNK, dtype=self.dtype, device=weight.device)
+        return upcast_linear(x, weight, self.scratch, bias)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            args = [self._cast(a) for a in args]
-            kwargs = {k: self._cast(v) for k, v in kwargs.items()}
-        elif func is F.scaled_dot_product_attention:
+            return self._linear(*args, **kwargs)
+        if func is F.scaled_dot_product_attention:
             q = args[0]
             args = [args[0], *(self._cast(a, q.dtype) for a in args[1:3]), *args[3:]]
         elif func in self.WRITES:

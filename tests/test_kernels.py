@@ -161,3 +161,41 @@ def test_bf16_weights_prefilled_in_float32_match_float32(tiny_ckpt, byte_tokeniz
     out, _ = policy.generate(PROMPT, max_gen_len=6, temperature=0)
     ref, _ = bf16.generate(PROMPT, max_gen_len=6, temperature=0)
     assert len(out[0]) == 6 and len(ref[0]) == 6
+
+
+def test_upcast_linear_is_the_float32_product_of_the_converted_weight():
+    torch.manual_seed(0)
+    w, x, b = torch.randn(300, 64).to(BF16), torch.randn(2, 5, 64), torch.randn(300)
+    want = torch.nn.functional.linear(x, w.float(), b)
+    for scratch in (torch.empty(64 * 7), torch.empty(300 * 64)):  # blocks of 7 rows; the whole weight
+        torch.testing.assert_close(kernels.upcast_linear(x, w, scratch, b), want, rtol=1e-5, atol=2e-5)  # float32 rounding, summed in another order
+    with kernels.ComputeIn(F32):  # also reached by keyword, as F.linear's own names
+        got = torch.nn.functional.linear(input=x.to(BF16), weight=w)
+    assert got.dtype == F32
+    torch.testing.assert_close(got, torch.nn.functional.linear(x.to(BF16).float(), w.float()), rtol=1e-5, atol=2e-5)  # float32 rounding, summed in another order
+
+
+def test_bench_kernels_reports_every_case(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import helpers
+
+    out = tmp_path / "k.json"
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_kernels.py", "--rows", "1,4", "--shape", "64,128", "--repeats", "1",
+         "--bandwidth_mb", "16", "--out", str(out)],
+        cwd=helpers.REPO, env=helpers.child_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    cases = {(r["rows"], r["case"]) for r in report["results"]}
+    for rows in (1, 4):
+        for case in ("bfloat16, oneDNN", "bfloat16, own", "float32, own", "float32 over upcast bfloat16, oneDNN"):
+            assert (rows, case) in cases
+    assert all(r["ms"] > 0 and r["weight_gb_s"] > 0 and r["gflop_s"] > 0 for r in report["results"])
+    assert report["read_gb_s"] > 0 and report["policy"].startswith("weights in ")
+    bad = subprocess.run([sys.executable, "scripts/bench_kernels.py", "--rows", "0"], cwd=helpers.REPO,
+                         env=helpers.child_env(), capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: rows [0] and shape 8192x2048 must be positive"
