@@ -100,7 +100,7 @@ def prompts(n: int, length: Union[int, list], vocab_size: int, seed: int) -> lis
 def random_weights(params: dict, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
     """A full Meta state dict of random weights (normal, scaled 1/sqrt(fan-in); norms 1), on the CPU.
 
-    The special tokens' output rows are zero, so their logits are 0 while the largest ordinary logit
+    Every value is one bfloat16 holds exactly. The special tokens' output rows are zero, so their logits are 0 while the largest ordinary logit
     is positive: greedy decoding never stops early, in any implementation."""
     args = ModelArgs(**params)
     g = torch.Generator(device=device).manual_seed(seed)
@@ -108,7 +108,9 @@ def random_weights(params: dict, dtype: torch.dtype, device: torch.device, seed:
 
     def mat(rows: int, cols: int, scale: Optional[float] = None) -> torch.Tensor:
         w = torch.randn(rows, cols, generator=g, device=device, dtype=torch.float32)
-        return w.mul_(scale if scale is not None else cols**-0.5).to(dtype).cpu()
+        # values bfloat16 holds exactly: implementations in any dtype (ours forced to float32 or
+        # bfloat16, llama.cpp's BF16) then multiply the same numbers
+        return w.mul_(scale if scale is not None else cols**-0.5).to(torch.bfloat16).to(dtype).cpu()
 
     sd = {"tok_embeddings.weight": mat(args.vocab_size, args.dim, 1.0)}
     for i in range(args.n_layers):
