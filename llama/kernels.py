@@ -20,12 +20,13 @@ logger = logging.getLogger(__name__)
 # decode rows, and everything larger (prefill).
 KINDS = ("decode", "small", "prefill")
 SMALL_ROWS = 16
-# Rows of the product timed for each kind at start-up, and the weight it multiplies. Decode reads
-# the Llama 3.2 1B's feed-forward shape, 8192x2048 (32 MB in bfloat16, as large as this class of
-# CPU's last-level cache), from memory, as decoding reads a model; the larger products are bound
-# by arithmetic more than by memory, and a quarter of that weight keeps start-up short.
+# Rows of the product timed for each kind at start-up, and the weight it multiplies. Decode and
+# small batches read the Llama 3.2 1B's feed-forward shape, 8192x2048 (32 MB in bfloat16, as large
+# as this class of CPU's last-level cache), from memory, as they read a model: a weight upcast per
+# step must be timed from memory too. Prefill is bound by arithmetic more than by memory, and a
+# quarter of that weight keeps start-up short.
 PROBE_ROWS = {"decode": 1, "small": 8, "prefill": 64}
-PROBE_SHAPE = {"decode": (8192, 2048), "small": (2048, 2048), "prefill": (2048, 2048)}
+PROBE_SHAPE = {"decode": (8192, 2048), "small": (8192, 2048), "prefill": (2048, 2048)}
 # How a step's products may compute: in bfloat16 or float32 over weights of that dtype, or in float32
 # over bfloat16 weights upcast one linear at a time ("upcast"); each with oneDNN on or off.
 COMPUTES = ("bfloat16", "float32", "upcast")

@@ -23,6 +23,7 @@ one-token-per-step prompt feeding; load time and peak memory. The machine's memo
 ceiling is measured in the same run, and each decode figure is given as a share of what that
 bandwidth allows for the bytes one step reads (weights once, plus each row's KV cache).
 """
+import contextlib
 import json
 import math
 import os
@@ -481,6 +482,14 @@ def llama_cpp_tools(root: Optional[str]) -> dict:
     return tools
 
 
+def quiet(cmd: list) -> str:
+    """Run `cmd`; its stdout, or RuntimeError with the end of what it wrote when it fails."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{Path(cmd[0]).name} failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-2000:]}")
+    return proc.stdout
+
+
 def llama_cpp(spec: dict) -> dict:
     """llama.cpp on the same weights: our to_hf output read by its convert_hf_to_gguf.py (BF16),
     quantized by llama-quantize (Q8_0, Q4_0), all three timed by llama-bench in one call: decode
@@ -492,33 +501,37 @@ def llama_cpp(spec: dict) -> dict:
         raise Skip("llama.cpp is built here for the CPU only")
     s, work = spec["settings"], Path(spec["work_dir"]) / "llama.cpp"
     hf_dir = work / "hf"
-    convert.to_hf(spec["files"]["meta"], str(hf_dir))
-    # its converter reads tokenizer.json (written by to_hf); tokenizer.model would send it to sentencepiece
-    (hf_dir / "tokenizer.model").unlink(missing_ok=True)
+    with contextlib.redirect_stdout(sys.stderr):  # to_hf's progress
+        convert.to_hf(spec["files"]["meta"], str(hf_dir))
     files = {"BF16": work / "model-bf16.gguf"}
-    # The converter recognises a tokenizer by hashing its ids for a test string; the benchmark's
+    # Llama 3 has no sentencepiece model (its converter tries one first, and needs that package to
+    # find out); and it recognises a tokenizer by hashing its ids for a test string: the benchmark's
     # random vocabulary has Llama 3's pre-tokenizer (to_hf writes it) but no known hash, so it is named.
-    run_convert = (
-        "import runpy, sys; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/gguf-py']; "
-        "from conversion import base; base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'llama-bpe'; "
-        "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-    )
-    subprocess.run(
+    run_convert = """
+import runpy, sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/gguf-py"]
+from conversion import base
+def no_sentencepiece(self, *args, **kwargs):
+    raise FileNotFoundError("Llama 3 has no sentencepiece model")
+base.TextModel._set_vocab_sentencepiece = no_sentencepiece
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "llama-bpe"
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+    quiet(
         [sys.executable, "-c", run_convert, str(tools["root"]), str(tools["convert"]), str(hf_dir),
-         "--outtype", "bf16", "--outfile", str(files["BF16"])],
-        check=True, stdout=subprocess.DEVNULL,
+         "--outtype", "bf16", "--outfile", str(files["BF16"])]
     )
     for kind in LLAMA_CPP_TYPES[1:]:
         files[kind] = work / f"model-{kind.lower()}.gguf"
-        subprocess.run([str(tools["quantize"]), str(files["BF16"]), str(files[kind]), kind], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        quiet([str(tools["quantize"]), str(files["BF16"]), str(files[kind]), kind])
     threads = spec.get("threads") or torch.get_num_threads()
     cmd = [str(tools["bench"]), "-o", "json", "-t", str(threads), "-r", "3", "-p", str(s["prefill_len"]),
            "-n", str(s["short_new"]), "-d", f"0,{s['short_prompt']}"]
     for kind in LLAMA_CPP_TYPES:
         cmd += ["-m", str(files[kind])]
     print("[llama.cpp] " + " ".join(cmd), file=sys.stderr, flush=True)
-    runs = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    runs = json.loads(quiet(cmd))
     results = {}
     for kind in LLAMA_CPP_TYPES:
         name = f"llama.cpp-{kind}"
