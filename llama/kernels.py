@@ -102,9 +102,9 @@ def policy_for(device: torch.device, dtype: Union[str, torch.dtype, None] = None
 
     CUDA: bfloat16 where supported, else float16, for every step. CPU: measured once per process
     (`measure`, a fraction of a second) and chosen by `choose`; with several processes, every rank
-    takes rank 0's choice. A forced bfloat16 or float16 on CPU still takes the faster of oneDNN and
-    PyTorch's own kernels per kind of step from the same measurement; a forced float32 changes no
-    kernel, so its results are exactly those of plain PyTorch.
+    takes rank 0's choice. A forced bfloat16 on CPU still takes the faster of oneDNN and PyTorch's
+    own kernels per kind of step from the same measurement; a forced float16 or float32 switches
+    no kernel, so float32 results are exactly those of plain PyTorch.
     """
     device = torch.device(device)
     forced = None if dtype is None else parse_dtype(dtype)
@@ -114,14 +114,13 @@ def policy_for(device: torch.device, dtype: Union[str, torch.dtype, None] = None
         return uniform(forced, reason="CUDA")
     if device.type != "cpu":
         return uniform(forced or torch.float32)
-    if forced == torch.float32:
-        return uniform(torch.float32, reason="forced")
+    if forced not in (None, torch.bfloat16):
+        return uniform(forced, reason="forced")
     policy = _measured_cpu_policy(torch.get_num_threads())
     if forced is None:
         return policy
-    # the kernel within the forced dtype is still the faster one measured
-    measured = forced == torch.bfloat16
-    plans = {k: Plan(forced, _fastest(policy.timings, k, "bfloat16")[1] if measured else None) for k in KINDS}
+    # bfloat16 forced: the faster kernel measured for it, per kind of step
+    plans = {k: Plan(forced, _fastest(policy.timings, k, "bfloat16")[1]) for k in KINDS}
     return Policy(forced, reason="forced", timings=policy.timings, **plans)
 
 
