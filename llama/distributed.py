@@ -1,4 +1,4 @@
-# The one place that picks devices, dtypes and backends, and sets up process groups.
+# Process groups: devices per rank, setup, ranks, broadcast. (Dtypes and kernels: llama/kernels.py.)
 import atexit
 import logging
 import os
@@ -9,10 +9,6 @@ import torch.distributed as dist
 from fairscale.nn.model_parallel import initialize as fs_init
 
 logger = logging.getLogger(__name__)
-
-# Measured on the 2-core CI CPU (README, "Choosing a dtype"): bfloat16 matmuls beat float32 there
-# for both single-token decode and prefill, so CPUs with native bf16 support get bfloat16.
-CPU_DTYPE_PREFERENCE = (torch.bfloat16, torch.float32)
 
 
 def resolve_device(device: Union[str, torch.device, None] = None) -> torch.device:
@@ -26,31 +22,6 @@ def resolve_device(device: Union[str, torch.device, None] = None) -> torch.devic
         if device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return device
-
-
-def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
-    """`None`: bfloat16 on CUDA where supported else float16; on CPU bfloat16 if it runs natively."""
-    if isinstance(dtype, str):
-        name = dtype.removeprefix("torch.")
-        aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-        resolved = getattr(torch, aliases.get(name, name), None)
-        if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-            raise ValueError(f"unknown dtype {dtype!r}: use bfloat16, float16 or float32")
-        return resolved
-    if dtype is not None:
-        return dtype
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu":
-        return torch.bfloat16 if _cpu_has_bf16() else torch.float32
-    return torch.float32
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def backend_for(device: torch.device) -> str:

@@ -6,9 +6,9 @@ from typing import Callable, Iterator, List, Optional, TypedDict, Union
 
 import torch
 
-from llama import checkpoint, distributed, kv_cache, validation
+from llama import checkpoint, distributed, kernels, kv_cache, validation
 from llama.engine import Engine, NonFiniteLogitsError, Request, _sample, sample_top_p  # noqa: F401 (re-exported)
-from llama.model import ModelArgs, Transformer, kernels_for
+from llama.model import ModelArgs, Transformer
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -65,8 +65,10 @@ class Llama:
             model_parallel_size: processes per model; default: all processes of the group.
             seed: random seed, the same on every rank so that all ranks sample the same tokens.
             device: "cuda", "cpu", a torch.device, or None for CUDA when available, else CPU.
-            dtype: "bfloat16", "float16", "float32", a torch.dtype, or None for the device's default
-                (bfloat16 on CUDA where supported, else float16; bfloat16 on CPUs that run it natively).
+            dtype: "bfloat16", "float16", "float32", a torch.dtype: that dtype for weights and every
+                step. None: the device's policy (llama.kernels): bfloat16 on CUDA where supported,
+                else float16; on CPU, measured at start-up: for example bfloat16 weights decoding in
+                bfloat16 and prefilling in float32 where that is what the CPU does fastest.
             rope_scale_factor: Llama 3.1 RoPE scale for models with use_scaled_rope; None reads
                 params.json or, failing that, uses the published default for the model's shape.
             compile: torch.compile the decode step, with static shapes (the KV cache padded to a
@@ -91,8 +93,8 @@ class Llama:
         device = distributed.resolve_device(device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        forced_dtype = dtype is not None  # quantized products then run in it too; else as measured fastest
-        dtype = distributed.resolve_dtype(dtype, device)
+        # a bad name fails before any process group is set up; quantized products then run in it too
+        forced_dtype = None if dtype is None else kernels.parse_dtype(dtype)
         mp_size = distributed.setup(device, model_parallel_size)
         torch.manual_seed(seed)
 
@@ -111,10 +113,15 @@ class Llama:
         from llama.quantize import resolve as resolve_quantization  # the argument is named `quantize`
 
         quant = resolve_quantization(quantize, group_size, quantize_output)
+        policy = kernels.policy_for(device, forced_dtype)  # the same on every rank (rank 0's)
+        if quant is not None:  # quantized products pick their own kernel and compute dtype (llama.quantize)
+            policy = kernels.uniform(policy.weights, reason=f"{quant.mode} weights: llama.quantize picks their kernels")
+        dtype = policy.weights
         model = checkpoint.load_model(
             ckpt_dir, args, distributed.model_parallel_rank(), mp_size, device, dtype, quant,
-            compute_dtype=dtype if forced_dtype else None,
+            compute_dtype=forced_dtype,
         )
+        model.policy = policy
         if distributed.is_rank0():  # the checkpoint module has logged the shards and their load time
             logger.info(
                 "Loaded in %.2f seconds: running on %s in %s; tokenizer %s (%d tokens)",
@@ -190,7 +197,7 @@ class Llama:
         """Logits (bsz, vocab) of one new token per row: the compiled step when there is one."""
         if self._compiled_decode is not None:
             try:
-                with kernels_for(tokens, self.model.output.weight.dtype):
+                with kernels.kernels_for(tokens, self.model.policy, compiled=True):
                     torch.compiler.cudagraph_mark_step_begin()
                     return self._compiled_decode(tokens, start_pos)
             except Exception as e:  # a step rerun writes the same KV cache slots, so eager can take over

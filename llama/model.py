@@ -1,5 +1,4 @@
 # Llama 3 decoder: the architecture of Meta's release, parameter names = checkpoint keys.
-import contextlib
 import logging
 import math
 from dataclasses import dataclass, fields
@@ -14,9 +13,8 @@ from fairscale.nn.model_parallel.layers import (
     VocabParallelEmbedding,
 )
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from llama import kv_cache, sharding, validation
+from llama import kernels, kv_cache, sharding, validation
 from llama.kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
@@ -297,32 +295,6 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-# SDPA backends for CUDA: not cuDNN, which builds an execution plan for every new sequence length
-# (every decode step, every prompt length), where flash and memory-efficient attention need none.
-CUDA_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-@contextlib.contextmanager
-def kernels_for(tokens: torch.Tensor, dtype: torch.dtype):
-    """Choose the kernels for a forward pass of `tokens` (measured with scripts/benchmark.py).
-
-    CUDA: attention from CUDA_ATTENTION. CPU: a bfloat16 step of one token in one row is a chain of
-    matrix-vector products, which PyTorch's own GEMV runs at about twice the memory bandwidth of
-    oneDNN's; oneDNN is much faster for every larger product, so it is switched off for such steps only.
-    """
-    if tokens.device.type == "cuda":
-        with sdpa_kernel(CUDA_ATTENTION):
-            yield
-    elif tokens.numel() == 1 and dtype == torch.bfloat16 and torch.backends.mkldnn.enabled:
-        torch.backends.mkldnn.enabled = False
-        try:
-            yield
-        finally:
-            torch.backends.mkldnn.enabled = True
-    else:
-        yield
-
-
 class Transformer(nn.Module):
     """The Llama 3 decoder. Needs fairscale's model parallel initialised (llama.distributed.setup)."""
 
@@ -339,6 +311,8 @@ class Transformer(nn.Module):
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=lambda x: x)
         # RoPE table as real [cos, sin] pairs, (max_seq_len, head_dim/2, 2); built on first use
         self.freqs_cis: Optional[torch.Tensor] = None
+        # how each kind of step computes (llama.kernels; Llama.build sets it); None: PyTorch's defaults
+        self.policy: Optional[kernels.Policy] = None
 
     def rope_table(self, device: torch.device) -> torch.Tensor:
         p = self.params
@@ -382,7 +356,7 @@ class Transformer(nn.Module):
         """
         if kv_cache.shape(self) is None:
             self.setup_cache(self.params.max_batch_size, self.params.max_seq_len)
-        with kernels_for(tokens, self.output.weight.dtype):
+        with kernels.kernels_for(tokens, self.policy):
             return self._forward(tokens, start_pos, output_index, use_cache=True, row0=row0, kv_len=kv_len)
 
     def forward_train(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ from typing import Sequence
 
 import torch
 
-from llama.model import Transformer, kernels_for
+from llama import kernels
+from llama.model import Transformer
 
 
 @torch.inference_mode()
@@ -23,7 +24,7 @@ def score_batch(model: Transformer, batch: Sequence[tuple[Sequence[int], Sequenc
     for i, r in enumerate(rows):
         tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
     tokens = tokens.to(device)
-    with kernels_for(tokens, model.output.weight.dtype):
+    with kernels.kernels_for(tokens, model.policy):
         logits = model.forward_train(tokens)  # (bsz, width, vocab) float32
     out = []
     for i, ((_, cont), r) in enumerate(zip(batch, rows)):

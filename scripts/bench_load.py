@@ -27,7 +27,7 @@ import fire
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llama import checkpoint, distributed, sharding  # noqa: E402
+from llama import checkpoint, distributed, kernels, sharding  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
 
 METHODS = ("lean", "naive")
@@ -81,7 +81,7 @@ def _peak_rss_gb() -> float:
 def measure_method(method: str, ckpt_dir: str, dtype: str, device: str = "cpu") -> dict:
     """Load the checkpoint in this process with `method`; load time, memory and a logits checksum."""
     dev = distributed.resolve_device(device)
-    torch_dtype = distributed.resolve_dtype(dtype, dev)
+    torch_dtype = kernels.resolve_dtype(dtype, dev)
     distributed.setup(dev)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -168,7 +168,7 @@ def main(
         tmp = Path(tempfile.mkdtemp(prefix="bench_load_"))
         ckpt_dir = tmp / "ckpt"
         start = time.perf_counter()
-        torch_dtype = distributed.resolve_dtype(dtype, torch.device("cpu"))
+        torch_dtype = kernels.resolve_dtype(dtype, torch.device("cpu"))
         n = create_checkpoint(ckpt_dir, make_params(dim, n_layers, vocab_size), torch_dtype, shards)
         print(f"created {ckpt_dir}: {n / 1e6:.1f}M params in {time.perf_counter() - start:.1f}s")
     ckpt_dir = Path(ckpt_dir)

@@ -9,7 +9,10 @@
 A model of a published shape (llama.registry) gets random weights, saved once as a Meta checkpoint
 and once as a Hugging Face directory (converted with llama/hf.py). Each implementation then runs in
 its own process (so load time and peak memory are its own) on the same prompts, device and dtype:
-ours (Llama.build), ours compiled (--compile), and transformers with eager and sdpa attention. Every
+ours (Llama.build), ours compiled (--compile), and transformers with eager and sdpa attention. By
+name (--impls): ours under forced bfloat16 and float32 beside its measured dtype policy, ours with
+int8 and int4 weights, and llama.cpp at BF16, Q8_0 and Q4_0 on the same weights (a tree built
+from source, given by --llama_cpp or $LLAMA_CPP_DIR; noted as skipped otherwise). Every
 run is greedy with a fixed number of new tokens: the output rows of the special tokens are zero, so
 no stop token is ever chosen.
 
@@ -20,6 +23,7 @@ one-token-per-step prompt feeding; load time and peak memory. The machine's memo
 ceiling is measured in the same run, and each decode figure is given as a share of what that
 bandwidth allows for the bytes one step reads (weights once, plus each row's KV cache).
 """
+import contextlib
 import json
 import math
 import os
@@ -35,10 +39,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch  # noqa: E402
 
-from llama import checkpoint, distributed, hf, registry  # noqa: E402
+from llama import checkpoint, distributed, hf, kernels, registry  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 
-IMPLS = ("ours", "ours-compile", "hf-eager", "hf-sdpa")
+# ours under each dtype policy and each weight quantization: the keyword arguments of Llama.build
+# beside the run's own (--dtype, None by default: the measured policy of llama/kernels.py)
+OURS = {
+    "ours": {},
+    "ours-bf16": {"dtype": "bfloat16"},
+    "ours-f32": {"dtype": "float32"},
+    "ours-compile": {"compile": True},
+    "ours-int8": {"quantize": "int8"},
+    "ours-int4": {"quantize": "int4"},
+}
+IMPLS = (*OURS, "hf-eager", "hf-sdpa", "llama.cpp")
+DEFAULT_IMPLS = ("ours", "hf-eager", "hf-sdpa")  # and ours-compile with --compile
+# llama.cpp: the precisions compared with ours (bfloat16 weights, int8, int4), and the directory of
+# a llama.cpp source tree built with cmake (build/bin/llama-bench); see the README, "Speed"
+LLAMA_CPP_TYPES = ("BF16", "Q8_0", "Q4_0")
+LLAMA_CPP_ENV = "LLAMA_CPP_DIR"
 N_SPECIAL = 256  # Llama 3 special tokens: the last 256 ids of the vocabulary
 SKIP_STEPS = 2  # decode steps left out of the steady-state rate (compilation, first-call set-up)
 GB = 1e9
@@ -82,7 +101,7 @@ def prompts(n: int, length: Union[int, list], vocab_size: int, seed: int) -> lis
 def random_weights(params: dict, dtype: torch.dtype, device: torch.device, seed: int) -> dict:
     """A full Meta state dict of random weights (normal, scaled 1/sqrt(fan-in); norms 1), on the CPU.
 
-    The special tokens' output rows are zero, so their logits are 0 while the largest ordinary logit
+    Every value is one bfloat16 holds exactly. The special tokens' output rows are zero, so their logits are 0 while the largest ordinary logit
     is positive: greedy decoding never stops early, in any implementation."""
     args = ModelArgs(**params)
     g = torch.Generator(device=device).manual_seed(seed)
@@ -90,7 +109,9 @@ def random_weights(params: dict, dtype: torch.dtype, device: torch.device, seed:
 
     def mat(rows: int, cols: int, scale: Optional[float] = None) -> torch.Tensor:
         w = torch.randn(rows, cols, generator=g, device=device, dtype=torch.float32)
-        return w.mul_(scale if scale is not None else cols**-0.5).to(dtype).cpu()
+        # values bfloat16 holds exactly: implementations in any dtype (ours forced to float32 or
+        # bfloat16, llama.cpp's BF16) then multiply the same numbers
+        return w.mul_(scale if scale is not None else cols**-0.5).to(torch.bfloat16).to(dtype).cpu()
 
     sd = {"tok_embeddings.weight": mat(args.vocab_size, args.dim, 1.0)}
     for i in range(args.n_layers):
@@ -220,16 +241,38 @@ def peak_rss() -> float:
 # ---------------------------------------------------------------- the implementations under test
 
 
+class Skip(Exception):
+    """An implementation that cannot run here (not built, not on this branch): a note, not a failure."""
+
+
 class Ours:
     """Llama.build from the Meta checkpoint; greedy through its public generate/stream."""
 
-    def __init__(self, spec: dict, compile: bool):
+    def __init__(self, spec: dict, impl: str):
+        import inspect
+
         from llama import Llama
 
+        kwargs = {"dtype": spec["dtype_arg"], **OURS[impl]}
+        if "quantize" in kwargs and "quantize" not in inspect.signature(Llama.build).parameters:
+            raise Skip("Llama.build takes no quantize= in this checkout (the quantization work adds it)")
         self.llama = Llama.build(
             spec["files"]["meta"], spec["files"]["tokenizer"], max_seq_len=spec["settings"]["max_seq_len"],
-            max_batch_size=8, device=spec["device"], dtype=spec["dtype"], **({"compile": True} if compile else {}),
+            max_batch_size=8, device=spec["device"], **kwargs,
         )
+
+    def describe(self) -> dict:
+        """The weights as loaded: their dtype, the bytes a decode step reads (all but the embedding
+        table), and the kernel policy."""
+        model = self.llama.model
+        state = model.state_dict()
+        policy = getattr(model, "policy", None)
+        return {
+            "weights_dtype": hf.dtype_name(model.layers[0].attention.wk.weight.dtype),
+            "weight_bytes": sum(t.nbytes for k, t in state.items() if not k.startswith("tok_embeddings")),
+            "kv_itemsize": model.layers[0].attention.cache_k.dtype.itemsize,
+            **({"policy": policy.describe()} if policy is not None else {}),
+        }
 
     def stream(self, prompts: list, n_new: int) -> tuple[list, list]:
         """(time after each step's token, new tokens per row)."""
@@ -329,8 +372,19 @@ class HF:
 
 
 def worker(spec_path: str, out_path: str) -> None:
-    """Load one implementation and run every scenario; write the results as JSON."""
+    """Load one implementation and run every scenario; write {name: results} (or the note of a
+    skipped implementation) as JSON."""
     spec = json.loads(Path(spec_path).read_text())
+    impl = spec["impl"]
+    try:
+        out = llama_cpp(spec) if impl == "llama.cpp" else {impl: run_impl(spec)}
+    except Skip as e:
+        out = {"skipped": str(e)}
+    Path(out_path).write_text(json.dumps(out))
+    distributed.shutdown()
+
+
+def run_impl(spec: dict) -> dict:
     s, impl, device = spec["settings"], spec["impl"], torch.device(spec["device"])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -340,13 +394,15 @@ def worker(spec_path: str, out_path: str) -> None:
     result = {"impl": impl}
 
     start = time.perf_counter()
-    runner = Ours(spec, compile=impl == "ours-compile") if impl.startswith("ours") else HF(spec, impl[3:])
+    runner = Ours(spec, impl) if impl.startswith("ours") else HF(spec, impl[3:])
     sync(device)
     result["load_s"] = time.perf_counter() - start
     result["load_peak_rss_gb"] = peak_rss()
 
     # warm-up: first-call set-up of kernels (and, compiled, the batch-1 decode graph)
     runner.generate(prompts(1, 8, vocab, 0), 4)
+    if impl.startswith("ours"):  # what it loaded, its KV cache now allocated
+        result.update(runner.describe())
 
     def timed_stream(batch: int, length: int, n_new: int, seed: int) -> tuple[dict, list]:
         batch_prompts = prompts(batch, length, vocab, seed)
@@ -393,7 +449,7 @@ def worker(spec_path: str, out_path: str) -> None:
         return {"lens": s["mixed_lens"], "new_tokens": n, "seconds": seconds, "tokens_per_s": n / seconds}, tokens
 
     print(f"[{impl}] mixed-length batch of 8", file=sys.stderr, flush=True)
-    result["mixed"], tokens = mixed(runner.generate, warm=impl == "ours-compile")
+    result["mixed"], tokens = mixed(runner.generate, warm=OURS.get(impl, {}).get("compile", False))
     if impl == "ours" and spec.get("baseline", True):
         print(f"[{impl}] mixed-length batch, one token per step (original loop)", file=sys.stderr, flush=True)
         result["original_loop"], base_tokens = mixed(Original(runner).generate, warm=False)
@@ -403,8 +459,93 @@ def worker(spec_path: str, out_path: str) -> None:
     result["peak_rss_gb"] = peak_rss()
     if device.type == "cuda":
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / GB
-    Path(out_path).write_text(json.dumps(result))
-    distributed.shutdown()
+    return result
+
+
+# ---------------------------------------------------------------- llama.cpp, when built
+
+
+def llama_cpp_tools(root: Optional[str]) -> dict:
+    """Paths of a built llama.cpp tree (convert_hf_to_gguf.py, llama-quantize, llama-bench), or Skip."""
+    if not root:
+        raise Skip(f"llama.cpp not given: set {LLAMA_CPP_ENV} or --llama_cpp to a built llama.cpp tree")
+    root_path = Path(root)
+    tools = {
+        "root": root_path,
+        "convert": root_path / "convert_hf_to_gguf.py",
+        "quantize": root_path / "build" / "bin" / "llama-quantize",
+        "bench": root_path / "build" / "bin" / "llama-bench",
+    }
+    missing = [str(p) for p in tools.values() if not p.exists()]
+    if missing:
+        raise Skip(f"llama.cpp at {root} is not built: missing {', '.join(missing)}")
+    return tools
+
+
+def quiet(cmd: list) -> str:
+    """Run `cmd`; its stdout, or RuntimeError with the end of what it wrote when it fails."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{Path(cmd[0]).name} failed ({proc.returncode}): {(proc.stderr or proc.stdout)[-2000:]}")
+    return proc.stdout
+
+
+def llama_cpp(spec: dict) -> dict:
+    """llama.cpp on the same weights: our to_hf output read by its convert_hf_to_gguf.py (BF16),
+    quantized by llama-quantize (Q8_0, Q4_0), all three timed by llama-bench in one call: decode
+    of short_new tokens after a short_prompt context (-d, its depth) and prefill of prefill_len."""
+    from llama import convert
+
+    tools = llama_cpp_tools(spec.get("llama_cpp"))
+    if spec["device"] != "cpu":
+        raise Skip("llama.cpp is built here for the CPU only")
+    s, work = spec["settings"], Path(spec["work_dir"]) / "llama.cpp"
+    hf_dir = work / "hf"
+    with contextlib.redirect_stdout(sys.stderr):  # to_hf's progress
+        convert.to_hf(spec["files"]["meta"], str(hf_dir))
+    files = {"BF16": work / "model-bf16.gguf"}
+    # Llama 3 has no sentencepiece model (its converter tries one first, and needs that package to
+    # find out); and it recognises a tokenizer by hashing its ids for a test string: the benchmark's
+    # random vocabulary has Llama 3's pre-tokenizer (to_hf writes it) but no known hash, so it is named.
+    run_convert = """
+import runpy, sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/gguf-py"]
+from conversion import base
+def no_sentencepiece(self, *args, **kwargs):
+    raise FileNotFoundError("Llama 3 has no sentencepiece model")
+base.TextModel._set_vocab_sentencepiece = no_sentencepiece
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "llama-bpe"
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+    quiet(
+        [sys.executable, "-c", run_convert, str(tools["root"]), str(tools["convert"]), str(hf_dir),
+         "--outtype", "bf16", "--outfile", str(files["BF16"])]
+    )
+    for kind in LLAMA_CPP_TYPES[1:]:
+        files[kind] = work / f"model-{kind.lower()}.gguf"
+        quiet([str(tools["quantize"]), str(files["BF16"]), str(files[kind]), kind])
+    threads = spec.get("threads") or torch.get_num_threads()
+    cmd = [str(tools["bench"]), "-o", "json", "-t", str(threads), "-r", "3", "-p", str(s["prefill_len"]),
+           "-n", str(s["short_new"]), "-d", f"0,{s['short_prompt']}"]
+    for kind in LLAMA_CPP_TYPES:
+        cmd += ["-m", str(files[kind])]
+    print("[llama.cpp] " + " ".join(cmd), file=sys.stderr, flush=True)
+    runs = json.loads(quiet(cmd))
+    results = {}
+    for kind in LLAMA_CPP_TYPES:
+        name = f"llama.cpp-{kind}"
+        mine = [r for r in runs if Path(r["model_filename"]).name == files[kind].name]
+        # decode after the short prompt's context, prefill from an empty one, as ours are timed
+        tg = next(r for r in mine if r["n_gen"] > 0 and r.get("n_depth", 0) == s["short_prompt"])
+        pp = next(r for r in mine if r["n_prompt"] > 0 and r.get("n_depth", 0) == 0)
+        results[name] = {
+            "impl": name, "file_gb": files[kind].stat().st_size / GB,
+            "decode": {"short_b1": {"batch": 1, "prompt": s["short_prompt"], "new": s["short_new"],
+                                    "context": s["short_prompt"] + s["short_new"] / 2, "tokens_per_s": tg["avg_ts"]}},
+            "prefill": {"tokens": s["prefill_len"], "tokens_per_s": pp["avg_ts"], "ttft_s": s["prefill_len"] / pp["avg_ts"]},
+        }
+    return results
 
 
 # ---------------------------------------------------------------- report
@@ -417,53 +558,106 @@ def decode_share(entry: dict, bytes_: dict, ceiling: float) -> float:
     return entry["tokens_per_s"] / (batch * ceiling * GB / step_bytes)
 
 
-def report(results: dict, bw: dict, bytes_: dict) -> tuple[list, dict]:
-    """Table rows: each metric per implementation, each of ours over the best transformers run, and
-    for decode the share of the bandwidth ceiling (and of the GEMV rate). Also the ratios by name."""
+def impl_bytes(result: dict, bytes_: dict, itemsize: int) -> dict:
+    """Bytes a decode step of this implementation reads: its own weights as loaded (quantized, or in
+    the dtype its policy holds them in) where it reported them, else the run's dtype."""
+    if "weight_bytes" not in result:
+        return bytes_
+    kv = bytes_["kv_per_token"] // itemsize * result["kv_itemsize"]
+    return {"weights": result["weight_bytes"], "kv_per_token": kv}
+
+
+# Ratios printed under the table: (name, numerator, denominator or a tuple whose best is taken)
+POLICY_VS_FORCED = ("ours", ("ours-bf16", "ours-f32"))
+SAME_PRECISION = (("ours-bf16", "llama.cpp-BF16"), ("ours-int8", "llama.cpp-Q8_0"), ("ours-int4", "llama.cpp-Q4_0"))
+QUANT_VS_BF16 = (("ours-int8", "ours-bf16"), ("ours-int4", "ours-bf16"))
+
+
+def report(results: dict, bw: dict, bytes_: dict, itemsize: int = 2) -> tuple[list, dict]:
+    """Table rows: each metric per implementation; for ours and ours compiled their ratio to the
+    best transformers run; for decode each of ours' share of the bandwidth ceiling (and of the GEMV
+    rate); the default policy over the better of forced bfloat16 and float32. Also the ratios by name:
+    those, quantized over bfloat16, and ours beside llama.cpp at each precision."""
     impls = list(results)
     ours = [i for i in impls if i.startswith("ours")]
+    main = [i for i in ours if i in ("ours", "ours-compile")]
     hf_impls = [i for i in impls if i.startswith("hf-")]
+    policy, forced = POLICY_VS_FORCED[0], [i for i in POLICY_VS_FORCED[1] if i in results]
     rows, ratios = [], {}
 
-    def add(metric: str, values: dict, higher_better: bool = True, share: Optional[Callable] = None) -> None:
+    def add(
+        metric: str, values: dict, higher_better: bool = True, share: Optional[Callable] = None, speed: bool = False
+    ) -> None:
         row = {"metric": metric, **values}
+        better = max if higher_better else min
         hf_values = [values[i] for i in hf_impls if i in values]
         if hf_values:
-            ref = max(hf_values) if higher_better else min(hf_values)
-            for o in ours:
-                row[f"{o} / hf"] = ratios[f"{metric}: {o} / best hf"] = (
-                    values[o] / ref if higher_better else ref / values[o]
-                )
+            ref = better(hf_values)
+            for o in main:
+                if o in values:
+                    row[f"{o} / hf"] = ratios[f"{metric}: {o} / best hf"] = (
+                        values[o] / ref if higher_better else ref / values[o]
+                    )
+        if speed and policy in values and len(forced) == 2 and all(f in values for f in forced):
+            ref = better(values[f] for f in forced)
+            row["ours / best forced"] = ratios[f"{metric}: ours / best of forced bf16, f32"] = (
+                values[policy] / ref if higher_better else ref / values[policy]
+            )
+        for num, den in (*QUANT_VS_BF16, *SAME_PRECISION):
+            if num in values and den in values:
+                ratios[f"{metric}: {num} / {den}"] = values[num] / values[den]  # as measured: speed-up or fraction
         if share:  # of the ceiling, and of the best one-row GEMV seen (the kernel's own limit)
             for o in ours:
-                row[f"{o} / ceiling"] = ratios[f"{metric}: {o} / ceiling"] = share(o, bw["ceiling"])
+                if o in values:
+                    row[f"{o} / ceiling"] = ratios[f"{metric}: {o} / ceiling"] = share(o, bw["ceiling"])
             if hf_values:
-                row["hf / ceiling"] = max(share(i, bw["ceiling"]) for i in hf_impls)
-            for o in ours:
-                row[f"{o} / gemv"] = ratios[f"{metric}: {o} / gemv"] = share(o, bw["gemv"])
+                row["hf / ceiling"] = max(share(i, bw["ceiling"]) for i in hf_impls if i in values)
+            for o in main:
+                if o in values:
+                    row[f"{o} / gemv"] = ratios[f"{metric}: {o} / gemv"] = share(o, bw["gemv"])
         rows.append(row)
 
-    for key in results[impls[0]]["decode"]:
-        entries = {i: r["decode"][key] for i, r in results.items()}
-        e = entries[impls[0]]
+    def having(*keys: str) -> dict:
+        out = {}
+        for i, r in results.items():
+            for k in keys:
+                r = r.get(k) if isinstance(r, dict) else None
+            if r is not None:
+                out[i] = r
+        return out
+
+    decode_keys = list(dict.fromkeys(k for r in results.values() for k in r.get("decode", {})))
+    for key in decode_keys:
+        entries = having("decode", key)
+        e = next(iter(entries.values()))
         add(
             f"decode tok/s, batch {e['batch']}, context {round(e['context'])}",
             {i: x["tokens_per_s"] for i, x in entries.items()},
-            share=lambda i, bw_gb_s, entries=entries: decode_share(entries[i], bytes_, bw_gb_s),
+            speed=True,
+            share=lambda i, bw_gb_s, entries=entries: decode_share(
+                entries[i], impl_bytes(results[i], bytes_, itemsize), bw_gb_s
+            ),
         )
-    r0 = results[impls[0]]
-    add(f"prefill tok/s, {r0['prefill']['tokens']}-token prompt", {i: r["prefill"]["tokens_per_s"] for i, r in results.items()})
-    add("time to first token, s", {i: r["prefill"]["ttft_s"] for i, r in results.items()}, higher_better=False)
-    lens = r0["mixed"]["lens"]
-    add(f"batch of 8, {lens[0]}..{lens[-1]} tokens, end-to-end tok/s", {i: r["mixed"]["tokens_per_s"] for i, r in results.items()})
+    prefill = having("prefill")
+    n_prefill = next(iter(prefill.values()))["tokens"]
+    add(f"prefill tok/s, {n_prefill}-token prompt", {i: r["tokens_per_s"] for i, r in prefill.items()}, speed=True)
+    add("time to first token, s", {i: r["ttft_s"] for i, r in prefill.items()}, higher_better=False)
+    mixed = having("mixed")
+    if mixed:
+        lens = next(iter(mixed.values()))["lens"]
+        add(f"batch of 8, {lens[0]}..{lens[-1]} tokens, end-to-end tok/s", {i: r["tokens_per_s"] for i, r in mixed.items()})
     if "original_loop" in results.get("ours", {}):
         base = results["ours"]["original_loop"]["tokens_per_s"]
         rows.append({"metric": "  the same, original one-token-per-step feeding", "ours": base})
         ratios["batch of 8: ours / original loop"] = results["ours"]["mixed"]["tokens_per_s"] / base
-    add("load time, s", {i: r["load_s"] for i, r in results.items()}, higher_better=False)
-    add("peak resident memory, GB", {i: r["peak_rss_gb"] for i, r in results.items()}, higher_better=False)
-    if all("peak_gpu_gb" in r for r in results.values()):
-        add("peak GPU memory, GB", {i: r["peak_gpu_gb"] for i, r in results.items()}, higher_better=False)
+    for metric, key in (("load time, s", "load_s"), ("peak resident memory after loading, GB", "load_peak_rss_gb"),
+                        ("peak resident memory, GB", "peak_rss_gb"), ("model file, GB", "file_gb")):
+        values = having(key)
+        if values:
+            add(metric, values, higher_better=False)
+    gpu = having("peak_gpu_gb")
+    if gpu and len(gpu) == len(having("load_s")):
+        add("peak GPU memory, GB", gpu, higher_better=False)
     return rows, ratios
 
 
@@ -499,6 +693,7 @@ def main(
     compile: bool = False,
     impls: Optional[Union[str, tuple]] = None,
     baseline: bool = True,
+    llama_cpp: Optional[str] = None,
     threads: Optional[int] = None,
     out: Optional[str] = None,
     seed: int = 0,
@@ -509,26 +704,32 @@ def main(
         shape: a llama.registry name (llama3.2-1b, llama3-8b, small, tiny, ...).
         n_layers: fewer (or more) layers than the shape has, for quicker runs.
         device: cuda or cpu (default: cuda when available).
-        dtype: bfloat16, float16 or float32 (default: ours' default for the device).
+        dtype: bfloat16, float16 or float32 for every implementation (default: the checkpoints and
+            transformers in the dtype ours' policy holds weights in, ours under its own policy).
         quick: small sizes everywhere (seconds on small shapes).
         long_context: context of the long decode runs, tokens (default 4096; 256 with --quick).
         prefill_len: prompt length of the prefill run; the mixed batch spans 16 to this (default 512).
         compile: also run ours with compile=True (torch.compile of the decode step).
-        impls: comma-separated subset of ours, ours-compile, hf-eager, hf-sdpa.
+        impls: comma-separated, from ours (the dtype policy), ours-bf16 and ours-f32 (forced dtypes),
+            ours-compile, ours-int8 and ours-int4 (quantized weights), hf-eager, hf-sdpa, llama.cpp
+            (BF16, Q8_0 and Q4_0 of the same weights). Default: ours, hf-eager, hf-sdpa (and
+            ours-compile with --compile).
         baseline: also time the original's one-token-per-step prompt feeding on our model.
+        llama_cpp: a llama.cpp source tree built with cmake, for the llama.cpp implementation
+            (default: $LLAMA_CPP_DIR); skipped with a note when absent or not built.
         threads: CPU threads for every implementation (default: torch's default).
         out: write all results as JSON here (also after each implementation, marked incomplete).
         seed: seed of the random weights and prompts.
     """
     dev = distributed.resolve_device(device)
-    dt = distributed.resolve_dtype(dtype, dev)
+    dt = kernels.resolve_dtype(dtype, dev)
     params = registry.get(shape)
     if n_layers:
         params["n_layers"] = int(n_layers)
     s = settings(quick, long_context, prefill_len, dev)
     if isinstance(impls, str):
         impls = impls.split(",")
-    impls = list(impls or [i for i in IMPLS if compile or i != "ours-compile"])
+    impls = list(impls or [*DEFAULT_IMPLS[:1], *(["ours-compile"] if compile else []), *DEFAULT_IMPLS[1:]])
     unknown = set(impls) - set(IMPLS)
     if unknown:
         raise ValueError(f"unknown implementation(s) {sorted(unknown)}: choose from {', '.join(IMPLS)}")
@@ -549,7 +750,7 @@ def main(
         "shape": shape, "params": params, "device": str(dev), "dtype": hf.dtype_name(dt),
         "torch": torch.__version__, "threads": threads or torch.get_num_threads(), "settings": s, "bytes": bytes_,
     }
-    results = {}
+    results, skipped = {}, {}
     with tempfile.TemporaryDirectory(prefix="llama-bench-") as tmp:
         start = time.perf_counter()
         files = write_models(Path(tmp), params, dt, dev, seed)
@@ -559,7 +760,8 @@ def main(
         for impl in impls:
             spec = {
                 "impl": impl, "params": params, "settings": s, "files": files, "device": str(dev),
-                "dtype": hf.dtype_name(dt), "threads": threads, "baseline": baseline,
+                "dtype": hf.dtype_name(dt), "dtype_arg": dtype, "threads": threads, "baseline": baseline,
+                "llama_cpp": llama_cpp or os.environ.get(LLAMA_CPP_ENV), "work_dir": tmp,
             }
             spec_path, out_path = Path(tmp) / f"{impl}.json", Path(tmp) / f"{impl}.out.json"
             spec_path.write_text(json.dumps(spec))
@@ -568,10 +770,15 @@ def main(
             if proc.returncode != 0 or not out_path.is_file():
                 print(f"[{impl}] failed (exit code {proc.returncode}); left out of the table", flush=True)
                 continue
-            results[impl] = json.loads(out_path.read_text())
+            done = json.loads(out_path.read_text())
+            if "skipped" in done:
+                skipped[impl] = done["skipped"]
+                print(f"[{impl}] skipped: {done['skipped']}", flush=True)
+                continue
+            results.update(done)
             print(f"[{impl}] done in {time.perf_counter() - start:.0f}s", flush=True)
             if out:  # what is done survives a run cut short (a time limit on a lent GPU, say)
-                partial = {**header, "complete": False, "bandwidth_gb_s": bw, "results": results}
+                partial = {**header, "complete": False, "bandwidth_gb_s": bw, "results": results, "skipped": skipped}
                 Path(out).write_text(json.dumps(partial, indent=2))
     if not results:
         raise SystemExit("no implementation ran")
@@ -579,7 +786,7 @@ def main(
     bw = {k: max(v, w) for (k, v), w in zip(bw.items(), bandwidth(dev, dt, bw_bytes).values())}
     print("memory bandwidth, GB/s, best of start and end: " + ", ".join(f"{k} {v:.1f}" for k, v in bw.items()))
 
-    rows, ratios = report(results, bw, bytes_)
+    rows, ratios = report(results, bw, bytes_, dt.itemsize)
     print()
     print_table(rows)
     print()
@@ -589,7 +796,18 @@ def main(
     if "hf-eager" in results and "ours" in results:
         same = sum(a == b for a, b in zip(results["ours"]["greedy_tokens"], results["hf-eager"]["greedy_tokens"]))
         print(f"greedy tokens of ours and hf-eager agree on {same}/{len(results['ours']['greedy_tokens'])} (short decode, batch 1)")
-    summary = {**header, "complete": True, "bandwidth_gb_s": bw, "results": results, "table": rows, "ratios": ratios}
+    for name, value in ratios.items():
+        if "best of forced" in name or any(f"{a} / {b}" in name for a, b in (*QUANT_VS_BF16, *SAME_PRECISION)):
+            print(f"{name}: {value:.2f}")
+    for impl, r in results.items():
+        if "policy" in r:
+            print(f"{impl}: {r['policy']}")
+    for impl, why in skipped.items():
+        print(f"{impl} skipped: {why}")
+    summary = {
+        **header, "complete": True, "bandwidth_gb_s": bw, "results": results, "skipped": skipped,
+        "table": rows, "ratios": ratios,
+    }
     if out:
         Path(out).write_text(json.dumps(summary, indent=2))
         print(f"wrote {out}")

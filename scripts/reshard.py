@@ -21,7 +21,7 @@ import fire
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llama import atomic, checkpoint, distributed, sharding  # noqa: E402
+from llama import atomic, checkpoint, kernels, sharding  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def reshard(ckpt_dir: str, out_dir: str, shards: int, dtype: Optional[str] = Non
     args = ModelArgs(**params)
     layout = checkpoint.inspect_checkpoint(src, args)
     sharding.check_process_count(args, layout.n_shards, shards, str(src))
-    out_dtype = distributed.resolve_dtype(dtype, torch.device("cpu")) if dtype else None
+    out_dtype = kernels.parse_dtype(dtype) if dtype else None
     tied = " (output tied to the embedding)" if layout.tied else ""
     print(f"{src}: {layout.n_shards} shard(s) -> {shards} shard(s) in {out}{tied}")
     # published only once the whole result reads back as a checkpoint of `shards` shards

@@ -19,7 +19,7 @@ import fire
 import torch
 import torch.nn.functional as F
 
-from llama import ModelArgs, Tokenizer, Transformer, distributed
+from llama import ModelArgs, Tokenizer, Transformer, distributed, kernels
 from llama.checkpoint import save_checkpoint
 from llama.tokenizer import ChatFormat
 
@@ -190,8 +190,9 @@ def train(
         step, best = state["step"], state["best"]
         print(f"resumed from {state_path} at step {step}")
     fwd = torch.compile(model.forward_train) if compile else model.forward_train
-    # bfloat16 autocast where the device runs it natively; master weights stay float32
-    use_bf16 = distributed.resolve_dtype(None, dev) == torch.bfloat16
+    # bfloat16 autocast where the device's policy computes large products (as training's are) in
+    # bfloat16; master weights stay float32
+    use_bf16 = kernels.policy_for(dev).prefill.dtype == torch.bfloat16
 
     def autocast():
         return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16)

@@ -118,3 +118,70 @@ def test_failed_compilation_warns_and_decodes_eagerly(tiny_ckpt, byte_tokenizer,
     assert "no compiler here" in caplog.text and llama._compiled_decode is None
     eager = Llama.build(str(tiny_ckpt), str(byte_tokenizer), **kwargs)
     assert got == eager.generate(PROMPTS, max_gen_len=6, temperature=0)[0]
+
+
+def test_benchmark_compares_the_policy_with_forced_dtypes_and_notes_what_it_skips(tmp_path):
+    """ours (the measured policy) beside forced bfloat16 and float32 in one run, with the ratio the
+    README quotes; the quantized and llama.cpp implementations run when available, else are noted."""
+    import inspect
+
+    out = tmp_path / "bench.json"
+    env = helpers.child_env(OMP_NUM_THREADS="2")
+    env.pop("LLAMA_CPP_DIR", None)
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--shape", "tiny", "--quick", "--baseline", "False", "--out", str(out),
+         "--impls", "ours,ours-bf16,ours-f32,ours-int8,llama.cpp"],
+        capture_output=True, text=True, timeout=240, cwd=helpers.REPO, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    r = report["results"]
+    assert {"ours", "ours-bf16", "ours-f32"} <= set(r)
+    assert r["ours-bf16"]["weights_dtype"] == "bfloat16" and r["ours-f32"]["weights_dtype"] == "float32"
+    assert "measured on this CPU" in r["ours"]["policy"] and "(forced)" in r["ours-f32"]["policy"]
+    for metric in ("decode tok/s, batch 1", "prefill tok/s"):
+        assert any(k.startswith(metric) and k.endswith("ours / best of forced bf16, f32") for k in report["ratios"])
+    assert not any("load time" in k and "forced" in k for k in report["ratios"])  # speeds only
+    assert "llama.cpp not given" in report["skipped"]["llama.cpp"]  # never needed to pass
+    if "quantize" in inspect.signature(Llama.build).parameters:
+        assert r["ours-int8"]["weight_bytes"] < r["ours-bf16"]["weight_bytes"]
+    else:
+        assert "no quantize=" in report["skipped"]["ours-int8"]
+    assert "llama.cpp skipped: llama.cpp not given" in proc.stdout
+
+
+def test_report_sets_each_precision_beside_llama_cpp():
+    """The report takes partial entries (llama.cpp has decode and prefill only) and sets ours beside
+    llama.cpp at each precision and quantized beside bfloat16, as measured."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_script", BENCHMARK)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def ours(tok_s: float, prefill: float, load_gb: float, weight_bytes: int) -> dict:
+        return {"decode": {"short_b1": {"batch": 1, "prompt": 64, "new": 64, "context": 97, "tokens_per_s": tok_s}},
+                "prefill": {"tokens": 512, "tokens_per_s": prefill, "ttft_s": 512 / prefill}, "load_s": 1.0,
+                "load_peak_rss_gb": load_gb, "peak_rss_gb": load_gb, "weight_bytes": weight_bytes, "kv_itemsize": 2}
+
+    results = {
+        "ours": ours(12.0, 60.0, 3.0, 2_000), "ours-bf16": ours(11.0, 20.0, 3.0, 2_000),
+        "ours-f32": ours(4.0, 58.0, 6.0, 4_000), "ours-int8": ours(18.0, 40.0, 1.5, 1_000),
+        "llama.cpp-BF16": {"decode": {"short_b1": {"batch": 1, "context": 96, "tokens_per_s": 15.0}},
+                           "prefill": {"tokens": 512, "tokens_per_s": 80.0, "ttft_s": 6.4}, "file_gb": 3.0},
+        "llama.cpp-Q8_0": {"decode": {"short_b1": {"batch": 1, "context": 96, "tokens_per_s": 20.0}},
+                           "prefill": {"tokens": 512, "tokens_per_s": 70.0, "ttft_s": 7.3}, "file_gb": 1.6},
+    }
+    bw = {"ceiling": 50.0, "gemv": 40.0}
+    rows, ratios = bench.report(results, bw, {"weights": 2_000, "kv_per_token": 100}, itemsize=2)
+    decode = "decode tok/s, batch 1, context 97"
+    assert ratios[f"{decode}: ours / best of forced bf16, f32"] == pytest.approx(12 / 11)
+    assert ratios["prefill tok/s, 512-token prompt: ours / best of forced bf16, f32"] == pytest.approx(60 / 58)
+    assert ratios[f"{decode}: ours-bf16 / llama.cpp-BF16"] == pytest.approx(11 / 15)
+    assert ratios[f"{decode}: ours-int8 / llama.cpp-Q8_0"] == pytest.approx(18 / 20)
+    assert ratios[f"{decode}: ours-int8 / ours-bf16"] == pytest.approx(18 / 11)
+    assert ratios["peak resident memory after loading, GB: ours-int8 / ours-bf16"] == pytest.approx(0.5)
+    # each share of the ceiling counts that implementation's own bytes: float32 reads twice as many
+    f32_share, bf16_share = ratios[f"{decode}: ours-f32 / ceiling"], ratios[f"{decode}: ours-bf16 / ceiling"]
+    assert f32_share / bf16_share == pytest.approx((4 / 11) * (4_000 + 97 * 100) / (2_000 + 97 * 100))
+    assert {r["metric"] for r in rows} >= {decode, "model file, GB", "peak resident memory after loading, GB"}

@@ -1,0 +1,339 @@
+# The device, dtype and kernel policy: which dtype the weights are held in, and which dtype and
+# matrix-product kernels each kind of step computes with. Nothing else in the package chooses kernels.
+import contextlib
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+
+from llama import distributed
+
+logger = logging.getLogger(__name__)
+
+# Steps by the number of token rows in their matrix products: one-row decode, a small batch of
+# decode rows, and everything larger (prefill).
+KINDS = ("decode", "small", "prefill")
+SMALL_ROWS = 16
+# Rows of the product timed for each kind at start-up, and the weight it multiplies. Decode and
+# small batches read the Llama 3.2 1B's feed-forward shape, 8192x2048 (32 MB in bfloat16, as large
+# as this class of CPU's last-level cache), from memory, as they read a model: a weight upcast per
+# step must be timed from memory too. Prefill is bound by arithmetic more than by memory, and a
+# quarter of that weight keeps start-up short.
+PROBE_ROWS = {"decode": 1, "small": 8, "prefill": 64}
+PROBE_SHAPE = {"decode": (8192, 2048), "small": (8192, 2048), "prefill": (2048, 2048)}
+# How a step's products may compute: in bfloat16 or float32 over weights of that dtype, or in float32
+# over bfloat16 weights upcast one linear at a time ("upcast"); each with oneDNN on or off.
+COMPUTES = ("bfloat16", "float32", "upcast")
+
+# SDPA backends for CUDA: not cuDNN, which builds an execution plan for every new sequence length
+# (every decode step, every prompt length), where flash and memory-efficient attention need none.
+CUDA_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+# Weights computed in another dtype are converted this many elements at a time into one reused
+# buffer (16 MB in float32): it stays in the last-level cache, and no weight is ever held twice.
+UPCAST_CHUNK = 4 * 2**20
+
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one kind of step computes: the dtype of its activations and products, and whether CPU
+    products go through oneDNN (True), PyTorch's own kernels (False) or whatever is set (None)."""
+
+    dtype: torch.dtype
+    onednn: Optional[bool] = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The weights' dtype and a Plan per kind of step; `reason` says where it came from (logged),
+    `timings` what it was chosen from (see `measure`), if it was measured."""
+
+    weights: torch.dtype
+    decode: Plan
+    small: Plan
+    prefill: Plan
+    reason: str = ""
+    timings: Optional[dict] = field(default=None, compare=False, hash=False, repr=False)
+
+    def plan(self, rows: int) -> Plan:
+        """The plan for a step whose products have `rows` token rows (batch x sequence length)."""
+        return self.decode if rows == 1 else self.small if rows <= SMALL_ROWS else self.prefill
+
+    def describe(self) -> str:
+        def one(p: Plan) -> str:
+            kernel = "" if p.onednn is None else ", oneDNN" if p.onednn else ", PyTorch's own kernels"
+            return _name(p.dtype) + kernel
+
+        plans = "; ".join(f"{k} {one(getattr(self, k))}" for k in KINDS)
+        return f"weights in {_name(self.weights)}; {plans}" + (f" ({self.reason})" if self.reason else "")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    """A torch floating dtype from its name ("bfloat16", "bf16", "torch.float32", ...) or itself."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    resolved = getattr(torch, DTYPE_ALIASES.get(name, name), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"unknown dtype {dtype!r}: use bfloat16, float16 or float32")
+    return resolved
+
+
+def uniform(dtype: torch.dtype, onednn: Optional[bool] = None, reason: str = "") -> Policy:
+    """One dtype everywhere."""
+    plan = Plan(dtype, onednn)
+    return Policy(dtype, plan, plan, plan, reason)
+
+
+def policy_for(device: torch.device, dtype: Union[str, torch.dtype, None] = None) -> Policy:
+    """The policy for a model on `device`; `dtype` forces one dtype everywhere.
+
+    CUDA: bfloat16 where supported, else float16, for every step. CPU: measured once per process
+    (`measure`, a fraction of a second) and chosen by `choose`; with several processes, every rank
+    takes rank 0's choice. A forced bfloat16 on CPU still takes the faster of oneDNN and PyTorch's
+    own kernels per kind of step from the same measurement; a forced float16 or float32 switches
+    no kernel, so float32 results are exactly those of plain PyTorch.
+    """
+    device = torch.device(device)
+    forced = None if dtype is None else parse_dtype(dtype)
+    if device.type == "cuda":
+        if forced is None:
+            forced = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return uniform(forced, reason="CUDA")
+    if device.type != "cpu":
+        return uniform(forced or torch.float32)
+    if forced not in (None, torch.bfloat16):
+        return uniform(forced, reason="forced")
+    policy = _measured_cpu_policy(torch.get_num_threads())
+    if forced is None:
+        return policy
+    # bfloat16 forced: the faster kernel measured for it, per kind of step
+    plans = {k: Plan(forced, _fastest(policy.timings, k, "bfloat16")[1]) for k in KINDS}
+    return Policy(forced, reason="forced", timings=policy.timings, **plans)
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+    """The dtype weights are held in: `dtype` when given, else the device's policy (`policy_for`)."""
+    return policy_for(device, dtype).weights
+
+
+# ---------------------------------------------------------------- choosing from timings
+
+
+def choose(timings: dict, reason: str = "measured") -> Policy:
+    """The policy the timings call for. `timings` maps (kind, compute, onednn) -> seconds for each
+    kind in KINDS, compute in COMPUTES ("upcast" may be missing for decode) and onednn in (True, False).
+
+    The weights go in bfloat16 when its one-row decode product is faster than float32's (half the
+    memory, and decode reads every weight once per token), else in float32. Each kind of step then
+    takes the fastest way the weights allow: bfloat16 weights compute in bfloat16 or, upcast, in
+    float32; float32 weights compute in float32.
+    """
+    bf16, f32 = _fastest(timings, "decode", "bfloat16"), _fastest(timings, "decode", "float32")
+    if bf16[0] < f32[0]:
+        weights, allowed = torch.bfloat16, ("bfloat16", "upcast")
+    else:
+        weights, allowed = torch.float32, ("float32",)
+    plans = {}
+    for kind in KINDS:
+        _, onednn, compute = min((*_fastest(timings, kind, c), c) for c in allowed if _has(timings, kind, c))
+        plans[kind] = Plan(torch.bfloat16 if compute == "bfloat16" else torch.float32, onednn)
+    return Policy(weights, reason=reason, timings=dict(timings), **plans)
+
+
+def _has(timings: dict, kind: str, compute: str) -> bool:
+    return any((kind, compute, o) in timings for o in (True, False))
+
+
+def _fastest(timings: dict, kind: str, compute: str) -> tuple[float, bool]:
+    """(seconds, onednn) of the faster kernel for this kind and compute."""
+    return min((timings[(kind, compute, o)], o) for o in (True, False) if (kind, compute, o) in timings)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def measure(repeats: int = 2) -> dict:
+    """Seconds of one product per (kind, compute, onednn) on this CPU, fastest of `repeats` after a
+    warm-up (more for the short decode products): PROBE_ROWS rows times a PROBE_SHAPE weight, in
+    bfloat16, float32, and float32 over an upcast bfloat16 weight (not timed for one-row decode,
+    where it can only lose to float32 weights)."""
+    big = PROBE_SHAPE["decode"]
+    w16 = torch.full(big, 0.01, dtype=torch.bfloat16)
+    w32 = torch.full(big, 0.01, dtype=torch.float32)
+    scratch = torch.empty(UPCAST_CHUNK)
+    timings = {}
+    was = torch.backends.mkldnn.enabled
+    try:
+        for kind in KINDS:
+            out_features, in_features = PROBE_SHAPE[kind]
+            x32 = torch.full((PROBE_ROWS[kind], in_features), 0.5)
+            x16 = x32.bfloat16()
+            a16, a32 = w16[:out_features], w32[:out_features]
+            cases: dict[str, Callable[[], torch.Tensor]] = {
+                "bfloat16": lambda: F.linear(x16, a16),
+                "float32": lambda: F.linear(x32, a32),
+                "upcast": lambda: upcast_linear(x32, a16, scratch),
+            }
+            for compute, fn in cases.items():
+                if kind == "decode" and compute == "upcast":
+                    continue
+                for onednn in (True, False):
+                    torch.backends.mkldnn.enabled = onednn
+                    timings[(kind, compute, onednn)] = _best_time(fn, repeats * (3 if kind == "decode" else 1))
+    finally:
+        torch.backends.mkldnn.enabled = was
+    return timings
+
+
+def _best_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_cpu_policy(threads: int) -> Policy:
+    start = time.perf_counter()
+    timings = measure()
+    policy = choose(timings, reason=f"measured on this CPU, {threads} thread{'s' if threads > 1 else ''}")
+    # every rank must compute alike (the all-reduces need one dtype): rank 0's choice for all
+    policy = distributed.broadcast_object(policy)
+    if distributed.is_rank0():
+        logger.info(
+            "Kernel policy: %s. Measured in %.2f s: %s", policy.describe(), time.perf_counter() - start,
+            format_timings(policy.timings),
+        )
+    return policy
+
+
+def format_timings(timings: dict) -> str:
+    """One line: milliseconds per kind, compute and kernel."""
+    parts = []
+    for kind in KINDS:
+        cells = [
+            f"{compute}{'' if onednn else '-own'} {timings[(kind, compute, onednn)] * 1e3:.2f}"
+            for compute in COMPUTES
+            for onednn in (True, False)
+            if (kind, compute, onednn) in timings
+        ]
+        if cells:
+            rows = PROBE_ROWS[kind]
+            parts.append(f"{kind} ({rows} row{'s' if rows > 1 else ''}, ms) " + ", ".join(cells))
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------- applying a policy to a step
+
+
+@contextlib.contextmanager
+def kernels_for(tokens: torch.Tensor, policy: Optional[Policy], compiled: bool = False) -> Iterator[None]:
+    """Run a forward pass of `tokens` (bsz, seqlen) as `policy` plans for its number of rows.
+
+    CUDA: attention from CUDA_ATTENTION. CPU: oneDNN on or off as planned, and a step planned in
+    another dtype than the weights runs under `ComputeIn` (float32 activations and products over
+    bfloat16 weights, no second copy of any weight kept); a `compiled` step computes in the
+    weights' dtype (torch.compile traces the model, not this mode). `policy` None leaves
+    PyTorch's defaults.
+    """
+    if tokens.device.type == "cuda":
+        with sdpa_kernel(CUDA_ATTENTION):
+            yield
+        return
+    if policy is None or tokens.device.type != "cpu":
+        yield
+        return
+    plan = policy.plan(tokens.numel())
+    was = torch.backends.mkldnn.enabled
+    if plan.onednn is not None:
+        torch.backends.mkldnn.enabled = plan.onednn
+    try:
+        if plan.dtype != policy.weights and not compiled:
+            with ComputeIn(plan.dtype):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.mkldnn.enabled = was
+
+
+def upcast_linear(
+    x: torch.Tensor, weight: torch.Tensor, scratch: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """F.linear(x, weight.to(x.dtype), bias) without converting the whole weight at once: blocks of
+    output rows are converted into `scratch` (a 1-D buffer of x's dtype) and multiplied in turn."""
+    out_features, in_features = weight.shape
+    rows = max(1, scratch.numel() // in_features)
+    if rows >= out_features and scratch.numel() >= weight.numel():
+        parts = [F.linear(x, scratch[: weight.numel()].view(weight.shape).copy_(weight))]
+    else:
+        parts = []
+        for start in range(0, out_features, rows):
+            block = weight[start : start + rows]
+            parts.append(F.linear(x, scratch[: block.numel()].view(block.shape).copy_(block)))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (..., out_features)
+    return out if bias is None else out + bias.to(out.dtype)
+
+
+class ComputeIn(TorchFunctionMode):
+    """Compute a forward pass in `dtype` over weights (and KV cache) held in another dtype.
+
+    Linear layers multiply `dtype` activations by their weight converted block by block for that
+    one product (`upcast_linear`); embeddings are looked up and then converted (never the whole
+    table); attention reads the KV cache converted to the query's dtype; writes into a tensor of
+    another dtype (the KV cache) convert to the destination's dtype. Everything else follows PyTorch's type promotion, which
+    keeps `dtype` activations in `dtype` (norm weights in bfloat16 times float32 is float32).
+    """
+
+    WRITES = {torch.Tensor.__setitem__, torch.Tensor.index_put_, torch.Tensor.index_copy_}
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+        self.scratch: Optional[torch.Tensor] = None
+
+    def _linear(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self._cast(input)  # F.linear's own argument names
+        if weight.dtype == self.dtype:
+            return F.linear(x, weight, self._cast(bias))
+        if self.scratch is None or self.scratch.device != weight.device:
+            self.scratch = torch.empty(UPCAST_CHUNK, dtype=self.dtype, device=weight.device)
+        return upcast_linear(x, weight, self.scratch, bias)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            return self._linear(*args, **kwargs)
+        if func is F.scaled_dot_product_attention:
+            q = args[0]
+            args = [args[0], *(self._cast(a, q.dtype) for a in args[1:3]), *args[3:]]
+        elif func in self.WRITES:
+            dst, *rest = args
+            if isinstance(rest[-1], torch.Tensor) and rest[-1].dtype != dst.dtype and dst.is_floating_point():
+                rest[-1] = rest[-1].to(dst.dtype)
+            args = [dst, *rest]
+        out = func(*args, **kwargs)
+        if func is F.embedding and isinstance(out, torch.Tensor) and out.is_floating_point():
+            out = out.to(self.dtype)
+        return out
+
+    def _cast(self, t, dtype: Optional[torch.dtype] = None):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.to(dtype or self.dtype)
+        return t
