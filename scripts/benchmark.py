@@ -270,7 +270,7 @@ class Ours:
         return {
             "weights_dtype": hf.dtype_name(model.layers[0].attention.wk.weight.dtype),
             "weight_bytes": sum(t.nbytes for k, t in state.items() if not k.startswith("tok_embeddings")),
-            "kv_itemsize": model.layers[0].attention.cache_k.dtype.itemsize,
+            "kv_itemsize": model.layers[0].attention.kv_cache.k.dtype.itemsize,
             **({"policy": policy.describe()} if policy is not None else {}),
         }
 

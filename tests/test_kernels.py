@@ -157,7 +157,7 @@ def test_bf16_weights_prefilled_in_float32_match_float32(tiny_ckpt, byte_tokeniz
     assert err < err_bf16 / 3, (err, err_bf16)  # 0.025 against 0.11 (logits up to 17) when written
     torch.testing.assert_close(got, want, atol=0.05 * want.abs().max().item(), rtol=0)
 
-    assert policy.model.layers[0].attention.cache_k.dtype == BF16  # one cache, in the weights' dtype
+    assert policy.model.layers[0].attention.kv_cache.k.dtype == BF16  # one cache, in the weights' dtype
     out, _ = policy.generate(PROMPT, max_gen_len=6, temperature=0)
     ref, _ = bf16.generate(PROMPT, max_gen_len=6, temperature=0)
     assert len(out[0]) == 6 and len(ref[0]) == 6
