@@ -192,13 +192,14 @@ def measure(repeats: int = 2) -> dict:
                     continue
                 for onednn in (True, False):
                     torch.backends.mkldnn.enabled = onednn
-                    timings[(kind, compute, onednn)] = _best_time(fn, repeats * (3 if kind == "decode" else 1))
+                    timings[(kind, compute, onednn)] = best_time(fn, repeats * (3 if kind == "decode" else 1))
     finally:
         torch.backends.mkldnn.enabled = was
     return timings
 
 
-def _best_time(fn: Callable[[], object], repeats: int) -> float:
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of `repeats` calls of `fn` after one warm-up, in seconds (CPU work: no device sync)."""
     fn()
     best = float("inf")
     for _ in range(repeats):

@@ -31,21 +31,10 @@ from llama import kernels  # noqa: E402
 GB = 1e9
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Fastest of `repeats` calls after one warm-up, seconds."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def read_bandwidth(n_bytes: int = 2**30, repeats: int = 5) -> float:
     """GB/s of summing a float32 buffer far larger than the caches."""
     x = torch.ones(n_bytes // 4)
-    return n_bytes / best_time(lambda: x.sum(), repeats) / GB
+    return n_bytes / kernels.best_time(lambda: x.sum(), repeats) / GB
 
 
 def quantized_cases(w: torch.Tensor, x32: torch.Tensor) -> dict:
@@ -126,11 +115,11 @@ def main(
             for name, (fn, n_bytes) in cases.items():
                 for onednn in (True, False):
                     torch.backends.mkldnn.enabled = onednn
-                    timed.append((f"{name}, {'oneDNN' if onednn else 'own'}", best_time(fn, repeats), n_bytes))
+                    timed.append((f"{name}, {'oneDNN' if onednn else 'own'}", kernels.best_time(fn, repeats), n_bytes))
             torch.backends.mkldnn.enabled = was
             if quantized:
                 for name, (fn, n_bytes) in quantized_cases(w32, x32).items():
-                    timed.append((name, best_time(fn, repeats), n_bytes))
+                    timed.append((name, kernels.best_time(fn, repeats), n_bytes))
             for name, seconds, n_bytes in timed:
                 entry = {"rows": m, "case": name, "ms": seconds * 1e3, "weight_gb_s": n_bytes / seconds / GB,
                          "gflop_s": 2 * m * n * k / seconds / GB}
