@@ -17,9 +17,8 @@ GFLOP/s, beside this machine's read bandwidth measured in the same run; then wha
 """
 import json
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
