@@ -698,6 +698,8 @@ def serve(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     compile: bool = False,
+    quantize: Optional[str] = None,
+    group_size: int = 32,
     model_name: Optional[str] = None,
 ) -> None:
     """Serve a Llama 3 model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models).
@@ -711,6 +713,8 @@ def serve(
         max_seq_len: the context: prompt plus answer, in tokens.
         max_queue: sequences queued or running at most; more are answered 429.
         device, dtype, compile: as Llama.build.
+        quantize, group_size: int8 or int4 (fp8 on CUDA sm89+) weight-only quantization on load, as
+            Llama.build (default: none; a checkpoint from scripts/quantize.py loads as stored).
         model_name: the model's id in the API (default: the checkpoint directory's name).
 
     Under torchrun, every rank loads its part; rank 0 serves HTTP and leads the steps.
@@ -726,7 +730,7 @@ def serve(
         raise ValueError(f"--port must be a port number (1-65535), got {port!r}")
     api_key = api_key or os.environ.get("LLAMA_API_KEY") or None
     llama = build_generator(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                            device=device, dtype=dtype, compile=compile)
+                            device=device, dtype=dtype, compile=compile, quantize=quantize, group_size=group_size)
     engine = llama.engine(max_batch_size, max_seq_len)
     loop = EngineLoop(engine, max_queue)
     if not distributed.is_rank0():

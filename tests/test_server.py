@@ -40,11 +40,11 @@ class Served:
         return open(self.log.name).read()
 
 
-def start(tmp_path, ckpt, tokenizer, nproc: int = 1, max_seq_len: int = MAX_SEQ_LEN) -> Served:
+def start(tmp_path, ckpt, tokenizer, nproc: int = 1, max_seq_len: int = MAX_SEQ_LEN, extra: tuple = ()) -> Served:
     port = helpers.free_port()
     args = ["--ckpt_dir", str(ckpt), "--tokenizer_path", str(tokenizer), "--port", str(port), "--device", "cpu",
             "--dtype", "float32", "--max_seq_len", str(max_seq_len), "--max_batch_size", "4", "--max_queue", "16",
-            "--api_key", KEY]
+            "--api_key", KEY, *extra]
     if nproc == 1:
         cmd = [sys.executable, "scripts/serve.py", *args]
     else:
@@ -389,3 +389,16 @@ def test_listening_beyond_localhost_without_a_key_warns(caplog):
         assert not caplog.records
         warn_if_open("0.0.0.0", None)
     assert "without an API key" in caplog.text
+
+
+def test_quantize_serves_what_the_quantized_generator_generates(tmp_path, tiny_ckpt, byte_tokenizer):
+    """--quantize reaches Llama.build: greedy answers equal a generator quantized the same way."""
+    served = start(tmp_path, tiny_ckpt, byte_tokenizer, extra=("--quantize", "int8"))
+    try:
+        quantized = Llama.build(str(tiny_ckpt), str(byte_tokenizer), MAX_SEQ_LEN, 4, dtype="float32", quantize="int8")
+        got = served.client().completions.create(model=served.model, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+        want = alone(quantized, PROMPTS[0], 8)
+        assert got.choices[0].text == quantized.tokenizer.decode(want)
+        assert "quantized (int8" in served.output()  # the server's own load line says so
+    finally:
+        stop(served)
