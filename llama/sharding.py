@@ -195,7 +195,7 @@ def check_group_alignment(args: "ModelArgs", count: int, group_size: int, keys: 
     """ValueError unless every int4 group of `keys` lies within one rank's slice when split over
     `count` ranks: the input dimension (of a row-parallel layer: of each rank's columns) must be a
     multiple of `group_size`."""
-    for key in keys:
+    for key in sorted(keys):  # sorted: the same key is named on every run, whatever order a set gives
         k_full = full_shape(key, args)[1]
         split = count if module_of(key) in ROW_PARALLEL else 1
         k_local = k_full // split

@@ -219,7 +219,7 @@ def test_quantize_script_refusals_are_one_line_errors(tmp_path, fp_ckpt, q_ckpts
     for args, message in (
         ([fp_ckpt, tmp_path / "a", "--mode", "int5"], "error: unknown mode 'int5'"),
         ([q_ckpts["int8"], tmp_path / "b", "--mode", "int4"], "is already quantized"),
-        ([fp_ckpt, tmp_path / "c", "--mode", "int4", "--group_size", "256"], "does not divide the input dimension 128"),
+        ([fp_ckpt, tmp_path / "c", "--mode", "int4", "--group_size", "256"], "does not divide the input dimension"),
     ):
         proc = subprocess.run(
             [sys.executable, "scripts/quantize.py", *map(str, args)],
