@@ -264,12 +264,18 @@ class Ours:
     def describe(self) -> dict:
         """The weights as loaded: their dtype, the bytes a decode step reads (all but the embedding
         table), and the kernel policy."""
+        from llama.kv_cache import KVCache
+
         model = self.llama.model
-        state = model.state_dict()
         policy = getattr(model, "policy", None)
+        held = {}  # parameters and buffers (quantized weights and scales are buffers), each tensor once
+        for name, module in model.named_modules():
+            if not isinstance(module, KVCache) and not name.startswith("tok_embeddings"):
+                for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                    held[t.data_ptr()] = t.nbytes
         return {
             "weights_dtype": hf.dtype_name(model.layers[0].attention.wk.weight.dtype),
-            "weight_bytes": sum(t.nbytes for k, t in state.items() if not k.startswith("tok_embeddings")),
+            "weight_bytes": sum(held.values()),
             "kv_itemsize": model.layers[0].attention.kv_cache.k.dtype.itemsize,
             **({"policy": policy.describe()} if policy is not None else {}),
         }
