@@ -241,6 +241,11 @@ def check_request(body: Any, chat: bool, model_name: str, max_seq_len: int, voca
         _field(body, "best_of", (int,), 1, lambda v: v == 1, "is not supported (only 1)")
         _field(body, "suffix", (str,), None, lambda v: False, "is not supported")
         out["prompt"] = _prompts(body.get("prompt"), vocab_size)
+        wanted = len(out["prompt"]) * out["n"]
+        if wanted > max_sequences:  # never admitted, however long the client waits: not a 429
+            raise APIError(400, f"the request asks for {wanted} sequences ({len(out['prompt'])} prompts, n {out['n']}), "
+                           f"more than the server queues (--max_queue {max_sequences}): send fewer prompts per request",
+                           param="prompt")
     try:  # the library's own checks of what reaches the engine (llama/validation.py), as a 400
         validation.check_sampling(out["temperature"], out["top_p"], out["max_tokens"], out["seed"])
     except (TypeError, ValueError) as e:

@@ -181,6 +181,9 @@ def test_a_full_queue_answers_429_with_retry_after(server):
             client.completions.create(n=8, **long)
         assert e.value.response.headers["retry-after"] == "1"
         assert len(first.result().choices) == 12
+    # more prompts in one request than the queue holds: never admitted, so a 400, not "retry shortly"
+    with pytest.raises(openai.BadRequestError, match=r"asks for 17 sequences \(17 prompts, n 1\), more than .*--max_queue 16"):
+        client.completions.create(model=server.model, prompt=["x"] * 17, max_tokens=1)
 
 
 def test_many_malformed_requests_leave_it_serving(server):
