@@ -144,6 +144,29 @@ def test_logprobs_with_echo_are_the_prompts_log_probs(server, llama):
     assert all(len(top) <= 2 for top in lp.top_logprobs[1:])
 
 
+def test_echo_logprobs_keep_the_stop_token_that_ended_the_answer(byte_tokenizer):
+    """lm-eval's local-completions asks echo with max_tokens 1 and drops the last logprobs entry as the
+    generated token's; when the model stops at once, that entry is the stop token's (not in the
+    text), else the prompt's last token would be dropped from the score instead."""
+    from types import SimpleNamespace
+
+    from llama.engine import Event
+    from llama.server import Server, _Choice
+    from llama.tokenizer import Tokenizer
+
+    tok = Tokenizer(str(byte_tokenizer))
+    server = Server(SimpleNamespace(tokenizer=tok), None, "m", None, MAX_SEQ_LEN, 16)
+    prompt = tok.encode("ab", bos=True, eos=False)
+    c = _Choice()
+    c.add(Event(0, tok.eos_id, "", logprob=-0.5, top_logprobs=[(tok.eos_id, -0.5)], finished=True, finish_reason="stop",
+                prompt_logprobs=[None, -1.0, -2.0], prompt_top_logprobs=[None, [(97, -1.0)], [(1, -0.1)]]),
+          server.stop_tokens)
+    lp = server.completion_logprobs(c, prompt, 0)
+    assert c.text == "" and c.tokens == []  # the stop token is no part of the answer
+    assert lp["token_logprobs"] == [None, -1.0, -2.0, -0.5] and lp["tokens"][-1] == tok.decode([tok.eos_id])
+    assert sum(lp["token_logprobs"][1:-1]) == -3.0  # what local-completions sums for continuation "ab"
+
+
 def test_errors_are_openai_errors(server):
     client = server.client()
     m = server.model
