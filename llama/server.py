@@ -241,6 +241,11 @@ def check_request(body: Any, chat: bool, model_name: str, max_seq_len: int, voca
         _field(body, "best_of", (int,), 1, lambda v: v == 1, "is not supported (only 1)")
         _field(body, "suffix", (str,), None, lambda v: False, "is not supported")
         out["prompt"] = _prompts(body.get("prompt"), vocab_size)
+        wanted = len(out["prompt"]) * out["n"]
+        if wanted > max_sequences:  # never admitted, however long the client waits: not a 429
+            raise APIError(400, f"the request asks for {wanted} sequences ({len(out['prompt'])} prompts, n {out['n']}), "
+                           f"more than the server queues (--max_queue {max_sequences}): send fewer prompts per request",
+                           param="prompt")
     try:  # the library's own checks of what reaches the engine (llama/validation.py), as a 400
         validation.check_sampling(out["temperature"], out["top_p"], out["max_tokens"], out["seed"])
     except (TypeError, ValueError) as e:
@@ -365,6 +370,8 @@ class _Choice:
         self.finish_reason: Optional[str] = None
         self.stop_token: Optional[int] = None
         self.prompt_logprobs = self.prompt_tops = None
+        self.stop_logprob: Optional[float] = None  # the stop token's, when it ended the answer
+        self.stop_top: Optional[list] = None
 
     def add(self, e: Event, stop_tokens: frozenset) -> None:
         self.text += e.text
@@ -375,7 +382,8 @@ class _Choice:
         if e.token is None:
             return
         if e.finished and e.finish_reason == "stop" and e.token in stop_tokens:
-            self.stop_token = e.token  # ends the answer; not part of it
+            self.stop_token = e.token  # ends the answer; not part of its text or tokens
+            self.stop_logprob, self.stop_top = e.logprob, e.top_logprobs
             return
         self.tokens.append(e.token)
         self.logprobs.append(e.logprob)
@@ -422,7 +430,13 @@ class Server:
     # ---- /v1/completions
 
     def completion_logprobs(self, c: _Choice, prompt: Optional[List[int]], offset: int) -> dict:
+        """OpenAI's legacy logprobs: one entry per generated token, the stop token that ended the
+        answer included (its text is not in `text`): lm-eval's local-completions sends echo with
+        max_tokens 1 and drops the last entry as the generated one, so a missing entry there would
+        drop the continuation's last prompt token instead."""
         tokens, lps, tops = list(c.tokens), list(c.logprobs), list(c.tops)
+        if c.stop_token is not None and c.stop_logprob is not None:
+            tokens, lps, tops = tokens + [c.stop_token], lps + [c.stop_logprob], tops + [c.stop_top]
         if prompt is not None:  # echo: the prompt's own tokens first
             tokens = prompt + tokens
             lps = (c.prompt_logprobs or [None] * len(prompt)) + lps

@@ -1,9 +1,12 @@
-"""Test utilities: random Meta checkpoints, a byte-level tokenizer, and real multi-process runs."""
+"""Test utilities: random Meta checkpoints, a byte-level tokenizer, real multi-process runs, and the
+OpenAI-compatible server in a subprocess (tests/test_server.py, tests/test_evaluate.py)."""
 import base64
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -85,3 +88,71 @@ def run_torchrun(
     ]
     full_env = child_env(**(env or {}))
     return subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env)
+
+
+SERVER_KEY = "test-key"  # the API key every test server asks
+
+
+class Served:
+    """A server started by `start_server`: its process, port, model id and log file."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, model: str, log):
+        self.proc, self.port, self.model, self.log = proc, port, model, log
+        self.base = f"http://127.0.0.1:{port}"
+
+    def client(self, key: str = SERVER_KEY, timeout: float = 60):
+        import openai
+
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, timeout=timeout)
+
+    def health(self) -> dict:
+        import httpx
+
+        return httpx.get(self.base + "/health", timeout=10).json()
+
+    def output(self) -> str:
+        self.log.flush()
+        return open(self.log.name).read()
+
+
+def start_server(tmp_path: Path, ckpt, tokenizer, nproc: int = 1, max_seq_len: int = 96, extra: tuple = ()) -> Served:
+    """scripts/serve.py (under torchrun when nproc > 1) on a free loopback port, CPU float32, 4 rows,
+    key SERVER_KEY; returns once /health answers (its output goes to a log file under tmp_path)."""
+    import httpx
+
+    port = free_port()
+    args = ["--ckpt_dir", str(ckpt), "--tokenizer_path", str(tokenizer), "--port", str(port), "--device", "cpu",
+            "--dtype", "float32", "--max_seq_len", str(max_seq_len), "--max_batch_size", "4", "--max_queue", "16",
+            "--api_key", SERVER_KEY, *extra]
+    if nproc == 1:
+        cmd = [sys.executable, "scripts/serve.py", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), "scripts/serve.py", *args]
+    log = open(tmp_path / f"server-{port}.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    served = Served(proc, port, os.path.basename(os.path.normpath(str(ckpt))), log)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{served.output()[-3000:]}")
+        try:
+            if served.health()["status"] == "ok":
+                return served
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not come up in 120 s:\n" + served.output()[-3000:])
+
+
+def stop_server(served: Served) -> None:
+    """Ctrl-C, as a person stops it; killed if it has not exited 30 s later."""
+    if served.proc.poll() is None:
+        served.proc.send_signal(signal.SIGINT)
+        try:
+            served.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            served.proc.kill()
+            served.proc.wait()
+    served.log.close()

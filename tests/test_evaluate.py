@@ -1,6 +1,7 @@
 """llama/evaluate.py (scripts/evaluate.py, llama-eval) against lm-eval's own `hf` model on the converted demo
-model, on every task of the bundled suite, read from lm-eval's own results and samples files; two
-processes under torchrun against one; the suite loads offline from anywhere; bad input is one line."""
+model, and against lm-eval's `local-completions` model pointed at our server (scripts/serve.py), on every
+task of the bundled suite, read from lm-eval's own results and samples files; two processes under
+torchrun against one; the suite loads offline from anywhere; bad input is one line."""
 import glob
 import json
 import shutil
@@ -24,6 +25,7 @@ from llama import Llama, convert  # noqa: E402
 from llama.demo import DEMO_DIR, TOKENIZER_PATH  # noqa: E402
 from llama.eval_tasks import SUITE  # noqa: E402
 from llama.evaluate import LlamaLM, check_tokenizer, evaluate, prepare_tasks, task_manager_for  # noqa: E402
+from llama.hf import write_hf_tokenizer  # noqa: E402
 
 TASKS = ["llama_demo_next_sentence", "llama_demo_perplexity", "llama_demo_next_word"]
 EVALUATE = helpers.REPO / "scripts" / "evaluate.py"
@@ -66,33 +68,75 @@ def metrics(results: dict, task: str) -> dict:
     return {k: v for k, v in results["results"][task].items() if "," in k and "stderr" not in k}
 
 
-def test_every_task_matches_lm_eval_hf_model(tmp_path):
-    """Same per-sample log-likelihoods (1e-4, float32), generations and scores as lm-eval's hf model
-    with add_bos_token=True on the converted demo model, in lm-eval's own output files."""
-    convert.to_hf(str(DEMO_DIR), str(tmp_path / "hf"))
-    prepared = prepare_tasks(SUITE)
-    llama = Llama.build(str(DEMO_DIR), str(TOKENIZER_PATH), max_seq_len=MAX_LEN, max_batch_size=4, device="cpu", dtype="float32")
-    evaluate(LlamaLM(llama, batch_size=4), limit=LIMIT, log_samples=True, output_path=str(tmp_path / "ours"),
-             bootstrap_iters=0, prepared=prepared)
-
-    hf = HFLM(pretrained=str(tmp_path / "hf"), dtype="float32", add_bos_token=True, max_length=MAX_LEN,
-              batch_size=4, device="cpu")
-    tracker = EvaluationTracker(output_path=str(tmp_path / "theirs"))
-    results = lm_eval.simple_evaluate(model=hf, tasks=[SUITE], task_manager=task_manager_for([SUITE]), limit=LIMIT,
-                                      log_samples=True, evaluation_tracker=tracker, bootstrap_iters=0)
-    samples = results.pop("samples")  # written as lm-eval's CLI writes them
+def run_lm_eval(out_dir: Path, model, **kwargs) -> tuple[dict, dict]:
+    """lm-eval's simple_evaluate of `model` (an LM, or a registered name with model_args) on the
+    suite at LIMIT, its files written as lm-eval's CLI writes them; read back as read_outputs does."""
+    tracker = EvaluationTracker(output_path=str(out_dir))
+    results = lm_eval.simple_evaluate(model=model, tasks=[SUITE], task_manager=task_manager_for([SUITE]), limit=LIMIT,
+                                      log_samples=True, evaluation_tracker=tracker, bootstrap_iters=0, **kwargs)
+    samples = results.pop("samples")
     tracker.save_results_aggregated(results=results, samples=samples)
     for task in results["configs"]:
         tracker.save_results_samples(task_name=task, samples=samples[task])
+    return read_outputs(out_dir)
 
-    ours, our_samples = read_outputs(tmp_path / "ours")
-    theirs, their_samples = read_outputs(tmp_path / "theirs")
+
+def assert_same_outputs(ours: tuple[dict, dict], theirs: tuple[dict, dict]) -> None:
+    """Every task: the same samples (assert_same_samples) and the same metrics."""
+    (results_a, samples_a), (results_b, samples_b) = ours, theirs
     for task in TASKS:
-        assert_same_samples(our_samples[task], their_samples[task], task)
-        ma, mb = metrics(ours, task), metrics(theirs, task)
+        assert_same_samples(samples_a[task], samples_b[task], task)
+        ma, mb = metrics(results_a, task), metrics(results_b, task)
         assert ma.keys() == mb.keys() and ma
         for k in ma:
             assert ma[k] == pytest.approx(mb[k], rel=1e-6), (task, k)
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory) -> tuple[dict, dict]:
+    """Our evaluation of the demo model on the suite (LIMIT, MAX_LEN, float32), from its output files."""
+    out = tmp_path_factory.mktemp("in_process")
+    llama = Llama.build(str(DEMO_DIR), str(TOKENIZER_PATH), max_seq_len=MAX_LEN, max_batch_size=4, device="cpu", dtype="float32")
+    evaluate(LlamaLM(llama, batch_size=4), limit=LIMIT, log_samples=True, output_path=str(out), bootstrap_iters=0,
+             prepared=prepare_tasks(SUITE))
+    return read_outputs(out)
+
+
+def test_every_task_matches_lm_eval_hf_model(tmp_path, in_process):
+    """Same per-sample log-likelihoods (1e-4, float32), generations and scores as lm-eval's hf model
+    with add_bos_token=True on the converted demo model, in lm-eval's own output files."""
+    convert.to_hf(str(DEMO_DIR), str(tmp_path / "hf"))
+    hf = HFLM(pretrained=str(tmp_path / "hf"), dtype="float32", add_bos_token=True, max_length=MAX_LEN,
+              batch_size=4, device="cpu")
+    assert_same_outputs(in_process, run_lm_eval(tmp_path / "theirs", hf))
+
+
+def test_local_completions_on_the_server_matches_in_process(tmp_path, in_process, monkeypatch):
+    """lm-eval's `local-completions` model pointed at scripts/serve.py (demo model, float32) gives, on
+    every task, the per-sample log-likelihoods (1e-4), greedy flags, generations and metrics of the
+    in-process evaluation: the model_args README.md "Evaluation" gives for a server.
+
+    Token-id prompts (tokenized_requests, lm-eval's default) are scored as sent; the converted HF
+    tokenizer (a local directory: nothing downloaded) with add_bos_token=True tokenizes as LlamaLM
+    does, <|begin_of_text|> first; max_length MAX_LEN + 2 because lm-eval's API models keep
+    max_length - 1 tokens of a request (one is generated) and roll windows of max_length - 2, where
+    LlamaLM keeps MAX_LEN + 1 and rolls windows of MAX_LEN.
+    """
+    pytest.importorskip("tenacity")  # with aiohttp and requests: lm-eval[api], which its API models need
+    for name, value in {**OFFLINE, "OPENAI_API_KEY": helpers.SERVER_KEY}.items():  # lm-eval sends this key
+        monkeypatch.setenv(name, value)
+    write_hf_tokenizer(str(TOKENIZER_PATH), str(tmp_path / "tokenizer"))
+    served = helpers.start_server(tmp_path, DEMO_DIR, TOKENIZER_PATH, max_seq_len=MAX_LEN + 2)
+    try:
+        model_args = (f"model={served.model},base_url={served.base}/v1/completions,tokenizer_backend=huggingface,"
+                      f"tokenizer={tmp_path / 'tokenizer'},add_bos_token=True,max_length={MAX_LEN + 2},max_retries=1")
+        theirs = run_lm_eval(tmp_path / "served", "local-completions", model_args=model_args, batch_size=4)
+    finally:
+        helpers.stop_server(served)
+    assert_same_outputs(in_process, theirs)
+    # real scores compared, not one constant: every request's log-likelihood differs from the others
+    lls = [x for task in TASKS[:2] for sample in theirs[1][task] for x, _ in scores(sample)]
+    assert len({round(x, 3) for x in lls}) == len(lls) > LIMIT
 
 
 def test_rolling_windows_score_every_token_once():

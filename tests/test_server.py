@@ -3,8 +3,6 @@ through the official `openai` client (raw HTTP only where that client cannot sen
 malformed JSON, and a client that drops its connection)."""
 import concurrent.futures
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,69 +18,15 @@ from llama import Llama
 from llama.checkpoint import save_checkpoint
 from llama.server import tool_prompt, to_dialog
 
-KEY = "test-key"
+KEY = helpers.SERVER_KEY
 MAX_SEQ_LEN = 96
-
-
-class Served:
-    def __init__(self, proc: subprocess.Popen, port: int, model: str, log):
-        self.proc, self.port, self.model, self.log = proc, port, model, log
-        self.base = f"http://127.0.0.1:{port}"
-
-    def client(self, key: str = KEY, timeout: float = 60) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, timeout=timeout)
-
-    def health(self) -> dict:
-        return httpx.get(self.base + "/health", timeout=10).json()
-
-    def output(self) -> str:
-        self.log.flush()
-        return open(self.log.name).read()
-
-
-def start(tmp_path, ckpt, tokenizer, nproc: int = 1, max_seq_len: int = MAX_SEQ_LEN, extra: tuple = ()) -> Served:
-    port = helpers.free_port()
-    args = ["--ckpt_dir", str(ckpt), "--tokenizer_path", str(tokenizer), "--port", str(port), "--device", "cpu",
-            "--dtype", "float32", "--max_seq_len", str(max_seq_len), "--max_batch_size", "4", "--max_queue", "16",
-            "--api_key", KEY, *extra]
-    if nproc == 1:
-        cmd = [sys.executable, "scripts/serve.py", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-               "127.0.0.1", "--master_port", str(helpers.free_port()), "scripts/serve.py", *args]
-    log = open(tmp_path / f"server-{port}.log", "w")
-    proc = subprocess.Popen(cmd, cwd=helpers.REPO, env=helpers.child_env(), stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
-    served = Served(proc, port, os.path.basename(str(ckpt)), log)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}:\n{served.output()[-3000:]}")
-        try:
-            if served.health()["status"] == "ok":
-                return served
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not come up in 120 s:\n" + served.output()[-3000:])
-
-
-def stop(served: Served) -> None:
-    if served.proc.poll() is None:
-        served.proc.send_signal(signal.SIGINT)
-        try:
-            served.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            served.proc.kill()
-            served.proc.wait()
-    served.log.close()
 
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, byte_tokenizer, tmp_path_factory):
-    served = start(tmp_path_factory.mktemp("server"), tiny_ckpt, byte_tokenizer)
+    served = helpers.start_server(tmp_path_factory.mktemp("server"), tiny_ckpt, byte_tokenizer)
     yield served
-    stop(served)
+    helpers.stop_server(served)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +43,7 @@ def alone(llama: Llama, prompt, n: int) -> list:
     return llama.generate([tokens], max_gen_len=n, temperature=0)[0][0]
 
 
-def concurrent_completions(served: Served, prompts, lengths, stagger: float = 0.05) -> list:
+def concurrent_completions(served: helpers.Served, prompts, lengths, stagger: float = 0.05) -> list:
     client = served.client()
 
     def one(i):
@@ -200,6 +144,29 @@ def test_logprobs_with_echo_are_the_prompts_log_probs(server, llama):
     assert all(len(top) <= 2 for top in lp.top_logprobs[1:])
 
 
+def test_echo_logprobs_keep_the_stop_token_that_ended_the_answer(byte_tokenizer):
+    """lm-eval's local-completions asks echo with max_tokens 1 and drops the last logprobs entry as the
+    generated token's; when the model stops at once, that entry is the stop token's (not in the
+    text), else the prompt's last token would be dropped from the score instead."""
+    from types import SimpleNamespace
+
+    from llama.engine import Event
+    from llama.server import Server, _Choice
+    from llama.tokenizer import Tokenizer
+
+    tok = Tokenizer(str(byte_tokenizer))
+    server = Server(SimpleNamespace(tokenizer=tok), None, "m", None, MAX_SEQ_LEN, 16)
+    prompt = tok.encode("ab", bos=True, eos=False)
+    c = _Choice()
+    c.add(Event(0, tok.eos_id, "", logprob=-0.5, top_logprobs=[(tok.eos_id, -0.5)], finished=True, finish_reason="stop",
+                prompt_logprobs=[None, -1.0, -2.0], prompt_top_logprobs=[None, [(97, -1.0)], [(1, -0.1)]]),
+          server.stop_tokens)
+    lp = server.completion_logprobs(c, prompt, 0)
+    assert c.text == "" and c.tokens == []  # the stop token is no part of the answer
+    assert lp["token_logprobs"] == [None, -1.0, -2.0, -0.5] and lp["tokens"][-1] == tok.decode([tok.eos_id])
+    assert sum(lp["token_logprobs"][1:-1]) == -3.0  # what local-completions sums for continuation "ab"
+
+
 def test_errors_are_openai_errors(server):
     client = server.client()
     m = server.model
@@ -237,6 +204,9 @@ def test_a_full_queue_answers_429_with_retry_after(server):
             client.completions.create(n=8, **long)
         assert e.value.response.headers["retry-after"] == "1"
         assert len(first.result().choices) == 12
+    # more prompts in one request than the queue holds: never admitted, so a 400, not "retry shortly"
+    with pytest.raises(openai.BadRequestError, match=r"asks for 17 sequences \(17 prompts, n 1\), more than .*--max_queue 16"):
+        client.completions.create(model=server.model, prompt=["x"] * 17, max_tokens=1)
 
 
 def test_many_malformed_requests_leave_it_serving(server):
@@ -252,7 +222,7 @@ def test_many_malformed_requests_leave_it_serving(server):
     assert r.usage.completion_tokens == 3
 
 
-def wait_idle(served: Served, timeout: float = 10) -> dict:
+def wait_idle(served: helpers.Served, timeout: float = 10) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         h = served.health()
@@ -322,7 +292,7 @@ def bigram_ckpt(tmp_path_factory, byte_tokenizer) -> tuple:
 
 def test_tools_become_the_tool_prompt_and_calls_come_back_as_tool_calls(tmp_path, bigram_ckpt, byte_tokenizer):
     ckpt, tok = bigram_ckpt
-    served = start(tmp_path, ckpt, byte_tokenizer, max_seq_len=1024)  # the tool prompt, a byte per token
+    served = helpers.start_server(tmp_path, ckpt, byte_tokenizer, max_seq_len=1024)  # the tool prompt, a byte per token
     try:
         client = served.client()
         messages = [{"role": "user", "content": "What is 6 times 7?"}]
@@ -350,11 +320,11 @@ def test_tools_become_the_tool_prompt_and_calls_come_back_as_tool_calls(tmp_path
         plain = client.chat.completions.create(model=served.model, messages=messages, temperature=0, max_tokens=20)
         assert plain.choices[0].message.content == "<|python_tag|>print(42)" and plain.choices[0].finish_reason == "stop"
     finally:
-        stop(served)
+        helpers.stop_server(served)
 
 
 def test_two_processes_serve_what_one_process_generates_and_a_dead_rank_ends_it(tmp_path, tiny_ckpt_2shards, byte_tokenizer, llama):
-    served = start(tmp_path, tiny_ckpt_2shards, byte_tokenizer, nproc=2)
+    served = helpers.start_server(tmp_path, tiny_ckpt_2shards, byte_tokenizer, nproc=2)
     try:
         results = concurrent_completions(served, PROMPTS, LENGTHS)
         check_against_generate(llama, results, PROMPTS, LENGTHS)
@@ -377,7 +347,7 @@ def test_two_processes_serve_what_one_process_generates_and_a_dead_rank_ends_it(
         assert served.proc.returncode != 0
         assert "error: the engine stopped" in served.output()  # rank 0 saw it and said so
     finally:
-        stop(served)
+        helpers.stop_server(served)
 
 
 def test_listening_beyond_localhost_without_a_key_warns(caplog):
@@ -393,7 +363,7 @@ def test_listening_beyond_localhost_without_a_key_warns(caplog):
 
 def test_quantize_serves_what_the_quantized_generator_generates(tmp_path, tiny_ckpt, byte_tokenizer):
     """--quantize reaches Llama.build: greedy answers equal a generator quantized the same way."""
-    served = start(tmp_path, tiny_ckpt, byte_tokenizer, extra=("--quantize", "int8"))
+    served = helpers.start_server(tmp_path, tiny_ckpt, byte_tokenizer, extra=("--quantize", "int8"))
     try:
         quantized = Llama.build(str(tiny_ckpt), str(byte_tokenizer), MAX_SEQ_LEN, 4, dtype="float32", quantize="int8")
         got = served.client().completions.create(model=served.model, prompt=PROMPTS[0], max_tokens=8, temperature=0)
@@ -401,4 +371,4 @@ def test_quantize_serves_what_the_quantized_generator_generates(tmp_path, tiny_c
         assert got.choices[0].text == quantized.tokenizer.decode(want)
         assert "quantized (int8" in served.output()  # the server's own load line says so
     finally:
-        stop(served)
+        helpers.stop_server(served)
