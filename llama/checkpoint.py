@@ -499,7 +499,7 @@ def load_model(
     `quant` quantizes the projections on load (llama.quantize; activations stay in `dtype`); a
     checkpoint written quantized (scripts/quantize.py) loads quantized as stored, and `quant`, when
     given, must match it. `compute_dtype`: the dtype quantized products run in (None: the measured
-    choice per step, llama.quantize.cpu_kernel).
+    choice per step, llama.kernels.quantized_kernel).
     """
     start = time.perf_counter()
     n_shards = len(shard_paths(ckpt_dir))
