@@ -28,7 +28,7 @@ from fairscale.nn.model_parallel.mappings import (
 )
 from torch import nn
 
-from llama import kernels, sharding
+from llama import kernels, memory, sharding
 
 logger = logging.getLogger(__name__)
 
@@ -207,16 +207,17 @@ def quantize_weight(
 CHUNK_BYTES = 32 << 20  # float32 temporaries of quantization stay within a few times this
 
 
-def _chunk_rows(w: torch.Tensor, multiple: int = 64) -> int:
-    """Rows per chunk of `w` for float32 work of about CHUNK_BYTES, a multiple of `multiple`."""
-    rows = max(1, CHUNK_BYTES // max(4 * w[0].numel(), 1)) // multiple * multiple
+def _chunk_rows(w: torch.Tensor, multiple: int = 64, budget: int = CHUNK_BYTES) -> int:
+    """Rows per chunk of `w` for float32 work of about `budget` bytes, a multiple of `multiple`."""
+    rows = max(1, budget // max(4 * w[0].numel(), 1)) // multiple * multiple
     return max(rows, multiple)
 
 
-def _by_rows(fn: Callable, w: torch.Tensor, with_start: bool = False) -> tuple[torch.Tensor, ...]:
-    """fn applied to chunks of rows of `w`, its outputs written into tensors of all the rows: the
-    float32 temporaries of a whole output projection (vocab x dim) would otherwise add gigabytes."""
-    step, outs = _chunk_rows(w), None
+def _by_rows(fn: Callable, w: torch.Tensor, with_start: bool = False, step: Optional[int] = None) -> tuple[torch.Tensor, ...]:
+    """fn applied to chunks of `step` rows of `w` (default _chunk_rows), its outputs written into
+    tensors of all the rows: the float32 temporaries of a whole output projection (vocab x dim)
+    would otherwise add gigabytes, and a list of chunks joined at the end holds the result twice."""
+    step, outs = step or _chunk_rows(w), None
     for i in range(0, len(w), step):
         parts = fn(w[i : i + step], i) if with_start else fn(w[i : i + step])
         if outs is None:
@@ -413,11 +414,11 @@ def _int4_kernel_layout(q: torch.Tensor) -> torch.Tensor:
         values = unpack_int4(q)
         swapped = (values[:, ::2] << 4) | values[:, 1::2]
         return torch._convert_weight_to_int4pack(swapped.contiguous(), INT4_INNER_K_TILES["cuda"])
-    # in chunks of 64 rows (the kernel's blocks), so the int32 copy it takes stays small
-    step = _chunk_rows(unpack_int4(q[:1]).to(torch.int32))
-    chunks = q.split(step if len(q) % 64 == 0 else len(q), dim=0)
-    packed = [torch._convert_weight_to_int4pack_for_cpu(unpack_int4(c).to(torch.int32), INT4_INNER_K_TILES["cpu"]) for c in chunks]
-    return torch.cat(packed) if len(packed) > 1 else packed[0]
+    # in chunks of 64 rows (the kernel's blocks), so the int32 copy it takes stays small: packing
+    # runs while the rest of the model is resident, so its temporaries are the load's peak
+    step = _chunk_rows(unpack_int4(q[:1]), budget=CHUNK_BYTES // 4) if len(q) % 64 == 0 else len(q)
+    pack = lambda rows: (torch._convert_weight_to_int4pack_for_cpu(unpack_int4(rows).to(torch.int32), INT4_INNER_K_TILES["cpu"]),)
+    return _by_rows(pack, q, step=step)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,6 +464,8 @@ def install(
             )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+        del q, scales, zeros, old
+        memory.release_freed_memory()  # the stored int4 form just packed, and the packing's temporaries
     if names and model.__class__.__name__ == "Transformer":
         logger.debug("quantized %d projections (%s)", len(names), config.describe())
     return rest
