@@ -21,7 +21,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
 import torch
 
-from llama import distributed, quantize, sharding, validation
+from llama import distributed, memory, quantize, sharding, validation
 from llama.model import ModelArgs, Transformer
 
 logger = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ class _MappedShard:
         page = mmap.PAGESIZE
         lo, hi = -(-start // page) * page, end // page * page
         if hi > lo:
-            _madvise_dontneed(lo, hi - lo)
+            memory.madvise_dontneed(lo, hi - lo)
 
 
 def _file_mappings(path: Path) -> list[tuple[int, int]]:
@@ -270,20 +270,6 @@ def _file_mappings(path: Path) -> list[tuple[int, int]]:
     except OSError:
         return []
     return ranges
-
-
-_LIBC = None
-MADV_DONTNEED = 4  # Linux
-
-
-def _madvise_dontneed(addr: int, length: int) -> None:
-    global _LIBC
-    import ctypes
-
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-        _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    _LIBC.madvise(addr, length, MADV_DONTNEED)  # a failure only costs memory, never correctness
 
 
 def load_rank_state(
@@ -349,13 +335,16 @@ def load_rank_state(
             _check_covered(key, covered[key], args, rank, count, stored)
         return targets
 
-    # quantizing on load: one tensor at a time, from all its source shards (mapped, not resident)
+    # quantizing on load: one tensor at a time, from all its source shards (mapped, not resident).
+    # Largest first: the one full-precision tensor held (the 1B's embedding is a fifth of it) then
+    # sits beside few quantized ones, and the peak is about the quantized model's size. The order
+    # is the same on every rank (the shards' shapes), as reduce_max's all-reduces need.
     if show:
         logger.info("loading %s and quantizing (%s) ...", ", ".join(layout.paths[k].name for k in sources), quant.describe())
     shards = {k: _MappedShard(layout.paths[k]) for k in sources}
     progress = _progress(sum(sharding.piece_shape(key, args, rank, count).numel() * layout.dtypes[key].itemsize for key in layout.keys), show)
     state = {}
-    for key in layout.keys:
+    for key in sorted(layout.keys, key=lambda k: -layout.shapes[k].numel()):
         t, done = target(key), 0
         for k, shard in shards.items():
             done = _copy_piece(key, t, done, shard, k, layout.n_shards, args, rank, count, None, progress)
@@ -363,6 +352,7 @@ def load_rank_state(
         if on_load.applies(key):
             state.update(quantize.quantize_weight(key, t, on_load, reduce_max))
             del t
+            memory.release_freed_memory()  # the quantizing temporaries, before the next tensor is read
         else:
             state[key] = t
     return state
@@ -499,7 +489,7 @@ def load_model(
     `quant` quantizes the projections on load (llama.quantize; activations stay in `dtype`); a
     checkpoint written quantized (scripts/quantize.py) loads quantized as stored, and `quant`, when
     given, must match it. `compute_dtype`: the dtype quantized products run in (None: the measured
-    choice per step, llama.quantize.cpu_kernel).
+    choice per step, llama.kernels.quantized_kernel).
     """
     start = time.perf_counter()
     n_shards = len(shard_paths(ckpt_dir))

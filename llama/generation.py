@@ -85,7 +85,7 @@ class Llama:
             quantize_output: quantize the vocabulary matrices too, the output projection and the
                 embedding (one matrix in a tied model); False keeps both in full precision.
                 With dtype=None the quantized products run in the dtype measured fastest for each
-                kind of step (llama.quantize.cpu_kernel); a dtype given runs them in that dtype.
+                kind of step (llama.kernels.quantized_kernel); a dtype given runs them in that dtype.
 
         Works under torchrun (one process per model-parallel rank) and as a plain `python` call.
         """
@@ -115,7 +115,7 @@ class Llama:
         quant = resolve_quantization(quantize, group_size, quantize_output)
         policy = kernels.policy_for(device, forced_dtype)  # the same on every rank (rank 0's)
         if quant is not None:  # quantized products pick their own kernel and compute dtype (llama.quantize)
-            policy = kernels.uniform(policy.weights, reason=f"{quant.mode} weights: llama.quantize picks their kernels")
+            policy = kernels.uniform(policy.weights, reason=f"{quant.mode} weights: kernels.quantized_kernel picks theirs")
         dtype = policy.weights
         model = checkpoint.load_model(
             ckpt_dir, args, distributed.model_parallel_rank(), mp_size, device, dtype, quant,

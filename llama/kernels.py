@@ -198,9 +198,15 @@ def measure(repeats: int = 2) -> dict:
     return timings
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Fastest of `repeats` calls of `fn` after one warm-up, in seconds (CPU work: no device sync)."""
+def best_time(fn: Callable[[], object], repeats: int, give_up: float = float("inf")) -> float:
+    """Fastest of `repeats` calls of `fn` after one warm-up, in seconds (CPU work: no device sync).
+    A warm-up slower than `give_up` seconds is returned as it is, without repeats: that candidate
+    has lost already, and timing it again would only lengthen start-up."""
+    start = time.perf_counter()
     fn()
+    first = time.perf_counter() - start
+    if first > give_up:
+        return first
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -212,14 +218,23 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
 @functools.lru_cache(maxsize=None)
 def _measured_cpu_policy(threads: int) -> Policy:
     start = time.perf_counter()
-    timings = measure()
-    policy = choose(timings, reason=f"measured on this CPU, {threads} thread{'s' if threads > 1 else ''}")
-    # every rank must compute alike (the all-reduces need one dtype): rank 0's choice for all
+    policy = choose(measure(), reason=_measured_here(threads))
+    return _rank0s(policy, "Kernel policy", start, format_timings)
+
+
+def _measured_here(threads: int) -> str:
+    return f"measured on this CPU, {threads} thread{'s' if threads > 1 else ''}"
+
+
+def _rank0s(policy, label: str, start: float, format: Callable[[dict], str]):
+    """Rank 0's measured `policy` on every rank, logged once (from rank 0) with its timings.
+    Every rank must compute alike: the all-reduces need one dtype, and ranks running different
+    kernels would compute different numbers."""
     policy = distributed.broadcast_object(policy)
     if distributed.is_rank0():
         logger.info(
-            "Kernel policy: %s. Measured in %.2f s: %s", policy.describe(), time.perf_counter() - start,
-            format_timings(policy.timings),
+            "%s: %s. Measured in %.2f s: %s", label, policy.describe(), time.perf_counter() - start,
+            format(policy.timings),
         )
     return policy
 
@@ -237,6 +252,132 @@ def format_timings(timings: dict) -> str:
         if cells:
             rows = PROBE_ROWS[kind]
             parts.append(f"{kind} ({rows} row{'s' if rows > 1 else ''}, ms) " + ", ".join(cells))
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------- quantized weights (llama.quantize)
+
+# A quantized product (llama.quantize.QuantizedLinear on CPU) is a "decode" step (at most
+# quantize.DECODE_ROWS rows) or a "prefill"; each can run through PyTorch's packed kernel ("pack":
+# torch._weight_int8pack_mm / torch._weight_int4pack_mm_for_cpu) or as dequantize-then-F.linear
+# ("dequant"), with bfloat16 or float32 activations. (torch._int_mm with dynamically quantized int8
+# activations is not a candidate: it is not weight-only, its results are not those of the weights.)
+QUANT_MODES = ("int8", "int4")
+QUANT_STEPS = ("decode", "prefill")
+QUANT_PATHS = ("pack", "dequant")
+QUANT_COMPUTES = (torch.bfloat16, torch.float32)
+# The probe of each step: its rows times a weight with the 1B's input width (2048, the kernels'
+# inner loop). The slow candidates (float32 activations into the packed kernels, int4 dequantized at
+# every product) run 10-100x slower than the fast ones on some CPUs, so the weights are small, and a
+# candidate whose first call is GIVE_UP times slower than the best so far is not timed again: the
+# whole measurement stays within about half a second even on a busy 2-core machine.
+QUANT_PROBE_ROWS = {"decode": 1, "prefill": 64}
+QUANT_PROBE_SHAPE = {"decode": (512, 2048), "prefill": (128, 2048)}
+QUANT_PROBE_GROUP = 32  # the default int4 group size
+GIVE_UP = 3.0
+
+
+@dataclass(frozen=True)
+class QuantizedPolicy:
+    """The CPU kernel of each quantized product: `kernels` maps (mode, step, compute) to (path,
+    dtype), where compute is None (no dtype forced: the fastest path in any dtype) or the forced
+    dtype; `reason` and `timings` as Policy's."""
+
+    kernels: dict = field(hash=False)
+    reason: str = ""
+    timings: Optional[dict] = field(default=None, compare=False, hash=False, repr=False)
+
+    def kernel(self, mode: str, step: str, compute_dtype: Optional[torch.dtype] = None) -> tuple[str, torch.dtype]:
+        """(path, compute dtype) of a `mode` product for `step`, in `compute_dtype` if given."""
+        if mode not in QUANT_MODES:
+            raise ValueError(f"quantize={mode!r} has no CPU kernel: use one of {', '.join(QUANT_MODES)}")
+        # a dtype no packed kernel was timed in (float16) runs dequantize-then-F.linear, which takes any
+        return self.kernels.get((mode, step, compute_dtype), ("dequant", compute_dtype))
+
+    def describe(self) -> str:
+        def one(mode: str, compute: Optional[torch.dtype]) -> str:
+            return ", ".join(f"{s} {p} in {_name(dt)}" for s in QUANT_STEPS for p, dt in [self.kernel(mode, s, compute)])
+
+        modes = "; ".join(
+            f"{m} {one(m, None)} (forced float32: {one(m, torch.float32)})" for m in QUANT_MODES
+        )
+        return modes + (f" ({self.reason})" if self.reason else "")
+
+
+def choose_quantized(timings: dict, reason: str = "measured") -> QuantizedPolicy:
+    """The quantized kernels the timings call for: `timings` maps (mode, step, path, compute name)
+    -> seconds for each mode in QUANT_MODES, step in QUANT_STEPS, path in QUANT_PATHS and compute
+    in QUANT_COMPUTES. Each (mode, step) takes the fastest of all; each forced dtype the fastest in it."""
+    chosen = {}
+    for mode in QUANT_MODES:
+        for step in QUANT_STEPS:
+            cells = [
+                (timings[(mode, step, p, _name(dt))], p, dt)
+                for p in QUANT_PATHS
+                for dt in QUANT_COMPUTES
+                if (mode, step, p, _name(dt)) in timings
+            ]
+            chosen[(mode, step, None)] = min(cells, key=lambda c: c[0])[1:]
+            for forced in QUANT_COMPUTES:
+                chosen[(mode, step, forced)] = min((c for c in cells if c[2] == forced), key=lambda c: c[0])[1:]
+    return QuantizedPolicy(chosen, reason=reason, timings=dict(timings))
+
+
+def measure_quantized(repeats: int = 3) -> dict:
+    """Seconds of one product per (mode, step, path, compute name) on this CPU, fastest of
+    `repeats` after a warm-up (more for the short decode products): QUANT_PROBE_ROWS rows times a QUANT_PROBE_SHAPE weight quantized as
+    `mode`, through each path (a QuantizedLinear forced to it) in each compute dtype. A candidate
+    slower than GIVE_UP times the best of its (mode, step) on its first call keeps that time."""
+    from llama import quantize  # quantize asks this module for its kernels: imported when measuring
+
+    gen = torch.Generator().manual_seed(0)
+    timings = {}
+    with torch.no_grad():
+        for step in QUANT_STEPS:
+            out_features, in_features = QUANT_PROBE_SHAPE[step]
+            w = torch.randn(out_features, in_features, generator=gen) * in_features**-0.5
+            x = torch.randn(QUANT_PROBE_ROWS[step], in_features, generator=gen)
+            for mode in QUANT_MODES:
+                stored = quantize.quantize_int8(w) + (None,) if mode == "int8" else quantize.quantize_int4(w, QUANT_PROBE_GROUP)
+                best = float("inf")
+                for path in QUANT_PATHS:
+                    for dt in QUANT_COMPUTES:
+                        lin = quantize.QuantizedLinear(mode, *stored, QUANT_PROBE_GROUP, dt, path=path, compute_dtype=dt)
+                        probe = functools.partial(lin.matmul, x.to(dt))
+                        t = best_time(probe, repeats * (3 if step == "decode" else 1), give_up=GIVE_UP * best)
+                        timings[(mode, step, path, _name(dt))] = t
+                        best = min(best, t)
+    return timings
+
+
+def quantized_kernel(mode: str, step: str, compute_dtype: Optional[torch.dtype] = None) -> tuple[str, torch.dtype]:
+    """(path, compute dtype) of a CPU product with `mode` weights for `step` ("decode" or
+    "prefill"): the fastest measured on this CPU (once per process, on first use; with several
+    processes rank 0's), restricted to `compute_dtype` when one is forced."""
+    return _measured_quantized_policy(torch.get_num_threads()).kernel(mode, step, compute_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_quantized_policy(threads: int) -> QuantizedPolicy:
+    start = time.perf_counter()
+    policy = choose_quantized(measure_quantized(), reason=_measured_here(threads))
+    return _rank0s(policy, "Quantized kernels", start, format_quantized_timings)
+
+
+def format_quantized_timings(timings: dict) -> str:
+    """One line: milliseconds per mode, step, path and compute dtype."""
+    parts = []
+    for mode in QUANT_MODES:
+        for step in QUANT_STEPS:
+            cells = [
+                f"{p}-{_name(dt)} {timings[(mode, step, p, _name(dt))] * 1e3:.2f}"
+                for p in QUANT_PATHS
+                for dt in QUANT_COMPUTES
+                if (mode, step, p, _name(dt)) in timings
+            ]
+            if cells:
+                rows = QUANT_PROBE_ROWS[step]
+                parts.append(f"{mode} {step} ({rows} row{'s' if rows > 1 else ''}, ms) " + ", ".join(cells))
     return "; ".join(parts)
 
 

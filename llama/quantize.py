@@ -13,8 +13,8 @@
 # Scales are computed in float32 from the weight as stored and rounded UP to bfloat16, so every
 # weight is within half a step of its dequantized value.
 #
-# Each kind of step (a decode row, a prefill-size product) runs on the kernel cpu_kernel picks,
-# measured with scripts/bench_quant.py on the machine in the README; CUDA uses tinygemm for int4,
+# Each kind of step (a decode row, a prefill-size product) runs on the CPU kernel measured fastest
+# for it at start-up (llama.kernels.quantized_kernel); CUDA uses tinygemm for int4,
 # int8 dequantization inside the matmul (torch.compile fuses it), and torch._scaled_mm for fp8.
 import logging
 from dataclasses import dataclass
@@ -28,7 +28,7 @@ from fairscale.nn.model_parallel.mappings import (
 )
 from torch import nn
 
-from llama import sharding
+from llama import kernels, memory, sharding
 
 logger = logging.getLogger(__name__)
 
@@ -207,16 +207,17 @@ def quantize_weight(
 CHUNK_BYTES = 32 << 20  # float32 temporaries of quantization stay within a few times this
 
 
-def _chunk_rows(w: torch.Tensor, multiple: int = 64) -> int:
-    """Rows per chunk of `w` for float32 work of about CHUNK_BYTES, a multiple of `multiple`."""
-    rows = max(1, CHUNK_BYTES // max(4 * w[0].numel(), 1)) // multiple * multiple
+def _chunk_rows(w: torch.Tensor, multiple: int = 64, budget: int = CHUNK_BYTES) -> int:
+    """Rows per chunk of `w` for float32 work of about `budget` bytes, a multiple of `multiple`."""
+    rows = max(1, budget // max(4 * w[0].numel(), 1)) // multiple * multiple
     return max(rows, multiple)
 
 
-def _by_rows(fn: Callable, w: torch.Tensor, with_start: bool = False) -> tuple[torch.Tensor, ...]:
-    """fn applied to chunks of rows of `w`, its outputs written into tensors of all the rows: the
-    float32 temporaries of a whole output projection (vocab x dim) would otherwise add gigabytes."""
-    step, outs = _chunk_rows(w), None
+def _by_rows(fn: Callable, w: torch.Tensor, with_start: bool = False, step: Optional[int] = None) -> tuple[torch.Tensor, ...]:
+    """fn applied to chunks of `step` rows of `w` (default _chunk_rows), its outputs written into
+    tensors of all the rows: the float32 temporaries of a whole output projection (vocab x dim)
+    would otherwise add gigabytes, and a list of chunks joined at the end holds the result twice."""
+    step, outs = step or _chunk_rows(w), None
     for i in range(0, len(w), step):
         parts = fn(w[i : i + step], i) if with_start else fn(w[i : i + step])
         if outs is None:
@@ -231,40 +232,17 @@ def _by_rows(fn: Callable, w: torch.Tensor, with_start: bool = False) -> tuple[t
 # ---------------------------------------------------------------------------------------------
 # Kernels: which one runs which kind of step
 
-# Paths a QuantizedLinear can take on CPU (scripts/bench_quant.py times each):
+# Paths a QuantizedLinear can take on CPU (llama.kernels and scripts/bench_quant.py time each):
 #   "pack":    torch._weight_int8pack_mm / torch._weight_int4pack_mm_for_cpu
 #   "dequant": the weight dequantized to the compute dtype, then F.linear
-CPU_PATHS = ("pack", "dequant")
+CPU_PATHS = kernels.QUANT_PATHS
 PATH_MODES = {"pack": ("int8", "int4"), "dequant": ("int8", "int4")}
 
-# Measured with scripts/bench_quant.py on the 2-core AMD EPYC (AVX2, no native bfloat16); README
-# "Quantization". A step is "decode" (at most DECODE_ROWS rows) or "prefill".
-# CPU_COMPUTE: (mode, step) -> the dtype the product runs in when the caller did not force a dtype
-# (Llama.build(dtype=None)); a forced dtype (dtype="float32") runs in that dtype, exactly.
-# CPU_PATH: (mode, step, compute dtype) -> the faster path for it ("dequant" where not listed).
+# A step is "decode" (at most DECODE_ROWS rows) or "prefill". Which path and compute dtype each
+# (mode, step) takes on CPU is measured on the machine at hand, once per process, by llama.kernels
+# (quantized_kernel); a forced dtype (dtype="float32") runs in that dtype, exactly.
 DECODE_ROWS = 4
-CPU_COMPUTE: dict[tuple[str, str], torch.dtype] = {
-    ("int8", "decode"): torch.bfloat16,  # the int8 kernel is ~9x faster with bfloat16 activations
-    ("int8", "prefill"): torch.bfloat16,
-    ("int4", "decode"): torch.bfloat16,
-    ("int4", "prefill"): torch.bfloat16,
-}
-CPU_PATH: dict[tuple[str, str, torch.dtype], str] = {
-    ("int8", "decode", torch.bfloat16): "pack",
-    ("int8", "decode", torch.float32): "pack",
-    ("int8", "prefill", torch.bfloat16): "pack",
-    ("int8", "prefill", torch.float32): "dequant",  # the float32 int8 kernel is ~20x slower there
-    ("int4", "decode", torch.bfloat16): "pack",
-    ("int4", "decode", torch.float32): "pack",
-    ("int4", "prefill", torch.bfloat16): "pack",
-    ("int4", "prefill", torch.float32): "dequant",
-}
-
-
-def cpu_kernel(mode: str, step: str, compute_dtype: Optional[torch.dtype]) -> tuple[str, torch.dtype]:
-    """(path, compute dtype) of a CPU product: the one place that picks a quantized kernel."""
-    dt = compute_dtype or CPU_COMPUTE[(mode, step)]
-    return CPU_PATH.get((mode, step, dt), "dequant"), dt
+STEPS = kernels.QUANT_STEPS
 INT4_INNER_K_TILES = {"cpu": 2, "cuda": 8}
 
 
@@ -275,7 +253,7 @@ class QuantizedLinear(nn.Module):
     form is what checkpoints hold), and runs each product on the kernel chosen for its kind of step.
     `parallel`: None, "column" (gathers its output when `gather_output`) or "row" (all-reduces it),
     as the fairscale layer it replaces. `compute_dtype`: the dtype products run in (None: the
-    measured choice per step, cpu_kernel); `path` forces one CPU path for every step, in
+    measured choice per step, llama.kernels.quantized_kernel); `path` forces one CPU path for every step, in
     `compute_dtype` or else the activations' dtype (benchmarks, tests).
     """
 
@@ -301,9 +279,9 @@ class QuantizedLinear(nn.Module):
         if device.type == "cuda":
             self.kernels = {"decode": self._cuda_path(), "prefill": self._cuda_path()}
         elif path is not None:  # one path for every step (benchmarks, tests)
-            self.kernels = {"decode": (path, compute_dtype or act_dtype), "prefill": (path, compute_dtype or act_dtype)}
+            self.kernels = {step: (path, compute_dtype or act_dtype) for step in STEPS}
         else:
-            self.kernels = {step: cpu_kernel(mode, step, compute_dtype) for step in ("decode", "prefill")}
+            self.kernels = {step: kernels.quantized_kernel(mode, step, compute_dtype) for step in STEPS}
         if mode == "int4" and device.type == "cpu" and self.out_features % 16:
             # the CPU int4 kernel wants rows in blocks of 16 (a few tensor-parallel slices are not)
             self.kernels = {step: ("dequant", dt) for step, (_, dt) in self.kernels.items()}
@@ -436,11 +414,11 @@ def _int4_kernel_layout(q: torch.Tensor) -> torch.Tensor:
         values = unpack_int4(q)
         swapped = (values[:, ::2] << 4) | values[:, 1::2]
         return torch._convert_weight_to_int4pack(swapped.contiguous(), INT4_INNER_K_TILES["cuda"])
-    # in chunks of 64 rows (the kernel's blocks), so the int32 copy it takes stays small
-    step = _chunk_rows(unpack_int4(q[:1]).to(torch.int32))
-    chunks = q.split(step if len(q) % 64 == 0 else len(q), dim=0)
-    packed = [torch._convert_weight_to_int4pack_for_cpu(unpack_int4(c).to(torch.int32), INT4_INNER_K_TILES["cpu"]) for c in chunks]
-    return torch.cat(packed) if len(packed) > 1 else packed[0]
+    # in chunks of 64 rows (the kernel's blocks), so the int32 copy it takes stays small: packing
+    # runs while the rest of the model is resident, so its temporaries are the load's peak
+    step = _chunk_rows(unpack_int4(q[:1]), budget=CHUNK_BYTES // 4) if len(q) % 64 == 0 else len(q)
+    pack = lambda rows: (torch._convert_weight_to_int4pack_for_cpu(unpack_int4(rows).to(torch.int32), INT4_INNER_K_TILES["cpu"]),)
+    return _by_rows(pack, q, step=step)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,6 +464,8 @@ def install(
             )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+        del q, scales, zeros, old
+        memory.release_freed_memory()  # the stored int4 form just packed, and the packing's temporaries
     if names and model.__class__.__name__ == "Transformer":
         logger.debug("quantized %d projections (%s)", len(names), config.describe())
     return rest

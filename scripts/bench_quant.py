@@ -11,7 +11,7 @@ products, and prints ms per product and the weight bytes read per second:
   bfloat16 and with float32 activations;
 - dequantize-then-F.linear (the weight converted to the activation dtype at every product);
 - torch._int_mm with dynamically quantized int8 activations (not weight-only: for comparison).
-The choices llama.quantize makes (CPU_COMPUTE and CPU_PATH there) come from these numbers; the README has them.
+llama.kernels makes the same choice at start-up (quantized_kernel), timing these paths on small probes.
 
 `model` writes a random-weight checkpoint of a published shape (tied embedding, as the 3.2 1B ships)
 in bfloat16, then, each in a fresh process, loads it with llama.checkpoint.load_model as

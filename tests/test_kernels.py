@@ -2,6 +2,7 @@
 each outcome), bypassed by a forced dtype, exact in float32, and a bfloat16-weights model that
 prefills in float32 computes what float32 computes on the same weights."""
 import logging
+import time
 
 import pytest
 import torch
@@ -199,3 +200,85 @@ def test_bench_kernels_reports_every_case(tmp_path):
     bad = subprocess.run([sys.executable, "scripts/bench_kernels.py", "--rows", "0"], cwd=helpers.REPO,
                          env=helpers.child_env(), capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and bad.stderr.strip() == "error: rows [0] and shape 8192x2048 must be positive"
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized products: the CPU kernel of each mode and step, measured the same way
+
+
+def quant_timings(fastest: dict) -> dict:
+    """(mode, step, path, compute) -> seconds: 1 ms for each (mode, step)'s `fastest` (path,
+    compute name), 2 ms for the others of that compute, 5 ms for the rest."""
+    out = {}
+    for mode in kernels.QUANT_MODES:
+        for step in kernels.QUANT_STEPS:
+            win = fastest[(mode, step)]
+            for path in kernels.QUANT_PATHS:
+                for dt in ("bfloat16", "float32"):
+                    out[(mode, step, path, dt)] = 1e-3 if (path, dt) == win else 2e-3 if dt == win[1] else 5e-3
+    return out
+
+
+def test_quantized_kernels_follow_the_timings():
+    t = quant_timings({
+        ("int8", "decode"): ("pack", "bfloat16"), ("int8", "prefill"): ("dequant", "float32"),
+        ("int4", "decode"): ("pack", "float32"), ("int4", "prefill"): ("pack", "bfloat16"),
+    })
+    t[("int4", "prefill", "dequant", "float32")] = 1.5e-3  # the fastest in float32, not overall
+    p = kernels.choose_quantized(t)
+    assert p.kernel("int8", "decode") == ("pack", BF16) and p.kernel("int8", "prefill") == ("dequant", F32)
+    assert p.kernel("int4", "decode") == ("pack", F32) and p.kernel("int4", "prefill") == ("pack", BF16)
+    # a forced dtype: the fastest path in it
+    assert p.kernel("int8", "prefill", BF16)[1] == BF16 and p.kernel("int8", "decode", F32)[1] == F32
+    assert p.kernel("int4", "prefill", F32) == ("dequant", F32)
+    assert p.kernel("int8", "decode", torch.float16) == ("dequant", torch.float16)  # no packed kernel timed in it
+    with pytest.raises(ValueError, match="quantize='fp8' has no CPU kernel: use one of int8, int4"):
+        p.kernel("fp8", "decode")
+
+
+@pytest.fixture
+def fresh_quantized_policy():
+    kernels._measured_quantized_policy.cache_clear()
+    yield
+    kernels._measured_quantized_policy.cache_clear()
+
+
+def test_the_quantized_kernels_are_measured_once_and_the_fastest_is_taken(fresh_quantized_policy, monkeypatch, caplog):
+    """The timer says dequantize-then-F.linear in float32 wins everywhere (it never does on the
+    project's CPU): every QuantizedLinear then takes it, measured once, logged once."""
+    from llama import quantize
+
+    calls = []
+
+    def fake_best_time(fn, repeats, give_up=float("inf")):
+        lin = fn.func.__self__  # the probe: a QuantizedLinear forced to one path and dtype
+        calls.append(lin.kernels["decode"])
+        return 1e-3 if lin.kernels["decode"] == ("dequant", F32) else 2e-3
+
+    monkeypatch.setattr(kernels, "best_time", fake_best_time)
+    w = torch.randn(64, 128)
+    with caplog.at_level(logging.INFO, logger="llama.kernels"):
+        for mode, stored in (("int8", quantize.quantize_int8(w) + (None,)), ("int4", quantize.quantize_int4(w, 32))):
+            lin = quantize.QuantizedLinear(mode, *stored, 32, BF16)
+            assert lin.kernels == {"decode": ("dequant", F32), "prefill": ("dequant", F32)}
+            forced = quantize.QuantizedLinear(mode, *stored, 32, BF16, compute_dtype=BF16)
+            assert {dt for _, dt in forced.kernels.values()} == {BF16}
+    assert len(calls) == len(kernels.QUANT_MODES) * len(kernels.QUANT_STEPS) * len(kernels.QUANT_PATHS) * len(kernels.QUANT_COMPUTES)
+    lines = [r.getMessage() for r in caplog.records if "Quantized kernels" in r.getMessage()]
+    assert len(lines) == 1 and "int8 decode dequant in float32" in lines[0] and "int4 prefill (64 rows, ms)" in lines[0]
+
+
+def test_measure_quantized_times_every_candidate_on_this_cpu():
+    start = time.perf_counter()
+    t = kernels.measure_quantized(repeats=1)
+    assert time.perf_counter() - start < 10  # about half a second on the 2 shared cores
+    want = {(m, s, p, str(dt).removeprefix("torch."))
+            for m in kernels.QUANT_MODES for s in kernels.QUANT_STEPS for p in kernels.QUANT_PATHS for dt in kernels.QUANT_COMPUTES}
+    assert set(t) == want and all(s > 0 for s in t.values())
+    assert kernels.choose_quantized(t).kernel("int8", "decode")[0] in kernels.QUANT_PATHS
+
+
+def test_best_time_gives_up_on_a_loser_after_its_first_call():
+    calls = []
+    assert kernels.best_time(lambda: calls.append(time.sleep(0.01)), repeats=5, give_up=0.001) >= 0.01
+    assert len(calls) == 1

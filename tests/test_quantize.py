@@ -90,20 +90,11 @@ def test_quantized_linear_equals_dequantize_then_linear(mode, path, act):
         want = F.linear(x.to(dt).double(), deq.double())  # the activations as the kernel sees them
         got = lin(x)
         assert got.dtype == act and got.shape == (rows, 96)
-        eps = torch.finfo(dt if dt != act else act).eps
+        eps = max(torch.finfo(dt).eps, torch.finfo(act).eps)  # computed in dt, returned in act
         tol = 4 * eps * (x.to(dt).double().abs() @ deq.double().abs().t()).max()
         assert (got.double() - want).abs().max() <= tol
     # the held form reads back as the stored one (the packed int4 layout through the kernel itself)
     assert torch.allclose(lin.dequantize(), deq, atol=1e-2 * deq.abs().max().item())
-
-
-def test_the_policy_table_covers_each_mode_step_and_dtype():
-    for mode in ("int8", "int4"):
-        for step in ("decode", "prefill"):
-            for forced in (None, torch.float32, torch.bfloat16):
-                path, dt = quantize.cpu_kernel(mode, step, forced)
-                assert path in quantize.CPU_PATHS and mode in quantize.PATH_MODES[path]
-                assert dt == (forced or quantize.CPU_COMPUTE[(mode, step)])
 
 
 def test_row_parallel_int8_scales_are_those_of_the_whole_row():
