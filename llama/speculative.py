@@ -84,8 +84,9 @@ class Speculator:
     """A draft model that proposes `k` tokens per step for the engine's model to verify.
 
     The draft has a KV cache of the engine's shape, rows in step with the model's: the engine
-    prefills, moves and retires both. It lags the model by at most one position (after a step
-    whose proposals were all accepted), so each step first feeds it the sequence's last two tokens.
+    prefills, moves and retires both. After a step whose k proposals were all accepted the draft
+    lags one position behind (it never saw the last proposal); the next step then feeds it the
+    sequence's last two tokens instead of one.
     `context` wraps every draft forward pass (llama.distributed.replicated for a draft held whole
     on every rank under torchrun).
     """
@@ -95,6 +96,7 @@ class Speculator:
         self.draft, self.k, self.context = draft, k, context
         self.proposed = 0  # draft tokens proposed, and of them accepted, since the start
         self.accepted = 0
+        self._behind: set = set()  # ids of the sequences whose draft cache lags one position
 
     @property
     def acceptance_rate(self) -> float:
@@ -126,10 +128,14 @@ class Speculator:
         seqs, device = engine.running, engine.device
         pos = [s.pos for s in seqs]  # where each row's last token goes: both caches hold what is before
         last = [s.tokens[-1] for s in seqs]
-        prev = [s.tokens[-2] if len(s.tokens) > 1 else s.request.prompt[-1] for s in seqs]
         # propose no more than the longest budget uses, and stay inside the KV cache
         k = min(self.k, max(s.limit - len(s.tokens) for s in seqs) - 1, engine.seq_len - 1 - max(pos))
-        logits = self._forward(torch.tensor([prev, last], device=device).T, [p - 1 for p in pos])
+        if any(s.id in self._behind for s in seqs):  # all rows rewrite the token before the last too
+            prev = [s.tokens[-2] if len(s.tokens) > 1 else s.request.prompt[-1] for s in seqs]
+            logits = self._forward(torch.tensor([prev, last], device=device).T, [p - 1 for p in pos])
+        else:
+            logits = self._forward(torch.tensor(last, device=device)[:, None], pos)
+        self._behind.difference_update(s.id for s in seqs)
         if k <= 0:  # room for one token only: a plain step (the draft's cache kept in step above)
             return engine._decode_running()
         proposals, qs = [], []
@@ -154,6 +160,8 @@ class Speculator:
                 n, nxt = accept_greedy(target[i : i + 1], draft[i : i + 1])
             n = int(n[0])
             emitted.append(draft[i, :n].tolist() + [int(nxt[0])])
+            if n == k:  # the draft never saw its last proposal
+                self._behind.add(s.id)
             self.proposed += k
             self.accepted += n
         events = []
@@ -166,6 +174,7 @@ class Speculator:
             events += engine._emit([seqs[i] for i in live], target[index, j], tokens)
             for i in live:  # the token before this one is in both caches now (or is the last fed)
                 seqs[i].pos = pos[i] + j + 1
+        self._behind.difference_update(s.id for s in seqs if s.finished)
         return events
 
     @staticmethod
