@@ -1,5 +1,9 @@
 """Speculative decoding (llama.speculative): greedy output token for token the model's own, on one
 process and two; sampling that follows the model's (top-p filtered) distribution; bad input."""
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -223,3 +227,45 @@ def test_two_processes_accept_the_same_tokens_as_one(tmp_path, plain, tiny_ckpt_
     assert two["draft_wk_rows"] == helpers.TINY_PARAMS["n_kv_heads"] * 16  # whole, not split in two
     assert 0 < two["acceptance"] < 1
     assert torch.load(f"{out}.rank1.sampled") == two["sampled"]
+
+
+# ---------------------------------------------------------------- scripts
+
+
+def test_scripts_take_a_draft_and_the_demo_ships_one(tmp_path, tiny_ckpt, byte_tokenizer, draft_ckpt):
+    from llama import demo
+
+    if (demo.DRAFT_DIR / "params.json").is_file():
+        assert demo.resolve_draft(None, None, True) == str(demo.DRAFT_DIR)  # the demo model's own
+        assert (demo.DRAFT_DIR / "consolidated.00.pth").is_file()
+    else:  # a checkout without the draft's weights says what to do
+        with pytest.raises(FileNotFoundError, match="the bundled draft model is missing .*: pass --draft_ckpt_dir"):
+            demo.resolve_draft(None, None, True)
+    assert demo.resolve_draft(None, None, False) is None and demo.resolve_draft("x", "d", False) == "d"
+    with pytest.raises(ValueError, match="--speculate needs --draft_ckpt_dir for your own checkpoint"):
+        demo.resolve_draft(str(tiny_ckpt), None, True)
+    args = ["--ckpt_dir", tiny_ckpt, "--tokenizer_path", byte_tokenizer, "--draft_ckpt_dir", draft_ckpt,
+            "--max_gen_len", 8, "--max_seq_len", 2048, "--device", "cpu", "--temperature", 0]
+    r = helpers.run_torchrun("example_text_completion.py", args, 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("==================================") == 4 and "Speculative decoding: draft" in r.stderr
+    r = subprocess.run([sys.executable, "example_text_completion.py", *map(str, args[:-2]), "--speculate_k", "0"],
+                       cwd=helpers.REPO, env=helpers.child_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: speculate_k 0 is out of range")
+
+
+def test_benchmark_reports_acceptance_and_decode_speed_with_and_without_the_draft(tmp_path, tiny_ckpt, byte_tokenizer, draft_ckpt):
+    out = tmp_path / "spec.json"
+    r = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--ckpt_dir", str(tiny_ckpt), "--tokenizer_path", str(byte_tokenizer),
+         "--draft_ckpt_dir", str(draft_ckpt), "--quick", "--speculate_k", "2,4", "--threads", "1", "--out", str(out)],
+        cwd=helpers.REPO, env=helpers.child_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "acceptance" in r.stdout and "decode tok/s, batch 1" in r.stdout
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {"plain", "k=2", "k=4"} and report["runs"]["plain"]["tokens_per_s"] > 0
+    for name in ("k=2", "k=4"):
+        run = report["runs"][name]
+        assert 0 < run["acceptance"] < 1 and run["tokens_per_s"] > 0 and run["speedup"] > 0
+        assert run["same_tokens"] is True  # greedy: the model's own tokens
