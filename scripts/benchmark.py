@@ -745,9 +745,22 @@ def speculative(
                           "speedup": rate / runs["plain"]["tokens_per_s"]}
         if temperature == 0:
             runs[f"k={k}"]["same_tokens"] = got == want
+
+    def forward_ms(forward: Callable[[torch.Tensor], object], n: int) -> float:
+        """One forward pass of n tokens at position 64 of cache row 0 (past every live position), ms."""
+        tokens = torch.tensor([prompts[0][:n]], device=device)
+        return 1e3 * best_time(lambda: forward(tokens), device, repeats=10)
+
+    # where a step's time goes: k draft steps and one verify pass of k + 1 tokens, against one decode
+    spec.model.setup_cache(1, 256)
+    spec.speculator.fit(1, 256)
+    profile = {"model, 1 token": forward_ms(lambda t: spec.model(t, 64), 1),
+               "draft, 1 token": forward_ms(lambda t: spec.speculator._forward(t, [64]), 1)}
+    for k in ks:
+        profile[f"model, {k + 1} tokens"] = forward_ms(lambda t: spec.model(t, 64), k + 1)
     return {"ckpt_dir": ckpt_dir, "draft_ckpt_dir": draft_ckpt_dir, "temperature": temperature, "new_tokens": n_new,
             "prompts": len(prompts), "device": str(device), "threads": torch.get_num_threads(), "runs": runs,
-            "policy": plain.model.policy.describe() if plain.model.policy else None}
+            "policy": plain.model.policy.describe() if plain.model.policy else None, "profile_ms": profile}
 
 
 def print_speculative(result: dict) -> None:
@@ -757,6 +770,9 @@ def print_speculative(result: dict) -> None:
     print(f"{result['ckpt_dir']} with draft {result['draft_ckpt_dir']}, temperature {result['temperature']}, "
           f"{result['prompts']} prompts x {result['new_tokens']} new tokens, {result['device']}, {result['threads']} threads")
     print_table(rows)
+    print("forward pass, ms: " + ", ".join(f"{name} {ms:.2f}" for name, ms in result["profile_ms"].items()))
+    if result["policy"]:
+        print(f"kernel policy: {result['policy']}")
 
 
 # ---------------------------------------------------------------- the command
