@@ -62,6 +62,9 @@ def main(
     verify: bool = False,
     quantize: Optional[str] = None,
     group_size: int = 32,
+    draft_ckpt_dir: Optional[str] = None,
+    speculate: bool = False,
+    speculate_k: int = 4,
 ):
     """Answer a few example dialogs in the Llama 3 chat format.
 
@@ -81,6 +84,10 @@ def main(
         quantize: int8, int4 (or fp8 on CUDA sm89+) weight-only quantization on load (default: none;
             a checkpoint from scripts/quantize.py loads quantized as stored).
         group_size: int4 group size (32, 64, 128, 256).
+        draft_ckpt_dir: a draft model (same tokenizer) for speculative decoding: it proposes
+            speculate_k tokens per step, the model verifies them in one pass (greedy output unchanged).
+        speculate: decode speculatively; with the demo model and no draft_ckpt_dir, its bundled draft.
+        speculate_k: draft tokens proposed per step, 1 to 16.
     """
     demo = ckpt_dir is None and tokenizer_path is None
     generator = build_generator(
@@ -95,6 +102,9 @@ def main(
         verify=verify,
         quantize=quantize,
         group_size=group_size,
+        speculate=speculate,
+        draft_ckpt_dir=draft_ckpt_dir,
+        speculate_k=speculate_k,
     )
     dialogs = DEMO_DIALOGS if demo else DIALOGS
     results = generator.chat_completion(dialogs, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)

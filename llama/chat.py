@@ -185,6 +185,9 @@ def chat(
     verify: bool = False,
     quantize: Optional[str] = None,
     group_size: int = 32,
+    draft_ckpt_dir: Optional[str] = None,
+    speculate: bool = False,
+    speculate_k: int = 4,
 ):
     """Chat with a Llama 3 instruct checkpoint, or with no arguments the bundled demo model.
 
@@ -209,6 +212,10 @@ def chat(
         quantize: int8, int4 (or fp8 on CUDA sm89+) weight-only quantization on load (default: none;
             a checkpoint from scripts/quantize.py loads quantized as stored).
         group_size: int4 group size (32, 64, 128, 256).
+        draft_ckpt_dir: a draft model (same tokenizer) for speculative decoding: it proposes
+            speculate_k tokens per step, the model verifies them in one pass (greedy output unchanged).
+        speculate: decode speculatively; with the demo model and no draft_ckpt_dir, its bundled draft.
+        speculate_k: draft tokens proposed per step, 1 to 16.
     """
     generator = cli.build_generator(
         ckpt_dir,
@@ -220,6 +227,9 @@ def chat(
         verify=verify,
         quantize=quantize,
         group_size=group_size,
+        speculate=speculate,
+        draft_ckpt_dir=draft_ckpt_dir,
+        speculate_k=speculate_k,
     )
     tty = sys.stdin.isatty()
     if tty:

@@ -1,8 +1,9 @@
 # Process groups: devices per rank, setup, ranks, broadcast. (Dtypes and kernels: llama/kernels.py.)
 import atexit
+import contextlib
 import logging
 import os
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -101,8 +102,40 @@ def broadcast_object(obj=None, src: int = 0, group: Optional[dist.ProcessGroup] 
     return box[0]
 
 
+_SOLO_GROUP: Optional[dist.ProcessGroup] = None  # this process alone, for `replicated`
+
+
+def setup_replicated() -> None:
+    """Create the one-process groups `replicated` needs. Collective: every rank calls it, at the
+    same point (each rank takes part in creating every group); then `replicated` needs no one."""
+    global _SOLO_GROUP
+    if _SOLO_GROUP is None and model_parallel_size() > 1:
+        groups = [dist.new_group([r]) for r in range(dist.get_world_size())]
+        _SOLO_GROUP = groups[dist.get_rank()]
+
+
+@contextlib.contextmanager
+def replicated() -> Iterator[None]:
+    """fairscale's model-parallel group is this process alone inside: parallel layers built inside
+    hold whole weights (a model replicated on every rank), and their forward passes talk to no
+    one. Identity on one model-parallel rank; call `setup_replicated` first on more."""
+    if model_parallel_size() == 1:
+        yield
+        return
+    if _SOLO_GROUP is None:
+        raise RuntimeError("llama.distributed.setup_replicated() was not called on every rank first")
+    saved = fs_init._MODEL_PARALLEL_GROUP  # the layers read it on every call, not once
+    fs_init._MODEL_PARALLEL_GROUP = _SOLO_GROUP
+    try:
+        yield
+    finally:
+        fs_init._MODEL_PARALLEL_GROUP = saved
+
+
 def shutdown() -> None:
     """Tear the process groups down (gloo aborts at interpreter exit otherwise). Safe to call twice."""
+    global _SOLO_GROUP
+    _SOLO_GROUP = None
     if fs_init.model_parallel_is_initialized():
         fs_init.destroy_model_parallel()
     if dist.is_initialized():

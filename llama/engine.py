@@ -3,13 +3,16 @@ import codecs
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from llama import kv_cache
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from llama.speculative import Speculator
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +97,18 @@ class Engine:
     every rank runs one, fed the same `Plan`s.
     """
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, decode: Optional[DecodeFn] = None, static_shapes: bool = False):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        decode: Optional[DecodeFn] = None,
+        static_shapes: bool = False,
+        speculator: Optional["Speculator"] = None,
+    ):
         """decode: the decode step (default: the model's eager forward). static_shapes: decode all
-        cache rows every step with per-row positions (one shape for a compiled decode step)."""
+        cache rows every step with per-row positions (one shape for a compiled decode step).
+        speculator: a draft model that proposes tokens for the model to verify (llama.speculative);
+        its KV cache rows are prefilled, moved and rolled back with the model's."""
         shape = kv_cache.shape(model)
         if shape is None:
             raise ValueError("the model has no KV cache: allocate one with llama.kv_cache.allocate first")
@@ -104,6 +116,9 @@ class Engine:
         self.rows, self.seq_len = shape
         self.decode = decode or (lambda tokens, start_pos, kv_len: model(tokens, start_pos, kv_len=kv_len)[:, -1])
         self.static_shapes = static_shapes
+        self.speculator = speculator
+        if speculator:
+            speculator.fit(self.rows, self.seq_len)
         self.device = model.tok_embeddings.weight.device
         self.waiting: deque = deque()
         self.running: List[_Sequence] = []  # running[i].row == i
@@ -164,7 +179,7 @@ class Engine:
     def step(self) -> List[Event]:
         events: List[Event] = []
         if self.running:
-            events += self._decode_running()
+            events += self.speculator.step(self) if self.speculator else self._decode_running()
             self._retire()
         events += self._admit()
         self._retire()
@@ -176,12 +191,10 @@ class Engine:
         tokens = [s.tokens[-1] for s in seqs] + [0] * (n - len(seqs))  # free rows ride along at 0
         positions = [s.pos for s in seqs] + [0] * (n - len(seqs))
         tokens_t = torch.tensor(tokens, device=self.device)[:, None]  # (n, 1)
-        if not self.static_shapes and min(positions) == max(positions):
-            start_pos, kv_len = positions[0], None  # one position: the cheaper int path
+        if self.static_shapes:  # every row at its own position, over the whole cache
+            start_pos, kv_len = torch.tensor(positions, device=self.device), None
         else:
-            start_pos, kv_len = torch.tensor(positions, device=self.device), max(positions) + 1
-            if self.static_shapes:
-                kv_len = None
+            start_pos, kv_len = step_positions(positions, 1, self.device)
         logits = self.decode(tokens_t, start_pos, kv_len)[: len(seqs)]  # (n_running, vocab)
         for s in seqs:
             s.pos += 1
@@ -214,6 +227,8 @@ class Engine:
         for s in batch:
             if s.request.prompt_logprobs:
                 logits[s.id], first[s.id] = self._prefill_with_logprobs(s)
+        if self.speculator:  # the draft's cache rows hold the same prompts
+            self.speculator.prefill(self, plain, [s for s in batch if s.request.prompt_logprobs])
         ready = [s for s in batch if s.limit > 0]
         for s in batch:
             if s.limit == 0:  # asked only for its prompt's log-probs
@@ -227,14 +242,16 @@ class Engine:
             events += new
         return events
 
-    def _prefill(self, seqs: List[_Sequence]) -> torch.Tensor:
-        """Fill the KV cache rows of `seqs` (consecutive rows, longest prompt first) with their
-        prompts; return each one's last-position logits (len(seqs), vocab).
+    def _prefill(self, seqs: List[_Sequence], model: Optional[Transformer] = None) -> torch.Tensor:
+        """Fill the KV cache rows of `seqs` (consecutive rows, longest prompt first) of `model`
+        (default: the engine's) with their prompts; return each one's last-position logits
+        (len(seqs), vocab).
 
         The prompts run in stages: each stage takes the positions up to the next prompt end, for the
         prompts that reach it (the first k), so no padding is computed; the original fed every
         prompt past the shortest one token per step.
         """
+        model = model or self.model
         row0, lens = seqs[0].row, [len(s.request.prompt) for s in seqs]
         tokens = torch.zeros(len(seqs), lens[0], dtype=torch.long)
         for i, s in enumerate(seqs):
@@ -244,7 +261,7 @@ class Engine:
         for end in sorted(set(lens)):
             k = sum(n >= end for n in lens)
             last = torch.full((k,), end - start - 1, device=self.device)
-            logits = self.model(tokens[:k, start:end], start, output_index=last, row0=row0)[:, 0]  # (k, vocab)
+            logits = model(tokens[:k, start:end], start, output_index=last, row0=row0)[:, 0]  # (k, vocab)
             ends.append(logits[k - lens.count(end) : k])  # the prompts that end here
             start = end
         return torch.cat(ends[::-1])  # longest first, as `seqs`
@@ -269,6 +286,11 @@ class Engine:
         for i, s in enumerate(seqs):
             if s.request.temperature > 0:
                 tokens[i] = _draw(logits[i : i + 1], s.request.temperature, s.request.top_p, s.generator)[0]
+        return self._emit(seqs, logits, tokens)
+
+    def _emit(self, seqs: List[_Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> List[Event]:
+        """Append each sequence's chosen token (len(seqs),), with its log-probs from the logits it
+        was chosen from (len(seqs), vocab) where asked; then the stop rule."""
         want_lp = [i for i, s in enumerate(seqs) if s.request.logprobs or s.request.top_logprobs]
         lps: Dict[int, float] = {}
         tops: Dict[int, list] = {}
@@ -316,7 +338,9 @@ class Engine:
         n = len(keep)
         holes = sorted(s.row for s in done if s.row < n)
         movers = sorted((s for s in keep if s.row >= n), key=lambda s: s.row)
-        kv_cache.move_rows(self.model, holes, [s.row for s in movers])
+        for model in (self.model, self.speculator and self.speculator.draft):
+            if model is not None:
+                kv_cache.move_rows(model, holes, [s.row for s in movers])
         for hole, s in zip(holes, movers):
             s.row = hole
         self.running = sorted(keep, key=lambda s: s.row)
@@ -324,6 +348,15 @@ class Engine:
             s.row = -1
             if s.finish_reason != "cancelled":
                 self.results[s.id] = s
+
+
+def step_positions(positions: List[int], seqlen: int, device: torch.device) -> Tuple[Union[int, torch.Tensor], Optional[int]]:
+    """`start_pos` and `kv_len` for a forward pass of `seqlen` tokens per row from these positions:
+    an int when every row is at one position (the cheaper path), else each row's start, attending
+    to the slots up to the furthest row's last new token (the mask hides the rest of each row)."""
+    if min(positions) == max(positions):
+        return positions[0], None
+    return torch.tensor(positions, device=device), max(positions) + seqlen
 
 
 def _top(lsm: torch.Tensor, k: int) -> List[List[Tuple[int, float]]]:
@@ -347,14 +380,27 @@ def _held_back(tail: str, stops: Sequence[str]) -> int:
     return 0
 
 
-def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Nucleus sampling: keep the smallest prefix of the sorted distribution whose mass reaches `p`
-    (the top token always), renormalise, draw one token per row. Returns (bsz, 1) token ids."""
+def _top_p_sorted(probs: torch.Tensor, p: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The nucleus of each row of `probs` (..., vocab): the smallest prefix of the sorted
+    distribution whose mass reaches `p` (the top token always), renormalised; (probs, ids) sorted."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     mask = probs_sum - probs_sort > p
     probs_sort[mask] = 0.0
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    return probs_sort, probs_idx
+
+
+def top_p_probs(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """The distribution nucleus sampling draws from, in vocabulary order (..., vocab)."""
+    probs_sort, probs_idx = _top_p_sorted(probs, p)
+    return torch.zeros_like(probs_sort).scatter_(-1, probs_idx, probs_sort)
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Nucleus sampling: keep the smallest prefix of the sorted distribution whose mass reaches `p`
+    (the top token always), renormalise, draw one token per row. Returns (bsz, 1) token ids."""
+    probs_sort, probs_idx = _top_p_sorted(probs, p)
     next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
     return torch.gather(probs_idx, -1, next_token)
 
@@ -380,6 +426,11 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: O
     """(bsz, vocab) logits -> (bsz,) tokens: greedy at temperature 0, else nucleus sampling."""
     check_finite(logits)
     return _draw(logits, temperature, top_p, generator)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution (..., vocab) that sampling at `temperature` > 0 with nucleus `top_p` draws from."""
+    return top_p_probs(torch.softmax(logits / temperature, dim=-1), top_p)
 
 
 def _draw(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:

@@ -2,11 +2,12 @@
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, List, Optional, TypedDict, Union
 
 import torch
 
-from llama import checkpoint, distributed, kernels, kv_cache, validation
+from llama import checkpoint, distributed, kernels, kv_cache, speculative, validation
 from llama.engine import Engine, NonFiniteLogitsError, Request, _sample, sample_top_p  # noqa: F401 (re-exported)
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
@@ -54,6 +55,8 @@ class Llama:
         quantize: Optional[str] = None,
         group_size: int = 32,
         quantize_output: bool = True,
+        draft_ckpt_dir: Optional[str] = None,
+        speculate_k: int = speculative.DEFAULT_K,
     ) -> "Llama":
         """Load a Meta-format checkpoint and its tokenizer.
 
@@ -86,10 +89,17 @@ class Llama:
                 embedding (one matrix in a tied model); False keeps both in full precision.
                 With dtype=None the quantized products run in the dtype measured fastest for each
                 kind of step (llama.kernels.quantized_kernel); a dtype given runs them in that dtype.
+            draft_ckpt_dir: a small draft model (Meta format, the same vocabulary and tokenizer) for
+                speculative decoding (llama.speculative): it proposes `speculate_k` tokens per step and
+                the model verifies them in one pass; greedy output stays the model's own, sampling
+                keeps its distribution. Loaded whole on every rank, in the same dtype policy, never quantized.
+            speculate_k: draft tokens proposed per step, 1 to 16.
 
         Works under torchrun (one process per model-parallel rank) and as a plain `python` call.
         """
         start = time.perf_counter()
+        if draft_ckpt_dir is not None:  # before minutes of loading
+            speculative.check_k(speculate_k)
         device = distributed.resolve_device(device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -114,6 +124,9 @@ class Llama:
 
         quant = resolve_quantization(quantize, group_size, quantize_output)
         policy = kernels.policy_for(device, forced_dtype)  # the same on every rank (rank 0's)
+        speculator = None
+        if draft_ckpt_dir is not None:
+            speculator = _load_draft(draft_ckpt_dir, speculate_k, args, tokenizer_path, device, policy, forced_dtype)
         if quant is not None:  # quantized products pick their own kernel and compute dtype (llama.quantize)
             policy = kernels.uniform(policy.weights, reason=f"{quant.mode} weights: kernels.quantized_kernel picks theirs")
         dtype = policy.weights
@@ -127,11 +140,14 @@ class Llama:
                 "Loaded in %.2f seconds: running on %s in %s; tokenizer %s (%d tokens)",
                 time.perf_counter() - start, device, str(dtype).removeprefix("torch."), tokenizer_path, tokenizer.n_words,
             )
-        return Llama(model, tokenizer, compile=compile)
+        return Llama(model, tokenizer, compile=compile, speculator=speculator)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False):
+    def __init__(
+        self, model: Transformer, tokenizer: Tokenizer, compile: bool = False, speculator: Optional[speculative.Speculator] = None
+    ):
         self.model = model
         self.tokenizer = tokenizer
+        self.speculator = speculator  # the draft model, when decoding speculatively
         self.formatter = ChatFormat(tokenizer)
         self._compiled_decode = _compile_decode(model) if compile else None
 
@@ -191,7 +207,7 @@ class Llama:
             self.model.setup_cache(rows, cache_len)
         if compiled:
             _mark_static(self.model)
-        return Engine(self.model, self.tokenizer, self._decode, static_shapes=compiled)
+        return Engine(self.model, self.tokenizer, self._decode, static_shapes=compiled, speculator=self.speculator)
 
     def _decode(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], kv_len: Optional[int] = None) -> torch.Tensor:
         """Logits (bsz, vocab) of one new token per row: the compiled step when there is one."""
@@ -385,6 +401,42 @@ def _mark_static(model: Transformer) -> None:
     for cache in kv_cache.caches(model):
         torch._dynamo.mark_static_address(cache.k)
         torch._dynamo.mark_static_address(cache.v)
+
+
+def _load_draft(
+    draft_dir: str,
+    k: int,
+    target: ModelArgs,
+    tokenizer_path: str,
+    device: torch.device,
+    policy: kernels.Policy,
+    compute_dtype: Optional[torch.dtype],
+) -> speculative.Speculator:
+    """The draft model of speculative decoding, checked against the model, loaded whole on every
+    rank (fairscale's layers on a group of one: llama.distributed.replicated): its weights are few,
+    and a replicated draft needs no communication for its k steps."""
+    params = checkpoint.read_params(draft_dir)
+    if params.get("vocab_size") != target.vocab_size:
+        raise ValueError(
+            f"the draft {draft_dir} has vocab_size {params.get('vocab_size')} but the model has {target.vocab_size}: "
+            "pass a draft trained with the model's tokenizer (--draft_ckpt_dir)"
+        )
+    own = Path(draft_dir) / "tokenizer.model"
+    if own.is_file() and own.read_bytes() != Path(tokenizer_path).read_bytes():
+        raise ValueError(
+            f"the draft's tokenizer {own} differs from the model's {tokenizer_path}: "
+            "pass a draft trained with the model's tokenizer (--draft_ckpt_dir)"
+        )
+    args = ModelArgs(**{**params, "max_seq_len": target.max_seq_len, "max_batch_size": target.max_batch_size})
+    if args.use_scaled_rope:
+        args.rope_scale_factor = _rope_scale_factor(params, None)
+    distributed.setup_replicated()
+    with distributed.replicated():
+        draft = checkpoint.load_model(draft_dir, args, 0, 1, device, policy.weights, compute_dtype=compute_dtype)
+    draft.policy = policy
+    if distributed.is_rank0():
+        logger.info("Speculative decoding: draft %s proposes %d tokens per step", draft_dir, k)
+    return speculative.Speculator(draft, k, distributed.replicated)
 
 
 def _rope_scale_factor(params: dict, override: Optional[float]) -> float:

@@ -715,6 +715,9 @@ def serve(
     quantize: Optional[str] = None,
     group_size: int = 32,
     model_name: Optional[str] = None,
+    draft_ckpt_dir: Optional[str] = None,
+    speculate: bool = False,
+    speculate_k: int = 4,
 ) -> None:
     """Serve a Llama 3 model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models).
 
@@ -730,6 +733,8 @@ def serve(
         quantize, group_size: int8 or int4 (fp8 on CUDA sm89+) weight-only quantization on load, as
             Llama.build (default: none; a checkpoint from scripts/quantize.py loads as stored).
         model_name: the model's id in the API (default: the checkpoint directory's name).
+        draft_ckpt_dir, speculate, speculate_k: speculative decoding with a draft model, as the
+            example scripts (the README, "Speculative decoding").
 
     Under torchrun, every rank loads its part; rank 0 serves HTTP and leads the steps.
     """
@@ -744,7 +749,8 @@ def serve(
         raise ValueError(f"--port must be a port number (1-65535), got {port!r}")
     api_key = api_key or os.environ.get("LLAMA_API_KEY") or None
     llama = build_generator(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                            device=device, dtype=dtype, compile=compile, quantize=quantize, group_size=group_size)
+                            device=device, dtype=dtype, compile=compile, quantize=quantize, group_size=group_size,
+                            speculate=speculate, draft_ckpt_dir=draft_ckpt_dir, speculate_k=speculate_k)
     engine = llama.engine(max_batch_size, max_seq_len)
     loop = EngineLoop(engine, max_queue)
     if not distributed.is_rank0():

@@ -5,6 +5,7 @@
     python scripts/benchmark.py --shape small --quick             # seconds, for a smoke test
     python scripts/benchmark.py --n_layers 4 --out bench.json     # 1B width, 4 layers
     python scripts/benchmark.py --device cuda --shape llama3-8b --compile
+    python scripts/benchmark.py --speculate                       # the demo model with its draft
 
 A model of a published shape (llama.registry) gets random weights, saved once as a Meta checkpoint
 and once as a Hugging Face directory (converted with llama/hf.py). Each implementation then runs in
@@ -22,6 +23,11 @@ end-to-end tokens/s of a batch of 8 prompts of mixed lengths, and for ours also 
 one-token-per-step prompt feeding; load time and peak memory. The machine's memory-bandwidth
 ceiling is measured in the same run, and each decode figure is given as a share of what that
 bandwidth allows for the bytes one step reads (weights once, plus each row's KV cache).
+
+Speculative decoding (--speculate, or --draft_ckpt_dir) is measured apart, on a trained model and
+its draft (default: the bundled demo model and its draft; random weights would accept nothing):
+batch-1 decode tokens/s without the draft and with it at each --speculate_k, the draft's
+acceptance rate, and whether greedy output is the model's own.
 """
 import contextlib
 import json
@@ -685,6 +691,90 @@ def print_table(rows: list) -> None:
             print("-+-".join("-" * w for w in widths))
 
 
+# ---------------------------------------------------------------- speculative decoding
+
+# what the demo model knows (Python's documentation), to continue
+SPECULATE_PROMPTS = (
+    "The list data type has some more methods. Here are all of the methods of list objects:",
+    "A dictionary is",
+    "The for statement in Python",
+    "To open a file for reading,",
+)
+
+
+def speculative(
+    ckpt_dir: Optional[str], tokenizer_path: Optional[str], draft_ckpt_dir: Optional[str], ks: list, quick: bool,
+    device: torch.device, dtype: Optional[str], temperature: float, n_new: Optional[int],
+) -> dict:
+    """Batch-1 decode of each prompt without the draft, then with it at each k: tokens/s after the
+    first token (so prefill is left out), the acceptance rate, and (greedy) the tokens compared."""
+    from llama import Llama, speculative as spec_module
+    from llama.demo import resolve_draft, resolve_paths
+
+    for k in ks:
+        spec_module.check_k(k)
+    build = dict(max_seq_len=256, max_batch_size=1, device=device, dtype=dtype)
+    draft_ckpt_dir = resolve_draft(ckpt_dir, draft_ckpt_dir, True)
+    ckpt_dir, tokenizer_path = resolve_paths(ckpt_dir, tokenizer_path)
+    plain = Llama.build(ckpt_dir, tokenizer_path, **build)
+    spec = Llama.build(ckpt_dir, tokenizer_path, draft_ckpt_dir=draft_ckpt_dir, speculate_k=ks[0], **build)
+    n_new = n_new or (16 if quick else 96)
+    prompts = [plain.tokenizer.encode(p, bos=True, eos=False) for p in SPECULATE_PROMPTS[: 2 if quick else None]]
+
+    def decode(llama) -> tuple[float, list]:
+        """Decode tokens/s over all prompts (after each one's first token), and the tokens."""
+        seconds, n, out = 0.0, 0, []
+        for i, prompt in enumerate(prompts):
+            times, tokens = [], []
+            for step in llama.stream([prompt], n_new, temperature=temperature, seed=i):
+                times.append(time.perf_counter())
+                tokens += [t.token for t in step]
+            seconds += times[-1] - times[0]
+            n += len(tokens) - 1  # the first token comes with the prefill
+            out.append(tokens)
+        return n / seconds, out
+
+    decode(plain)  # warm-up: first-call set-up of kernels (the draft's too)
+    decode(spec)
+    rate, want = decode(plain)
+    runs = {"plain": {"tokens_per_s": rate}}
+    for k in ks:  # one draft, loaded once: only k changes
+        spec.speculator.k, spec.speculator.proposed, spec.speculator.accepted = k, 0, 0
+        rate, got = decode(spec)
+        runs[f"k={k}"] = {"k": k, "tokens_per_s": rate, "acceptance": spec.speculator.acceptance_rate,
+                          "speedup": rate / runs["plain"]["tokens_per_s"]}
+        if temperature == 0:
+            runs[f"k={k}"]["same_tokens"] = got == want
+
+    def forward_ms(forward: Callable[[torch.Tensor], object], n: int) -> float:
+        """One forward pass of n tokens at position 64 of cache row 0 (past every live position), ms."""
+        tokens = torch.tensor([prompts[0][:n]], device=device)
+        return 1e3 * best_time(lambda: forward(tokens), device, repeats=10)
+
+    # where a step's time goes: k draft steps and one verify pass of k + 1 tokens, against one decode
+    spec.model.setup_cache(1, 256)
+    spec.speculator.fit(1, 256)
+    profile = {"model, 1 token": forward_ms(lambda t: spec.model(t, 64), 1),
+               "draft, 1 token": forward_ms(lambda t: spec.speculator._forward(t, [64]), 1)}
+    for k in ks:
+        profile[f"model, {k + 1} tokens"] = forward_ms(lambda t: spec.model(t, 64), k + 1)
+    return {"ckpt_dir": ckpt_dir, "draft_ckpt_dir": draft_ckpt_dir, "temperature": temperature, "new_tokens": n_new,
+            "prompts": len(prompts), "device": str(device), "threads": torch.get_num_threads(), "runs": runs,
+            "policy": plain.model.policy.describe() if plain.model.policy else None, "profile_ms": profile}
+
+
+def print_speculative(result: dict) -> None:
+    rows = [{"metric": name, "k": r.get("k"), "acceptance": r.get("acceptance"),
+             "decode tok/s, batch 1": r["tokens_per_s"], "speed-up": r.get("speedup"),
+             "same tokens": r.get("same_tokens")} for name, r in result["runs"].items()]
+    print(f"{result['ckpt_dir']} with draft {result['draft_ckpt_dir']}, temperature {result['temperature']}, "
+          f"{result['prompts']} prompts x {result['new_tokens']} new tokens, {result['device']}, {result['threads']} threads")
+    print_table(rows)
+    print("forward pass, ms: " + ", ".join(f"{name} {ms:.2f}" for name, ms in result["profile_ms"].items()))
+    if result["policy"]:
+        print(f"kernel policy: {result['policy']}")
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -703,6 +793,13 @@ def main(
     threads: Optional[int] = None,
     out: Optional[str] = None,
     seed: int = 0,
+    speculate: bool = False,
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    draft_ckpt_dir: Optional[str] = None,
+    speculate_k: Union[int, str, tuple] = "2,3,4,6",
+    temperature: float = 0.0,
+    new_tokens: Optional[int] = None,
 ) -> dict:
     """Benchmark our Llama 3 against transformers on random weights of a published shape.
 
@@ -726,7 +823,27 @@ def main(
         threads: CPU threads for every implementation (default: torch's default).
         out: write all results as JSON here (also after each implementation, marked incomplete).
         seed: seed of the random weights and prompts.
+        speculate: measure speculative decoding instead (see the top): the model of ckpt_dir and
+            tokenizer_path (default: the bundled demo model) with draft_ckpt_dir (default: the demo's draft).
+        ckpt_dir, tokenizer_path: with --speculate, a trained Meta checkpoint and its tokenizer.
+        draft_ckpt_dir: its draft model; implies --speculate.
+        speculate_k: with --speculate, the draft tokens per step to try, comma-separated.
+        temperature: with --speculate, 0 (greedy) or sampling at this temperature (top_p 0.9).
+        new_tokens: with --speculate, tokens generated per prompt (default 96; 16 with --quick).
     """
+    if speculate or draft_ckpt_dir is not None:
+        ks = [int(k) for k in (speculate_k.split(",") if isinstance(speculate_k, str) else
+                               speculate_k if isinstance(speculate_k, (tuple, list)) else [speculate_k])]
+        if threads:
+            torch.set_num_threads(int(threads))
+        distributed.setup(distributed.resolve_device(device))
+        result = speculative(ckpt_dir, tokenizer_path, draft_ckpt_dir, ks, quick, distributed.resolve_device(device),
+                             dtype, float(temperature), new_tokens)
+        print_speculative(result)
+        if out:
+            Path(out).write_text(json.dumps(result, indent=2))
+            print(f"wrote {out}")
+        return result
     dev = distributed.resolve_device(device)
     dt = kernels.resolve_dtype(dtype, dev)
     params = registry.get(shape)

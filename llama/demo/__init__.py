@@ -7,6 +7,7 @@ logger = logging.getLogger(__name__)
 
 DEMO_DIR = Path(__file__).resolve().parent
 TOKENIZER_PATH = DEMO_DIR / "tokenizer.model"
+DRAFT_DIR = DEMO_DIR / "draft"  # its draft model for speculative decoding (the demo's tokenizer)
 
 
 def resolve_paths(ckpt_dir: Optional[str], tokenizer_path: Optional[str]) -> tuple[str, str]:
@@ -23,3 +24,16 @@ def resolve_paths(ckpt_dir: Optional[str], tokenizer_path: Optional[str]) -> tup
     if tokenizer_path is None:
         tokenizer_path = str(Path(ckpt_dir) / "tokenizer.model")
     return ckpt_dir, tokenizer_path
+
+
+def resolve_draft(ckpt_dir: Optional[str], draft_ckpt_dir: Optional[str], speculate: bool) -> Optional[str]:
+    """The draft model to decode speculatively with: the user's, the demo's own with --speculate
+    when the demo model is used, or None (no speculation)."""
+    if draft_ckpt_dir is not None or not speculate:
+        return draft_ckpt_dir
+    if ckpt_dir is not None:
+        raise ValueError("--speculate needs --draft_ckpt_dir for your own checkpoint (only the demo model ships a draft)")
+    if not (DRAFT_DIR / "params.json").is_file():
+        raise FileNotFoundError(f"the bundled draft model is missing from {DRAFT_DIR}: pass --draft_ckpt_dir")
+    logger.info("--speculate with the demo model: its draft in %s", DRAFT_DIR)
+    return str(DRAFT_DIR)

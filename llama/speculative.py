@@ -1,0 +1,192 @@
+# Speculative decoding beside the engine: a draft model proposes, the model verifies in one pass.
+"""Speculative decoding beside the engine (llama.engine).
+
+Each step, for every running sequence, the draft model proposes k tokens one at a time; the model
+then scores the sequence's last token and all k proposals in one forward pass of k + 1 positions.
+A sequence keeps the longest accepted prefix of the proposals plus one token of the model's own
+(the correction at the first rejection, or a bonus token when all k are accepted):
+
+- greedy (temperature 0): a proposal is accepted when it is the model's argmax, so the output is
+  token for token what the model gives alone;
+- sampling: rejection sampling (`accept_reject`) that keeps the model's distribution exactly.
+
+Both models' KV caches are indexed by position, so rejected positions need no undoing: the
+sequence's position moves back, the attention masks hide every slot past it, and the next step
+overwrites them. The engine's stop rule (`Engine._emit`) sees the emitted tokens one by one.
+"""
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
+
+import torch
+
+from llama import kv_cache
+from llama.engine import Event, check_finite, sampling_probs, step_positions
+from llama.model import Transformer
+
+if TYPE_CHECKING:
+    from llama.engine import Engine, _Sequence
+
+logger = logging.getLogger(__name__)
+
+MAX_K = 16
+DEFAULT_K = 4
+
+
+def check_k(k: int) -> None:
+    """Raise a one-line ValueError unless `k` (tokens proposed per step) is an int in 1..MAX_K."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise ValueError(
+            f"speculate_k {k!r} is out of range: pass an integer from 1 to {MAX_K} "
+            f"(the number of draft tokens proposed per step; {DEFAULT_K} is a good start)"
+        )
+
+
+def accept_reject(
+    p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, generator: Optional[torch.Generator] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Speculative rejection sampling on probability tensors (Leviathan et al.; Chen et al., 2023).
+
+    p: (bsz, k+1, vocab), the model's distributions at each proposal and one past the last;
+    q: (bsz, k, vocab), the draft's distributions the proposals were drawn from; draft: (bsz, k).
+    Proposal j is accepted with probability min(1, p_j(d_j) / q_j(d_j)); the first rejected one is
+    replaced by a draw from max(0, p_j - q_j) renormalised, and when all k are accepted one more
+    token is drawn from p_k. Every emitted token then follows p exactly, whatever q is.
+
+    Returns (n_accepted (bsz,), next_token (bsz,)): each row emits draft[:n] and then next_token.
+    """
+    bsz, k = draft.shape
+    rows = torch.arange(bsz, device=p.device)
+    p_d = p[:, :k].gather(-1, draft[..., None])[..., 0]  # (bsz, k)
+    q_d = q.gather(-1, draft[..., None])[..., 0]
+    u = torch.rand(bsz, k, generator=generator, device=p.device)
+    accepted = u * q_d < p_d  # u < p/q without dividing (q_d > 0: d was drawn from q)
+    n = torch.cumprod(accepted.long(), dim=1).sum(dim=1)  # (bsz,) leading acceptances
+    # what the next token is drawn from: the residual at the first rejection, else p_k
+    residual = torch.cat([(p[:, :k] - q).clamp(min=0), p[:, k:]], dim=1)[rows, n]  # (bsz, vocab)
+    mass = residual.sum(dim=-1, keepdim=True)
+    # p_j == q_j leaves no residual, but then nothing is rejected: only rounding gets here
+    residual = torch.where(mass > 0, residual, p[rows, n])
+    next_token = torch.multinomial(residual / residual.sum(dim=-1, keepdim=True), 1, generator=generator)[:, 0]
+    return n, next_token
+
+
+def accept_greedy(logits: torch.Tensor, draft: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The greedy case of `accept_reject`: logits (bsz, k+1, vocab) of the model, draft (bsz, k).
+    A proposal is accepted while it is the model's argmax; the next token is the model's argmax
+    after the accepted prefix. Returns (n_accepted (bsz,), next_token (bsz,))."""
+    best = logits.argmax(dim=-1)  # (bsz, k+1)
+    n = torch.cumprod((draft == best[:, : draft.shape[1]]).long(), dim=1).sum(dim=1)
+    return n, best[torch.arange(len(n), device=n.device), n]
+
+
+class Speculator:
+    """A draft model that proposes `k` tokens per step for the engine's model to verify.
+
+    The draft has a KV cache of the engine's shape, rows in step with the model's: the engine
+    prefills, moves and retires both. After a step whose k proposals were all accepted the draft
+    lags one position behind (it never saw the last proposal); the next step then feeds it the
+    sequence's last two tokens instead of one.
+    `context` wraps every draft forward pass (llama.distributed.replicated for a draft held whole
+    on every rank under torchrun).
+    """
+
+    def __init__(self, draft: Transformer, k: int = DEFAULT_K, context: Callable = contextlib.nullcontext):
+        check_k(k)
+        self.draft, self.k, self.context = draft, k, context
+        self.proposed = 0  # draft tokens proposed, and of them accepted, since the start
+        self.accepted = 0
+        self._behind: set = set()  # ids of the sequences whose draft cache lags one position
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted proposals over proposed, since the start (0 before any proposal)."""
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    def fit(self, rows: int, seq_len: int) -> None:
+        """Give the draft a KV cache of the engine's shape (kept when it already has it)."""
+        if kv_cache.shape(self.draft) != (rows, seq_len):
+            kv_cache.allocate(self.draft, rows, seq_len)
+
+    def _forward(self, tokens: torch.Tensor, positions: List[int]) -> torch.Tensor:
+        """The draft's logits (bsz, vocab) at the last of `tokens` (bsz, n), placed at `positions`."""
+        start_pos, kv_len = step_positions(positions, tokens.shape[1], tokens.device)
+        last = torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device)
+        with self.context():
+            return self.draft(tokens, start_pos, output_index=last, kv_len=kv_len)[:, 0]
+
+    def prefill(self, engine: "Engine", staged: List["_Sequence"], single: List["_Sequence"]) -> None:
+        """Fill the draft's rows of newly admitted sequences with their prompts, as the engine did
+        the model's: `staged` in one staged prefill (consecutive rows, longest first), `single` one by one."""
+        with self.context():
+            for group in ([staged] if staged else []) + [[s] for s in single]:
+                engine._prefill(group, self.draft)
+
+    def step(self, engine: "Engine") -> List[Event]:
+        """One decode step of every running sequence: propose, verify, accept; the events of every
+        emitted token, in order, up to each sequence's end."""
+        seqs, device = engine.running, engine.device
+        pos = [s.pos for s in seqs]  # where each row's last token goes: both caches hold what is before
+        last = [s.tokens[-1] for s in seqs]
+        # propose no more than the longest budget uses, and stay inside the KV cache
+        k = min(self.k, max(s.limit - len(s.tokens) for s in seqs) - 1, engine.seq_len - 1 - max(pos))
+        if any(s.id in self._behind for s in seqs):  # all rows rewrite the token before the last too
+            prev = [s.tokens[-2] if len(s.tokens) > 1 else s.request.prompt[-1] for s in seqs]
+            logits = self._forward(torch.tensor([prev, last], device=device).T, [p - 1 for p in pos])
+        else:
+            logits = self._forward(torch.tensor(last, device=device)[:, None], pos)
+        self._behind.difference_update(s.id for s in seqs)
+        if k <= 0:  # room for one token only: a plain step (the draft's cache kept in step above)
+            return engine._decode_running()
+        proposals, qs = [], []
+        for j in range(k):
+            if j:
+                logits = self._forward(proposals[-1][:, None], [p + j for p in pos])
+            token, q = self._propose(seqs, logits)
+            proposals.append(token)
+            qs.append(q)
+        draft = torch.stack(proposals, dim=1)  # (n, k)
+        verify = torch.cat([torch.tensor(last, device=device)[:, None], draft], dim=1)  # (n, k+1)
+        start_pos, kv_len = step_positions(pos, k + 1, device)
+        target = engine.model(verify, start_pos, kv_len=kv_len)  # (n, k+1, vocab)
+        check_finite(target.flatten(0, 1))
+        emitted = []
+        for i, s in enumerate(seqs):
+            if s.request.temperature > 0:
+                p = sampling_probs(target[i], s.request.temperature, s.request.top_p)
+                q = torch.stack([qj[i] for qj in qs])
+                n, nxt = accept_reject(p[None], q[None], draft[i : i + 1], s.generator)
+            else:
+                n, nxt = accept_greedy(target[i : i + 1], draft[i : i + 1])
+            n = int(n[0])
+            emitted.append(draft[i, :n].tolist() + [int(nxt[0])])
+            if n == k:  # the draft never saw its last proposal
+                self._behind.add(s.id)
+            self.proposed += k
+            self.accepted += n
+        events = []
+        for j in range(k + 1):  # the engine's stop rule sees each row's tokens in order
+            live = [i for i, s in enumerate(seqs) if not s.finished and j < len(emitted[i])]
+            if not live:
+                break
+            index = torch.tensor(live, device=device)
+            tokens = torch.tensor([emitted[i][j] for i in live], device=device)
+            events += engine._emit([seqs[i] for i in live], target[index, j], tokens)
+            for i in live:  # the token before this one is in both caches now (or is the last fed)
+                seqs[i].pos = pos[i] + j + 1
+        self._behind.difference_update(s.id for s in seqs if s.finished)
+        return events
+
+    @staticmethod
+    def _propose(seqs: List["_Sequence"], logits: torch.Tensor) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
+        """Each row's draft token from the draft's logits (n, vocab): its argmax for greedy rows,
+        else a draw from the row's sampling distribution q (returned, None for greedy rows)."""
+        tokens = logits.argmax(dim=-1)
+        qs: List[Optional[torch.Tensor]] = []
+        for i, s in enumerate(seqs):
+            q = None
+            if s.request.temperature > 0:
+                q = sampling_probs(logits[i], s.request.temperature, s.request.top_p)
+                tokens[i] = torch.multinomial(q, 1, generator=s.generator)[0]
+            qs.append(q)
+        return tokens, qs

@@ -1,0 +1,271 @@
+"""Speculative decoding (llama.speculative): greedy output token for token the model's own, on one
+process and two; sampling that follows the model's (top-p filtered) distribution; bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import helpers
+from llama import Llama, speculative
+from llama.checkpoint import save_checkpoint
+from llama.engine import Request, sampling_probs
+
+MAX_SEQ_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def draft_ckpt(tmp_path_factory):
+    """The tiny model's weights with noise: a draft whose proposals are accepted about a third of
+    the time, so that every step mixes acceptances and rejections."""
+    sd = helpers.random_state_dict(helpers.TINY_PARAMS, seed=0)  # tiny_ckpt's weights
+    g = torch.Generator().manual_seed(5)
+    noisy = {k: v + 0.1 * v.std() * torch.randn(v.shape, generator=g) for k, v in sd.items()}
+    out = tmp_path_factory.mktemp("draft")
+    save_checkpoint(noisy, helpers.TINY_PARAMS, out)
+    return out
+
+
+def build(ckpt, tokenizer, draft=None, k=4) -> Llama:
+    kwargs = {} if draft is None else {"draft_ckpt_dir": str(draft), "speculate_k": k}
+    return Llama.build(str(ckpt), str(tokenizer), max_seq_len=MAX_SEQ_LEN, max_batch_size=4, device="cpu", dtype="float32", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_ckpt, byte_tokenizer) -> Llama:
+    return build(tiny_ckpt, byte_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_ckpt, byte_tokenizer, draft_ckpt) -> Llama:
+    return build(tiny_ckpt, byte_tokenizer, draft_ckpt)
+
+
+def encode(llama: Llama, texts):
+    return [llama.tokenizer.encode(t, bos=True, eos=False) for t in texts]
+
+
+MIXED = ["Hi", "A somewhat longer prompt here", "Medium prompt", "x" * 40]
+
+
+@pytest.mark.parametrize("k", [1, 6])
+def test_greedy_equals_plain_greedy_for_a_batch_of_mixed_lengths(plain, tiny_ckpt, byte_tokenizer, draft_ckpt, k):
+    spec = build(tiny_ckpt, byte_tokenizer, draft_ckpt, k)
+    prompts = encode(plain, MIXED)
+    want, want_lps = plain.generate(prompts, max_gen_len=24, temperature=0, logprobs=True)
+    got, got_lps = spec.generate(prompts, max_gen_len=24, temperature=0, logprobs=True)
+    assert got == want
+    assert len(got[3]) == MAX_SEQ_LEN - len(prompts[3])  # the long prompt runs into max_seq_len
+    for g, w in zip(got_lps, want_lps):
+        assert g == pytest.approx(w, abs=1e-4)
+    assert 0 < spec.speculator.acceptance_rate < 1  # both accepted and rejected proposals were seen
+
+
+@pytest.mark.parametrize("max_gen_len", [1, 2, 4, 5])
+def test_greedy_max_gen_len_boundaries(plain, spec, max_gen_len):
+    """Around k (4): the last step's proposals are cut to the budget, or run past it and are dropped."""
+    prompts = encode(plain, MIXED[:3]) + [[1] * (MAX_SEQ_LEN - 3)]  # the last has room for 3 tokens only
+    want, _ = plain.generate(prompts, max_gen_len=max_gen_len, temperature=0)
+    assert spec.generate(prompts, max_gen_len=max_gen_len, temperature=0)[0] == want
+    assert [len(t) for t in want] == [max_gen_len] * 3 + [min(3, max_gen_len)]
+
+
+def test_greedy_with_all_proposals_accepted_and_stop_tokens_mid_proposal(plain, tiny_ckpt, byte_tokenizer, monkeypatch):
+    """The model as its own draft: every proposal is accepted and each step emits k + 1 tokens; a
+    stop token inside them ends the sequence there, the tokens after it are dropped."""
+    self_draft = build(tiny_ckpt, byte_tokenizer, tiny_ckpt, k=4)
+    prompts = encode(plain, MIXED[:3])
+    full, _ = plain.generate(prompts, max_gen_len=16, temperature=0)
+    assert self_draft.generate(prompts, max_gen_len=16, temperature=0)[0] == full
+    assert self_draft.speculator.acceptance_rate == 1.0
+    stops = list(plain.tokenizer.stop_tokens) + [full[0][2], full[1][7]]  # inside the first and second steps
+    for llama in (plain, self_draft):
+        monkeypatch.setattr(llama.tokenizer, "stop_tokens", stops)
+    want, want_lps = plain.generate(prompts, max_gen_len=16, temperature=0, logprobs=True)
+    got, got_lps = self_draft.generate(prompts, max_gen_len=16, temperature=0, logprobs=True)
+    assert got == want and len(want[0]) <= 2 and len(want[1]) <= 7
+    assert [len(x) for x in got_lps] == [len(x) for x in want_lps]
+
+
+def test_streaming_and_the_engine_with_staggered_requests(plain, spec):
+    prompts = encode(plain, MIXED[:3])
+    want, _ = plain.generate(prompts, max_gen_len=12, temperature=0)
+    streamed = [[] for _ in prompts]
+    steps = 0
+    for step in spec.stream(prompts, max_gen_len=12, temperature=0):
+        steps += 1
+        for t in step:
+            streamed[t.index].append(t.token)
+    assert streamed == want and steps < 12  # several tokens a step
+    # continuous batching: more requests than rows, each with its own limit and stop token
+    requests = [Request(p, n, temperature=0, stop_tokens=stop) for p, n, stop in zip(
+        encode(plain, MIXED + ["five", "six"]), [7, 20, 3, 15, 11, 9], [None, [want[1][4]], None, None, [want[0][1]], None])]
+    results = {}
+    for llama in (plain, spec):
+        engine = llama.engine(2, MAX_SEQ_LEN)
+        ids = [engine.add(r) for r in requests]
+        for _ in engine.run():
+            pass
+        results[llama is spec] = [engine.pop(i).tokens for i in ids]
+    assert results[True] == results[False]
+
+
+def test_seeded_sampling_is_reproducible_and_a_tiny_nucleus_is_greedy(plain, spec):
+    prompts = encode(plain, MIXED[:3])
+    a, _ = spec.generate(prompts, max_gen_len=10, temperature=1.0, top_p=0.95, seed=3)
+    b, _ = spec.generate(prompts, max_gen_len=10, temperature=1.0, top_p=0.95, seed=3)
+    assert a == b and all(len(t) == 10 for t in a)
+    # top_p near 0 keeps only the top token of both models: sampling is greedy, exactly
+    greedy, _ = plain.generate(prompts, max_gen_len=10, temperature=0)
+    assert spec.generate(prompts, max_gen_len=10, temperature=0.7, top_p=1e-6, seed=1)[0] == greedy
+
+
+# ---------------------------------------------------------------- the distribution of sampling
+
+P = torch.tensor([[0.40, 0.25, 0.15, 0.10, 0.06, 0.04], [0.05, 0.05, 0.30, 0.30, 0.20, 0.10], [0.2] * 5 + [0.0]])
+Q = torch.tensor([[0.10, 0.10, 0.20, 0.20, 0.20, 0.20], [0.30, 0.30, 0.10, 0.10, 0.10, 0.10]])
+N = 200_000
+
+
+def tv(samples: torch.Tensor, p: torch.Tensor) -> float:
+    """Total-variation distance between the empirical distribution of `samples` and `p`."""
+    return 0.5 * float((torch.bincount(samples, minlength=len(p)).float() / len(samples) - p).abs().sum())
+
+
+def emitted(accept_reject, p: torch.Tensor, q: torch.Tensor, seed: int = 0):
+    """Draw N rows of k = len(q) proposals from q and accept or reject them against p; return
+    the first emitted token of every row, and the second of the rows that accepted the first."""
+    g = torch.Generator().manual_seed(seed)
+    k = q.shape[0]
+    draft = torch.stack([torch.multinomial(q[j], N, replacement=True, generator=g) for j in range(k)], dim=1)
+    n, nxt = accept_reject(p.expand(N, -1, -1), q.expand(N, -1, -1), draft, g)
+    tokens = torch.cat([draft, nxt[:, None]], dim=1)
+    seq = torch.where(torch.arange(k + 1) < n[:, None], tokens, -1)
+    seq[torch.arange(N), n] = nxt  # each row: draft[:n], then next_token
+    return seq[:, 0], seq[n >= 1, 1]
+
+
+def always_accept(p, q, draft, generator=None):
+    """Wrong: every proposal is kept (the draft's distribution, not the model's)."""
+    n = torch.full((draft.shape[0],), draft.shape[1])
+    return n, torch.multinomial(p[:, -1], 1, generator=generator)[:, 0]
+
+
+def resample_from_p(p, q, draft, generator=None):
+    """Wrong: the acceptance test is right but a rejected token is redrawn from p, not from
+    max(0, p - q): tokens the draft favours too little come out too rarely."""
+    n, _ = speculative.accept_reject(p, q, draft, generator)
+    return n, torch.multinomial(p[torch.arange(len(n)), n], 1, generator=generator)[:, 0]
+
+
+def test_rejection_sampling_follows_the_models_distribution():
+    first, second = emitted(speculative.accept_reject, P, Q)
+    assert tv(first, P[0]) < 0.01 and tv(second, P[1]) < 0.01
+    # the bound is tight enough to catch wrong implementations
+    for wrong in (always_accept, resample_from_p):
+        bad_first, bad_second = emitted(wrong, P, Q)
+        assert max(tv(bad_first, P[0]), tv(bad_second, P[1])) > 0.05, wrong.__name__
+    # the draft's own distribution is far from the model's: its tokens are often rejected
+    assert tv(torch.multinomial(Q[0], N, replacement=True), P[0]) > 0.2
+
+
+def test_rejection_sampling_follows_the_top_p_filtered_distribution():
+    """Top-p applies to both models: the output follows the model's nucleus, renormalised, even
+    where the draft proposes tokens outside it."""
+    logits_p = torch.tensor([[0.35, 0.25, 0.15, 0.12, 0.08, 0.05], [0.05, 0.1, 0.4, 0.3, 0.1, 0.05], [1 / 6] * 6]).log()
+    logits_q = torch.tensor([[0.1, 0.1, 0.2, 0.3, 0.2, 0.1], [0.3, 0.3, 0.1, 0.1, 0.1, 0.1]]).log()
+    p, q = sampling_probs(logits_p, 1.0, 0.7), sampling_probs(logits_q, 1.0, 0.95)
+    assert ((p[0] == 0) & (q[0] > 0)).sum() >= 2  # the draft reaches outside the model's nucleus
+    first, second = emitted(speculative.accept_reject, p, q, seed=2)
+    assert tv(first, p[0]) < 0.01 and tv(second, p[1]) < 0.01
+    assert tv(first, torch.softmax(logits_p[0], -1)) > 0.2  # not the unfiltered distribution
+    assert not torch.isin(first, (p[0] == 0).nonzero()[:, 0]).any()  # nothing outside the nucleus
+
+
+def test_greedy_acceptance_is_the_argmax_rule():
+    logits = torch.tensor([[[0.0, 5.0, 1.0], [3.0, 0.0, 1.0], [0.0, 0.0, 9.0]]])  # argmax 1, 0, 2
+    for draft, n, nxt in (([1, 0], 2, 2), ([1, 2], 1, 0), ([2, 0], 0, 1)):
+        got = speculative.accept_greedy(logits, torch.tensor([draft]))
+        assert (int(got[0][0]), int(got[1][0])) == (n, nxt)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_input_names_the_problem_and_the_fix(tmp_path, tiny_ckpt, byte_tokenizer, draft_ckpt):
+    for k in (0, 17, 2.5, True):
+        with pytest.raises(ValueError, match=r"speculate_k .* is out of range: pass an integer from 1 to 16"):
+            build(tiny_ckpt, byte_tokenizer, draft_ckpt, k)
+    other_vocab = helpers.make_checkpoint(tmp_path / "vocab", params={**helpers.TINY_PARAMS, "vocab_size": 768})
+    with pytest.raises(ValueError, match=r"has vocab_size 768 but the model has 512: pass a draft trained with"):
+        build(tiny_ckpt, byte_tokenizer, other_vocab)
+    other_tok = helpers.make_checkpoint(tmp_path / "tok")
+    (other_tok / "tokenizer.model").write_text(byte_tokenizer.read_text().replace(" 255\n", " 256\n"))
+    with pytest.raises(ValueError, match=r"the draft's tokenizer .* differs from the model's .*: pass a draft"):
+        build(tiny_ckpt, byte_tokenizer, other_tok)
+    (other_tok / "tokenizer.model").write_bytes(byte_tokenizer.read_bytes())  # its own copy, the same: fine
+    assert build(tiny_ckpt, byte_tokenizer, other_tok).speculator is not None
+
+
+# ---------------------------------------------------------------- two processes
+
+
+def test_two_processes_accept_the_same_tokens_as_one(tmp_path, plain, tiny_ckpt_2shards, byte_tokenizer, draft_ckpt):
+    """The model sharded over two ranks, the draft whole on each: greedy output is the one-process
+    model's own, and seeded sampling draws the same tokens on both ranks."""
+    out = tmp_path / "two.pt"
+    args = ["--ckpt_dir", tiny_ckpt_2shards, "--tokenizer_path", byte_tokenizer, "--out", out, "--draft_ckpt_dir", draft_ckpt]
+    r = helpers.run_torchrun("tests/workers/generate.py", args, 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = torch.load(out)
+    from workers.generate import PROMPTS
+
+    want, want_lps = plain.generate(encode(plain, PROMPTS), 12, temperature=0, logprobs=True)
+    assert two["tokens"] == want
+    assert two["logprobs"] == [pytest.approx(lp, abs=1e-5) for lp in want_lps]
+    assert two["draft_wk_rows"] == helpers.TINY_PARAMS["n_kv_heads"] * 16  # whole, not split in two
+    assert 0 < two["acceptance"] < 1
+    assert torch.load(f"{out}.rank1.sampled") == two["sampled"]
+
+
+# ---------------------------------------------------------------- scripts
+
+
+def test_scripts_take_a_draft_and_the_demo_ships_one(tmp_path, tiny_ckpt, byte_tokenizer, draft_ckpt):
+    from llama import demo
+
+    if (demo.DRAFT_DIR / "params.json").is_file():
+        assert demo.resolve_draft(None, None, True) == str(demo.DRAFT_DIR)  # the demo model's own
+        assert (demo.DRAFT_DIR / "consolidated.00.pth").is_file()
+    else:  # a checkout without the draft's weights says what to do
+        with pytest.raises(FileNotFoundError, match="the bundled draft model is missing .*: pass --draft_ckpt_dir"):
+            demo.resolve_draft(None, None, True)
+    assert demo.resolve_draft(None, None, False) is None and demo.resolve_draft("x", "d", False) == "d"
+    with pytest.raises(ValueError, match="--speculate needs --draft_ckpt_dir for your own checkpoint"):
+        demo.resolve_draft(str(tiny_ckpt), None, True)
+    args = ["--ckpt_dir", tiny_ckpt, "--tokenizer_path", byte_tokenizer, "--draft_ckpt_dir", draft_ckpt,
+            "--max_gen_len", 8, "--max_seq_len", 2048, "--device", "cpu", "--temperature", 0]
+    r = helpers.run_torchrun("example_text_completion.py", args, 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("==================================") == 4 and "Speculative decoding: draft" in r.stderr
+    r = subprocess.run([sys.executable, "example_text_completion.py", *map(str, args[:-2]), "--speculate_k", "0"],
+                       cwd=helpers.REPO, env=helpers.child_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: speculate_k 0 is out of range")
+
+
+def test_benchmark_reports_acceptance_and_decode_speed_with_and_without_the_draft(tmp_path, tiny_ckpt, byte_tokenizer, draft_ckpt):
+    out = tmp_path / "spec.json"
+    r = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--ckpt_dir", str(tiny_ckpt), "--tokenizer_path", str(byte_tokenizer),
+         "--draft_ckpt_dir", str(draft_ckpt), "--quick", "--speculate_k", "2,4", "--threads", "1", "--out", str(out)],
+        cwd=helpers.REPO, env=helpers.child_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "acceptance" in r.stdout and "decode tok/s, batch 1" in r.stdout
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {"plain", "k=2", "k=4"} and report["runs"]["plain"]["tokens_per_s"] > 0
+    for name in ("k=2", "k=4"):
+        run = report["runs"][name]
+        assert 0 < run["acceptance"] < 1 and run["tokens_per_s"] > 0 and run["speedup"] > 0
+        assert run["same_tokens"] is True  # greedy: the model's own tokens
