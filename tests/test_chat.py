@@ -149,7 +149,10 @@ class Terminal:
         master, slave = pty.openpty()
         env = helpers.child_env(TERM="dumb")
         self.proc = subprocess.Popen(
-            [sys.executable, SCRIPT, *map(str, args)], stdin=slave, stdout=slave, stderr=slave, cwd=helpers.REPO, env=env
+            [sys.executable, SCRIPT, *map(str, args)], stdin=slave, stdout=slave, stderr=slave, cwd=helpers.REPO, env=env,
+            # as in a terminal's foreground: a suite started in the background inherits SIGINT
+            # ignored, and Python then never raises KeyboardInterrupt
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         os.close(slave)
         self.master, self.seen = master, b""
