@@ -68,11 +68,11 @@ def level(base_url: str, model: str, clients: int, requests: int, max_tokens: in
     }
 
 
-def start_server(port: int, max_batch_size: int, max_seq_len: int, extra: str) -> subprocess.Popen:
+def start_server(port: int, max_batch_size: int, max_seq_len: int, dtype: Optional[str], extra: str) -> subprocess.Popen:
     import httpx
 
     cmd = [sys.executable, str(REPO / "scripts" / "serve.py"), "--port", str(port), "--max_batch_size", str(max_batch_size),
-           "--max_seq_len", str(max_seq_len), "--max_queue", "1024", *extra.split()]
+           "--max_seq_len", str(max_seq_len), "--max_queue", "1024", *(["--dtype", dtype] if dtype else []), *str(extra).split()]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -97,6 +97,7 @@ def main(
     api_key: str = "none",
     max_batch_size: int = 32,
     max_seq_len: int = 512,
+    dtype: Optional[str] = "float32",
     server_args: str = "",
     out: Optional[str] = None,
 ):
@@ -104,8 +105,12 @@ def main(
 
     Args:
         base_url: a running server's API root (http://host:port/v1); None starts the demo model's
-            server (scripts/serve.py, with max_batch_size, max_seq_len and server_args) on a free
-            loopback port for the run.
+            server (scripts/serve.py, with max_batch_size, max_seq_len, dtype and server_args) on a
+            free loopback port for the run.
+        dtype: the started server's dtype; float32 by default, where batching changes no greedy
+            token, so every level's texts must equal the one-after-another texts; None: the
+            device's measured policy (faster on some CPUs; bfloat16 rounds near-ties differently
+            in different batches, so the texts may differ).
         model: the model id the server serves.
         clients: comma-separated concurrency levels; 1 is the requests one after another.
         requests: completions per level (bounded; the same prompts at every level).
@@ -122,7 +127,7 @@ def main(
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        proc = start_server(port, max_batch_size, max_seq_len, server_args)
+        proc = start_server(port, max_batch_size, max_seq_len, dtype, server_args)
         base_url = f"http://127.0.0.1:{port}/v1"
     elif not base_url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
         raise ValueError(f"--base_url {base_url} is not a loopback address: this benchmark only loads this machine")
