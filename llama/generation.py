@@ -112,9 +112,7 @@ class Llama:
             checkpoint.verify_checklist(ckpt_dir)
         params = checkpoint.read_params(ckpt_dir)
         tokenizer = Tokenizer(model_path=str(tokenizer_path))
-        args = ModelArgs(**{**params, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size})
-        if args.use_scaled_rope:
-            args.rope_scale_factor = _rope_scale_factor(params, rope_scale_factor)
+        args = _model_args(params, max_seq_len, max_batch_size, rope_scale_factor)
         if tokenizer.n_words != args.vocab_size:
             raise ValueError(
                 f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but {ckpt_dir}/params.json says "
@@ -427,9 +425,7 @@ def _load_draft(
             f"the draft's tokenizer {own} differs from the model's {tokenizer_path}: "
             "pass a draft trained with the model's tokenizer (--draft_ckpt_dir)"
         )
-    args = ModelArgs(**{**params, "max_seq_len": target.max_seq_len, "max_batch_size": target.max_batch_size})
-    if args.use_scaled_rope:
-        args.rope_scale_factor = _rope_scale_factor(params, None)
+    args = _model_args(params, target.max_seq_len, target.max_batch_size)
     distributed.setup_replicated()
     with distributed.replicated():
         draft = checkpoint.load_model(draft_dir, args, 0, 1, device, policy.weights, compute_dtype=compute_dtype)
@@ -437,6 +433,14 @@ def _load_draft(
     if distributed.is_rank0():
         logger.info("Speculative decoding: draft %s proposes %d tokens per step", draft_dir, k)
     return speculative.Speculator(draft, k, distributed.replicated)
+
+
+def _model_args(params: dict, max_seq_len: int, max_batch_size: int, rope_scale_factor: Optional[float] = None) -> ModelArgs:
+    """The shape of params.json with this run's sequence and batch limits, and its RoPE scaling."""
+    args = ModelArgs(**{**params, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size})
+    if args.use_scaled_rope:
+        args.rope_scale_factor = _rope_scale_factor(params, rope_scale_factor)
+    return args
 
 
 def _rope_scale_factor(params: dict, override: Optional[float]) -> float:
