@@ -115,8 +115,12 @@ def main(
         clients: comma-separated concurrency levels; 1 is the requests one after another.
         requests: completions per level (bounded; the same prompts at every level).
         max_tokens: tokens each completion asks for (greedy).
+        server_args: more flags for the started server, written with an equals sign so that fire
+            keeps them a string: --server_args="--quantize int8".
         out: also write the results as JSON here.
     """
+    if not isinstance(server_args, str):  # fire read `--server_args --flag` as a bare boolean flag
+        raise SystemExit('--server_args takes one string written with "=": --server_args="--quantize int8"')
     levels = [int(c) for c in str(clients).split(",")] if not isinstance(clients, (tuple, list)) else list(clients)
     if requests < 1 or max_tokens < 1 or min(levels) < 1:
         raise ValueError("--requests, --max_tokens and every --clients level must be at least 1")

@@ -138,6 +138,7 @@ def train(
     device: Optional[str] = None,
     compile: bool = False,
     params: Optional[dict] = None,
+    init_from: Optional[str] = None,
 ):
     """Train the demo model and write it as a Meta checkpoint (params.json, consolidated.00.pth).
 
@@ -161,6 +162,8 @@ def train(
         device: cuda or cpu (default: cuda when available).
         compile: torch.compile the model.
         params: model shape overrides (a dict of params.json keys), e.g. for a tiny test run.
+        init_from: a Meta checkpoint directory to start from instead of random weights (see
+            warm_start): how the 8-head demo was made from the 5-head one on a 2-core CPU.
     """
     torch.manual_seed(seed)
     dev = distributed.resolve_device(device)
@@ -173,6 +176,8 @@ def train(
 
     model = Transformer(args).to(dev)
     model.init_weights(generator=torch.Generator().manual_seed(seed))
+    if init_from and not (work / "state.pt").is_file():
+        warm_start(model, init_from)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -244,6 +249,34 @@ def train(
     print(f"done: best held-out loss {best:.3f} (perplexity {math.exp(best):.1f}) in {out_dir}")
     distributed.shutdown()
     return {"losses": losses, "best_heldout": best}
+
+
+def warm_start(model: Transformer, ckpt_dir: str) -> None:
+    """Copy from `ckpt_dir` every tensor with the same name and shape as the model's. Attention weights
+    are copied only when the head split (n_heads, n_kv_heads) is the same too: otherwise their rows
+    belong to other heads, with other RoPE frequencies, and are left at their random initialisation."""
+    from llama.checkpoint import load_shard, read_params, shard_paths
+
+    paths = shard_paths(ckpt_dir)
+    if len(paths) != 1:
+        raise SystemExit(f"--init_from {ckpt_dir}: needs a one-shard checkpoint, found {len(paths)} shards")
+    src, theirs = load_shard(paths[0]), read_params(ckpt_dir)
+    ours = model.params
+    same_heads = theirs.get("n_heads") == ours.n_heads and (theirs.get("n_kv_heads") or theirs["n_heads"]) == (
+        ours.n_kv_heads or ours.n_heads
+    )
+    copied, fresh = 0, []
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            t = src.get(name)
+            if t is not None and t.shape == p.shape and (same_heads or ".attention." not in name):
+                p.copy_(t.to(p.dtype))
+                copied += p.numel()
+            else:
+                fresh.append(name)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"warm start from {ckpt_dir}: {copied / 1e6:.2f}M of {total / 1e6:.2f}M parameters copied, "
+          f"{len(fresh)} tensors initialised afresh ({', '.join(sorted({n.split('.')[-2] for n in fresh}))})")
 
 
 def export(model: Transformer, params: dict, out_dir: str) -> None:
