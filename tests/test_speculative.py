@@ -269,3 +269,28 @@ def test_benchmark_reports_acceptance_and_decode_speed_with_and_without_the_draf
         run = report["runs"][name]
         assert 0 < run["acceptance"] < 1 and run["tokens_per_s"] > 0 and run["speedup"] > 0
         assert run["same_tokens"] is True  # greedy: the model's own tokens
+
+
+def test_the_server_with_a_draft_answers_what_the_model_gives_alone(tmp_path, plain, tiny_ckpt, byte_tokenizer, draft_ckpt):
+    """scripts/serve.py --draft_ckpt_dir over HTTP: concurrent greedy requests, streamed and not,
+    batched by the engine with speculation, each get the plain model's own completion."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    want = {t: o["generation"] for t, o in zip(MIXED, plain.text_completion(MIXED, temperature=0, max_gen_len=12))}
+    served = helpers.start_server(tmp_path, tiny_ckpt, byte_tokenizer, extra=("--draft_ckpt_dir", str(draft_ckpt)))
+    try:
+        client = served.client()
+
+        def complete(i_prompt):
+            i, prompt = i_prompt
+            if i % 2:  # streamed: the text arrives in pieces, several tokens per step
+                chunks = client.completions.create(model=served.model, prompt=prompt, max_tokens=12, temperature=0, stream=True)
+                return "".join(c.choices[0].text for c in chunks)
+            return client.completions.create(model=served.model, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+
+        with ThreadPoolExecutor(len(MIXED) * 2) as pool:
+            got = list(pool.map(complete, enumerate(MIXED * 2)))
+        assert got == [want[t] for t in MIXED * 2]
+        assert "Speculative decoding: draft" in served.output()
+    finally:
+        helpers.stop_server(served)
