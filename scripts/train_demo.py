@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import ModelArgs, Tokenizer, Transformer, distributed, kernels
-from llama.checkpoint import save_checkpoint
+from llama.checkpoint import load_shard, read_params, save_checkpoint, shard_paths
 from llama.tokenizer import ChatFormat
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,6 +140,7 @@ def train(
     compile: bool = False,
     params: Optional[dict] = None,
     init_from: Optional[str] = None,
+    distill_from: Optional[str] = None,
 ):
     """Train the demo model and write it as a Meta checkpoint (params.json, consolidated.00.pth).
 
@@ -165,6 +166,9 @@ def train(
         params: model shape overrides (a dict of params.json keys), e.g. for a tiny test run.
         init_from: a Meta checkpoint directory to start from instead of random weights (see
             warm_start): how the 8-head demo was made from the 5-head one on a 2-core CPU.
+        distill_from: a trained Meta checkpoint of the same tokenizer to learn from: the loss is the
+            KL divergence from its next-token distributions to the model's, not the cross-entropy
+            with the corpus's next tokens (the held-out evaluation stays cross-entropy).
     """
     torch.manual_seed(seed)
     dev = distributed.resolve_device(device)
@@ -179,6 +183,7 @@ def train(
     model.init_weights(generator=torch.Generator().manual_seed(seed))
     if init_from and not (work / "state.pt").is_file():
         warm_start(model, init_from)
+    teacher = load_teacher(distill_from, dev) if distill_from else None
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -216,7 +221,13 @@ def train(
         batch = batch_for_step(data, step, batch_size, seq_len, chat_fraction, seed).to(dev)
         with autocast():
             logits = fwd(batch[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        if teacher is None:
+            loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        else:
+            with torch.no_grad(), autocast():
+                target = F.log_softmax(teacher.forward_train(batch[:, :-1]).float(), dim=-1).flatten(0, 1)
+            student = F.log_softmax(logits.float(), dim=-1).flatten(0, 1)
+            loss = F.kl_div(student, target, log_target=True, reduction="batchmean")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -252,12 +263,22 @@ def train(
     return {"losses": losses, "best_heldout": best}
 
 
+def load_teacher(ckpt_dir: str, device: torch.device) -> Transformer:
+    """A trained one-shard checkpoint, frozen, to distil from."""
+    paths = shard_paths(ckpt_dir)
+    if len(paths) != 1:
+        raise SystemExit(f"--distill_from {ckpt_dir}: needs a one-shard checkpoint, found {len(paths)} shards")
+    params = {k: v for k, v in read_params(ckpt_dir).items() if k in ModelArgs.__dataclass_fields__}
+    teacher = Transformer(ModelArgs(**params)).to(device)
+    teacher.load_state_dict({k: v.float() for k, v in load_shard(paths[0]).items()})
+    print(f"distilling from {ckpt_dir}")
+    return teacher.eval().requires_grad_(False)
+
+
 def warm_start(model: Transformer, ckpt_dir: str) -> None:
     """Copy from `ckpt_dir` every tensor with the same name and shape as the model's. Attention weights
     are copied only when the head split (n_heads, n_kv_heads) is the same too: otherwise their rows
     belong to other heads, with other RoPE frequencies, and are left at their random initialisation."""
-    from llama.checkpoint import load_shard, read_params, shard_paths
-
     paths = shard_paths(ckpt_dir)
     if len(paths) != 1:
         raise SystemExit(f"--init_from {ckpt_dir}: needs a one-shard checkpoint, found {len(paths)} shards")

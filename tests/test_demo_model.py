@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import helpers
 from llama import Llama
@@ -74,6 +75,26 @@ def test_short_training_run_lowers_loss_and_writes_a_loadable_checkpoint(tmp_pat
         max_steps=40, batch_size=8, seq_len=64, device="cpu", params={"dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2},
     )
     assert again["losses"] == []
+    # distilling from itself, warm-started from itself: the KL loss starts at zero
+    same = train_demo.train(
+        data_dir=str(data), tokenizer_path=str(TOKENIZER_PATH), out_dir=str(tmp_path / "same"), work_dir=str(tmp_path / "w2"),
+        max_steps=2, batch_size=4, seq_len=64, lr=1e-4, warmup=1, device="cpu", init_from=str(out), distill_from=str(out),
+        params={"dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2},
+    )
+    assert same["losses"][0] == pytest.approx(0, abs=1e-4)
+    # another head split keeps the copied embeddings, norms and FFN, not the attention
+    train_demo.distributed.setup(torch.device("cpu"))  # idempotent for a group of one
+    shape = {**train_demo.DEMO_PARAMS, "dim": 64, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "vocab_size": 4352}
+    other = train_demo.Transformer(train_demo.ModelArgs(**shape))
+    other.init_weights()
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    train_demo.warm_start(other, str(out))
+    src = load_shard(out / "consolidated.00.pth")
+    for name, v in other.state_dict().items():
+        if ".attention." in name:
+            assert torch.equal(v, before[name]), name
+        else:
+            assert torch.equal(v, src[name].float()), name
 
 
 GREEDY = ["--max_gen_len", 24, "--device", "cpu", "--dtype", "float32", "--temperature", 0]
