@@ -25,13 +25,14 @@ from llama.tokenizer import ChatFormat
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The shipped shape: grouped-query attention (8 query heads share 2 KV heads), ~11.7M parameters;
-# heads, KV heads (replicated past 2), vocabulary 4352 and FFN 896 all shard on 1, 2 and 4 processes.
+# The shipped shape: grouped-query attention (5 query heads share 1 KV head), ~11.7M parameters.
+# Issue 16's retrain in 8 query heads sharing 2 KV heads (sharding on 2 and 4 processes) has not
+# reached the shipped model's held-out perplexity yet: --params '{"n_heads": 8, "n_kv_heads": 2}'.
 DEMO_PARAMS = {
     "dim": 320,
     "n_layers": 8,
-    "n_heads": 8,
-    "n_kv_heads": 2,
+    "n_heads": 5,
+    "n_kv_heads": 1,
     "multiple_of": 64,
     "ffn_dim_multiplier": None,
     "norm_eps": 1e-5,

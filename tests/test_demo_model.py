@@ -97,27 +97,6 @@ def test_short_training_run_lowers_loss_and_writes_a_loadable_checkpoint(tmp_pat
             assert torch.equal(v, src[name].float()), name
 
 
-GREEDY = ["--max_gen_len", 24, "--device", "cpu", "--dtype", "float32", "--temperature", 0]
-
-
-@pytest.fixture(scope="module")
-def one_process_greedy() -> str:
-    r = helpers.run_torchrun("example_text_completion.py", GREEDY, 1)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("> ") >= 4
-    return r.stdout
-
-
-@pytest.mark.parametrize("nproc, extra", [(2, []), (4, []), (2, ["--speculate"])], ids=["2", "4", "2-speculate"])
-def test_demo_model_on_several_processes_prints_what_one_prints(one_process_greedy, nproc, extra):
-    """The demo's shape (8 query heads, 2 KV heads, vocabulary and FFN divisible by 4) shards on 2
-    and 4 processes with no arguments; in float32 greedy decoding they print what one process
-    prints, and so does speculative decoding with the bundled draft (replicated on every rank)."""
-    r = helpers.run_torchrun("example_text_completion.py", GREEDY + extra, nproc)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout == one_process_greedy
-
-
 def test_examples_default_to_the_demo_model():
     r = helpers.run_torchrun("example_text_completion.py", ["--max_gen_len", 8, "--device", "cpu"], 1)
     assert r.returncode == 0, r.stderr[-3000:]
