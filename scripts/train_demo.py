@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import fire
 import torch
 import torch.nn.functional as F
 
-from llama import ModelArgs, Tokenizer, Transformer, distributed, kernels
-from llama.checkpoint import load_shard, read_params, save_checkpoint, shard_paths
+from llama import ModelArgs, Tokenizer, Transformer, cli, distributed, kernels
+from llama.checkpoint import load_model, read_params, save_checkpoint
 from llama.tokenizer import ChatFormat
 
 REPO = Path(__file__).resolve().parent.parent
@@ -183,8 +182,11 @@ def train(
     model = Transformer(args).to(dev)
     model.init_weights(generator=torch.Generator().manual_seed(seed))
     if init_from and not (work / "state.pt").is_file():
-        warm_start(model, init_from)
-    teacher = load_teacher(distill_from, dev) if distill_from else None
+        print(f"warm start from {init_from}")
+        warm_start(model, load_trained(init_from, dev, seq_len))
+    teacher = load_trained(distill_from, dev, seq_len).requires_grad_(False) if distill_from else None
+    if teacher is not None:
+        print(f"distilling from {distill_from}")
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -264,30 +266,20 @@ def train(
     return {"losses": losses, "best_heldout": best}
 
 
-def load_teacher(ckpt_dir: str, device: torch.device) -> Transformer:
-    """A trained one-shard checkpoint, frozen, to distil from."""
-    paths = shard_paths(ckpt_dir)
-    if len(paths) != 1:
-        raise SystemExit(f"--distill_from {ckpt_dir}: needs a one-shard checkpoint, found {len(paths)} shards")
-    params = {k: v for k, v in read_params(ckpt_dir).items() if k in ModelArgs.__dataclass_fields__}
-    teacher = Transformer(ModelArgs(**params)).to(device)
-    teacher.load_state_dict({k: v.float() for k, v in load_shard(paths[0]).items()})
-    print(f"distilling from {ckpt_dir}")
-    return teacher.eval().requires_grad_(False)
+def load_trained(ckpt_dir: str, device: torch.device, seq_len: int) -> Transformer:
+    """A trained Meta checkpoint (any shard count, tied or not) in float32 on this process, through
+    the package's one checkpoint loader: the teacher of --distill_from, the source of --init_from."""
+    args = ModelArgs(**{**read_params(ckpt_dir), "max_seq_len": seq_len})
+    return load_model(ckpt_dir, args, 0, 1, device, torch.float32)
 
 
-def warm_start(model: Transformer, ckpt_dir: str) -> None:
-    """Copy from `ckpt_dir` every tensor with the same name and shape as the model's. Attention weights
+def warm_start(model: Transformer, source: Transformer) -> None:
+    """Copy from `source` every tensor with the same name and shape as the model's. Attention weights
     are copied only when the head split (n_heads, n_kv_heads) is the same too: otherwise their rows
     belong to other heads, with other RoPE frequencies, and are left at their random initialisation."""
-    paths = shard_paths(ckpt_dir)
-    if len(paths) != 1:
-        raise SystemExit(f"--init_from {ckpt_dir}: needs a one-shard checkpoint, found {len(paths)} shards")
-    src, theirs = load_shard(paths[0]), read_params(ckpt_dir)
-    ours = model.params
-    same_heads = theirs.get("n_heads") == ours.n_heads and (theirs.get("n_kv_heads") or theirs["n_heads"]) == (
-        ours.n_kv_heads or ours.n_heads
-    )
+    ours, theirs = model.params, source.params
+    same_heads = (theirs.n_heads, theirs.n_kv_heads or theirs.n_heads) == (ours.n_heads, ours.n_kv_heads or ours.n_heads)
+    src = source.state_dict()
     copied, fresh = 0, []
     with torch.no_grad():
         for name, p in model.state_dict().items():
@@ -298,7 +290,7 @@ def warm_start(model: Transformer, ckpt_dir: str) -> None:
             else:
                 fresh.append(name)
     total = sum(p.numel() for p in model.parameters())
-    print(f"warm start from {ckpt_dir}: {copied / 1e6:.2f}M of {total / 1e6:.2f}M parameters copied, "
+    print(f"  {copied / 1e6:.2f}M of {total / 1e6:.2f}M parameters copied, "
           f"{len(fresh)} tensors initialised afresh ({', '.join(sorted({n.split('.')[-2] for n in fresh}))})")
 
 
@@ -309,4 +301,4 @@ def export(model: Transformer, params: dict, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(train, serialize=lambda _: None)
+    cli.run(train, serialize=lambda _: None)

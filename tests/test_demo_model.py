@@ -88,7 +88,7 @@ def test_short_training_run_lowers_loss_and_writes_a_loadable_checkpoint(tmp_pat
     other = train_demo.Transformer(train_demo.ModelArgs(**shape))
     other.init_weights()
     before = {k: v.clone() for k, v in other.state_dict().items()}
-    train_demo.warm_start(other, str(out))
+    train_demo.warm_start(other, train_demo.load_trained(str(out), torch.device("cpu"), 64))
     src = load_shard(out / "consolidated.00.pth")
     for name, v in other.state_dict().items():
         if ".attention." in name:
