@@ -4,7 +4,7 @@ import logging
 import os
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import fire
 
@@ -30,6 +30,12 @@ def build_generator(
     draft_ckpt_dir = resolve_draft(ckpt_dir, draft_ckpt_dir, speculate)
     ckpt_dir, tokenizer_path = resolve_paths(ckpt_dir, tokenizer_path)
     return Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, draft_ckpt_dir=draft_ckpt_dir, **build_kwargs)
+
+
+def int_list(value: Union[str, int, tuple, list]) -> list[int]:
+    """A comma-separated list of integers as fire hands it over: "2,3", (2, 3), 2 or "(2,3)"."""
+    items = value if isinstance(value, (tuple, list)) else str(value).strip("()[] ").split(",")
+    return [int(v) for v in items if str(v).strip()]
 
 
 def run(fn: Callable, **fire_kwargs) -> None:

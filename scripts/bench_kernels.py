@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from llama import kernels  # noqa: E402
+from llama import cli, kernels  # noqa: E402
 
 GB = 1e9
 
@@ -87,8 +87,8 @@ def main(
     """
     if threads:
         torch.set_num_threads(int(threads))
-    row_list = [int(r) for r in (str(rows).strip("()[]").split(",") if isinstance(rows, (str, int)) else rows)]
-    n, k = (int(s) for s in (shape.split(",") if isinstance(shape, str) else shape))
+    row_list = cli.int_list(rows)
+    n, k = cli.int_list(shape)
     if any(r < 1 for r in row_list) or n < 1 or k < 1:
         raise ValueError(f"rows {row_list} and shape {n}x{k} must be positive")
     torch.manual_seed(0)
@@ -139,6 +139,4 @@ def main(
 
 
 if __name__ == "__main__":
-    from llama import cli
-
     cli.run(main, serialize=lambda _: None)

@@ -93,7 +93,7 @@ def kernels(n: int = 8192, k: int = 2048, rows: str = "1,256", repeat: int = 20,
     """Print a table of ms per product and weight bytes read per second, per kernel and row count."""
     if threads:
         torch.set_num_threads(threads)
-    row_counts = [int(r) for r in str(rows).replace("(", "").replace(")", "").split(",") if str(r).strip()]
+    row_counts = cli.int_list(rows)
     print(f"weight {n}x{k}, group size {group_size}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     bytes_of = {"float32": 4, "bfloat16": 2, "int8": 1, "int4": 0.5 + 4 / group_size}
     for r in row_counts:

@@ -121,7 +121,9 @@ def main(
     """
     if not isinstance(server_args, str):  # fire read `--server_args --flag` as a bare boolean flag
         raise SystemExit('--server_args takes one string written with "=": --server_args="--quantize int8"')
-    levels = [int(c) for c in str(clients).split(",")] if not isinstance(clients, (tuple, list)) else list(clients)
+    from llama.cli import int_list  # here: importing this module stays light
+
+    levels = int_list(clients)
     if requests < 1 or max_tokens < 1 or min(levels) < 1:
         raise ValueError("--requests, --max_tokens and every --clients level must be at least 1")
     proc = None

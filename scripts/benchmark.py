@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch  # noqa: E402
 
-from llama import checkpoint, distributed, hf, kernels, registry  # noqa: E402
+from llama import checkpoint, cli, distributed, hf, kernels, registry  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 
 # ours under each dtype policy and each weight quantization: the keyword arguments of Llama.build
@@ -832,8 +832,7 @@ def main(
         new_tokens: with --speculate, tokens generated per prompt (default 96; 16 with --quick).
     """
     if speculate or draft_ckpt_dir is not None:
-        ks = [int(k) for k in (speculate_k.split(",") if isinstance(speculate_k, str) else
-                               speculate_k if isinstance(speculate_k, (tuple, list)) else [speculate_k])]
+        ks = cli.int_list(speculate_k)
         if threads:
             torch.set_num_threads(int(threads))
         distributed.setup(distributed.resolve_device(device))
@@ -941,6 +940,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["_worker"]:
         worker(*sys.argv[2:4])
     else:
-        from llama import cli
-
         cli.run(main, serialize=lambda _: None)
