@@ -38,35 +38,10 @@ PROMPTS = ["Hello", "A rather longer prompt, to make lengths differ", "mid-sized
 LENGTHS = [24, 9, 17, 30, 5, 12]
 
 
-def alone(llama: Llama, prompt, n: int) -> list:
-    tokens = prompt if isinstance(prompt, list) else llama.tokenizer.encode(prompt, bos=True, eos=False)
-    return llama.generate([tokens], max_gen_len=n, temperature=0)[0][0]
-
-
-def concurrent_completions(served: helpers.Served, prompts, lengths, stagger: float = 0.05) -> list:
-    client = served.client()
-
-    def one(i):
-        time.sleep(stagger * i)  # arrivals while others decode; 4 rows for 6 requests: some wait
-        return client.completions.create(model=served.model, prompt=prompts[i], max_tokens=lengths[i], temperature=0)
-
-    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-        return list(pool.map(one, range(len(prompts))))
-
-
-def check_against_generate(llama: Llama, results: list, prompts, lengths) -> None:
-    for r, p, n in zip(results, prompts, lengths):
-        want = alone(llama, p, n)
-        choice = r.choices[0]
-        assert choice.text == llama.tokenizer.decode(want), p
-        assert r.usage.completion_tokens == len(want)
-        assert choice.finish_reason == ("length" if len(want) == n else "stop")
-
-
 def test_concurrent_requests_each_get_what_generate_gives_them_alone(server, llama):
     prompts = PROMPTS[:5] + [llama.tokenizer.encode(PROMPTS[5], bos=True, eos=False)]  # token ids too
-    results = concurrent_completions(server, prompts, LENGTHS)
-    check_against_generate(llama, results, prompts, LENGTHS)
+    results = helpers.concurrent_completions(server, prompts, LENGTHS)
+    helpers.check_against_generate(llama, results, prompts, LENGTHS)
     assert results[0].usage.prompt_tokens == len(llama.tokenizer.encode(PROMPTS[0], bos=True, eos=False))
 
 
@@ -75,8 +50,8 @@ def test_models_and_several_prompts_and_n(server, llama):
     assert [m.id for m in client.models.list().data] == [server.model]
     r = client.completions.create(model=server.model, prompt=["one", "two"], n=2, max_tokens=6, temperature=0)
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
-    assert r.choices[0].text == r.choices[1].text == llama.tokenizer.decode(alone(llama, "one", 6))
-    assert r.choices[2].text == llama.tokenizer.decode(alone(llama, "two", 6))
+    assert r.choices[0].text == r.choices[1].text == llama.tokenizer.decode(helpers.alone(llama, "one", 6))
+    assert r.choices[2].text == llama.tokenizer.decode(helpers.alone(llama, "two", 6))
 
 
 def test_streamed_deltas_join_to_the_whole_answer(server):
@@ -129,7 +104,7 @@ def test_logprobs_with_echo_are_the_prompts_log_probs(server, llama):
     r = server.client().completions.create(model=server.model, prompt=prompt, max_tokens=1, temperature=0, logprobs=2, echo=True)
     lp = r.choices[0].logprobs
     tokens = llama.tokenizer.encode(prompt, bos=True, eos=False)
-    gen = alone(llama, prompt, 1)
+    gen = helpers.alone(llama, prompt, 1)
     seq = tokens + gen
     llama.model.free_cache()
     lsm = torch.log_softmax(llama.model(torch.tensor([seq]), 0)[0], dim=-1)
@@ -326,8 +301,8 @@ def test_tools_become_the_tool_prompt_and_calls_come_back_as_tool_calls(tmp_path
 def test_two_processes_serve_what_one_process_generates_and_a_dead_rank_ends_it(tmp_path, tiny_ckpt_2shards, byte_tokenizer, llama):
     served = helpers.start_server(tmp_path, tiny_ckpt_2shards, byte_tokenizer, nproc=2)
     try:
-        results = concurrent_completions(served, PROMPTS, LENGTHS)
-        check_against_generate(llama, results, PROMPTS, LENGTHS)
+        results = helpers.concurrent_completions(served, PROMPTS, LENGTHS)
+        helpers.check_against_generate(llama, results, PROMPTS, LENGTHS)
         rank1 = [p for p in psutil.Process(served.proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
         assert len(rank1) == 1
         client = served.client(timeout=30)
@@ -367,7 +342,7 @@ def test_quantize_serves_what_the_quantized_generator_generates(tmp_path, tiny_c
     try:
         quantized = Llama.build(str(tiny_ckpt), str(byte_tokenizer), MAX_SEQ_LEN, 4, dtype="float32", quantize="int8")
         got = served.client().completions.create(model=served.model, prompt=PROMPTS[0], max_tokens=8, temperature=0)
-        want = alone(quantized, PROMPTS[0], 8)
+        want = helpers.alone(quantized, PROMPTS[0], 8)
         assert got.choices[0].text == quantized.tokenizer.decode(want)
         assert "quantized (int8" in served.output()  # the server's own load line says so
     finally:

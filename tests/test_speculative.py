@@ -272,25 +272,17 @@ def test_benchmark_reports_acceptance_and_decode_speed_with_and_without_the_draf
 
 
 def test_the_server_with_a_draft_answers_what_the_model_gives_alone(tmp_path, plain, tiny_ckpt, byte_tokenizer, draft_ckpt):
-    """scripts/serve.py --draft_ckpt_dir over HTTP: concurrent greedy requests, streamed and not,
-    batched by the engine with speculation, each get the plain model's own completion."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    want = {t: o["generation"] for t, o in zip(MIXED, plain.text_completion(MIXED, temperature=0, max_gen_len=12))}
+    """scripts/serve.py --draft_ckpt_dir over HTTP: concurrent greedy requests, batched by the
+    engine with speculation, each get the plain model's own completion (text, token count, finish
+    reason); streamed, several tokens a step, the pieces join into the same text."""
+    lengths = [12, 5, 9, 12]
     served = helpers.start_server(tmp_path, tiny_ckpt, byte_tokenizer, extra=("--draft_ckpt_dir", str(draft_ckpt)))
     try:
+        helpers.check_against_generate(plain, helpers.concurrent_completions(served, MIXED, lengths), MIXED, lengths)
         client = served.client()
-
-        def complete(i_prompt):
-            i, prompt = i_prompt
-            if i % 2:  # streamed: the text arrives in pieces, several tokens per step
-                chunks = client.completions.create(model=served.model, prompt=prompt, max_tokens=12, temperature=0, stream=True)
-                return "".join(c.choices[0].text for c in chunks)
-            return client.completions.create(model=served.model, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
-
-        with ThreadPoolExecutor(len(MIXED) * 2) as pool:
-            got = list(pool.map(complete, enumerate(MIXED * 2)))
-        assert got == [want[t] for t in MIXED * 2]
+        for prompt, n in zip(MIXED, lengths):
+            chunks = client.completions.create(model=served.model, prompt=prompt, max_tokens=n, temperature=0, stream=True)
+            assert "".join(c.choices[0].text for c in chunks) == plain.tokenizer.decode(helpers.alone(plain, prompt, n))
         assert "Speculative decoding: draft" in served.output()
     finally:
         helpers.stop_server(served)
