@@ -18,12 +18,12 @@ import train_demo  # noqa: E402
 HELDOUT_SAMPLE = Path(__file__).parent / "data" / "demo_heldout_head.txt"  # head of the held-out split
 # Greedy float32 completions recorded from the shipped checkpoint.
 GOLDEN = {
-    "The list data type has some more methods.": " The primary constructor takes a list of strings, and the list of"
-    " strings is the same as the list of strings,",
-    "A dictionary is": " not supported by the interpreter, but in which case the interpreter is compiled with a"
-    " __annotations__ attribute.\n\nThe interpreter",
+    "The list data type has some more methods.": " The most common usage of the most common usage of the standard"
+    " library is that you can use the library to create a library",
+    "A dictionary is": " a dictionary containing the names of the dictionary, and the dictionary is returned. The"
+    " dictionary is returned if the dictionary is empty",
 }
-# Measured 3.467 on the sample; the bigram baseline is 4.9 on the whole held-out split.
+# Measured 3.466 on the sample; the bigram baseline is 4.9 on the whole held-out split.
 HELDOUT_LOSS_BOUND = 3.55
 
 
@@ -88,17 +88,37 @@ def test_short_training_run_lowers_loss_and_writes_a_loadable_checkpoint(tmp_pat
     other = train_demo.Transformer(train_demo.ModelArgs(**shape))
     other.init_weights()
     before = {k: v.clone() for k, v in other.state_dict().items()}
-    train_demo.warm_start(other, train_demo.load_trained(str(out), torch.device("cpu"), 64))
+    source = train_demo.load_trained(str(out), torch.device("cpu"), 64)
+    train_demo.warm_start(other, source)
     src = load_shard(out / "consolidated.00.pth")
     for name, v in other.state_dict().items():
         if ".attention." in name:
             assert torch.equal(v, before[name]), name
         else:
             assert torch.equal(v, src[name].float()), name
+    # ...and the transfer fits that attention to the source's: the relative error falls from ~1
+    data = train_demo.load_data(train_demo.Tokenizer(str(TOKENIZER_PATH)), data, tmp_path / "work" / "data.pt")
+    errors = train_demo.transfer_attention(other, source, data, 30, 4, 64, 0.0, 0, 3e-3)
+    assert errors[0] > 0.5 and errors[-1] < errors[0] / 2
 
 
-def test_examples_default_to_the_demo_model():
-    r = helpers.run_torchrun("example_text_completion.py", ["--max_gen_len", 8, "--device", "cpu"], 1)
+GREEDY = ["--max_gen_len", 24, "--device", "cpu", "--dtype", "float32", "--temperature", 0]
+
+
+@pytest.fixture(scope="module")
+def one_process_greedy() -> str:
+    r = helpers.run_torchrun("example_text_completion.py", GREEDY, 1)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "using the bundled demo model" in r.stderr
+    assert "using the bundled demo model" in r.stderr  # the examples default to it
     assert r.stdout.count("> ") >= 4
+    return r.stdout
+
+
+@pytest.mark.parametrize("nproc, extra", [(2, []), (4, []), (2, ["--speculate"])], ids=["2", "4", "2-speculate"])
+def test_demo_model_on_several_processes_prints_what_one_prints(one_process_greedy, nproc, extra):
+    """The demo's shape (8 query heads, 2 KV heads, vocabulary and FFN divisible by 4) shards on 2
+    and 4 processes with no arguments; in float32 greedy decoding they print what one process
+    prints, and so does speculative decoding with the bundled draft (replicated on every rank)."""
+    r = helpers.run_torchrun("example_text_completion.py", GREEDY + extra, nproc)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout == one_process_greedy
