@@ -180,6 +180,10 @@ def train(
             the source's for this many steps (see transfer_attention), then train as usual;
             transfer_lr: the peak learning rate of that fit.
     """
+    if transfer_steps and not init_from:
+        raise ValueError("--transfer_steps fits a new attention to --init_from's: pass --init_from DIR too")
+    if transfer_steps < 0:
+        raise ValueError(f"--transfer_steps {transfer_steps} is negative: pass 0 (no transfer) or more")
     torch.manual_seed(seed)
     dev = distributed.resolve_device(device)
     distributed.setup(dev)

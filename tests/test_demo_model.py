@@ -100,6 +100,8 @@ def test_short_training_run_lowers_loss_and_writes_a_loadable_checkpoint(tmp_pat
     data = train_demo.load_data(train_demo.Tokenizer(str(TOKENIZER_PATH)), data, tmp_path / "work" / "data.pt")
     errors = train_demo.transfer_attention(other, source, data, 30, 4, 64, 0.0, 0, 3e-3)
     assert errors[0] > 0.5 and errors[-1] < errors[0] / 2
+    with pytest.raises(ValueError, match="pass --init_from DIR too"):
+        train_demo.train(transfer_steps=5)
 
 
 GREEDY = ["--max_gen_len", 24, "--device", "cpu", "--dtype", "float32", "--temperature", 0]
