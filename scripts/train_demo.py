@@ -13,7 +13,6 @@ The shipped 8-head model was made from the earlier 5-head one (itself the line a
 5 query heads and 1 KV head) on 2 CPU cores, with --init_from, --transfer_steps and a short
 fine-tune: the README's "The bundled demo model" has the commands.
 """
-import contextlib
 import json
 import math
 import time
@@ -180,10 +179,10 @@ def train(
             the source's for this many steps (see transfer_attention), then train as usual;
             transfer_lr: the peak learning rate of that fit.
     """
-    if transfer_steps and not init_from:
-        raise ValueError("--transfer_steps fits a new attention to --init_from's: pass --init_from DIR too")
     if transfer_steps < 0:
         raise ValueError(f"--transfer_steps {transfer_steps} is negative: pass 0 (no transfer) or more")
+    if transfer_steps and not init_from:
+        raise ValueError("--transfer_steps fits a new attention to --init_from's: pass --init_from DIR too")
     torch.manual_seed(seed)
     dev = distributed.resolve_device(device)
     distributed.setup(dev)
@@ -193,6 +192,13 @@ def train(
     shape = {**DEMO_PARAMS, **(params or {}), "vocab_size": tokenizer.n_words}
     args = ModelArgs(**shape, max_seq_len=seq_len, max_batch_size=batch_size)
 
+    # bfloat16 autocast where the device's policy computes large products (as training's are) in
+    # bfloat16; master weights stay float32
+    use_bf16 = kernels.policy_for(dev).prefill.dtype == torch.bfloat16
+
+    def autocast():
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16)
+
     model = Transformer(args).to(dev)
     model.init_weights(generator=torch.Generator().manual_seed(seed))
     if init_from and not (work / "state.pt").is_file():
@@ -201,7 +207,7 @@ def train(
         warm_start(model, source)
         if transfer_steps:
             transfer_attention(model, source, data, transfer_steps, batch_size, seq_len, chat_fraction, seed, transfer_lr)
-            val = evaluate(model, data["heldout"], seq_len, batch_size, dev, contextlib.nullcontext)
+            val = evaluate(model, data["heldout"], seq_len, batch_size, dev, autocast)
             print(f"after the transfer: held-out loss {val:.3f}  perplexity {math.exp(val):.1f}", flush=True)
         del source
     teacher = load_trained(distill_from, dev, seq_len).requires_grad_(False) if distill_from else None
@@ -224,13 +230,6 @@ def train(
         step, best = state["step"], state["best"]
         print(f"resumed from {state_path} at step {step}")
     fwd = torch.compile(model.forward_train) if compile else model.forward_train
-    # bfloat16 autocast where the device's policy computes large products (as training's are) in
-    # bfloat16; master weights stay float32
-    use_bf16 = kernels.policy_for(dev).prefill.dtype == torch.bfloat16
-
-    def autocast():
-        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16)
-
     print(
         f"{n_params / 1e6:.2f}M parameters, {len(data['train']) / 1e6:.2f}M train tokens, "
         f"{len(data['heldout']) / 1e6:.2f}M held-out tokens, {len(data['chat_train']) / 1e6:.2f}M chat tokens, "
@@ -334,19 +333,18 @@ def transfer_attention(
     rope_src, rope = source.rope_table(dev)[:seq_len], model.rope_table(dev)[:seq_len]
     params = [p for layer in model.layers for p in layer.attention.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    pairs = []  # (input, output) of each of the source's attentions, in block order, this step
+    hooks = [b.attention.register_forward_hook(lambda _, args, out: pairs.append((args[0], out))) for b in source.layers]
     t0, totals = time.perf_counter(), []
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, min(100, steps // 10), lr, lr / 10)
         tokens = batch_for_step(data, step, batch_size, seq_len, chat_fraction, seed + 1)[:, :-1].to(dev)
-        with torch.no_grad():  # the source's attention inputs and outputs, block by block
-            h, pairs = source.tok_embeddings(tokens), []
+        pairs.clear()
+        with torch.no_grad():  # the source's own blocks; its output layer is not needed
+            h = source.tok_embeddings(tokens)
             for block in source.layers:
-                x = block.attention_norm(h)
-                y = block.attention(x, 0, rope_src, None, use_cache=False)
-                pairs.append((x, y))
-                h = h + y
-                h = h + block.feed_forward(block.ffn_norm(h))
+                h = block(h, 0, rope_src, None, use_cache=False)
         errors = torch.stack([
             (block.attention(x, 0, rope, None, use_cache=False) - y).pow(2).mean() / y.pow(2).mean()
             for block, (x, y) in zip(model.layers, pairs)
@@ -360,6 +358,8 @@ def transfer_attention(
             tps = (step + 1) * tokens.numel() / (time.perf_counter() - t0)
             per_block = " ".join(f"{e:.3f}" for e in errors.tolist())
             print(f"transfer {step + 1}/{steps}  relative error per block {per_block}  {tps:,.0f} tok/s", flush=True)
+    for hook in hooks:
+        hook.remove()
     return totals
 
 
