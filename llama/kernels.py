@@ -5,6 +5,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 import torch
@@ -21,12 +22,19 @@ logger = logging.getLogger(__name__)
 KINDS = ("decode", "small", "prefill")
 SMALL_ROWS = 16
 # Rows of the product timed for each kind at start-up, and the weight it multiplies. Decode and
-# small batches read the Llama 3.2 1B's feed-forward shape, 8192x2048 (32 MB in bfloat16, as large
-# as this class of CPU's last-level cache), from memory, as they read a model: a weight upcast per
-# step must be timed from memory too. Prefill is bound by arithmetic more than by memory, and a
-# quarter of that weight keeps start-up short.
+# small batches multiply the Llama 3.2 1B's feed-forward shape, 8192x2048 (32 MB in bfloat16), and
+# read it from where the model's weights will be read from: a model larger than the last-level
+# cache is read from memory at every step, so its probe cycles through windows of a buffer twice the
+# cache's size (PROBE_POOL_MAX at most); a model that fits is read from the cache, and so is its probe
+# (one weight, called again and again). CPUs differ by a factor of eight in that cache (32 MB to 260
+# MB seen on this project's machines), and a probe read from the cache on one that holds it would
+# call float32 faster where, for a 1B model read from memory, bfloat16 is. Prefill is bound by
+# arithmetic more than by memory, and a quarter of that weight keeps start-up short.
 PROBE_ROWS = {"decode": 1, "small": 8, "prefill": 64}
 PROBE_SHAPE = {"decode": (8192, 2048), "small": (8192, 2048), "prefill": (2048, 2048)}
+PROBE_POOL_MAX = 2**30
+# The last-level cache assumed where sysfs does not tell it.
+FALLBACK_CACHE = 64 * 2**20
 # How a step's products may compute: in bfloat16 or float32 over weights of that dtype, or in float32
 # over bfloat16 weights upcast one linear at a time ("upcast"); each with oneDNN on or off.
 COMPUTES = ("bfloat16", "float32", "upcast")
@@ -97,14 +105,19 @@ def uniform(dtype: torch.dtype, onednn: Optional[bool] = None, reason: str = "")
     return Policy(dtype, plan, plan, plan, reason)
 
 
-def policy_for(device: torch.device, dtype: Union[str, torch.dtype, None] = None) -> Policy:
+def policy_for(
+    device: torch.device, dtype: Union[str, torch.dtype, None] = None, weight_bytes: Optional[int] = None
+) -> Policy:
     """The policy for a model on `device`; `dtype` forces one dtype everywhere.
 
     CUDA: bfloat16 where supported, else float16, for every step. CPU: measured once per process
     (`measure`, a fraction of a second) and chosen by `choose`; with several processes, every rank
-    takes rank 0's choice. A forced bfloat16 on CPU still takes the faster of oneDNN and PyTorch's
-    own kernels per kind of step from the same measurement; a forced float16 or float32 switches
-    no kernel, so float32 results are exactly those of plain PyTorch.
+    takes rank 0's choice. `weight_bytes`, the bytes of one rank's weights in bfloat16, says whether
+    they fit in the CPU's last-level cache, and so whether decode products are timed from the cache
+    or from memory (None: from memory, as for any model of a billion parameters). A forced bfloat16
+    on CPU still takes the faster of oneDNN and PyTorch's own kernels per kind of step from the same
+    measurement; a forced float16 or float32 switches no kernel, so float32 results are exactly
+    those of plain PyTorch.
     """
     device = torch.device(device)
     forced = None if dtype is None else parse_dtype(dtype)
@@ -116,7 +129,8 @@ def policy_for(device: torch.device, dtype: Union[str, torch.dtype, None] = None
         return uniform(forced or torch.float32)
     if forced not in (None, torch.bfloat16):
         return uniform(forced, reason="forced")
-    policy = _measured_cpu_policy(torch.get_num_threads())
+    from_memory = weight_bytes is None or weight_bytes > last_level_cache_bytes()
+    policy = _measured_cpu_policy(torch.get_num_threads(), from_memory)
     if forced is None:
         return policy
     # bfloat16 forced: the faster kernel measured for it, per kind of step
@@ -124,9 +138,29 @@ def policy_for(device: torch.device, dtype: Union[str, torch.dtype, None] = None
     return Policy(forced, reason="forced", timings=policy.timings, **plans)
 
 
-def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+def resolve_dtype(
+    dtype: Union[str, torch.dtype, None], device: torch.device, weight_bytes: Optional[int] = None
+) -> torch.dtype:
     """The dtype weights are held in: `dtype` when given, else the device's policy (`policy_for`)."""
-    return policy_for(device, dtype).weights
+    return policy_for(device, dtype, weight_bytes).weights
+
+
+def last_level_cache_bytes() -> int:
+    """The size of this CPU's largest cache (Linux sysfs), or FALLBACK_CACHE where it is not known."""
+    return _last_level_cache_bytes()
+
+
+@functools.lru_cache(maxsize=None)
+def _last_level_cache_bytes() -> int:
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+            scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=FALLBACK_CACHE)
 
 
 # ---------------------------------------------------------------- choosing from timings
@@ -165,14 +199,30 @@ def _fastest(timings: dict, kind: str, compute: str) -> tuple[float, bool]:
 # ---------------------------------------------------------------- measuring
 
 
-def measure(repeats: int = 2) -> dict:
+def measure(repeats: int = 2, from_memory: bool = True) -> dict:
     """Seconds of one product per (kind, compute, onednn) on this CPU, fastest of `repeats` after a
     warm-up (more for the short decode products): PROBE_ROWS rows times a PROBE_SHAPE weight, in
     bfloat16, float32, and float32 over an upcast bfloat16 weight (not timed for one-row decode,
-    where it can only lose to float32 weights)."""
+    where it can only lose to float32 weights). `from_memory`: decode and small-batch products
+    read each call's weight from memory, not from the last-level cache (see PROBE_SHAPE)."""
     big = PROBE_SHAPE["decode"]
-    w16 = torch.full(big, 0.01, dtype=torch.bfloat16)
-    w32 = torch.full(big, 0.01, dtype=torch.float32)
+    n = big[0] * big[1]
+    # one buffer of bfloat16 0.01s; read as float32, each pair of them is a float32 of about 0.01
+    # (0x3C243C24), so the same bytes serve as the weights of both dtypes
+    pool = max(2 * last_level_cache_bytes(), 8 * n) if from_memory else 4 * n
+    buffer = torch.full((max(4 * n, min(pool, PROBE_POOL_MAX) // 2 // n * n),), 0.01, dtype=torch.bfloat16)
+    cursor = [0]  # where the next weight starts: each call reads the bytes least recently read
+
+    def weight(dtype: torch.dtype, out_features: int, cached: bool) -> torch.Tensor:
+        size = out_features * big[1] * (2 if dtype == torch.float32 else 1)  # in bfloat16 elements
+        if cached:
+            return buffer[:size].view(dtype).view(out_features, big[1])
+        if cursor[0] + size > buffer.numel():
+            cursor[0] = 0
+        w = buffer[cursor[0] : cursor[0] + size].view(dtype).view(out_features, big[1])
+        cursor[0] += size
+        return w
+
     scratch = torch.empty(UPCAST_CHUNK)
     timings = {}
     was = torch.backends.mkldnn.enabled
@@ -181,11 +231,12 @@ def measure(repeats: int = 2) -> dict:
             out_features, in_features = PROBE_SHAPE[kind]
             x32 = torch.full((PROBE_ROWS[kind], in_features), 0.5)
             x16 = x32.bfloat16()
-            a16, a32 = w16[:out_features], w32[:out_features]
+            # prefill's product is bound by arithmetic: one weight, read from the cache after the warm-up
+            cached = kind == "prefill" or not from_memory
             cases: dict[str, Callable[[], torch.Tensor]] = {
-                "bfloat16": lambda: F.linear(x16, a16),
-                "float32": lambda: F.linear(x32, a32),
-                "upcast": lambda: upcast_linear(x32, a16, scratch),
+                "bfloat16": lambda: F.linear(x16, weight(torch.bfloat16, out_features, cached)),
+                "float32": lambda: F.linear(x32, weight(torch.float32, out_features, cached)),
+                "upcast": lambda: upcast_linear(x32, weight(torch.bfloat16, out_features, cached), scratch),
             }
             for compute, fn in cases.items():
                 if kind == "decode" and compute == "upcast":
@@ -216,14 +267,15 @@ def best_time(fn: Callable[[], object], repeats: int, give_up: float = float("in
 
 
 @functools.lru_cache(maxsize=None)
-def _measured_cpu_policy(threads: int) -> Policy:
+def _measured_cpu_policy(threads: int, from_memory: bool = True) -> Policy:
     start = time.perf_counter()
-    policy = choose(measure(), reason=_measured_here(threads))
+    where = "weights read from memory" if from_memory else "weights read from the cache"
+    policy = choose(measure(from_memory=from_memory), reason=_measured_here(threads, where))
     return _rank0s(policy, "Kernel policy", start, format_timings)
 
 
-def _measured_here(threads: int) -> str:
-    return f"measured on this CPU, {threads} thread{'s' if threads > 1 else ''}"
+def _measured_here(threads: int, where: str = "") -> str:
+    return f"measured on this CPU, {threads} thread{'s' if threads > 1 else ''}" + (f", {where}" if where else "")
 
 
 def _rank0s(policy, label: str, start: float, format: Callable[[dict], str]):
@@ -258,12 +310,13 @@ def format_timings(timings: dict) -> str:
 # ---------------------------------------------------------------- quantized weights (llama.quantize)
 
 # A quantized product (llama.quantize.QuantizedLinear on CPU) is a "decode" step (at most
-# quantize.DECODE_ROWS rows) or a "prefill"; each can run through PyTorch's packed kernel ("pack":
+# quantize.DECODE_ROWS rows), a "small" batch (at most SMALL_ROWS, as a batch of decode rows or a
+# speculative verify pass) or a "prefill"; each can run through PyTorch's packed kernel ("pack":
 # torch._weight_int8pack_mm / torch._weight_int4pack_mm_for_cpu) or as dequantize-then-F.linear
 # ("dequant"), with bfloat16 or float32 activations. (torch._int_mm with dynamically quantized int8
 # activations is not a candidate: it is not weight-only, its results are not those of the weights.)
 QUANT_MODES = ("int8", "int4")
-QUANT_STEPS = ("decode", "prefill")
+QUANT_STEPS = ("decode", "small", "prefill")
 QUANT_PATHS = ("pack", "dequant")
 QUANT_COMPUTES = (torch.bfloat16, torch.float32)
 # The probe of each step: its rows times a weight with the 1B's input width (2048, the kernels'
@@ -271,8 +324,10 @@ QUANT_COMPUTES = (torch.bfloat16, torch.float32)
 # every product) run 10-100x slower than the fast ones on some CPUs, so the weights are small, and a
 # candidate whose first call is GIVE_UP times slower than the best so far is not timed again: the
 # whole measurement stays within about half a second even on a busy 2-core machine.
-QUANT_PROBE_ROWS = {"decode": 1, "prefill": 64}
-QUANT_PROBE_SHAPE = {"decode": (512, 2048), "prefill": (128, 2048)}
+# (A small batch has its own probe: dequantizing a whole weight for 8 rows, which can win at 64, costs
+# far more than the packed kernel there.)
+QUANT_PROBE_ROWS = {"decode": 1, "small": 8, "prefill": 64}
+QUANT_PROBE_SHAPE = {"decode": (512, 2048), "small": (512, 2048), "prefill": (128, 2048)}
 QUANT_PROBE_GROUP = 32  # the default int4 group size
 GIVE_UP = 3.0
 

@@ -66,6 +66,14 @@ class ModelArgs:
     def ffn_hidden_dim(self) -> int:
         return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
+    @property
+    def decode_weights(self) -> int:
+        """Weights one decode step reads: every matrix and norm of the blocks, the final norm and
+        the output projection; not the embedding table, of which it looks up one row per token."""
+        kv_dim = (self.n_kv_heads or self.n_heads) * self.head_dim
+        per_layer = 2 * self.dim * self.dim + 2 * kv_dim * self.dim + 3 * self.dim * self.ffn_hidden_dim + 2 * self.dim
+        return self.n_layers * per_layer + self.vocab_size * self.dim + self.dim
+
     def validate(self, model_parallel_size: int = 1) -> None:
         """Raise ValueError, saying why, if this shape cannot be built on `model_parallel_size` ranks."""
         mp = model_parallel_size

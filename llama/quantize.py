@@ -238,12 +238,17 @@ def _by_rows(fn: Callable, w: torch.Tensor, with_start: bool = False, step: Opti
 CPU_PATHS = kernels.QUANT_PATHS
 PATH_MODES = {"pack": ("int8", "int4"), "dequant": ("int8", "int4")}
 
-# A step is "decode" (at most DECODE_ROWS rows) or "prefill". Which path and compute dtype each
+# A step is "decode" (at most DECODE_ROWS rows), "small" (at most kernels.SMALL_ROWS) or "prefill". Which path and compute dtype each
 # (mode, step) takes on CPU is measured on the machine at hand, once per process, by llama.kernels
 # (quantized_kernel); a forced dtype (dtype="float32") runs in that dtype, exactly.
 DECODE_ROWS = 4
 STEPS = kernels.QUANT_STEPS
 INT4_INNER_K_TILES = {"cpu": 2, "cuda": 8}
+
+
+def step_for(rows: int) -> str:
+    """The kind of quantized product (a key of STEPS) for `rows` token rows."""
+    return "decode" if rows <= DECODE_ROWS else "small" if rows <= kernels.SMALL_ROWS else "prefill"
 
 
 class QuantizedLinear(nn.Module):
@@ -277,7 +282,7 @@ class QuantizedLinear(nn.Module):
         self.in_features = q.shape[1] * (2 if mode == "int4" else 1)
         device = q.device
         if device.type == "cuda":
-            self.kernels = {"decode": self._cuda_path(), "prefill": self._cuda_path()}
+            self.kernels = {step: self._cuda_path() for step in STEPS}
         elif path is not None:  # one path for every step (benchmarks, tests)
             self.kernels = {step: (path, compute_dtype or act_dtype) for step in STEPS}
         else:
@@ -336,7 +341,7 @@ class QuantizedLinear(nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) @ W^T -> (..., out) on this rank's slice, in x's dtype; no communication."""
         rows = x.numel() // x.shape[-1]
-        path, dt = self.kernels["decode" if rows <= DECODE_ROWS else "prefill"]
+        path, dt = self.kernels[step_for(rows)]
         dt = dt or x.dtype
         x2 = x.reshape(rows, x.shape[-1]).to(dt)  # (rows, in)
         if path == "pack":

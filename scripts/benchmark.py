@@ -176,9 +176,7 @@ def model_bytes(params: dict, dtype: torch.dtype) -> dict:
     args = ModelArgs(**params)
     size = dtype.itemsize
     kv_dim = (args.n_kv_heads or args.n_heads) * args.head_dim
-    per_layer = 2 * args.dim * args.dim + 2 * kv_dim * args.dim + 3 * args.dim * args.ffn_hidden_dim + 2 * args.dim
-    weights = args.n_layers * per_layer + args.vocab_size * args.dim + args.dim
-    return {"weights": weights * size, "kv_per_token": 2 * args.n_layers * kv_dim * size}
+    return {"weights": args.decode_weights * size, "kv_per_token": 2 * args.n_layers * kv_dim * size}
 
 
 # ---------------------------------------------------------------- timing helpers
@@ -844,10 +842,10 @@ def main(
             print(f"wrote {out}")
         return result
     dev = distributed.resolve_device(device)
-    dt = kernels.resolve_dtype(dtype, dev)
     params = registry.get(shape)
     if n_layers:
         params["n_layers"] = int(n_layers)
+    dt = kernels.resolve_dtype(dtype, dev, weight_bytes=model_bytes(params, torch.bfloat16)["weights"])
     s = settings(quick, long_context, prefill_len, dev)
     if isinstance(impls, str):
         impls = impls.split(",")

@@ -65,8 +65,8 @@ def fake_cpu(monkeypatch):
     """policy_for on a CPU that measures as `NO_NATIVE_BF16`, the measurement cache emptied."""
     calls = []
 
-    def measure():
-        calls.append(1)
+    def measure(from_memory=True):
+        calls.append(from_memory)
         return NO_NATIVE_BF16
 
     monkeypatch.setattr(kernels, "measure", measure)
@@ -101,6 +101,25 @@ def test_forced_dtypes_bypass_the_policy(fake_cpu, monkeypatch):
         kernels.resolve_dtype("int3", cpu)
 
 
+def test_weights_that_fit_in_the_cache_are_timed_from_the_cache(fake_cpu, monkeypatch):
+    """A model larger than the last-level cache is timed from memory, one that fits from the cache
+    (a 260 MB cache holds the demo model but not a 1B); each is measured once."""
+    monkeypatch.setattr(kernels, "last_level_cache_bytes", lambda: 260 * 2**20)
+    cpu = torch.device("cpu")
+    demo, one_b = 23 * 2**20, 2 * 1_236_000_000
+    kernels.policy_for(cpu, weight_bytes=demo)
+    kernels.policy_for(cpu, weight_bytes=one_b)
+    kernels.policy_for(cpu)  # unknown size: from memory
+    kernels.policy_for(cpu, weight_bytes=demo)
+    assert fake_cpu == [False, True]
+    assert "weights read from the cache" in kernels.policy_for(cpu, weight_bytes=demo).reason
+
+
+def test_last_level_cache_is_read_from_sysfs():
+    size = kernels.last_level_cache_bytes()
+    assert size >= 2**20 and size % 1024 == 0  # a cache of a megabyte or more, in whole KB
+
+
 def test_kernels_for_applies_the_plan_of_each_step_and_restores_the_flags():
     p = kernels.choose(NO_NATIVE_BF16)
     seen = {}
@@ -115,12 +134,37 @@ def test_kernels_for_applies_the_plan_of_each_step_and_restores_the_flags():
         assert torch.nn.functional.linear(torch.ones(2, 3, dtype=BF16), torch.ones(4, 3, dtype=BF16)).dtype == BF16
 
 
-def test_measure_times_every_case_on_this_cpu():
-    t = kernels.measure(repeats=1)
+@pytest.mark.parametrize("from_memory", [True, False])
+def test_measure_times_every_case_on_this_cpu(from_memory):
+    t = kernels.measure(repeats=1, from_memory=from_memory)
     expected = {(k, c, o) for k in kernels.KINDS for c in kernels.COMPUTES for o in (True, False)}
     assert set(t) == expected - {("decode", "upcast", True), ("decode", "upcast", False)}
     assert all(s > 0 for s in t.values())
     assert isinstance(kernels.choose(t).weights, torch.dtype)
+
+
+def test_the_probe_reads_fresh_weights_from_memory(monkeypatch):
+    """From memory, consecutive decode products read disjoint bytes, and the buffer spans twice the
+    cache; from the cache, every product reads the same weight."""
+    monkeypatch.setattr(kernels, "last_level_cache_bytes", lambda: 96 * 2**20)
+    seen = []
+    linear = torch.nn.functional.linear
+
+    def spy(x, w, *rest):
+        seen.append((x.shape[0], w.dtype, w.data_ptr(), w.untyped_storage().nbytes()))
+        return linear(x, w, *rest)
+
+    for from_memory in (True, False):
+        seen.clear()
+        monkeypatch.setattr(kernels.F, "linear", spy)
+        kernels.measure(repeats=1, from_memory=from_memory)
+        monkeypatch.setattr(kernels.F, "linear", linear)
+        decode = [(ptr, dt) for rows, dt, ptr, _ in seen if rows == 1]
+        if from_memory:
+            assert seen[0][3] >= 2 * 96 * 2**20  # the buffer: twice the cache
+            assert all(a[0] != b[0] for a, b in zip(decode, decode[1:]))
+        else:
+            assert len({ptr for ptr, _ in decode}) == 1
 
 
 PROMPT = [[5, 9, 2, 77, 31, 8, 100, 3, 64, 12, 250, 7, 19, 44, 2, 90, 17, 33, 21, 6]]
@@ -223,11 +267,13 @@ def test_quantized_kernels_follow_the_timings():
     t = quant_timings({
         ("int8", "decode"): ("pack", "bfloat16"), ("int8", "prefill"): ("dequant", "float32"),
         ("int4", "decode"): ("pack", "float32"), ("int4", "prefill"): ("pack", "bfloat16"),
+        ("int8", "small"): ("pack", "bfloat16"), ("int4", "small"): ("dequant", "bfloat16"),
     })
     t[("int4", "prefill", "dequant", "float32")] = 1.5e-3  # the fastest in float32, not overall
     p = kernels.choose_quantized(t)
     assert p.kernel("int8", "decode") == ("pack", BF16) and p.kernel("int8", "prefill") == ("dequant", F32)
     assert p.kernel("int4", "decode") == ("pack", F32) and p.kernel("int4", "prefill") == ("pack", BF16)
+    assert p.kernel("int8", "small") == ("pack", BF16) and p.kernel("int4", "small") == ("dequant", BF16)
     # a forced dtype: the fastest path in it
     assert p.kernel("int8", "prefill", BF16)[1] == BF16 and p.kernel("int8", "decode", F32)[1] == F32
     assert p.kernel("int4", "prefill", F32) == ("dequant", F32)
@@ -260,7 +306,7 @@ def test_the_quantized_kernels_are_measured_once_and_the_fastest_is_taken(fresh_
     with caplog.at_level(logging.INFO, logger="llama.kernels"):
         for mode, stored in (("int8", quantize.quantize_int8(w) + (None,)), ("int4", quantize.quantize_int4(w, 32))):
             lin = quantize.QuantizedLinear(mode, *stored, 32, BF16)
-            assert lin.kernels == {"decode": ("dequant", F32), "prefill": ("dequant", F32)}
+            assert lin.kernels == {"decode": ("dequant", F32), "small": ("dequant", F32), "prefill": ("dequant", F32)}
             forced = quantize.QuantizedLinear(mode, *stored, 32, BF16, compute_dtype=BF16)
             assert {dt for _, dt in forced.kernels.values()} == {BF16}
     assert len(calls) == len(kernels.QUANT_MODES) * len(kernels.QUANT_STEPS) * len(kernels.QUANT_PATHS) * len(kernels.QUANT_COMPUTES)

@@ -83,9 +83,9 @@ def test_quantized_linear_equals_dequantize_then_linear(mode, path, act):
     stored = quantize.quantize_int8(w) + (None,) if mode == "int8" else quantize.quantize_int4(w, 32)
     deq = quantize.dequantize(mode, *stored, group_size=32)
     lin = quantize.QuantizedLinear(mode, *stored, 32, act, path=path)
-    for rows in (1, 9):  # a decode step and a prefill-size product
+    for rows in (1, 9, 17):  # a decode step, a small batch and a prefill-size product
         x = torch.randn(rows, 128).to(act)
-        _, dt = lin.kernels["decode" if rows <= quantize.DECODE_ROWS else "prefill"]
+        _, dt = lin.kernels[quantize.step_for(rows)]
         dt = dt or act
         want = F.linear(x.to(dt).double(), deq.double())  # the activations as the kernel sees them
         got = lin(x)
