@@ -270,7 +270,8 @@ def best_time(fn: Callable[[], object], repeats: int, give_up: float = float("in
 def _measured_cpu_policy(threads: int, from_memory: bool = True) -> Policy:
     start = time.perf_counter()
     where = "weights read from memory" if from_memory else "weights read from the cache"
-    policy = choose(measure(from_memory=from_memory), reason=_measured_here(threads, where))
+    # rank 0 alone measures: the other ranks' probes would share its cores and memory bandwidth
+    policy = choose(measure(from_memory=from_memory), reason=_measured_here(threads, where)) if distributed.is_rank0() else None
     return _rank0s(policy, "Kernel policy", start, format_timings)
 
 
@@ -279,7 +280,7 @@ def _measured_here(threads: int, where: str = "") -> str:
 
 
 def _rank0s(policy, label: str, start: float, format: Callable[[dict], str]):
-    """Rank 0's measured `policy` on every rank, logged once (from rank 0) with its timings.
+    """Rank 0's measured `policy` (None on the other ranks) on every rank, logged once (from rank 0) with its timings.
     Every rank must compute alike: the all-reduces need one dtype, and ranks running different
     kernels would compute different numbers."""
     policy = distributed.broadcast_object(policy)
@@ -415,7 +416,7 @@ def quantized_kernel(mode: str, step: str, compute_dtype: Optional[torch.dtype] 
 @functools.lru_cache(maxsize=None)
 def _measured_quantized_policy(threads: int) -> QuantizedPolicy:
     start = time.perf_counter()
-    policy = choose_quantized(measure_quantized(), reason=_measured_here(threads))
+    policy = choose_quantized(measure_quantized(), reason=_measured_here(threads)) if distributed.is_rank0() else None
     return _rank0s(policy, "Quantized kernels", start, format_quantized_timings)
 
 
