@@ -213,15 +213,13 @@ def measure(repeats: int = 2, from_memory: bool = True) -> dict:
     buffer = torch.full((max(4 * n, min(pool, PROBE_POOL_MAX) // 2 // n * n),), 0.01, dtype=torch.bfloat16)
     cursor = [0]  # where the next weight starts: each call reads the bytes least recently read
 
-    def weight(dtype: torch.dtype, out_features: int, cached: bool) -> torch.Tensor:
-        size = out_features * big[1] * (2 if dtype == torch.float32 else 1)  # in bfloat16 elements
-        if cached:
-            return buffer[:size].view(dtype).view(out_features, big[1])
-        if cursor[0] + size > buffer.numel():
+    def weight(dtype: torch.dtype, shape: tuple, cached: bool) -> torch.Tensor:
+        size = shape[0] * shape[1] * (2 if dtype == torch.float32 else 1)  # in bfloat16 elements
+        if not cached and cursor[0] + size > buffer.numel():
             cursor[0] = 0
-        w = buffer[cursor[0] : cursor[0] + size].view(dtype).view(out_features, big[1])
-        cursor[0] += size
-        return w
+        start = 0 if cached else cursor[0]
+        cursor[0] += 0 if cached else size
+        return buffer[start : start + size].view(dtype).view(shape)
 
     scratch = torch.empty(UPCAST_CHUNK)
     timings = {}
@@ -234,9 +232,9 @@ def measure(repeats: int = 2, from_memory: bool = True) -> dict:
             # prefill's product is bound by arithmetic: one weight, read from the cache after the warm-up
             cached = kind == "prefill" or not from_memory
             cases: dict[str, Callable[[], torch.Tensor]] = {
-                "bfloat16": lambda: F.linear(x16, weight(torch.bfloat16, out_features, cached)),
-                "float32": lambda: F.linear(x32, weight(torch.float32, out_features, cached)),
-                "upcast": lambda: upcast_linear(x32, weight(torch.bfloat16, out_features, cached), scratch),
+                "bfloat16": lambda: F.linear(x16, weight(torch.bfloat16, PROBE_SHAPE[kind], cached)),
+                "float32": lambda: F.linear(x32, weight(torch.float32, PROBE_SHAPE[kind], cached)),
+                "upcast": lambda: upcast_linear(x32, weight(torch.bfloat16, PROBE_SHAPE[kind], cached), scratch),
             }
             for compute, fn in cases.items():
                 if kind == "decode" and compute == "upcast":
