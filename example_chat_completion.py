@@ -79,7 +79,8 @@ def main(
         device: cuda or cpu (default: cuda when available).
         dtype: bfloat16, float16 or float32 (default: the device's best).
         seed: random seed, the same on every process.
-        compile: torch.compile the decode step (CUDA graphs on GPU); eager if compilation fails.
+        compile: torch.compile the decode step, and with a draft its steps and the verify passes
+            (CUDA graphs on GPU); eager if compilation fails.
         verify: check the checkpoint's files against its checklist.chk (md5) before loading.
         quantize: int8, int4 (or fp8 on CUDA sm89+) weight-only quantization on load (default: none;
             a checkpoint from scripts/quantize.py loads quantized as stored).

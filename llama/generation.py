@@ -76,8 +76,9 @@ class Llama:
                 params.json or, failing that, uses the published default for the model's shape.
             compile: torch.compile the decode step, with static shapes (the KV cache padded to a
                 power-of-two length) and CUDA graphs on GPU; the first request of each batch size
-                and cache length compiles. Where compilation fails, a warning is logged and decoding
-                runs eagerly.
+                and cache length compiles. With a draft model, its steps and the verify passes of
+                speculate_k + 1 tokens are compiled too (llama.speculative). Where compilation
+                fails, a warning is logged and decoding runs eagerly.
             verify: first check every file against the checkpoint's checklist.chk (Meta's md5 list).
             quantize: None (full precision, exactly as stored), "int8", "int4" or "fp8" (CUDA sm89+):
                 weight-only quantization of the seven projections of every block (and of the output
@@ -148,7 +149,11 @@ class Llama:
         self.tokenizer = tokenizer
         self.speculator = speculator  # the draft model, when decoding speculatively
         self.formatter = ChatFormat(tokenizer)
-        self._compiled_decode = _compile_decode(model) if compile else None
+        # compile=True: one compiled forward pass per model, for decode steps and (with a draft)
+        # the verify pass; the draft's steps get their own
+        self._compiled = CompiledStep(model) if compile else None
+        if self._compiled is not None and speculator is not None:
+            speculator.compiled = (self._compiled, CompiledStep(speculator.draft))
 
     @property
     def device(self) -> torch.device:
@@ -199,26 +204,23 @@ class Llama:
         """A continuous-batching engine (llama.engine) over this model, with a KV cache of at least
         `rows` sequences of `seq_len` tokens (reused when the current one is large enough; with
         compile=True its length is rounded up to a power of two)."""
-        compiled = self._compiled_decode is not None
+        compiled = self._compiled is not None
         cache_len = _static_cache_len(seq_len, self.model.params.max_seq_len) if compiled else seq_len
         have_rows, have_len = kv_cache.shape(self.model) or (0, 0)
         if have_rows < rows or have_len < cache_len:
             self.model.setup_cache(rows, cache_len)
-        if compiled:
-            _mark_static(self.model)
-        return Engine(self.model, self.tokenizer, self._decode, static_shapes=compiled, speculator=self.speculator)
+        engine = Engine(self.model, self.tokenizer, self._decode, static_shapes=compiled, speculator=self.speculator)
+        if compiled:  # after the engine has fitted the draft's cache to the model's
+            for model in [self.model] + ([self.speculator.draft] if self.speculator else []):
+                _mark_static(model)
+        return engine
 
     def _decode(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], kv_len: Optional[int] = None) -> torch.Tensor:
         """Logits (bsz, vocab) of one new token per row: the compiled step when there is one."""
-        if self._compiled_decode is not None:
-            try:
-                with kernels.kernels_for(tokens, self.model.policy, compiled=True):
-                    torch.compiler.cudagraph_mark_step_begin()
-                    return self._compiled_decode(tokens, start_pos)
-            except Exception as e:  # a step rerun writes the same KV cache slots, so eager can take over
-                logger.warning("compiled decoding failed, decoding eagerly from now on: %s", e)
-                self._compiled_decode = None
-        return self.model(tokens, start_pos, kv_len=kv_len)[:, -1]
+        logits = self._compiled(tokens, start_pos) if self._compiled is not None else None
+        if logits is None:
+            logits = self.model(tokens, start_pos, kv_len=kv_len)
+        return logits[:, -1]
 
     def generate(
         self,
@@ -371,21 +373,47 @@ class Llama:
         return message
 
 
-def _compile_decode(model: Transformer) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """torch.compile of one decode step, (bsz, 1) tokens at (bsz,) positions -> (bsz, vocab) logits,
-    with static shapes; on CUDA with CUDA graphs ("reduce-overhead"), which remove the launch
-    overhead that dominates small decode steps."""
-    from fairscale.nn.model_parallel import mappings
+class CompiledStep:
+    """torch.compile of a forward pass of `model` over its whole KV cache: (bsz, t) tokens at (bsz,)
+    positions -> (bsz, t, vocab) logits, with static shapes (one compilation per (bsz, t): decode
+    steps, verify passes of k + 1 tokens, a draft's steps); on CUDA with CUDA graphs
+    ("reduce-overhead"), which remove the launch overhead that dominates small steps. A call
+    returns None once compilation has failed (a warning is logged once): the caller then runs the
+    pass eagerly, which writes the same KV cache slots, and so does every later call."""
 
-    # fairscale's all-reduce marks its input dirty, which Dynamo cannot trace: taken whole into the
-    # graph instead of breaking it at every layer (it is the identity on one process)
-    torch.compiler.allow_in_graph(mappings.reduce_from_model_parallel_region)
+    def __init__(self, model: Transformer):
+        from fairscale.nn.model_parallel import mappings
 
-    def decode_step(tokens: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
-        return model._forward(tokens, start_pos, None, use_cache=True)[:, -1]
+        # fairscale's all-reduce marks its input dirty, which Dynamo cannot trace: taken whole into
+        # the graph instead of breaking it at every layer (it is the identity on one process)
+        torch.compiler.allow_in_graph(mappings.reduce_from_model_parallel_region)
+        # a model and its draft share this code object: decode, 3 verify lengths and 2 draft
+        # lengths are recompilations of it, more than Dynamo's default limit of 8 allows
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # older torch
+        setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
+        self.model = model
+        device = model.tok_embeddings.weight.device
+        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs: no launch overhead
+        self.fn: Optional[Callable] = torch.compile(self._step, mode=mode, dynamic=False)
 
-    device = model.tok_embeddings.weight.device
-    return torch.compile(decode_step, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+    def _step(self, tokens: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
+        return self.model._forward(tokens, start_pos, None, use_cache=True)
+
+    def __call__(self, tokens: torch.Tensor, start_pos: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.fn is None:
+            return None
+        try:
+            with kernels.kernels_for(tokens, self.model.policy, compiled=True):
+                torch.compiler.cudagraph_mark_step_begin()
+                return self.fn(tokens, start_pos)
+        except Exception as e:  # a pass rerun writes the same KV cache slots, so eager can take over
+            logger.warning("compiled forward passes failed, running eagerly from now on: %s", e)
+            self.fn = None
+            return None
+
+
+RECOMPILE_LIMIT = 16
 
 
 def _static_cache_len(total_len: int, max_seq_len: int) -> int:

@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# a compiled forward pass (llama.generation.CompiledStep): (rows, t) tokens at (rows,) positions ->
+# (rows, t, vocab) logits over the whole KV cache, or None once compilation has failed
+StepFn = Callable[[torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
+
 MAX_K = 16
 DEFAULT_K = 4
 
@@ -88,7 +92,10 @@ class Speculator:
     lags one position behind (it never saw the last proposal); the next step then feeds it the
     sequence's last two tokens instead of one.
     `context` wraps every draft forward pass (llama.distributed.replicated for a draft held whole
-    on every rank under torchrun).
+    on every rank under torchrun). `compiled`, set by `Llama` with compile=True: the model's and the
+    draft's compiled forward passes (llama.generation.CompiledStep), which the step uses over all
+    cache rows when the engine decodes with static shapes, for the draft's steps and for verify
+    passes of k + 1 tokens (a shorter pass near a sequence's end runs eagerly: no new compilation).
     """
 
     def __init__(self, draft: Transformer, k: int = DEFAULT_K, context: Callable = contextlib.nullcontext):
@@ -97,6 +104,7 @@ class Speculator:
         self.proposed = 0  # draft tokens proposed, and of them accepted, since the start
         self.accepted = 0
         self._behind: set = set()  # ids of the sequences whose draft cache lags one position
+        self.compiled: Optional[Tuple[StepFn, StepFn]] = None  # (the model's, the draft's)
 
     @property
     def acceptance_rate(self) -> float:
@@ -108,12 +116,37 @@ class Speculator:
         if kv_cache.shape(self.draft) != (rows, seq_len):
             kv_cache.allocate(self.draft, rows, seq_len)
 
-    def _forward(self, tokens: torch.Tensor, positions: List[int]) -> torch.Tensor:
-        """The draft's logits (bsz, vocab) at the last of `tokens` (bsz, n), placed at `positions`."""
-        start_pos, kv_len = step_positions(positions, tokens.shape[1], tokens.device)
-        last = torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device)
+    def _forward(self, tokens: torch.Tensor, positions: List[int], rows: Optional[int] = None) -> torch.Tensor:
+        """The draft's logits (bsz, vocab) at the last of `tokens` (bsz, n), placed at `positions`;
+        compiled over `rows` cache rows when given (see `_compiled`)."""
         with self.context():
+            logits = self._compiled(1, tokens, positions, rows)
+            if logits is not None:
+                return logits[:, -1]
+            start_pos, kv_len = step_positions(positions, tokens.shape[1], tokens.device)
+            last = torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device)
             return self.draft(tokens, start_pos, output_index=last, kv_len=kv_len)[:, 0]
+
+    def _verify(self, engine: "Engine", tokens: torch.Tensor, positions: List[int], rows: Optional[int]) -> torch.Tensor:
+        """The model's logits (bsz, k + 1, vocab) of the last tokens and the proposals, `tokens`."""
+        logits = self._compiled(0, tokens, positions, rows if tokens.shape[1] == self.k + 1 else None)
+        if logits is None:
+            start_pos, kv_len = step_positions(positions, tokens.shape[1], tokens.device)
+            logits = engine.model(tokens, start_pos, kv_len=kv_len)
+        return logits
+
+    def _compiled(self, which: int, tokens: torch.Tensor, positions: List[int], rows: Optional[int]) -> Optional[torch.Tensor]:
+        """The compiled pass `which` (0 the model's, 1 the draft's) of `tokens` (bsz, n) at
+        `positions`, padded to `rows` rows (free rows ride along at position 0, as in the engine's
+        static-shape decode steps); None when there is none, `rows` is None, or compilation failed."""
+        if self.compiled is None or rows is None:
+            return None
+        bsz, device = tokens.shape[0], tokens.device
+        padded = torch.zeros(rows, tokens.shape[1], dtype=tokens.dtype, device=device)
+        padded[:bsz] = tokens
+        start_pos = torch.tensor(positions + [0] * (rows - bsz), device=device)
+        logits = self.compiled[which](padded, start_pos)
+        return None if logits is None else logits[:bsz]
 
     def prefill(self, engine: "Engine", staged: List["_Sequence"], single: List["_Sequence"]) -> None:
         """Fill the draft's rows of newly admitted sequences with their prompts, as the engine did
@@ -126,29 +159,29 @@ class Speculator:
         """One decode step of every running sequence: propose, verify, accept; the events of every
         emitted token, in order, up to each sequence's end."""
         seqs, device = engine.running, engine.device
+        rows = engine.rows if engine.static_shapes else None  # compiled passes: all cache rows
         pos = [s.pos for s in seqs]  # where each row's last token goes: both caches hold what is before
         last = [s.tokens[-1] for s in seqs]
         # propose no more than the longest budget uses, and stay inside the KV cache
         k = min(self.k, max(s.limit - len(s.tokens) for s in seqs) - 1, engine.seq_len - 1 - max(pos))
         if any(s.id in self._behind for s in seqs):  # all rows rewrite the token before the last too
             prev = [s.tokens[-2] if len(s.tokens) > 1 else s.request.prompt[-1] for s in seqs]
-            logits = self._forward(torch.tensor([prev, last], device=device).T, [p - 1 for p in pos])
+            logits = self._forward(torch.tensor([prev, last], device=device).T, [p - 1 for p in pos], rows)
         else:
-            logits = self._forward(torch.tensor(last, device=device)[:, None], pos)
+            logits = self._forward(torch.tensor(last, device=device)[:, None], pos, rows)
         self._behind.difference_update(s.id for s in seqs)
         if k <= 0:  # room for one token only: a plain step (the draft's cache kept in step above)
             return engine._decode_running()
         proposals, qs = [], []
         for j in range(k):
             if j:
-                logits = self._forward(proposals[-1][:, None], [p + j for p in pos])
+                logits = self._forward(proposals[-1][:, None], [p + j for p in pos], rows)
             token, q = self._propose(seqs, logits)
             proposals.append(token)
             qs.append(q)
         draft = torch.stack(proposals, dim=1)  # (n, k)
         verify = torch.cat([torch.tensor(last, device=device)[:, None], draft], dim=1)  # (n, k+1)
-        start_pos, kv_len = step_positions(pos, k + 1, device)
-        target = engine.model(verify, start_pos, kv_len=kv_len)  # (n, k+1, vocab)
+        target = self._verify(engine, verify, pos, rows)  # (n, k+1, vocab)
         check_finite(target.flatten(0, 1))
         emitted = []
         for i, s in enumerate(seqs):

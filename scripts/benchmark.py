@@ -34,6 +34,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -702,16 +703,19 @@ SPECULATE_PROMPTS = (
 
 def speculative(
     ckpt_dir: Optional[str], tokenizer_path: Optional[str], draft_ckpt_dir: Optional[str], ks: list, quick: bool,
-    device: torch.device, dtype: Optional[str], temperature: float, n_new: Optional[int],
+    device: torch.device, dtype: Optional[str], temperature: float, n_new: Optional[int], compile: bool = False,
+    rounds: int = 3,
 ) -> dict:
     """Batch-1 decode of each prompt without the draft, then with it at each k: tokens/s after the
-    first token (so prefill is left out), the acceptance rate, and (greedy) the tokens compared."""
+    first token (so prefill is left out), the median of `rounds` rounds that each run every
+    configuration once (so a slow spell of the machine falls on all of them alike), the acceptance
+    rate, and (greedy) the tokens compared. `compile`: both models' forward passes compiled."""
     from llama import Llama, speculative as spec_module
     from llama.demo import resolve_draft, resolve_paths
 
     for k in ks:
         spec_module.check_k(k)
-    build = dict(max_seq_len=256, max_batch_size=1, device=device, dtype=dtype)
+    build = dict(max_seq_len=256, max_batch_size=1, device=device, dtype=dtype, compile=compile)
     draft_ckpt_dir = resolve_draft(ckpt_dir, draft_ckpt_dir, True)
     ckpt_dir, tokenizer_path = resolve_paths(ckpt_dir, tokenizer_path)
     plain = Llama.build(ckpt_dir, tokenizer_path, **build)
@@ -732,32 +736,52 @@ def speculative(
             out.append(tokens)
         return n / seconds, out
 
-    decode(plain)  # warm-up: first-call set-up of kernels (the draft's too)
-    decode(spec)
-    rate, want = decode(plain)
-    runs = {"plain": {"tokens_per_s": rate}}
-    for k in ks:  # one draft, loaded once: only k changes
+    def at_k(k: int) -> tuple[float, list]:
         spec.speculator.k, spec.speculator.proposed, spec.speculator.accepted = k, 0, 0
-        rate, got = decode(spec)
-        runs[f"k={k}"] = {"k": k, "tokens_per_s": rate, "acceptance": spec.speculator.acceptance_rate,
-                          "speedup": rate / runs["plain"]["tokens_per_s"]}
+        return decode(spec)
+
+    decode(plain)  # warm-up: first-call set-up of kernels (compiled: each k's verify pass)
+    for k in ks:
+        at_k(k)
+    rates: dict = {"plain": []}
+    seen = {}  # k -> (acceptance, tokens): the same in every round
+    for _ in range(rounds):
+        rate, want = decode(plain)
+        rates["plain"].append(rate)
+        for k in ks:
+            rate, got = at_k(k)
+            rates.setdefault(k, []).append(rate)
+            seen[k] = spec.speculator.acceptance_rate, got
+    plain_rate = statistics.median(rates["plain"])
+    runs = {"plain": {"tokens_per_s": plain_rate}}
+    for k in ks:  # one draft, loaded once: only k changes
+        rate = statistics.median(rates[k])
+        runs[f"k={k}"] = {"k": k, "tokens_per_s": rate, "acceptance": seen[k][0], "speedup": rate / plain_rate}
         if temperature == 0:
-            runs[f"k={k}"]["same_tokens"] = got == want
+            runs[f"k={k}"]["same_tokens"] = seen[k][1] == want
 
     def forward_ms(forward: Callable[[torch.Tensor], object], n: int) -> float:
         """One forward pass of n tokens at position 64 of cache row 0 (past every live position), ms."""
         tokens = torch.tensor([prompts[0][:n]], device=device)
         return 1e3 * best_time(lambda: forward(tokens), device, repeats=10)
 
-    # where a step's time goes: k draft steps and one verify pass of k + 1 tokens, against one decode
-    spec.model.setup_cache(1, 256)
-    spec.speculator.fit(1, 256)
-    profile = {"model, 1 token": forward_ms(lambda t: spec.model(t, 64), 1),
-               "draft, 1 token": forward_ms(lambda t: spec.speculator._forward(t, [64]), 1)}
+    # where a step's time goes: k draft steps and one verify pass of k + 1 tokens, against one
+    # decode step; compiled, the passes the engine ran (over the cache it has: a new one recompiles)
+    rows = 1 if compile else None
+    if not compile:
+        spec.model.setup_cache(1, 256)
+        spec.speculator.fit(1, 256)
+    position = torch.tensor([64], device=device)
+
+    def model_pass(tokens: torch.Tensor) -> object:
+        return spec._compiled(tokens, position) if compile else spec.model(tokens, 64)
+
+    profile = {"model, 1 token": forward_ms(model_pass, 1),
+               "draft, 1 token": forward_ms(lambda t: spec.speculator._forward(t, [64], rows), 1)}
     for k in ks:
-        profile[f"model, {k + 1} tokens"] = forward_ms(lambda t: spec.model(t, 64), k + 1)
+        profile[f"model, {k + 1} tokens"] = forward_ms(model_pass, k + 1)
     return {"ckpt_dir": ckpt_dir, "draft_ckpt_dir": draft_ckpt_dir, "temperature": temperature, "new_tokens": n_new,
-            "prompts": len(prompts), "device": str(device), "threads": torch.get_num_threads(), "runs": runs,
+            "compiled": compile, "rounds": rounds, "prompts": len(prompts), "device": str(device), "threads": torch.get_num_threads(), "runs": runs,
             "policy": plain.model.policy.describe() if plain.model.policy else None, "profile_ms": profile}
 
 
@@ -766,7 +790,8 @@ def print_speculative(result: dict) -> None:
              "decode tok/s, batch 1": r["tokens_per_s"], "speed-up": r.get("speedup"),
              "same tokens": r.get("same_tokens")} for name, r in result["runs"].items()]
     print(f"{result['ckpt_dir']} with draft {result['draft_ckpt_dir']}, temperature {result['temperature']}, "
-          f"{result['prompts']} prompts x {result['new_tokens']} new tokens, {result['device']}, {result['threads']} threads")
+          f"{result['prompts']} prompts x {result['new_tokens']} new tokens, {result['device']}, {result['threads']} threads"
+          f"{', compiled' if result.get('compiled') else ''}, median of {result.get('rounds', 1)} rounds")
     print_table(rows)
     print("forward pass, ms: " + ", ".join(f"{name} {ms:.2f}" for name, ms in result["profile_ms"].items()))
     if result["policy"]:
@@ -810,7 +835,8 @@ def main(
         quick: small sizes everywhere (seconds on small shapes).
         long_context: context of the long decode runs, tokens (default 4096; 256 with --quick).
         prefill_len: prompt length of the prefill run; the mixed batch spans 16 to this (default 512).
-        compile: also run ours with compile=True (torch.compile of the decode step).
+        compile: also run ours with compile=True (torch.compile of the decode step); with --speculate,
+            both models compiled (plain decode steps, the draft's steps and the verify passes).
         impls: comma-separated, from ours (the dtype policy), ours-bf16 and ours-f32 (forced dtypes),
             ours-compile, ours-int8 and ours-int4 (quantized weights), hf-eager, hf-sdpa, llama.cpp
             (BF16, Q8_0 and Q4_0 of the same weights). Default: ours, hf-eager, hf-sdpa (and
@@ -835,7 +861,7 @@ def main(
             torch.set_num_threads(int(threads))
         distributed.setup(distributed.resolve_device(device))
         result = speculative(ckpt_dir, tokenizer_path, draft_ckpt_dir, ks, quick, distributed.resolve_device(device),
-                             dtype, float(temperature), new_tokens)
+                             dtype, float(temperature), new_tokens, compile, 1 if quick else 3)
         print_speculative(result)
         if out:
             Path(out).write_text(json.dumps(result, indent=2))

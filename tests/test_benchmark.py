@@ -100,7 +100,7 @@ def test_compiled_decode_gives_the_eager_tokens(tiny_ckpt, byte_tokenizer):
         want, _ = eager.generate(prompts, max_gen_len=12, temperature=0)
         got, _ = compiled.generate(prompts, max_gen_len=12, temperature=0)
         assert got == want
-    assert compiled._compiled_decode is not None  # it did not fall back
+    assert compiled._compiled.fn is not None  # it did not fall back
 
 
 def test_failed_compilation_warns_and_decodes_eagerly(tiny_ckpt, byte_tokenizer, monkeypatch, caplog):
@@ -115,7 +115,7 @@ def test_failed_compilation_warns_and_decodes_eagerly(tiny_ckpt, byte_tokenizer,
     llama = Llama.build(str(tiny_ckpt), str(byte_tokenizer), compile=True, **kwargs)
     with caplog.at_level(logging.WARNING, logger="llama.generation"):
         got, _ = llama.generate(PROMPTS, max_gen_len=6, temperature=0)
-    assert "no compiler here" in caplog.text and llama._compiled_decode is None
+    assert "no compiler here" in caplog.text and llama._compiled.fn is None
     eager = Llama.build(str(tiny_ckpt), str(byte_tokenizer), **kwargs)
     assert got == eager.generate(PROMPTS, max_gen_len=6, temperature=0)[0]
 
