@@ -26,8 +26,8 @@ bandwidth allows for the bytes one step reads (weights once, plus each row's KV 
 
 Speculative decoding (--speculate, or --draft_ckpt_dir) is measured apart, on a trained model and
 its draft (default: the bundled demo model and its draft; random weights would accept nothing):
-batch-1 decode tokens/s without the draft and with it at each --speculate_k, the draft's
-acceptance rate, and whether greedy output is the model's own.
+batch-1 decode tokens/s without the draft and with it at each --speculate_k (both compiled with
+--compile), the draft's acceptance rate, and whether greedy output is the model's own.
 """
 import contextlib
 import json
@@ -774,7 +774,8 @@ def speculative(
     position = torch.tensor([64], device=device)
 
     def model_pass(tokens: torch.Tensor) -> object:
-        return spec._compiled(tokens, position) if compile else spec.model(tokens, 64)
+        logits = spec._compiled(tokens, position) if compile else None  # None: eager (or compilation failed)
+        return spec.model(tokens, 64) if logits is None else logits
 
     profile = {"model, 1 token": forward_ms(model_pass, 1),
                "draft, 1 token": forward_ms(lambda t: spec.speculator._forward(t, [64], rows), 1)}
