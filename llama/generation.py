@@ -404,7 +404,7 @@ class CompiledStep:
         mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs: no launch overhead
         self.fn: Optional[Callable] = torch.compile(self._step, mode=mode, dynamic=False)
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.freeze = device.type == "cpu" and weight_bytes <= kernels.last_level_cache_bytes()
+        self.freeze = device.type == "cpu" and kernels.fits_in_cache(weight_bytes)
 
     def _step(self, tokens: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
         return self.model._forward(tokens, start_pos, None, use_cache=True)

@@ -129,7 +129,7 @@ def policy_for(
         return uniform(forced or torch.float32)
     if forced not in (None, torch.bfloat16):
         return uniform(forced, reason="forced")
-    from_memory = weight_bytes is None or weight_bytes > last_level_cache_bytes()
+    from_memory = weight_bytes is None or not fits_in_cache(weight_bytes)
     policy = _measured_cpu_policy(torch.get_num_threads(), from_memory)
     if forced is None:
         return policy
@@ -143,6 +143,12 @@ def resolve_dtype(
 ) -> torch.dtype:
     """The dtype weights are held in: `dtype` when given, else the device's policy (`policy_for`)."""
     return policy_for(device, dtype, weight_bytes).weights
+
+
+def fits_in_cache(weight_bytes: int) -> bool:
+    """Whether weights of this size stay in the CPU's last-level cache from one step to the next:
+    their products are then bound by their own work, not by reading memory."""
+    return weight_bytes <= last_level_cache_bytes()
 
 
 def last_level_cache_bytes() -> int:
