@@ -74,6 +74,16 @@ def child_env(**extra: str) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
 
 
+def broken_compile(fn, **kwargs):
+    """A stand-in for torch.compile whose compiled functions raise at their first call, as a
+    compiler that cannot handle the model would (monkeypatch torch.compile with it)."""
+
+    def step(*args):
+        raise RuntimeError("no compiler here")
+
+    return step
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

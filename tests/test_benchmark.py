@@ -104,13 +104,7 @@ def test_compiled_decode_gives_the_eager_tokens(tiny_ckpt, byte_tokenizer):
 
 
 def test_failed_compilation_warns_and_decodes_eagerly(tiny_ckpt, byte_tokenizer, monkeypatch, caplog):
-    def broken_compile(fn, **kwargs):
-        def step(*args):
-            raise RuntimeError("no compiler here")
-
-        return step
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(torch, "compile", helpers.broken_compile)
     kwargs = dict(max_seq_len=64, max_batch_size=4, device="cpu", dtype="float32")
     llama = Llama.build(str(tiny_ckpt), str(byte_tokenizer), compile=True, **kwargs)
     with caplog.at_level(logging.WARNING, logger="llama.generation"):

@@ -133,13 +133,7 @@ def test_compiled_passes_give_the_eager_tokens(plain, tiny_ckpt, byte_tokenizer,
 
 
 def test_failed_compilation_runs_the_passes_eagerly(plain, tiny_ckpt, byte_tokenizer, draft_ckpt, monkeypatch):
-    def broken_compile(fn, **kwargs):
-        def step(*args):
-            raise RuntimeError("no compiler here")
-
-        return step
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(torch, "compile", helpers.broken_compile)
     llama = Llama.build(str(tiny_ckpt), str(byte_tokenizer), max_seq_len=MAX_SEQ_LEN, max_batch_size=4,
                         device="cpu", dtype="float32", compile=True, draft_ckpt_dir=str(draft_ckpt), speculate_k=3)
     prompts = encode(plain, MIXED)
