@@ -3,7 +3,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, TypedDict, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, TypedDict, Union
 
 import torch
 
@@ -153,7 +153,13 @@ class Llama:
         # the verify pass; the draft's steps get their own
         self._compiled = CompiledStep(model) if compile else None
         if self._compiled is not None and speculator is not None:
-            speculator.compiled = (self._compiled, CompiledStep(speculator.draft))
+            draft = speculator.draft
+            greedy = None  # a sharded model's step cannot hold the replicated draft's group switch
+            if distributed.model_parallel_size() == 1:
+                greedy = CompiledStep(
+                    model, lambda tokens, start_pos: speculative.greedy_pass(model, draft, speculator.k, tokens, start_pos), also=[draft]
+                )
+            speculator.compiled = speculative.CompiledPasses(self._compiled, CompiledStep(draft), greedy)
 
     @property
     def device(self) -> torch.device:
@@ -388,7 +394,10 @@ class CompiledStep:
     returns None once compilation has failed (a warning is logged once): the caller then runs the
     pass eagerly, which writes the same KV cache slots, and so does every later call."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, step: Optional[Callable[..., Any]] = None, also: Sequence[Transformer] = ()):
+        """step: the function of (tokens, start_pos) to compile (default: the model's forward pass
+        over its KV cache); also: other models it runs, whose weights count with the model's for
+        the freezing rule."""
         from fairscale.nn.model_parallel import mappings
 
         # fairscale's all-reduce marks its input dirty, which Dynamo cannot trace: taken whole into
@@ -402,14 +411,14 @@ class CompiledStep:
         self.model = model
         device = model.tok_embeddings.weight.device
         mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs: no launch overhead
-        self.fn: Optional[Callable] = torch.compile(self._step, mode=mode, dynamic=False)
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.fn: Optional[Callable] = torch.compile(step or self._step, mode=mode, dynamic=False)
+        weight_bytes = sum(p.numel() * p.element_size() for m in [model, *also] for p in m.parameters())
         self.freeze = device.type == "cpu" and kernels.fits_in_cache(weight_bytes)
 
     def _step(self, tokens: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
         return self.model._forward(tokens, start_pos, None, use_cache=True)
 
-    def __call__(self, tokens: torch.Tensor, start_pos: torch.Tensor) -> Optional[torch.Tensor]:
+    def __call__(self, tokens: torch.Tensor, start_pos: torch.Tensor) -> Any:
         if self.fn is None:
             return None
         try:

@@ -16,7 +16,7 @@ overwrites them. The engine's stop rule (`Engine._emit`) sees the emitted tokens
 """
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -32,6 +32,17 @@ logger = logging.getLogger(__name__)
 # a compiled forward pass (llama.generation.CompiledStep): (rows, t) tokens at (rows,) positions ->
 # (rows, t, vocab) logits over the whole KV cache, or None once compilation has failed
 StepFn = Callable[[torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
+
+
+class CompiledPasses(NamedTuple):
+    """compile=True: the compiled functions a speculative step runs (each over all cache rows)."""
+
+    model: StepFn  # the model's forward pass: verify passes of k + 1 tokens
+    draft: StepFn  # the draft's: its steps of one token (two when it lags)
+    # `greedy_pass` of both models (k draft steps and the verify pass in one graph) for steps whose
+    # rows all decode greedily, or None (a sharded model: the replicated draft's group switch,
+    # llama.distributed.replicated, cannot enter a graph)
+    greedy: Optional[Callable[[torch.Tensor, torch.Tensor], Optional[Tuple[torch.Tensor, torch.Tensor]]]]
 
 MAX_K = 16
 DEFAULT_K = 4
@@ -84,6 +95,29 @@ def accept_greedy(logits: torch.Tensor, draft: torch.Tensor) -> Tuple[torch.Tens
     return n, best[torch.arange(len(n), device=n.device), n]
 
 
+def greedy_pass(
+    model: Transformer, draft: Transformer, k: int, tokens: torch.Tensor, start_pos: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The forward passes of one greedy step as one function, for torch.compile to make one graph
+    of: the draft's k steps, each proposing its argmax, then the model's verify pass of the last
+    token and the k proposals. Compiled, a step costs one call instead of k + 1, each with its own
+    Python, guard checks and wrapper (on the demo pair, more than the draft's own kernels).
+
+    tokens (rows, t): each row's last token, after the one before it when t = 2 (a draft that
+    lags); start_pos (rows,): the position of tokens[:, 0]. Both models' KV caches get the slots
+    the separate passes write. Returns (proposals (rows, k), the model's logits (rows, k + 1, vocab)).
+    """
+    pos = start_pos + tokens.shape[1] - 1  # (rows,) the last token's position
+    logits = draft._forward(tokens, start_pos, None, use_cache=True)[:, -1]  # (rows, vocab)
+    proposals = [logits.argmax(dim=-1)]
+    for j in range(1, k):
+        logits = draft._forward(proposals[-1][:, None], pos + j, None, use_cache=True)[:, -1]
+        proposals.append(logits.argmax(dim=-1))
+    draft_tokens = torch.stack(proposals, dim=1)  # (rows, k)
+    verify = torch.cat([tokens[:, -1:], draft_tokens], dim=1)  # (rows, k + 1)
+    return draft_tokens, model._forward(verify, pos, None, use_cache=True)
+
+
 class Speculator:
     """A draft model that proposes `k` tokens per step for the engine's model to verify.
 
@@ -92,10 +126,11 @@ class Speculator:
     lags one position behind (it never saw the last proposal); the next step then feeds it the
     sequence's last two tokens instead of one.
     `context` wraps every draft forward pass (llama.distributed.replicated for a draft held whole
-    on every rank under torchrun). `compiled`, set by `Llama` with compile=True: the model's and the
-    draft's compiled forward passes (llama.generation.CompiledStep), which the step uses over all
-    cache rows when the engine decodes with static shapes, for the draft's steps and for verify
-    passes of k + 1 tokens (a shorter pass near a sequence's end runs eagerly: no new compilation).
+    on every rank under torchrun). `compiled`, set by `Llama` with compile=True: the compiled
+    passes (`CompiledPasses`), which the step uses over all cache rows when the engine decodes with
+    static shapes: for a step of k proposals whose rows all decode greedily, `greedy_pass` (every
+    pass of the step in one call); otherwise the draft's steps and verify passes of k + 1 tokens
+    one by one (a shorter pass near a sequence's end runs eagerly: no new compilation).
     """
 
     def __init__(self, draft: Transformer, k: int = DEFAULT_K, context: Callable = contextlib.nullcontext):
@@ -104,7 +139,7 @@ class Speculator:
         self.proposed = 0  # draft tokens proposed, and of them accepted, since the start
         self.accepted = 0
         self._behind: set = set()  # ids of the sequences whose draft cache lags one position
-        self.compiled: Optional[Tuple[StepFn, StepFn]] = None  # (the model's, the draft's)
+        self.compiled: Optional[CompiledPasses] = None
 
     @property
     def acceptance_rate(self) -> float:
@@ -120,7 +155,7 @@ class Speculator:
         """The draft's logits (bsz, vocab) at the last of `tokens` (bsz, n), placed at `positions`;
         compiled over `rows` cache rows when given (see `_compiled`)."""
         with self.context():
-            logits = self._compiled(1, tokens, positions, rows)
+            logits = self._compiled(self.compiled and self.compiled.draft, tokens, positions, rows)
             if logits is not None:
                 return logits[:, -1]
             start_pos, kv_len = step_positions(positions, tokens.shape[1], tokens.device)
@@ -129,24 +164,28 @@ class Speculator:
 
     def _verify(self, engine: "Engine", tokens: torch.Tensor, positions: List[int], rows: Optional[int]) -> torch.Tensor:
         """The model's logits (bsz, k + 1, vocab) of the last tokens and the proposals, `tokens`."""
-        logits = self._compiled(0, tokens, positions, rows if tokens.shape[1] == self.k + 1 else None)
+        full = rows if tokens.shape[1] == self.k + 1 else None
+        logits = self._compiled(self.compiled and self.compiled.model, tokens, positions, full)
         if logits is None:
             start_pos, kv_len = step_positions(positions, tokens.shape[1], tokens.device)
             logits = engine.model(tokens, start_pos, kv_len=kv_len)
         return logits
 
-    def _compiled(self, which: int, tokens: torch.Tensor, positions: List[int], rows: Optional[int]) -> Optional[torch.Tensor]:
-        """The compiled pass `which` (0 the model's, 1 the draft's) of `tokens` (bsz, n) at
-        `positions`, padded to `rows` rows (free rows ride along at position 0, as in the engine's
-        static-shape decode steps); None when there is none, `rows` is None, or compilation failed."""
-        if self.compiled is None or rows is None:
+    @staticmethod
+    def _compiled(fn: Optional[Callable], tokens: torch.Tensor, positions: List[int], rows: Optional[int]) -> Union[None, torch.Tensor, tuple]:
+        """The compiled pass `fn` of `tokens` (bsz, n) at `positions`, padded to `rows` rows (free
+        rows ride along at position 0, as in the engine's static-shape decode steps), its output
+        (a tensor or a tuple of them) cut back to bsz rows; None when there is no `fn`, `rows` is
+        None, or compilation failed."""
+        if not fn or rows is None:
             return None
         bsz, device = tokens.shape[0], tokens.device
         padded = torch.zeros(rows, tokens.shape[1], dtype=tokens.dtype, device=device)
         padded[:bsz] = tokens
-        start_pos = torch.tensor(positions + [0] * (rows - bsz), device=device)
-        logits = self.compiled[which](padded, start_pos)
-        return None if logits is None else logits[:bsz]
+        out = fn(padded, torch.tensor(positions + [0] * (rows - bsz), device=device))
+        if isinstance(out, tuple):
+            return tuple(t[:bsz] for t in out)
+        return None if out is None else out[:bsz]
 
     def prefill(self, engine: "Engine", staged: List["_Sequence"], single: List["_Sequence"]) -> None:
         """Fill the draft's rows of newly admitted sequences with their prompts, as the engine did
@@ -166,37 +205,32 @@ class Speculator:
         k = min(self.k, max(s.limit - len(s.tokens) for s in seqs) - 1, engine.seq_len - 1 - max(pos))
         if any(s.id in self._behind for s in seqs):  # all rows rewrite the token before the last too
             prev = [s.tokens[-2] if len(s.tokens) > 1 else s.request.prompt[-1] for s in seqs]
-            logits = self._forward(torch.tensor([prev, last], device=device).T, [p - 1 for p in pos], rows)
+            first, first_pos = torch.tensor([prev, last], device=device).T, [p - 1 for p in pos]
         else:
-            logits = self._forward(torch.tensor(last, device=device)[:, None], pos, rows)
+            first, first_pos = torch.tensor(last, device=device)[:, None], pos
         self._behind.difference_update(s.id for s in seqs)
-        if k <= 0:  # room for one token only: a plain step (the draft's cache kept in step above)
-            return engine._decode_running()
-        proposals, qs = [], []
-        for j in range(k):
-            if j:
-                logits = self._forward(proposals[-1][:, None], [p + j for p in pos], rows)
-            token, q = self._propose(seqs, logits)
-            proposals.append(token)
-            qs.append(q)
-        draft = torch.stack(proposals, dim=1)  # (n, k)
-        verify = torch.cat([torch.tensor(last, device=device)[:, None], draft], dim=1)  # (n, k+1)
-        target = self._verify(engine, verify, pos, rows)  # (n, k+1, vocab)
+        greedy = all(s.request.temperature == 0 for s in seqs)
+        passes = None
+        if k == self.k and greedy and self.compiled:  # every pass of the step in one call
+            passes = self._compiled(self.compiled.greedy, first, first_pos, rows)
+        if passes is not None:
+            draft, target = passes
+            qs: List[List[Optional[torch.Tensor]]] = []
+        else:
+            logits = self._forward(first, first_pos, rows)
+            if k <= 0:  # room for one token only: a plain step (the draft's cache kept in step above)
+                return engine._decode_running()
+            draft, qs = self._propose_all(seqs, logits, k, pos, rows)
+            verify = torch.cat([torch.tensor(last, device=device)[:, None], draft], dim=1)  # (n, k+1)
+            target = self._verify(engine, verify, pos, rows)  # (n, k+1, vocab)
         check_finite(target.flatten(0, 1))
-        emitted = []
-        for i, s in enumerate(seqs):
-            if s.request.temperature > 0:
-                p = sampling_probs(target[i], s.request.temperature, s.request.top_p)
-                q = torch.stack([qj[i] for qj in qs])
-                n, nxt = accept_reject(p[None], q[None], draft[i : i + 1], s.generator)
-            else:
-                n, nxt = accept_greedy(target[i : i + 1], draft[i : i + 1])
-            n = int(n[0])
-            emitted.append(draft[i, :n].tolist() + [int(nxt[0])])
+        n_accepted, next_tokens = self._accept(seqs, target, draft, qs)
+        emitted = [d[:n] + [t] for d, n, t in zip(draft.tolist(), n_accepted, next_tokens)]
+        for s, n in zip(seqs, n_accepted):
             if n == k:  # the draft never saw its last proposal
                 self._behind.add(s.id)
-            self.proposed += k
-            self.accepted += n
+        self.proposed += k * len(seqs)
+        self.accepted += sum(n_accepted)
         events = []
         for j in range(k + 1):  # the engine's stop rule sees each row's tokens in order
             live = [i for i, s in enumerate(seqs) if not s.finished and j < len(emitted[i])]
@@ -209,6 +243,41 @@ class Speculator:
                 seqs[i].pos = pos[i] + j + 1
         self._behind.difference_update(s.id for s in seqs if s.finished)
         return events
+
+    def _propose_all(
+        self, seqs: List["_Sequence"], logits: torch.Tensor, k: int, pos: List[int], rows: Optional[int]
+    ) -> Tuple[torch.Tensor, List[List[Optional[torch.Tensor]]]]:
+        """The draft's k proposals (n, k) from its first logits (n, vocab), a draft step after each
+        but the last; and the distributions they were drawn from ([proposal][row], None for greedy rows)."""
+        proposals, qs = [], []
+        for j in range(k):
+            if j:
+                logits = self._forward(proposals[-1][:, None], [p + j for p in pos], rows)
+            token, q = self._propose(seqs, logits)
+            proposals.append(token)
+            qs.append(q)
+        return torch.stack(proposals, dim=1), qs
+
+    @staticmethod
+    def _accept(
+        seqs: List["_Sequence"], target: torch.Tensor, draft: torch.Tensor, qs: List[List[Optional[torch.Tensor]]]
+    ) -> Tuple[List[int], List[int]]:
+        """Each row's number of accepted proposals and its next token: greedy rows all at once
+        (`accept_greedy`), sampling rows one by one with their own generators (`accept_reject`)."""
+        n, nxt = [0] * len(seqs), [0] * len(seqs)
+        greedy = [i for i, s in enumerate(seqs) if s.request.temperature == 0]
+        if greedy:
+            rows = slice(None) if len(greedy) == len(seqs) else torch.tensor(greedy, device=draft.device)
+            counts, tokens = accept_greedy(target[rows], draft[rows])
+            for i, c, t in zip(greedy, counts.tolist(), tokens.tolist()):
+                n[i], nxt[i] = c, t
+        for i, s in enumerate(seqs):
+            if s.request.temperature > 0:
+                p = sampling_probs(target[i], s.request.temperature, s.request.top_p)
+                q = torch.stack([qj[i] for qj in qs])
+                count, token = accept_reject(p[None], q[None], draft[i : i + 1], s.generator)
+                n[i], nxt[i] = int(count[0]), int(token[0])
+        return n, nxt
 
     @staticmethod
     def _propose(seqs: List["_Sequence"], logits: torch.Tensor) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:

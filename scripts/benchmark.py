@@ -761,9 +761,12 @@ def speculative(
             runs[f"k={k}"]["same_tokens"] = seen[k][1] == want
 
     def forward_ms(forward: Callable[[torch.Tensor], object], n: int) -> float:
-        """One forward pass of n tokens at position 64 of cache row 0 (past every live position), ms."""
+        """One forward pass of n tokens at position 64 of cache row 0 (past every live position), ms;
+        in inference mode, as the engine runs (compiled passes called with autograd on would
+        recompile, and fail on the KV cache's in-place writes)."""
         tokens = torch.tensor([prompts[0][:n]], device=device)
-        return 1e3 * best_time(lambda: forward(tokens), device, repeats=10)
+        with torch.inference_mode():
+            return 1e3 * best_time(lambda: forward(tokens), device, repeats=10)
 
     # where a step's time goes: k draft steps and one verify pass of k + 1 tokens, against one
     # decode step; compiled, the passes the engine ran (over the cache it has: a new one recompiles)
@@ -781,6 +784,12 @@ def speculative(
                "draft, 1 token": forward_ms(lambda t: spec.speculator._forward(t, [64], rows), 1)}
     for k in ks:
         profile[f"model, {k + 1} tokens"] = forward_ms(model_pass, k + 1)
+    greedy = spec.speculator.compiled and spec.speculator.compiled.greedy
+    if greedy and temperature == 0:  # compiled greedy steps: k draft steps and the verify pass in one call
+        for k in ks:
+            spec.speculator.k = k
+            profile[f"greedy step of k={k} in one call"] = forward_ms(
+                lambda t: spec.speculator._compiled(greedy, t, [64], rows), 1)
     return {"ckpt_dir": ckpt_dir, "draft_ckpt_dir": draft_ckpt_dir, "temperature": temperature, "new_tokens": n_new,
             "compiled": compile, "rounds": rounds, "prompts": len(prompts), "device": str(device), "threads": torch.get_num_threads(), "runs": runs,
             "policy": plain.model.policy.describe() if plain.model.policy else None, "profile_ms": profile}

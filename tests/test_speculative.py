@@ -112,20 +112,25 @@ def test_streaming_and_the_engine_with_staggered_requests(plain, spec):
 
 
 def test_compiled_passes_give_the_eager_tokens(plain, tiny_ckpt, byte_tokenizer, draft_ckpt):
-    """compile=True with a draft: the draft's steps and the verify passes are compiled over all cache
-    rows (4 rows here, rows finishing at different steps ride along as free rows); the last steps,
-    cut to the budget, verify fewer tokens eagerly. Greedy and seeded sampling equal eager's."""
+    """compile=True with a draft: the passes are compiled over all cache rows (4 rows here, rows
+    finishing at different steps ride along as free rows): a greedy step's k draft steps and verify
+    pass in one call, a sampling step's one by one; the last steps, cut to the budget, verify fewer
+    tokens eagerly. Greedy and seeded sampling equal eager's."""
     compiled = Llama.build(str(tiny_ckpt), str(byte_tokenizer), max_seq_len=MAX_SEQ_LEN, max_batch_size=4,
                            device="cpu", dtype="float32", compile=True, draft_ckpt_dir=str(draft_ckpt), speculate_k=2)
     prompts = encode(plain, MIXED)
     lengths = [9, 4, 13, 6]
     want = [plain.generate([p], max_gen_len=n, temperature=0)[0][0] for p, n in zip(prompts, lengths)]
+    passes = compiled.speculator.compiled
+    fused_steps = []  # greedy steps of k proposals run every pass in one compiled call (greedy_pass)
+    compiled.speculator.compiled = passes._replace(greedy=lambda *a: fused_steps.append(1) or passes.greedy(*a))
     engine = compiled.engine(4, MAX_SEQ_LEN)
     ids = [engine.add(Request(p, n, temperature=0)) for p, n in zip(prompts, lengths)]
     for _ in engine.run():
         pass
     assert [engine.pop(i).tokens for i in ids] == want
-    assert compiled._compiled.fn is not None and compiled.speculator.compiled[1].fn is not None  # no fallback
+    assert all(f.fn is not None for f in (compiled._compiled, passes.draft, passes.greedy))  # no fallback
+    assert fused_steps
     assert 0 < compiled.speculator.acceptance_rate < 1
     eager = build(tiny_ckpt, byte_tokenizer, draft_ckpt, k=2)
     sampled = [llama.generate(prompts[:2], max_gen_len=8, temperature=1.0, top_p=0.9, seed=4)[0] for llama in (eager, compiled)]
@@ -138,7 +143,7 @@ def test_failed_compilation_runs_the_passes_eagerly(plain, tiny_ckpt, byte_token
                         device="cpu", dtype="float32", compile=True, draft_ckpt_dir=str(draft_ckpt), speculate_k=3)
     prompts = encode(plain, MIXED)
     assert llama.generate(prompts, max_gen_len=10, temperature=0)[0] == plain.generate(prompts, max_gen_len=10, temperature=0)[0]
-    assert llama._compiled.fn is None and llama.speculator.compiled[1].fn is None
+    assert all(f.fn is None for f in (llama._compiled, *llama.speculator.compiled[1:]))
 
 
 def test_seeded_sampling_is_reproducible_and_a_tiny_nucleus_is_greedy(plain, spec):
