@@ -44,6 +44,7 @@ class CompiledPasses(NamedTuple):
     # llama.distributed.replicated, cannot enter a graph)
     greedy: Optional[Callable[[torch.Tensor, torch.Tensor], Optional[Tuple[torch.Tensor, torch.Tensor]]]]
 
+
 MAX_K = 16
 DEFAULT_K = 4
 
