@@ -77,8 +77,9 @@ class Llama:
             compile: torch.compile the decode step, with static shapes (the KV cache padded to a
                 power-of-two length) and CUDA graphs on GPU; the first request of each batch size
                 and cache length compiles. With a draft model, its steps and the verify passes of
-                speculate_k + 1 tokens are compiled too (llama.speculative). Where compilation
-                fails, a warning is logged and decoding runs eagerly.
+                speculate_k + 1 tokens are compiled too, and on one process a step whose rows all
+                decode greedily runs all of them in one compiled call (llama.speculative). Where
+                compilation fails, a warning is logged and decoding runs eagerly.
             verify: first check every file against the checkpoint's checklist.chk (Meta's md5 list).
             quantize: None (full precision, exactly as stored), "int8", "int4" or "fp8" (CUDA sm89+):
                 weight-only quantization of the seven projections of every block (and of the output
@@ -150,7 +151,7 @@ class Llama:
         self.speculator = speculator  # the draft model, when decoding speculatively
         self.formatter = ChatFormat(tokenizer)
         # compile=True: one compiled forward pass per model, for decode steps and (with a draft)
-        # the verify pass; the draft's steps get their own
+        # the verify pass; the draft's steps get their own, and greedy steps one of both models
         self._compiled = CompiledStep(model) if compile else None
         if self._compiled is not None and speculator is not None:
             draft = speculator.draft
@@ -382,7 +383,8 @@ class Llama:
 class CompiledStep:
     """torch.compile of a forward pass of `model` over its whole KV cache: (bsz, t) tokens at (bsz,)
     positions -> (bsz, t, vocab) logits, with static shapes (one compilation per (bsz, t): decode
-    steps, verify passes of k + 1 tokens, a draft's steps); on CUDA with CUDA graphs
+    steps, verify passes of k + 1 tokens, a draft's steps), or of another function of the same
+    arguments (`step`: llama.speculative.greedy_pass); on CUDA with CUDA graphs
     ("reduce-overhead"), which remove the launch overhead that dominates small steps. On CPU,
     weights that fit in the last-level cache are compiled with inductor's freezing: folded into
     each graph as constants, prepacked for oneDNN, whose product of a few rows then costs about
