@@ -328,3 +328,64 @@ def test_best_time_gives_up_on_a_loser_after_its_first_call():
     calls = []
     assert kernels.best_time(lambda: calls.append(time.sleep(0.01)), repeats=5, give_up=0.001) >= 0.01
     assert len(calls) == 1
+
+
+# ---------------------------------------------------------------- compiled one-row products
+
+
+def test_one_row_product_is_the_product_in_plain_math():
+    """one_row_product against the float64 product (not another kernel): float32 sums of bfloat16
+    inputs, rounded once to bfloat16 (half a bfloat16 step of the largest output, at most)."""
+    torch.manual_seed(0)
+    w, x, b = torch.randn(96, 64), torch.randn(1, 1, 64), torch.randn(96)
+    want = x.double() @ w.double().T + b.double()
+    torch.testing.assert_close(kernels.one_row_product(x, w, b).double(), want, rtol=0, atol=1e-5)
+    got = kernels.one_row_product(x.to(BF16), w.to(BF16))
+    want = x.to(BF16).double() @ w.to(BF16).double().T
+    assert got.dtype == BF16 and got.shape == (1, 1, 96)
+    assert (got.double() - want).abs().max() <= want.abs().max() * 2**-8
+
+
+def test_the_pass_turns_one_row_products_into_loops_and_keeps_the_others(monkeypatch):
+    """Compiled with the pass (and freezing, as CompiledStep compiles cached weights), a one-row
+    F.linear is traced as one_row_product and an eight-row one is not; both give F.linear's result."""
+    import torch._inductor.config as inductor_config
+
+    traced = []
+    real = kernels.one_row_product
+    monkeypatch.setattr(kernels, "one_row_product", lambda *a: traced.append(a[0].shape) or real(*a))
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48, bias=False).eval()
+    for rows in (1, 8):
+        x = torch.randn(rows, 64)
+        torch._dynamo.reset()
+        with torch.inference_mode(), inductor_config.patch(freezing=True, pre_grad_custom_pass=kernels.in_graph_products()):
+            got = torch.compile(layer, dynamic=False)(x)
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+    assert {tuple(s) for s in traced} == {(1, 64)}  # traced (at compilation) for the one-row product only
+
+
+def test_the_one_row_choice_is_measured_once_and_logged(monkeypatch, caplog):
+    kernels._one_row_in_graph.cache_clear()
+    with caplog.at_level(logging.INFO, logger="llama.kernels"):
+        first = kernels.compile_one_row_in_graph(32, F32)
+        assert kernels.compile_one_row_in_graph(32, F32) is first
+    assert isinstance(first, bool) and caplog.text.count("Compiled one-row products (32x32 float32)") == 1
+    kernels._one_row_in_graph.cache_clear()
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    assert kernels.compile_one_row_in_graph(32, F32) is False  # no compiler: the library calls
+    kernels._one_row_in_graph.cache_clear()
+
+
+def test_compiled_one_row_loops_decode_the_eager_tokens(tiny_ckpt, byte_tokenizer, monkeypatch):
+    """Batch 1, compiled with the one-row products as loops (forced, whatever this CPU measures):
+    float32 greedy tokens equal eager's, and the compiled step did not fall back."""
+    monkeypatch.setattr(kernels, "compile_one_row_in_graph", lambda *a: True)
+    kwargs = dict(max_seq_len=64, max_batch_size=1, device="cpu", dtype="float32")
+    compiled = Llama.build(str(tiny_ckpt), str(byte_tokenizer), compile=True, **kwargs)
+    assert compiled._compiled.in_graph and compiled._compiled.freeze
+    eager = Llama.build(str(tiny_ckpt), str(byte_tokenizer), **kwargs)
+    prompts = [[5, 9, 2, 77, 31], [8, 100, 3]]
+    for p in prompts:
+        assert compiled.generate([p], max_gen_len=10, temperature=0)[0] == eager.generate([p], max_gen_len=10, temperature=0)[0]
+    assert compiled._compiled.fn is not None
