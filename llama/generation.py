@@ -393,8 +393,9 @@ class CompiledStep:
     the cache's size; larger weights are bound by memory reads, which prepacking does not change,
     and are compiled as they are. In frozen graphs, one-row products (decode steps, a draft's
     steps) are compiled loops instead of oneDNN calls where `kernels.compile_one_row_in_graph`
-    measures them faster (the demo model's one-token step: 1.07 ms against 1.65). (Freezing takes effect only through the global inductor setting
-    and with oneDNN enabled while compiling, so these calls leave oneDNN on.) A call
+    measures them faster (the demo model's one-token step: 1.07 ms against 1.65). (Freezing takes
+    effect only through the global inductor setting and with oneDNN enabled while compiling, so
+    these calls leave oneDNN on.) A call
     returns None once compilation has failed (a warning is logged once): the caller then runs the
     pass eagerly, which writes the same KV cache slots, and so does every later call."""
 

@@ -445,6 +445,7 @@ def format_quantized_timings(timings: dict) -> str:
 
 # Repeats of each probe call when timing the two forms of compiled one-row products.
 IN_GRAPH_PROBE_CALLS = 60
+PROBE_LAYERS = 4  # products per probe call
 
 
 def one_row_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -486,7 +487,7 @@ def in_graph_products():
 
 
 class _OneRowProbe(torch.nn.Module):
-    def __init__(self, shape: tuple, dtype: torch.dtype, in_graph: bool, layers: int = 4):
+    def __init__(self, shape: tuple, dtype: torch.dtype, in_graph: bool, layers: int):
         super().__init__()
         self.in_graph = in_graph
         self.weights = torch.nn.ParameterList(
@@ -516,7 +517,7 @@ def _one_row_in_graph(dim: int, dtype: torch.dtype, threads: int) -> bool:
         try:
             with torch.inference_mode(), inductor_config.patch(freezing=True):
                 for in_graph in (False, True):
-                    fn = torch.compile(_OneRowProbe((dim, dim), dtype, in_graph).eval(), dynamic=False)
+                    fn = torch.compile(_OneRowProbe((dim, dim), dtype, in_graph, PROBE_LAYERS).eval(), dynamic=False)
                     seconds[in_graph] = best_time(lambda fn=fn: fn(x), IN_GRAPH_PROBE_CALLS)
             faster = seconds[True] < seconds[False]
         except Exception as e:  # no compiler here: the model's own compilation will say so
@@ -527,7 +528,7 @@ def _one_row_in_graph(dim: int, dtype: torch.dtype, threads: int) -> bool:
         logger.info(
             "Compiled one-row products (%dx%d %s): %s (measured in %.1f s: library %.1f us, compiled loop %.1f us)",
             dim, dim, _name(dtype), "compiled loops" if faster else "library calls", time.perf_counter() - start,
-            1e6 * seconds[False] / 4, 1e6 * seconds[True] / 4,
+            1e6 * seconds[False] / PROBE_LAYERS, 1e6 * seconds[True] / PROBE_LAYERS,
         )
     return faster
 
