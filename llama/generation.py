@@ -419,9 +419,9 @@ class CompiledStep:
         self.fn: Optional[Callable] = torch.compile(step or self._step, mode=mode, dynamic=False)
         weight_bytes = sum(p.numel() * p.element_size() for m in [model, *also] for p in m.parameters())
         self.freeze = device.type == "cpu" and kernels.fits_in_cache(weight_bytes)
-        # frozen weights: one-row products as compiled loops where this CPU runs them faster
-        dtype = model.tok_embeddings.weight.dtype
-        self.in_graph = self.freeze and kernels.compile_one_row_in_graph(model.params.dim, dtype)
+        # frozen weights: one-row products as compiled loops where this CPU runs them faster,
+        # measured at the first call over one cache row (steps over more rows have no such product)
+        self.in_graph: Optional[bool] = None
 
     def _step(self, tokens: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
         return self.model._forward(tokens, start_pos, None, use_cache=True)
@@ -433,6 +433,9 @@ class CompiledStep:
             if self.freeze:  # oneDNN left on: a graph compiled with it off gets no prepacked products
                 import torch._inductor.config as inductor_config
 
+                if self.in_graph is None and tokens.shape[0] == 1:
+                    dtype = self.model.tok_embeddings.weight.dtype
+                    self.in_graph = kernels.compile_one_row_in_graph(self.model.params.dim, dtype)
                 patch = {"pre_grad_custom_pass": kernels.in_graph_products()} if self.in_graph else {}
                 with inductor_config.patch(freezing=True, **patch):
                     return self.fn(tokens, start_pos)

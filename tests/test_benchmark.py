@@ -101,6 +101,7 @@ def test_compiled_decode_gives_the_eager_tokens(tiny_ckpt, byte_tokenizer):
         got, _ = compiled.generate(prompts, max_gen_len=12, temperature=0)
         assert got == want
     assert compiled._compiled.fn is not None  # it did not fall back
+    assert compiled._compiled.in_graph is None  # steps over 4 cache rows: no one-row probe run
 
 
 def test_failed_compilation_warns_and_decodes_eagerly(tiny_ckpt, byte_tokenizer, monkeypatch, caplog):
