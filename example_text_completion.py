@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 1 example_text_completion.py
     torchrun --nproc_per_node 8 example_text_completion.py --ckpt_dir Meta-Llama-3-70B/ --tokenizer_path Meta-Llama-3-70B/tokenizer.model
 """
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from llama import distributed
 from llama.cli import build_generator, run
@@ -52,7 +52,7 @@ def main(
     group_size: int = 32,
     draft_ckpt_dir: Optional[str] = None,
     speculate: bool = False,
-    speculate_k: int = 4,
+    speculate_k: Union[int, str] = 4,
 ):
     """Complete a few example prompts.
 
@@ -76,7 +76,7 @@ def main(
         draft_ckpt_dir: a draft model (same tokenizer) for speculative decoding: it proposes
             speculate_k tokens per step, the model verifies them in one pass (greedy output unchanged).
         speculate: decode speculatively; with the demo model and no draft_ckpt_dir, its bundled draft.
-        speculate_k: draft tokens proposed per step, 1 to 16.
+        speculate_k: draft tokens proposed per step, 1 to 16, or auto (adapted after each step).
     """
     demo = ckpt_dir is None and tokenizer_path is None
     generator = build_generator(

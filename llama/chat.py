@@ -10,7 +10,7 @@ Ctrl-C stops the answer being written; what was written of it stays in the histo
 """
 import sys
 from datetime import timedelta
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch.distributed as dist
 
@@ -187,7 +187,7 @@ def chat(
     group_size: int = 32,
     draft_ckpt_dir: Optional[str] = None,
     speculate: bool = False,
-    speculate_k: int = 4,
+    speculate_k: Union[int, str] = 4,
 ):
     """Chat with a Llama 3 instruct checkpoint, or with no arguments the bundled demo model.
 
@@ -215,7 +215,7 @@ def chat(
         draft_ckpt_dir: a draft model (same tokenizer) for speculative decoding: it proposes
             speculate_k tokens per step, the model verifies them in one pass (greedy output unchanged).
         speculate: decode speculatively; with the demo model and no draft_ckpt_dir, its bundled draft.
-        speculate_k: draft tokens proposed per step, 1 to 16.
+        speculate_k: draft tokens proposed per step, 1 to 16, or auto (adapted after each step).
     """
     generator = cli.build_generator(
         ckpt_dir,

@@ -32,10 +32,15 @@ def build_generator(
     return Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, draft_ckpt_dir=draft_ckpt_dir, **build_kwargs)
 
 
-def int_list(value: Union[str, int, tuple, list]) -> list[int]:
-    """A comma-separated list of integers as fire hands it over: "2,3", (2, 3), 2 or "(2,3)"."""
+def split_list(value: Union[str, int, tuple, list]) -> list[str]:
+    """A comma-separated list as fire hands it over: "2,3", (2, 3), 2 or "(2,3)"; items stripped."""
     items = value if isinstance(value, (tuple, list)) else str(value).strip("()[] ").split(",")
-    return [int(v) for v in items if str(v).strip()]
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
+def int_list(value: Union[str, int, tuple, list]) -> list[int]:
+    """A comma-separated list of integers (split_list)."""
+    return [int(v) for v in split_list(value)]
 
 
 def run(fn: Callable, **fire_kwargs) -> None:

@@ -1,4 +1,5 @@
 # The Llama generator: build from a Meta checkpoint, then generate, complete text or chat.
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -56,7 +57,8 @@ class Llama:
         group_size: int = 32,
         quantize_output: bool = True,
         draft_ckpt_dir: Optional[str] = None,
-        speculate_k: int = speculative.DEFAULT_K,
+        speculate_k: Union[int, str] = speculative.DEFAULT_K,
+        draft_parallel: str = speculative.REPLICATED,
     ) -> "Llama":
         """Load a Meta-format checkpoint and its tokenizer.
 
@@ -94,14 +96,19 @@ class Llama:
             draft_ckpt_dir: a small draft model (Meta format, the same vocabulary and tokenizer) for
                 speculative decoding (llama.speculative): it proposes `speculate_k` tokens per step and
                 the model verifies them in one pass; greedy output stays the model's own, sampling
-                keeps its distribution. Loaded whole on every rank, in the same dtype policy, never quantized.
-            speculate_k: draft tokens proposed per step, 1 to 16.
+                keeps its distribution. Loaded in the same dtype policy, never quantized.
+            speculate_k: draft tokens proposed per step, 1 to 16, or "auto": adapted after each step
+                (two more after a step whose proposals were all accepted, else one fewer; 1 to 8).
+            draft_parallel: under torchrun, "replicated" (the default: the draft whole on every rank,
+                its steps talk to no one) or "sharded" (split over the model-parallel ranks like the
+                model, one all-reduce per projection pair); the README's measurement says which is faster.
 
         Works under torchrun (one process per model-parallel rank) and as a plain `python` call.
         """
         start = time.perf_counter()
         if draft_ckpt_dir is not None:  # before minutes of loading
             speculative.check_k(speculate_k)
+            speculative.check_draft_parallel(draft_parallel)
         device = distributed.resolve_device(device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -127,7 +134,9 @@ class Llama:
         policy = kernels.policy_for(device, forced_dtype, weight_bytes=torch.bfloat16.itemsize * args.decode_weights // mp_size)
         speculator = None
         if draft_ckpt_dir is not None:
-            speculator = _load_draft(draft_ckpt_dir, speculate_k, args, tokenizer_path, device, policy, forced_dtype)
+            speculator = _load_draft(
+                draft_ckpt_dir, speculate_k, args, tokenizer_path, device, policy, forced_dtype, draft_parallel
+            )
         if quant is not None:  # quantized products pick their own kernel and compute dtype (llama.quantize)
             policy = kernels.uniform(policy.weights, reason=f"{quant.mode} weights: kernels.quantized_kernel picks theirs")
         dtype = policy.weights
@@ -467,16 +476,17 @@ def _mark_static(model: Transformer) -> None:
 
 def _load_draft(
     draft_dir: str,
-    k: int,
+    k: Union[int, str],
     target: ModelArgs,
     tokenizer_path: str,
     device: torch.device,
     policy: kernels.Policy,
     compute_dtype: Optional[torch.dtype],
+    parallel: str = speculative.REPLICATED,
 ) -> speculative.Speculator:
-    """The draft model of speculative decoding, checked against the model, loaded whole on every
-    rank (fairscale's layers on a group of one: llama.distributed.replicated): its weights are few,
-    and a replicated draft needs no communication for its k steps."""
+    """The draft model of speculative decoding, checked against the model: loaded whole on every
+    rank (`parallel` "replicated": fairscale's layers on a group of one, llama.distributed.replicated;
+    its k steps need no communication), or split over the model-parallel ranks like the model ("sharded")."""
     params = checkpoint.read_params(draft_dir)
     if params.get("vocab_size") != target.vocab_size:
         raise ValueError(
@@ -490,13 +500,22 @@ def _load_draft(
             "pass a draft trained with the model's tokenizer (--draft_ckpt_dir)"
         )
     args = _model_args(params, target.max_seq_len, target.max_batch_size)
-    distributed.setup_replicated()
-    with distributed.replicated():
-        draft = checkpoint.load_model(draft_dir, args, 0, 1, device, policy.weights, compute_dtype=compute_dtype)
+    mp_size = distributed.model_parallel_size()
+    if parallel == speculative.SHARDED or mp_size == 1:
+        context = contextlib.nullcontext
+        draft = checkpoint.load_model(
+            draft_dir, args, distributed.model_parallel_rank(), mp_size, device, policy.weights, compute_dtype=compute_dtype
+        )
+    else:
+        context = distributed.replicated
+        distributed.setup_replicated()
+        with distributed.replicated():
+            draft = checkpoint.load_model(draft_dir, args, 0, 1, device, policy.weights, compute_dtype=compute_dtype)
     draft.policy = policy
     if distributed.is_rank0():
-        logger.info("Speculative decoding: draft %s proposes %d tokens per step", draft_dir, k)
-    return speculative.Speculator(draft, k, distributed.replicated)
+        how = "" if mp_size == 1 else f", {parallel} over {mp_size} ranks"
+        logger.info("Speculative decoding: draft %s proposes %s tokens per step%s", draft_dir, k, how)
+    return speculative.Speculator(draft, k, context)
 
 
 def _model_args(params: dict, max_seq_len: int, max_batch_size: int, rope_scale_factor: Optional[float] = None) -> ModelArgs:

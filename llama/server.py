@@ -8,7 +8,7 @@ import random
 import threading
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -717,7 +717,7 @@ def serve(
     model_name: Optional[str] = None,
     draft_ckpt_dir: Optional[str] = None,
     speculate: bool = False,
-    speculate_k: int = 4,
+    speculate_k: Union[int, str] = 4,
 ) -> None:
     """Serve a Llama 3 model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models).
 

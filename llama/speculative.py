@@ -47,14 +47,30 @@ class CompiledPasses(NamedTuple):
 
 MAX_K = 16
 DEFAULT_K = 4
+# speculate_k="auto": k moves after each step between 1 and AUTO_MAX_K, starting at DEFAULT_K
+AUTO = "auto"
+AUTO_MAX_K = 8
+# how a draft is held under torchrun (Llama.build's draft_parallel)
+REPLICATED, SHARDED = "replicated", "sharded"
 
 
-def check_k(k: int) -> None:
-    """Raise a one-line ValueError unless `k` (tokens proposed per step) is an int in 1..MAX_K."""
+def check_k(k: Union[int, str]) -> None:
+    """Raise a one-line ValueError unless `k` (tokens proposed per step) is an int in 1..MAX_K or "auto"."""
+    if k == AUTO:
+        return
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise ValueError(
             f"speculate_k {k!r} is out of range: pass an integer from 1 to {MAX_K} "
-            f"(the number of draft tokens proposed per step; {DEFAULT_K} is a good start)"
+            f"(the number of draft tokens proposed per step; {DEFAULT_K} is a good start) or {AUTO!r} (adaptive)"
+        )
+
+
+def check_draft_parallel(parallel: str) -> None:
+    """Raise a one-line ValueError unless `parallel` names a way to hold the draft under torchrun."""
+    if parallel not in (REPLICATED, SHARDED):
+        raise ValueError(
+            f"draft_parallel {parallel!r} is unknown: pass {REPLICATED!r} (the draft whole on every rank) "
+            f"or {SHARDED!r} (split over the model-parallel ranks like the model)"
         )
 
 
@@ -126,17 +142,21 @@ class Speculator:
     prefills, moves and retires both. After a step whose k proposals were all accepted the draft
     lags one position behind (it never saw the last proposal); the next step then feeds it the
     sequence's last two tokens instead of one.
+    `k` "auto" adapts it after each step, as transformers' assisted generation does with its
+    "heuristic" schedule: two more when every row accepted all k proposals, else one fewer, within
+    1..AUTO_MAX_K (from DEFAULT_K; every rank sees the same acceptances, so all move alike).
     `context` wraps every draft forward pass (llama.distributed.replicated for a draft held whole
-    on every rank under torchrun). `compiled`, set by `Llama` with compile=True: the compiled
+    on every rank under torchrun; a no-op for one split like the model). `compiled`, set by `Llama` with compile=True: the compiled
     passes (`CompiledPasses`), which the step uses over all cache rows when the engine decodes with
     static shapes: for a step of k proposals whose rows all decode greedily, `greedy_pass` (every
     pass of the step in one call); otherwise the draft's steps and verify passes of k + 1 tokens
     one by one (a shorter pass near a sequence's end runs eagerly: no new compilation).
     """
 
-    def __init__(self, draft: Transformer, k: int = DEFAULT_K, context: Callable = contextlib.nullcontext):
+    def __init__(self, draft: Transformer, k: Union[int, str] = DEFAULT_K, context: Callable = contextlib.nullcontext):
         check_k(k)
-        self.draft, self.k, self.context = draft, k, context
+        self.adaptive = k == AUTO
+        self.draft, self.k, self.context = draft, DEFAULT_K if self.adaptive else k, context
         self.proposed = 0  # draft tokens proposed, and of them accepted, since the start
         self.accepted = 0
         self._behind: set = set()  # ids of the sequences whose draft cache lags one position
@@ -232,6 +252,8 @@ class Speculator:
                 self._behind.add(s.id)
         self.proposed += k * len(seqs)
         self.accepted += sum(n_accepted)
+        if self.adaptive and k == self.k:  # a step shortened near the end says nothing of k
+            self.k = min(k + 2, AUTO_MAX_K) if all(n == k for n in n_accepted) else max(k - 1, 1)
         events = []
         for j in range(k + 1):  # the engine's stop rule sees each row's tokens in order
             live = [i for i, s in enumerate(seqs) if not s.finished and j < len(emitted[i])]

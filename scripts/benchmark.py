@@ -27,7 +27,10 @@ bandwidth allows for the bytes one step reads (weights once, plus each row's KV 
 Speculative decoding (--speculate, or --draft_ckpt_dir) is measured apart, on a trained model and
 its draft (default: the bundled demo model and its draft; random weights would accept nothing):
 batch-1 decode tokens/s without the draft and with it at each --speculate_k (both compiled with
---compile), the draft's acceptance rate, and whether greedy output is the model's own.
+--compile), the draft's acceptance rate, and whether greedy output is the model's own. Under
+torchrun (the model sharded), the draft both replicated and sharded (--draft_parallel), side by side:
+
+    torchrun --nproc_per_node 2 scripts/benchmark.py --speculate --speculate_k 3
 """
 import contextlib
 import json
@@ -40,7 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
@@ -704,12 +707,14 @@ SPECULATE_PROMPTS = (
 def speculative(
     ckpt_dir: Optional[str], tokenizer_path: Optional[str], draft_ckpt_dir: Optional[str], ks: list, quick: bool,
     device: torch.device, dtype: Optional[str], temperature: float, n_new: Optional[int], compile: bool = False,
-    rounds: int = 3,
+    rounds: int = 3, parallels: Sequence[str] = ("replicated",),
 ) -> dict:
     """Batch-1 decode of each prompt without the draft, then with it at each k: tokens/s after the
     first token (so prefill is left out), the median of `rounds` rounds that each run every
     configuration once (so a slow spell of the machine falls on all of them alike), the acceptance
-    rate, and (greedy) the tokens compared. `compile`: both models' forward passes compiled."""
+    rate, and (greedy) the tokens compared. `compile`: both models' forward passes compiled.
+    Under torchrun, the draft held each way of `parallels` (Llama.build's draft_parallel), one
+    model each, all in the same rounds; on one process only the first (the layouts are the same)."""
     from llama import Llama, speculative as spec_module
     from llama.demo import resolve_draft, resolve_paths
 
@@ -719,7 +724,16 @@ def speculative(
     draft_ckpt_dir = resolve_draft(ckpt_dir, draft_ckpt_dir, True)
     ckpt_dir, tokenizer_path = resolve_paths(ckpt_dir, tokenizer_path)
     plain = Llama.build(ckpt_dir, tokenizer_path, **build)
-    spec = Llama.build(ckpt_dir, tokenizer_path, draft_ckpt_dir=draft_ckpt_dir, speculate_k=ks[0], **build)
+    if distributed.model_parallel_size() == 1:
+        parallels = list(parallels)[:1]
+    specs = {how: Llama.build(ckpt_dir, tokenizer_path, draft_ckpt_dir=draft_ckpt_dir, speculate_k=ks[0],
+                              draft_parallel=how, **build) for how in parallels}
+    configs = [(k, how) for how in specs for k in ks]
+
+    def name(k: int, how: str) -> str:
+        return f"k={k}" if len(specs) == 1 else f"k={k}, {how} draft"
+
+    spec = specs[parallels[0]]  # the one whose passes are profiled
     n_new = n_new or (16 if quick else 96)
     prompts = [plain.tokenizer.encode(p, bos=True, eos=False) for p in SPECULATE_PROMPTS[: 2 if quick else None]]
 
@@ -736,29 +750,34 @@ def speculative(
             out.append(tokens)
         return n / seconds, out
 
-    def at_k(k: int) -> tuple[float, list]:
-        spec.speculator.k, spec.speculator.proposed, spec.speculator.accepted = k, 0, 0
-        return decode(spec)
+    def at_k(k: Union[int, str], how: str) -> tuple[float, list]:
+        speculator = specs[how].speculator
+        speculator.adaptive = k == spec_module.AUTO  # "auto" starts where Llama.build starts it
+        speculator.k = spec_module.DEFAULT_K if speculator.adaptive else k
+        speculator.proposed, speculator.accepted = 0, 0
+        return decode(specs[how])
 
     decode(plain)  # warm-up: first-call set-up of kernels (compiled: each k's verify pass)
-    for k in ks:
-        at_k(k)
+    for config in configs:
+        at_k(*config)
     rates: dict = {"plain": []}
-    seen = {}  # k -> (acceptance, tokens): the same in every round
+    seen = {}  # (k, how) -> (acceptance, tokens): the same in every round
     for _ in range(rounds):
         rate, want = decode(plain)
         rates["plain"].append(rate)
-        for k in ks:
-            rate, got = at_k(k)
-            rates.setdefault(k, []).append(rate)
-            seen[k] = spec.speculator.acceptance_rate, got
+        for config in configs:
+            rate, got = at_k(*config)
+            rates.setdefault(config, []).append(rate)
+            seen[config] = specs[config[1]].speculator.acceptance_rate, got
     plain_rate = statistics.median(rates["plain"])
     runs = {"plain": {"tokens_per_s": plain_rate}}
-    for k in ks:  # one draft, loaded once: only k changes
-        rate = statistics.median(rates[k])
-        runs[f"k={k}"] = {"k": k, "tokens_per_s": rate, "acceptance": seen[k][0], "speedup": rate / plain_rate}
+    for k, how in configs:  # one draft per layout, loaded once: only k changes
+        rate = statistics.median(rates[k, how])
+        run = runs[name(k, how)] = {"k": k, "tokens_per_s": rate, "acceptance": seen[k, how][0], "speedup": rate / plain_rate}
+        if len(specs) > 1:
+            run["draft"] = how
         if temperature == 0:
-            runs[f"k={k}"]["same_tokens"] = seen[k][1] == want
+            run["same_tokens"] = seen[k, how][1] == want
 
     def forward_ms(forward: Callable[[torch.Tensor], object], n: int) -> float:
         """One forward pass of n tokens at position 64 of cache row 0 (past every live position), ms;
@@ -782,16 +801,19 @@ def speculative(
 
     profile = {"model, 1 token": forward_ms(model_pass, 1),
                "draft, 1 token": forward_ms(lambda t: spec.speculator._forward(t, [64], rows), 1)}
-    for k in ks:
+    fixed = [k for k in ks if k != spec_module.AUTO]
+    for k in fixed:
         profile[f"model, {k + 1} tokens"] = forward_ms(model_pass, k + 1)
     greedy = spec.speculator.compiled and spec.speculator.compiled.greedy
     if greedy and temperature == 0:  # compiled greedy steps: k draft steps and the verify pass in one call
-        for k in ks:
+        spec.speculator.adaptive = False
+        for k in fixed:
             spec.speculator.k = k
             profile[f"greedy step of k={k} in one call"] = forward_ms(
                 lambda t: spec.speculator._compiled(greedy, t, [64], rows), 1)
     return {"ckpt_dir": ckpt_dir, "draft_ckpt_dir": draft_ckpt_dir, "temperature": temperature, "new_tokens": n_new,
-            "compiled": compile, "rounds": rounds, "prompts": len(prompts), "device": str(device), "threads": torch.get_num_threads(), "runs": runs,
+            "compiled": compile, "rounds": rounds, "prompts": len(prompts), "device": str(device), "threads": torch.get_num_threads(),
+            "processes": distributed.model_parallel_size(), "runs": runs,
             "policy": plain.model.policy.describe() if plain.model.policy else None, "profile_ms": profile}
 
 
@@ -801,6 +823,7 @@ def print_speculative(result: dict) -> None:
              "same tokens": r.get("same_tokens")} for name, r in result["runs"].items()]
     print(f"{result['ckpt_dir']} with draft {result['draft_ckpt_dir']}, temperature {result['temperature']}, "
           f"{result['prompts']} prompts x {result['new_tokens']} new tokens, {result['device']}, {result['threads']} threads"
+          f"{', %d processes' % result['processes'] if result.get('processes', 1) > 1 else ''}"
           f"{', compiled' if result.get('compiled') else ''}, median of {result.get('rounds', 1)} rounds")
     print_table(rows)
     print("forward pass, ms: " + ", ".join(f"{name} {ms:.2f}" for name, ms in result["profile_ms"].items()))
@@ -833,6 +856,7 @@ def main(
     speculate_k: Union[int, str, tuple] = "2,3,4,6",
     temperature: float = 0.0,
     new_tokens: Optional[int] = None,
+    draft_parallel: Union[str, tuple] = "replicated,sharded",
 ) -> dict:
     """Benchmark our Llama 3 against transformers on random weights of a published shape.
 
@@ -861,21 +885,30 @@ def main(
             tokenizer_path (default: the bundled demo model) with draft_ckpt_dir (default: the demo's draft).
         ckpt_dir, tokenizer_path: with --speculate, a trained Meta checkpoint and its tokenizer.
         draft_ckpt_dir: its draft model; implies --speculate.
-        speculate_k: with --speculate, the draft tokens per step to try, comma-separated.
+        speculate_k: with --speculate, the draft tokens per step to try, comma-separated; auto: adaptive.
         temperature: with --speculate, 0 (greedy) or sampling at this temperature (top_p 0.9).
         new_tokens: with --speculate, tokens generated per prompt (default 96; 16 with --quick).
+        draft_parallel: with --speculate under torchrun, how the draft is held, comma-separated from
+            replicated and sharded (each measured in the same rounds); on one process, replicated.
     """
     if speculate or draft_ckpt_dir is not None:
-        ks = cli.int_list(speculate_k)
+        ks = [k if k == "auto" else int(k) for k in cli.split_list(speculate_k)]
+        parallels = cli.split_list(draft_parallel)
+        from llama.speculative import check_draft_parallel
+
+        for how in parallels:
+            check_draft_parallel(how)
         if threads:
             torch.set_num_threads(int(threads))
         distributed.setup(distributed.resolve_device(device))
         result = speculative(ckpt_dir, tokenizer_path, draft_ckpt_dir, ks, quick, distributed.resolve_device(device),
-                             dtype, float(temperature), new_tokens, compile, 1 if quick else 3)
-        print_speculative(result)
-        if out:
-            Path(out).write_text(json.dumps(result, indent=2))
-            print(f"wrote {out}")
+                             dtype, float(temperature), new_tokens, compile, 1 if quick else 3, parallels)
+        if distributed.is_rank0():
+            print_speculative(result)
+            if out:
+                Path(out).write_text(json.dumps(result, indent=2))
+                print(f"wrote {out}")
+        distributed.shutdown()
         return result
     dev = distributed.resolve_device(device)
     params = registry.get(shape)

@@ -88,6 +88,22 @@ def test_greedy_with_all_proposals_accepted_and_stop_tokens_mid_proposal(plain, 
     assert [len(x) for x in got_lps] == [len(x) for x in want_lps]
 
 
+def test_adaptive_k_grows_on_acceptance_and_shrinks_on_rejection(plain, tiny_ckpt, byte_tokenizer, draft_ckpt, monkeypatch):
+    """speculate_k="auto": greedy output stays the model's own while k moves: up to AUTO_MAX_K for
+    the model as its own draft (all accepted), down to 1 for the noisy draft (a third accepted)."""
+    ks = []
+    step = speculative.Speculator.step
+    monkeypatch.setattr(speculative.Speculator, "step", lambda self, engine: ks.append(self.k) or step(self, engine))
+    prompts = encode(plain, MIXED)
+    want, _ = plain.generate(prompts, max_gen_len=30, temperature=0)
+    for draft, seen in ((tiny_ckpt, [4, 6, 8, 8]), (draft_ckpt, [4, 3, 2, 1])):
+        ks.clear()
+        auto = build(tiny_ckpt, byte_tokenizer, draft, k="auto")
+        assert auto.speculator.adaptive
+        assert auto.generate(prompts, max_gen_len=30, temperature=0)[0] == want
+        assert ks[:4] == seen and max(ks) <= speculative.AUTO_MAX_K
+
+
 def test_streaming_and_the_engine_with_staggered_requests(plain, spec):
     prompts = encode(plain, MIXED[:3])
     want, _ = plain.generate(prompts, max_gen_len=12, temperature=0)
@@ -229,8 +245,8 @@ def test_greedy_acceptance_is_the_argmax_rule():
 
 
 def test_bad_input_names_the_problem_and_the_fix(tmp_path, tiny_ckpt, byte_tokenizer, draft_ckpt):
-    for k in (0, 17, 2.5, True):
-        with pytest.raises(ValueError, match=r"speculate_k .* is out of range: pass an integer from 1 to 16"):
+    for k in (0, 17, 2.5, True, "adaptive"):
+        with pytest.raises(ValueError, match=r"speculate_k .* is out of range: pass an integer from 1 to 16 .* or 'auto'"):
             build(tiny_ckpt, byte_tokenizer, draft_ckpt, k)
     other_vocab = helpers.make_checkpoint(tmp_path / "vocab", params={**helpers.TINY_PARAMS, "vocab_size": 768})
     with pytest.raises(ValueError, match=r"has vocab_size 768 but the model has 512: pass a draft trained with"):
@@ -239,6 +255,9 @@ def test_bad_input_names_the_problem_and_the_fix(tmp_path, tiny_ckpt, byte_token
     (other_tok / "tokenizer.model").write_text(byte_tokenizer.read_text().replace(" 255\n", " 256\n"))
     with pytest.raises(ValueError, match=r"the draft's tokenizer .* differs from the model's .*: pass a draft"):
         build(tiny_ckpt, byte_tokenizer, other_tok)
+    with pytest.raises(ValueError, match=r"draft_parallel 'split' is unknown: pass 'replicated' .* or 'sharded'"):
+        Llama.build(str(tiny_ckpt), str(byte_tokenizer), max_seq_len=MAX_SEQ_LEN, max_batch_size=4, device="cpu",
+                    draft_ckpt_dir=str(draft_ckpt), draft_parallel="split")
     (other_tok / "tokenizer.model").write_bytes(byte_tokenizer.read_bytes())  # its own copy, the same: fine
     assert build(tiny_ckpt, byte_tokenizer, other_tok).speculator is not None
 
@@ -246,11 +265,13 @@ def test_bad_input_names_the_problem_and_the_fix(tmp_path, tiny_ckpt, byte_token
 # ---------------------------------------------------------------- two processes
 
 
-def test_two_processes_accept_the_same_tokens_as_one(tmp_path, plain, tiny_ckpt_2shards, byte_tokenizer, draft_ckpt):
-    """The model sharded over two ranks, the draft whole on each: greedy output is the one-process
-    model's own, and seeded sampling draws the same tokens on both ranks."""
+@pytest.mark.parametrize("parallel", ["replicated", "sharded"])
+def test_two_processes_accept_the_same_tokens_as_one(tmp_path, plain, tiny_ckpt_2shards, byte_tokenizer, draft_ckpt, parallel):
+    """The model sharded over two ranks, the draft whole on each or split like the model: greedy
+    output is the one-process model's own, and seeded sampling draws the same tokens on both ranks."""
     out = tmp_path / "two.pt"
-    args = ["--ckpt_dir", tiny_ckpt_2shards, "--tokenizer_path", byte_tokenizer, "--out", out, "--draft_ckpt_dir", draft_ckpt]
+    args = ["--ckpt_dir", tiny_ckpt_2shards, "--tokenizer_path", byte_tokenizer, "--out", out, "--draft_ckpt_dir", draft_ckpt,
+            "--draft_parallel", parallel]
     r = helpers.run_torchrun("tests/workers/generate.py", args, 2)
     assert r.returncode == 0, r.stderr[-3000:]
     two = torch.load(out)
@@ -259,7 +280,8 @@ def test_two_processes_accept_the_same_tokens_as_one(tmp_path, plain, tiny_ckpt_
     want, want_lps = plain.generate(encode(plain, PROMPTS), 12, temperature=0, logprobs=True)
     assert two["tokens"] == want
     assert two["logprobs"] == [pytest.approx(lp, abs=1e-5) for lp in want_lps]
-    assert two["draft_wk_rows"] == helpers.TINY_PARAMS["n_kv_heads"] * 16  # whole, not split in two
+    kv_rows = helpers.TINY_PARAMS["n_kv_heads"] * 16  # whole; split in two when sharded
+    assert two["draft_wk_rows"] == (kv_rows if parallel == "replicated" else kv_rows // 2)
     assert 0 < two["acceptance"] < 1
     assert torch.load(f"{out}.rank1.sampled") == two["sampled"]
 

@@ -12,8 +12,9 @@ from llama import Llama, distributed
 PROMPTS = ["Hello, world", "The quick brown fox jumps over", "a"]
 
 
-def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12, device: str = "cpu", draft_ckpt_dir: Optional[str] = None):
-    draft = {} if draft_ckpt_dir is None else {"draft_ckpt_dir": draft_ckpt_dir}
+def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12, device: str = "cpu", draft_ckpt_dir: Optional[str] = None,
+         draft_parallel: str = "replicated"):
+    draft = {} if draft_ckpt_dir is None else {"draft_ckpt_dir": draft_ckpt_dir, "draft_parallel": draft_parallel}
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4, device=device, dtype="float32", **draft)
     prompt_tokens = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     tokens, logprobs = llama.generate(prompt_tokens, max_gen_len, temperature=0, logprobs=True)
