@@ -730,7 +730,7 @@ def speculative(
                               draft_parallel=how, **build) for how in parallels}
     configs = [(k, how) for how in specs for k in ks]
 
-    def name(k: int, how: str) -> str:
+    def name(k: Union[int, str], how: str) -> str:
         return f"k={k}" if len(specs) == 1 else f"k={k}, {how} draft"
 
     spec = specs[parallels[0]]  # the one whose passes are profiled
