@@ -514,7 +514,8 @@ def _load_draft(
     draft.policy = policy
     if distributed.is_rank0():
         how = "" if mp_size == 1 else f", {parallel} over {mp_size} ranks"
-        logger.info("Speculative decoding: draft %s proposes %s tokens per step%s", draft_dir, k, how)
+        count = f"1 to {speculative.AUTO_MAX_K} (adaptive)" if k == speculative.AUTO else k
+        logger.info("Speculative decoding: draft %s proposes %s tokens per step%s", draft_dir, count, how)
     return speculative.Speculator(draft, k, context)
 
 
