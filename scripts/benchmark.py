@@ -542,14 +542,16 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     threads = spec.get("threads") or torch.get_num_threads()
     cmd = [str(tools["bench"]), "-o", "json", "-t", str(threads), "-r", "3", "-p", str(s["prefill_len"]),
            "-n", str(s["short_new"]), "-d", f"0,{s['short_prompt']}"]
-    for kind in LLAMA_CPP_TYPES:
-        cmd += ["-m", str(files[kind])]
-    print("[llama.cpp] " + " ".join(cmd), file=sys.stderr, flush=True)
-    runs = json.loads(quiet(cmd))
-    results = {}
-    for kind in LLAMA_CPP_TYPES:
+    results, failed = {}, {}
+    for kind in LLAMA_CPP_TYPES:  # one call each: a precision whose kernels crash leaves the others
+        print("[llama.cpp] " + " ".join(cmd + ["-m", str(files[kind])]), file=sys.stderr, flush=True)
+        try:
+            mine = json.loads(quiet(cmd + ["-m", str(files[kind])]))
+        except RuntimeError as e:
+            failed[kind] = str(e).split(":")[0]  # "llama-bench failed (exit code)"
+            print(f"[llama.cpp] {kind} left out: {failed[kind]}", file=sys.stderr, flush=True)
+            continue
         name = f"llama.cpp-{kind}"
-        mine = [r for r in runs if Path(r["model_filename"]).name == files[kind].name]
         # decode after the short prompt's context, prefill from an empty one, as ours are timed
         tg = next(r for r in mine if r["n_gen"] > 0 and r.get("n_depth", 0) == s["short_prompt"])
         pp = next(r for r in mine if r["n_prompt"] > 0 and r.get("n_depth", 0) == 0)
@@ -559,6 +561,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
                                     "context": s["short_prompt"] + s["short_new"] / 2, "tokens_per_s": tg["avg_ts"]}},
             "prefill": {"tokens": s["prefill_len"], "tokens_per_s": pp["avg_ts"], "ttft_s": s["prefill_len"] / pp["avg_ts"]},
         }
+    if not results:
+        raise RuntimeError(f"llama-bench failed at every precision: {failed}")
     return results
 
 
