@@ -154,13 +154,18 @@ class Speculator:
     """
 
     def __init__(self, draft: Transformer, k: Union[int, str] = DEFAULT_K, context: Callable = contextlib.nullcontext):
-        check_k(k)
-        self.adaptive = k == AUTO
-        self.draft, self.k, self.context = draft, DEFAULT_K if self.adaptive else k, context
+        self.draft, self.context = draft, context
+        self.set_k(k)
         self.proposed = 0  # draft tokens proposed, and of them accepted, since the start
         self.accepted = 0
         self._behind: set = set()  # ids of the sequences whose draft cache lags one position
         self.compiled: Optional[CompiledPasses] = None
+
+    def set_k(self, k: Union[int, str]) -> None:
+        """Propose `k` tokens per step from now on (1..MAX_K), or adapt it from DEFAULT_K ("auto")."""
+        check_k(k)
+        self.adaptive = k == AUTO
+        self.k = DEFAULT_K if self.adaptive else k
 
     @property
     def acceptance_rate(self) -> float:

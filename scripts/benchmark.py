@@ -756,8 +756,7 @@ def speculative(
 
     def at_k(k: Union[int, str], how: str) -> tuple[float, list]:
         speculator = specs[how].speculator
-        speculator.adaptive = k == spec_module.AUTO  # "auto" starts where Llama.build starts it
-        speculator.k = spec_module.DEFAULT_K if speculator.adaptive else k
+        speculator.set_k(k)
         speculator.proposed, speculator.accepted = 0, 0
         return decode(specs[how])
 
@@ -810,9 +809,8 @@ def speculative(
         profile[f"model, {k + 1} tokens"] = forward_ms(model_pass, k + 1)
     greedy = spec.speculator.compiled and spec.speculator.compiled.greedy
     if greedy and temperature == 0:  # compiled greedy steps: k draft steps and the verify pass in one call
-        spec.speculator.adaptive = False
         for k in fixed:
-            spec.speculator.k = k
+            spec.speculator.set_k(k)
             profile[f"greedy step of k={k} in one call"] = forward_ms(
                 lambda t: spec.speculator._compiled(greedy, t, [64], rows), 1)
     return {"ckpt_dir": ckpt_dir, "draft_ckpt_dir": draft_ckpt_dir, "temperature": temperature, "new_tokens": n_new,
@@ -896,10 +894,10 @@ def main(
             replicated and sharded (each measured in the same rounds); on one process, replicated.
     """
     if speculate or draft_ckpt_dir is not None:
-        ks = [k if k == "auto" else int(k) for k in cli.split_list(speculate_k)]
-        parallels = cli.split_list(draft_parallel)
-        from llama.speculative import check_draft_parallel
+        from llama.speculative import AUTO, check_draft_parallel
 
+        ks = [k if k == AUTO else int(k) for k in cli.split_list(speculate_k)]
+        parallels = cli.split_list(draft_parallel)
         for how in parallels:
             check_draft_parallel(how)
         if threads:
