@@ -360,9 +360,9 @@ def load_rank_state(
 
 def check_quantization(stored: Optional[quantize.QuantConfig], asked: Optional[quantize.QuantConfig], ckpt_dir: PathLike) -> None:
     """ValueError when a quantized checkpoint is asked to load with another quantization."""
-    if stored is not None and asked is not None and stored != asked:
+    if stored is not None and asked is not None and stored != asked.stored_form():  # w8a8 loads int8 weights
         raise ValueError(
-            f"{ckpt_dir} is quantized ({stored.describe()}) but quantize={asked.mode!r} "
+            f"{ckpt_dir} is quantized ({stored.describe()}) but quantize={asked.name!r} "
             f"({asked.describe()}) was asked: build with quantize={stored.mode!r}"
             f"{f', group_size={stored.group_size}' if stored.mode == 'int4' else ''}"
             f"{'' if stored.output else ', quantize_output=False'}, or quantize the full-precision checkpoint"
@@ -497,9 +497,9 @@ def load_model(
     _check_model_parallel_group(mp_size)
     layout = inspect_checkpoint(ckpt_dir, args)
     check_quantization(layout.quant, quant, ckpt_dir)
-    active = layout.quant or quant
+    active = quant or layout.quant  # the same stored form; quant says how to run it (w8a8)
     if active is not None:
-        quantize.check_device(active.mode, device)
+        quantize.check_device(active.name, device)
     with _skeleton():
         model = Transformer(args)
     reduce_max = quantize.model_parallel_max() if quant is not None and layout.quant is None else None

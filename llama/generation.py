@@ -87,7 +87,9 @@ class Llama:
                 weight-only quantization of the seven projections of every block (and of the output
                 projection and the embedding), done on load by each rank from its own slice (llama.quantize). A
                 checkpoint written by scripts/quantize.py loads quantized as stored with None or
-                its own mode; another mode is an error.
+                its own mode; another mode is an error. "w8a8" (x86 CPUs): int8 weights, whose block
+                projections also round each input row to int8 (one scale per row, at every product)
+                and multiply integers through fbgemm; not weight-only; loads int8 checkpoints.
             group_size: int4 group size along the input dimension (32, 64, 128 or 256).
             quantize_output: quantize the vocabulary matrices too, the output projection and the
                 embedding (one matrix in a tied model); False keeps both in full precision.
@@ -138,7 +140,7 @@ class Llama:
                 draft_ckpt_dir, speculate_k, args, tokenizer_path, device, policy, forced_dtype, draft_parallel
             )
         if quant is not None:  # quantized products pick their own kernel and compute dtype (llama.quantize)
-            policy = kernels.uniform(policy.weights, reason=f"{quant.mode} weights: kernels.quantized_kernel picks theirs")
+            policy = kernels.uniform(policy.weights, reason=f"{quant.name} weights: kernels.quantized_kernel picks theirs")
         dtype = policy.weights
         model = checkpoint.load_model(
             ckpt_dir, args, distributed.model_parallel_rank(), mp_size, device, dtype, quant,

@@ -10,6 +10,8 @@
 #         low nibble, 2j + 1 in the high one), <m>.scales and <m>.zeros bfloat16 (out, in / group):
 #         W[:, j] ~ (q[:, j] - 8) * scales[:, j // group] + zeros[:, j // group]
 #   fp8:  <m>.weight float8_e4m3fn (out, in) and <m>.scales float32 (out,) (in memory only)
+# w8a8 is int8's stored form run differently: each block projection also quantizes its input rows
+# (symmetric, one scale per row, at every product) and multiplies integers (fbgemm on x86 CPUs).
 # Scales are computed in float32 from the weight as stored and rounded UP to bfloat16, so every
 # weight is within half a step of its dequantized value.
 #
@@ -32,7 +34,7 @@ from llama import kernels, memory, sharding
 
 logger = logging.getLogger(__name__)
 
-MODES = ("int8", "int4", "fp8")
+MODES = ("int8", "int4", "fp8", "w8a8")
 FILE_MODES = ("int8", "int4")  # what scripts/quantize.py writes
 GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4 kernels take
 BLOCK_MODULES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -45,9 +47,19 @@ ReduceMax = Callable[[torch.Tensor], torch.Tensor]  # all-reduce MAX over the mo
 class QuantConfig:
     """How a model's weights are quantized: mode, int4 group size, and whether the output projection is."""
 
-    mode: str
+    mode: str  # the stored form: int8, int4 or fp8
     group_size: int = 32
     output: bool = True
+    int8_activations: bool = False  # w8a8: int8 weights whose block projections also quantize their inputs
+
+    @property
+    def name(self) -> str:
+        """The quantize= value this config stands for ("w8a8" for int8 with int8 activations)."""
+        return "w8a8" if self.int8_activations else self.mode
+
+    def stored_form(self) -> "QuantConfig":
+        """How the weights are stored (what a checkpoint holds): w8a8 stores int8."""
+        return QuantConfig(self.mode, self.group_size, self.output)
 
     def applies(self, key: str) -> bool:
         """Whether the weight of `key`'s module (a checkpoint key) is quantized: the block projections,
@@ -80,7 +92,9 @@ class QuantConfig:
 
     def describe(self) -> str:
         extra = f", group size {self.group_size}" if self.mode == "int4" else ""
-        return f"{self.mode}{extra}, output and embedding {'quantized' if self.output else 'in full precision'}"
+        if self.int8_activations:
+            extra = " (int8 weights and, in the blocks, int8 activations)"
+        return f"{self.name}{extra}, output and embedding {'quantized' if self.output else 'in full precision'}"
 
 
 def resolve(quantize: Optional[str], group_size: int = 32, quantize_output: bool = True) -> Optional[QuantConfig]:
@@ -91,6 +105,8 @@ def resolve(quantize: Optional[str], group_size: int = 32, quantize_output: bool
         raise ValueError(f"unknown quantize mode {quantize!r}: use one of {', '.join(MODES)} (or None for full precision)")
     if quantize == "int4" and group_size not in GROUP_SIZES:
         raise ValueError(f"int4 group size {group_size} is not supported: use one of {GROUP_SIZES}")
+    if quantize == "w8a8":
+        return QuantConfig("int8", 32, bool(quantize_output), int8_activations=True)
     return QuantConfig(quantize, int(group_size) if quantize == "int4" else 32, bool(quantize_output))
 
 
@@ -112,6 +128,10 @@ def check_device(mode: str, device: torch.device) -> None:
             )
     elif mode == "int8" and device.type not in ("cpu", "cuda"):
         raise ValueError(f"quantize='int8' has no kernel on {device}: use a CPU or CUDA device")
+    elif mode == "w8a8" and (device.type != "cpu" or not kernels.w8a8_available()):
+        raise ValueError(
+            f"quantize='w8a8' runs on x86 CPUs (PyTorch's fbgemm), not on {device} here: use quantize='int8'"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +255,7 @@ def _by_rows(fn: Callable, w: torch.Tensor, with_start: bool = False, step: Opti
 # Paths a QuantizedLinear can take on CPU (llama.kernels and scripts/bench_quant.py time each):
 #   "pack":    torch._weight_int8pack_mm / torch._weight_int4pack_mm_for_cpu
 #   "dequant": the weight dequantized to the compute dtype, then F.linear
+#   "dynamic": w8a8's, fbgemm's int8 product with each input row rounded to int8 (not weight-only)
 CPU_PATHS = kernels.QUANT_PATHS
 PATH_MODES = {"pack": ("int8", "int4"), "dequant": ("int8", "int4")}
 
@@ -283,6 +304,8 @@ class QuantizedLinear(nn.Module):
         device = q.device
         if device.type == "cuda":
             self.kernels = {step: self._cuda_path() for step in STEPS}
+        elif path == "dynamic":  # w8a8: float32 into fbgemm's int8 product
+            self.kernels = {step: (path, torch.float32) for step in STEPS}
         elif path is not None:  # one path for every step (benchmarks, tests)
             self.kernels = {step: (path, compute_dtype or act_dtype) for step in STEPS}
         else:
@@ -292,7 +315,11 @@ class QuantizedLinear(nn.Module):
             self.kernels = {step: ("dequant", dt) for step, (_, dt) in self.kernels.items()}
         paths = {p for p, _ in self.kernels.values()}
         compute = {dt or act_dtype for _, dt in self.kernels.values()}
-        if mode == "int8":
+        if paths == {"dynamic"}:  # w8a8: only fbgemm's packed copy (a TorchScript object, not a buffer)
+            self.packed, self.levels, self.packed_bytes = kernels.w8a8_prepack(q, scales), kernels.w8a8_levels(), q.nbytes
+            self.row_max = model_parallel_max() if parallel == "row" else None
+            self.register_buffer("scales", scales, persistent=False)
+        elif mode == "int8":
             self.register_buffer("weight", q, persistent=False)
             for dt in compute:
                 self.register_buffer(_name("scales", dt), scales.to(dt), persistent=False)
@@ -335,6 +362,9 @@ class QuantizedLinear(nn.Module):
             # the packed layout is the kernel's own: read it back through the kernel, as identity @ W^T
             eye = torch.eye(self.in_features, dtype=dt or self.act_dtype, device=self.weight.device)
             return self._int4_pack(eye, dt or self.act_dtype).float().t()
+        if hasattr(self, "packed"):
+            q = torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
+            return q.float() * self.scales.float().reshape(-1, 1)
         name = "scales" if self.mode == "fp8" else _name("scales", next(iter(self.kernels.values()))[1] or self.act_dtype)
         return self.weight.float() * getattr(self, name).float().reshape(-1, 1)
 
@@ -348,6 +378,11 @@ class QuantizedLinear(nn.Module):
             out = self._int8_pack(x2, dt) if self.mode == "int8" else self._int4_pack(x2, dt)
         elif path == "scaled_mm":
             out = self._fp8(x2)
+        elif path == "dynamic":
+            amax = x2.abs().amax(dim=1, keepdim=True)
+            if self.parallel == "row" and self.row_max is not None:  # this rank holds some of each row's columns
+                amax = self.row_max(amax)  # round them as one process would: the same tokens on any count
+            out = kernels.w8a8_matmul(x2, self.packed, self.levels, amax)
         elif self.mode == "int8":
             out = F.linear(x2, self.weight.to(dt)) * getattr(self, _name("scales", dt))
         else:
@@ -463,9 +498,12 @@ def install(
             )
         else:
             parallel = "row" if sharding.shard_dim(name + ".weight") == 1 else "column"
+            # w8a8 rounds the inputs of the block projections only: the logits keep int8's weight-only product
+            dynamic = config.int8_activations and sharding.module_of(name + ".weight") in BLOCK_MODULES
             new = QuantizedLinear(
                 config.mode, q, scales, zeros[0] if zeros else None, config.group_size, act_dtype,
-                parallel=parallel, gather_output=getattr(old, "gather_output", False), compute_dtype=compute_dtype,
+                parallel=parallel, gather_output=getattr(old, "gather_output", False),
+                path="dynamic" if dynamic else None, compute_dtype=compute_dtype,
             )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -511,6 +549,6 @@ def quantized_bytes(model: nn.Module) -> int:
     seen = {}  # a tied model's output shares the embedding's tensors: count them once
     for t in list(model.parameters()) + [b for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding)) for b in m.buffers(recurse=False)]:
         seen[t.data_ptr()] = t.nbytes
-    return sum(seen.values())
+    return sum(seen.values()) + sum(getattr(m, "packed_bytes", 0) for m in model.modules())
 
 

@@ -730,7 +730,7 @@ def serve(
         max_seq_len: the context: prompt plus answer, in tokens.
         max_queue: sequences queued or running at most; more are answered 429.
         device, dtype, compile: as Llama.build.
-        quantize, group_size: int8 or int4 (fp8 on CUDA sm89+) weight-only quantization on load, as
+        quantize, group_size: int8 or int4 (fp8 on CUDA sm89+) weight-only quantization on load (or w8a8), as
             Llama.build (default: none; a checkpoint from scripts/quantize.py loads as stored).
         model_name: the model's id in the API (default: the checkpoint directory's name).
         draft_ckpt_dir, speculate, speculate_k: speculative decoding with a draft model, as the

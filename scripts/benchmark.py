@@ -12,7 +12,7 @@ and once as a Hugging Face directory (converted with llama/hf.py). Each implemen
 its own process (so load time and peak memory are its own) on the same prompts, device and dtype:
 ours (Llama.build), ours compiled (--compile), and transformers with eager and sdpa attention. By
 name (--impls): ours under forced bfloat16 and float32 beside its measured dtype policy, ours with
-int8 and int4 weights, and llama.cpp at BF16, Q8_0 and Q4_0 on the same weights (a tree built
+int8 and int4 weights and with w8a8 (int8 weights and activations), and llama.cpp at BF16, Q8_0 and Q4_0 on the same weights (a tree built
 from source, given by --llama_cpp or $LLAMA_CPP_DIR; noted as skipped otherwise). Every
 run is greedy with a fixed number of new tokens: the output rows of the special tokens are zero, so
 no stop token is ever chosen.
@@ -61,6 +61,7 @@ OURS = {
     "ours-compile": {"compile": True},
     "ours-int8": {"quantize": "int8"},
     "ours-int4": {"quantize": "int4"},
+    "ours-w8a8": {"quantize": "w8a8"},  # int8 weights and activations (x86 CPUs), as llama.cpp's Q8_0 computes
 }
 IMPLS = (*OURS, "hf-eager", "hf-sdpa", "llama.cpp")
 DEFAULT_IMPLS = ("ours", "hf-eager", "hf-sdpa")  # and ours-compile with --compile
@@ -281,9 +282,11 @@ class Ours:
             if not isinstance(module, KVCache) and not name.startswith("tok_embeddings"):
                 for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
                     held[t.data_ptr()] = t.nbytes
+        packed = sum(getattr(m, "packed_bytes", 0) for m in model.modules())  # w8a8's prepacked int8 weights
+        wk = model.layers[0].attention.wk
         return {
-            "weights_dtype": hf.dtype_name(model.layers[0].attention.wk.weight.dtype),
-            "weight_bytes": sum(held.values()),
+            "weights_dtype": "int8" if hasattr(wk, "packed") else hf.dtype_name(wk.weight.dtype),
+            "weight_bytes": sum(held.values()) + packed,
             "kv_itemsize": model.layers[0].attention.kv_cache.k.dtype.itemsize,
             **({"policy": policy.describe()} if policy is not None else {}),
         }
@@ -587,8 +590,11 @@ def impl_bytes(result: dict, bytes_: dict, itemsize: int) -> dict:
 
 # Ratios printed under the table: (name, numerator, denominator or a tuple whose best is taken)
 POLICY_VS_FORCED = ("ours", ("ours-bf16", "ours-f32"))
-SAME_PRECISION = (("ours-bf16", "llama.cpp-BF16"), ("ours-int8", "llama.cpp-Q8_0"), ("ours-int4", "llama.cpp-Q4_0"))
-QUANT_VS_BF16 = (("ours-int8", "ours-bf16"), ("ours-int4", "ours-bf16"))
+SAME_PRECISION = (
+    ("ours-bf16", "llama.cpp-BF16"), ("ours-int8", "llama.cpp-Q8_0"), ("ours-w8a8", "llama.cpp-Q8_0"),
+    ("ours-int4", "llama.cpp-Q4_0"),
+)
+QUANT_VS_BF16 = (("ours-int8", "ours-bf16"), ("ours-w8a8", "ours-bf16"), ("ours-int4", "ours-bf16"))
 
 
 def report(results: dict, bw: dict, bytes_: dict, itemsize: int = 2) -> tuple[list, dict]:
@@ -874,7 +880,7 @@ def main(
         compile: also run ours with compile=True (torch.compile of the decode step); with --speculate,
             both models compiled (plain decode steps, the draft's steps and the verify passes).
         impls: comma-separated, from ours (the dtype policy), ours-bf16 and ours-f32 (forced dtypes),
-            ours-compile, ours-int8 and ours-int4 (quantized weights), hf-eager, hf-sdpa, llama.cpp
+            ours-compile, ours-int8, ours-int4 and ours-w8a8 (quantized), hf-eager, hf-sdpa, llama.cpp
             (BF16, Q8_0 and Q4_0 of the same weights). Default: ours, hf-eager, hf-sdpa (and
             ours-compile with --compile).
         baseline: also time the original's one-token-per-step prompt feeding on our model.

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import helpers
-from llama import Llama, checkpoint, convert, distributed, hf, quantize, sharding
+from llama import Llama, checkpoint, convert, distributed, hf, kernels, quantize, sharding
 from llama.model import ModelArgs
 
 # hidden 384 and dim 128: int4 groups of 32 fit each slice on 1, 2 and 4 processes
@@ -97,6 +97,39 @@ def test_quantized_linear_equals_dequantize_then_linear(mode, path, act):
     assert torch.allclose(lin.dequantize(), deq, atol=1e-2 * deq.abs().max().item())
 
 
+needs_w8a8 = pytest.mark.skipif(not kernels.w8a8_available(), reason="no fbgemm int8 product in this PyTorch/CPU")
+
+
+@needs_w8a8
+@pytest.mark.parametrize("levels", [127, 63])  # 63: the range taken where fbgemm's full range overflows
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
+def test_w8a8_linear_rounds_each_input_row_to_int8_and_is_exact_otherwise(levels, act):
+    w = torch.randn(96, 128) / 128**0.5
+    q, s = quantize.quantize_int8(w)
+    deq = quantize.dequantize("int8", q, s).double()
+    lin = quantize.QuantizedLinear("int8", q, s, None, 32, act, path="dynamic")
+    lin.levels = levels
+    assert torch.equal(lin.dequantize(), deq.float())  # fbgemm's packed copy reads back as stored
+    x = torch.randn(9, 128).to(act)
+    x[2] *= 50  # a row far larger than the others keeps its own scale
+    got = lin(x).double()
+    assert got.dtype == torch.float64 and lin(x).dtype == act
+    # plain math: each row rounded to `levels` steps of its absolute maximum, times the int8 weights
+    xd = x.double()
+    amax = xd.abs().amax(1, keepdim=True)
+    rounded = torch.round(xd / amax * levels).clamp(-levels, levels) * amax / levels
+    want = rounded @ deq.t()
+    eps = torch.finfo(act).eps
+    one_step = amax / levels * deq.abs().amax(1)  # an input on a rounding tie may land a step away
+    assert ((got - want).abs() <= 4 * eps * (xd.abs() @ deq.abs().t()) + one_step).all()
+    assert (got - want).norm() <= max(1e-3, eps) * want.norm()  # bfloat16 results are rounded to it
+    # against the unrounded activations: at most half a step per input (a bound, not the kernel's own)
+    bound = amax / (2 * levels) * deq.abs().sum(1) + 4 * eps * (xd.abs() @ deq.abs().t())
+    assert ((got - xd @ deq.t()).abs() <= bound * 1.001).all()
+    # a row's result does not depend on the rows beside it
+    assert torch.equal(lin(x[2:3]), lin(x)[2:3])
+
+
 def test_row_parallel_int8_scales_are_those_of_the_whole_row():
     w = torch.randn(8, 64)
     whole = quantize.quantize_weight("layers.0.attention.wo.weight", w, quantize.resolve("int8"))
@@ -126,6 +159,27 @@ def test_a_quantized_checkpoint_loads_to_the_logits_of_quantizing_on_load_bit_fo
     assert (logits_of(quantized) - full).abs().max() < (0.05 if mode == "int8" else 0.5) * full.abs().max()
 
 
+@needs_w8a8
+def test_w8a8_runs_int8_weights_with_int8_activations_in_the_blocks(fp_ckpt, q_ckpts):
+    on_load, from_file = build(fp_ckpt, "w8a8"), build(q_ckpts["int8"], "w8a8")  # int8 checkpoints load as w8a8
+    for llama in (on_load, from_file):
+        assert llama.model.layers[1].feed_forward.w2.kernels["decode"][0] == "dynamic"
+        assert llama.model.output.kernels["decode"][0] != "dynamic"  # the logits stay weight-only
+    assert torch.equal(logits_of(on_load), logits_of(from_file))
+    int8, full = logits_of(build(fp_ckpt, "int8")), logits_of(build(fp_ckpt))
+    got = logits_of(on_load)
+    assert not torch.equal(got, int8)  # the activations were rounded
+    assert (got - full).abs().max() < 0.05 * full.abs().max()
+    with pytest.raises(ValueError, match=r"is quantized \(int4, .*\) but quantize='w8a8' .* build with quantize='int4'"):
+        build(q_ckpts["int4"], "w8a8")
+
+
+def test_w8a8_without_its_kernel_is_a_one_line_error(fp_ckpt, monkeypatch):
+    monkeypatch.setattr(kernels, "w8a8_available", lambda: False)
+    with pytest.raises(ValueError, match="quantize='w8a8' runs on x86 CPUs .* use quantize='int8'"):
+        build(fp_ckpt, "w8a8")
+
+
 def test_quantize_none_is_the_unquantized_model_and_output_can_stay_full_precision(fp_ckpt):
     plain = build(fp_ckpt)
     assert not any(isinstance(m, quantize.QuantizedLinear) for m in plain.model.modules())
@@ -137,13 +191,14 @@ def test_quantize_none_is_the_unquantized_model_and_output_can_stay_full_precisi
 
 def test_quantized_runs_on_1_2_and_4_processes_give_the_tokens_of_one(tmp_path, fp_ckpt, q_ckpts):
     runs = [f"{fp_ckpt}|int8", f"{fp_ckpt}|int4", f"{q_ckpts['int4']}|none"]
+    w8a8 = [f"{fp_ckpt}|w8a8"] if kernels.w8a8_available() else []
     results = {}
     for n in (1, 2, 4):
         out = tmp_path / f"out{n}.pt"
-        proc = helpers.run_torchrun(WORKER, [",".join(runs), fp_ckpt / "tokenizer.model", out], nproc=n)
+        proc = helpers.run_torchrun(WORKER, [",".join(runs + w8a8), fp_ckpt / "tokenizer.model", out], nproc=n)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[n] = torch.load(out)
-    for run in runs:
+    for run in runs + w8a8:  # w8a8's row-parallel layers round each input row with the whole row's scale
         for n in (2, 4):
             assert results[n][run]["tokens"] == results[1][run]["tokens"], (run, n)
             torch.testing.assert_close(results[n][run]["logits"], results[1][run]["logits"], rtol=1e-4, atol=1e-4)
