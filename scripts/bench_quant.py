@@ -10,7 +10,8 @@ products, and prints ms per product and the weight bytes read per second:
 - pytorch int8/int4 kernels (torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu) with
   bfloat16 and with float32 activations;
 - dequantize-then-F.linear (the weight converted to the activation dtype at every product);
-- torch._int_mm with dynamically quantized int8 activations (not weight-only: for comparison).
+- torch._int_mm with dynamically quantized int8 activations, and quantize="w8a8"'s fbgemm product
+  (not weight-only: for comparison).
 llama.kernels makes the same choice at start-up (quantized_kernel), timing these paths on small probes.
 
 `model` writes a random-weight checkpoint of a published shape (tied embedding, as the 3.2 1B ships)
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama import checkpoint, cli, distributed, quantize, registry, sharding  # noqa: E402
+from llama import kernels as llama_kernels  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 
 
@@ -86,6 +88,9 @@ def cases(n: int, k: int, rows: int, group_size: int) -> dict[str, Callable[[], 
                 lin = quantize.QuantizedLinear.from_quantized(mode, qw, s, z, group_size, act, path=path)
                 out[f"{mode} {path}, {name} activations"] = lambda lin=lin, x=x: lin.matmul(x)
     out["int8 torch._int_mm, dynamic int8 activations"] = lambda: _int_mm_dynamic(x32, q8, s8)
+    if llama_kernels.w8a8_available():  # quantize="w8a8": fbgemm, each row rounded to int8
+        w8a8 = quantize.QuantizedLinear.from_quantized("int8", q8, s8, None, group_size, torch.float32, path="dynamic")
+        out["w8a8 fbgemm, int8 activations per row"] = lambda: w8a8.matmul(x32)
     return out
 
 
@@ -95,7 +100,7 @@ def kernels(n: int = 8192, k: int = 2048, rows: str = "1,256", repeat: int = 20,
         torch.set_num_threads(threads)
     row_counts = cli.int_list(rows)
     print(f"weight {n}x{k}, group size {group_size}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    bytes_of = {"float32": 4, "bfloat16": 2, "int8": 1, "int4": 0.5 + 4 / group_size}
+    bytes_of = {"float32": 4, "bfloat16": 2, "int8": 1, "w8a8": 1, "int4": 0.5 + 4 / group_size}
     for r in row_counts:
         print(f"\nrows={r}")
         print(f"  {'product':<52} {'ms':>9} {'GB/s (weights)':>15}")
