@@ -12,10 +12,10 @@ and once as a Hugging Face directory (converted with llama/hf.py). Each implemen
 its own process (so load time and peak memory are its own) on the same prompts, device and dtype:
 ours (Llama.build), ours compiled (--compile), and transformers with eager and sdpa attention. By
 name (--impls): ours under forced bfloat16 and float32 beside its measured dtype policy, ours with
-int8 and int4 weights and with w8a8 (int8 weights and activations), and llama.cpp at BF16, Q8_0 and Q4_0 on the same weights (a tree built
-from source, given by --llama_cpp or $LLAMA_CPP_DIR; noted as skipped otherwise). Every
-run is greedy with a fixed number of new tokens: the output rows of the special tokens are zero, so
-no stop token is ever chosen.
+int8 and int4 weights and with w8a8 (int8 weights and activations), and llama.cpp at BF16, Q8_0 and
+Q4_0 on the same weights (a tree built from source, given by --llama_cpp or $LLAMA_CPP_DIR; noted
+as skipped otherwise). Every run is greedy with a fixed number of new tokens: the output rows of
+the special tokens are zero, so no stop token is ever chosen.
 
 Measured: decode tokens/s at batch 1 and 8, at short and long context (steady state: the first
 steps, which may compile, are left out); prefill tokens/s and time to first token for one prompt;
