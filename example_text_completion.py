@@ -70,9 +70,9 @@ def main(
         compile: torch.compile the decode step, and with a draft its steps and the verify passes
             (CUDA graphs on GPU); eager if compilation fails.
         verify: check the checkpoint's files against its checklist.chk (md5) before loading.
-        quantize: int8, int4 (or fp8 on CUDA sm89+) weight-only quantization on load, or w8a8
-            (int8 weights and int8 activations, x86 CPUs) (default: none; a checkpoint from
-            scripts/quantize.py loads quantized as stored).
+        quantize: int8, int4 (or fp8 on CUDA sm89+) weight-only quantization on load, or w8a8 (int8
+            weights and activations, x86 CPUs); none by default;
+            a checkpoint from scripts/quantize.py loads quantized as stored.
         group_size: int4 group size (32, 64, 128, 256).
         draft_ckpt_dir: a draft model (same tokenizer) for speculative decoding: it proposes
             speculate_k tokens per step, the model verifies them in one pass (greedy output unchanged).

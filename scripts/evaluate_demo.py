@@ -81,9 +81,9 @@ def main(
         max_tokens: score only the first max_tokens held-out tokens.
         seq_len: context window for the model (its training length is 512).
         device, dtype: where and in what precision to run the model.
-        quantize: int8, int4 (or fp8 on CUDA sm89+) weight-only quantization on load, or w8a8
-            (int8 weights and int8 activations, x86 CPUs) (default: none; a checkpoint from
-            scripts/quantize.py loads quantized as stored).
+        quantize: int8, int4 (or fp8 on CUDA sm89+) weight-only quantization on load, or w8a8 (int8
+            weights and activations, x86 CPUs); none by default;
+            a checkpoint from scripts/quantize.py loads quantized as stored.
         group_size: int4 group size (32, 64, 128, 256).
     """
     llama = build_generator(ckpt_dir, tokenizer_path, max_seq_len=seq_len, max_batch_size=1, device=device, dtype=dtype,
