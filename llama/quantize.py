@@ -380,7 +380,7 @@ class QuantizedLinear(nn.Module):
             out = self._fp8(x2)
         elif path == "dynamic":
             amax = x2.abs().amax(dim=1, keepdim=True)
-            if self.parallel == "row" and self.row_max is not None:  # this rank holds some of each row's columns
+            if self.row_max is not None:  # a row-parallel slice: this rank holds some of each row's columns
                 amax = self.row_max(amax)  # round them as one process would: the same tokens on any count
             out = kernels.w8a8_matmul(x2, self.packed, self.levels, amax)
         elif self.mode == "int8":
