@@ -288,22 +288,24 @@ class Engine:
                 tokens[i] = _draw(logits[i : i + 1], s.request.temperature, s.request.top_p, s.generator)[0]
         return self._emit(seqs, logits, tokens)
 
-    def _emit(self, seqs: List[_Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> List[Event]:
+    def _emit(self, seqs: List[_Sequence], logits: Optional[torch.Tensor], tokens: Union[torch.Tensor, List[int]]) -> List[Event]:
         """Append each sequence's chosen token (len(seqs),), with its log-probs from the logits it
-        was chosen from (len(seqs), vocab) where asked; then the stop rule."""
+        was chosen from (len(seqs), vocab) where asked (`logits` may be None when none asks); then
+        the stop rule."""
+        tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
         want_lp = [i for i, s in enumerate(seqs) if s.request.logprobs or s.request.top_logprobs]
         lps: Dict[int, float] = {}
         tops: Dict[int, list] = {}
         if want_lp:
             index = torch.tensor(want_lp, device=logits.device)
             lsm = torch.log_softmax(logits[index], dim=-1)  # (len(want_lp), vocab)
-            chosen = lsm.gather(1, tokens[index][:, None])[:, 0].tolist()
+            chosen = lsm.gather(1, torch.tensor([tokens[i] for i in want_lp], device=logits.device)[:, None])[:, 0].tolist()
             for j, i in enumerate(want_lp):
                 lps[i] = chosen[j]
                 k = seqs[i].request.top_logprobs
                 if k:
                     tops[i] = _top(lsm[j : j + 1], k)[0]
-        return [self._advance(s, tok, lps.get(i), tops.get(i)) for i, (s, tok) in enumerate(zip(seqs, tokens.tolist()))]
+        return [self._advance(s, tok, lps.get(i), tops.get(i)) for i, (s, tok) in enumerate(zip(seqs, tokens))]
 
     def _advance(self, s: _Sequence, token: int, logprob: Optional[float], top: Optional[list]) -> Event:
         """Append a sampled token; decide whether the sequence has finished, and why."""
@@ -409,10 +411,16 @@ class NonFiniteLogitsError(ValueError):
     """The model produced NaN or infinite logits: nothing can be sampled from them."""
 
 
-def check_finite(logits: torch.Tensor) -> None:
+def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(..., vocab) logits -> (...) bool: the rows nothing can be sampled from (a NaN or +inf
+    logit, or every logit -inf; a -inf mask on some tokens still samples)."""
+    return (torch.isnan(logits) | torch.isposinf(logits)).any(-1) | torch.isneginf(logits).all(-1)
+
+
+def check_finite(logits: torch.Tensor, bad: Optional[torch.Tensor] = None) -> None:
     """Raise NonFiniteLogitsError, naming the likely causes, for NaN or +inf logits or a row that is
-    all -inf (a -inf mask on some tokens still samples); argmax would pick garbage, multinomial crash."""
-    bad = (torch.isnan(logits) | torch.isposinf(logits)).any(-1) | torch.isneginf(logits).all(-1)
+    all -inf (`nonfinite_rows`, or `bad`, its result computed already); argmax would pick garbage, multinomial crash."""
+    bad = nonfinite_rows(logits) if bad is None else bad
     if bool(bad.any()):
         rows = bad.nonzero()[:, 0].tolist()
         raise NonFiniteLogitsError(

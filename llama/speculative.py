@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, List, NamedTuple, Optional, Tuple, U
 import torch
 
 from llama import kv_cache
-from llama.engine import Event, check_finite, sampling_probs, step_positions
+from llama.engine import Event, check_finite, nonfinite_rows, sampling_probs, step_positions
 from llama.model import Transformer
 
 if TYPE_CHECKING:
@@ -115,14 +115,17 @@ def accept_greedy(logits: torch.Tensor, draft: torch.Tensor) -> Tuple[torch.Tens
 def greedy_pass(
     model: Transformer, draft: Transformer, k: int, tokens: torch.Tensor, start_pos: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The forward passes of one greedy step as one function, for torch.compile to make one graph
-    of: the draft's k steps, each proposing its argmax, then the model's verify pass of the last
-    token and the k proposals. Compiled, a step costs one call instead of k + 1, each with its own
-    Python, guard checks and wrapper (on the demo pair, more than the draft's own kernels).
+    """One greedy step as one function, for torch.compile to make one graph of: the draft's k
+    steps, each proposing its argmax, the model's verify pass of the last token and the k
+    proposals, and the acceptance (`accept_greedy`). Compiled, a step costs one call instead of
+    k + 1, each with its own Python, guard checks and wrapper (on the demo pair, more than the
+    draft's own kernels), and one read of its results.
 
     tokens (rows, t): each row's last token, after the one before it when t = 2 (a draft that
     lags); start_pos (rows,): the position of tokens[:, 0]. Both models' KV caches get the slots
-    the separate passes write. Returns (proposals (rows, k), the model's logits (rows, k + 1, vocab)).
+    the separate passes write. Returns (the model's logits (rows, k + 1, vocab), a summary (rows,
+    k + 3): each row's k proposals, its number accepted, its next token, and 1 where its logits
+    hold a NaN or infinity (`llama.engine.nonfinite_rows`), else 0).
     """
     pos = start_pos + tokens.shape[1] - 1  # (rows,) the last token's position
     logits = draft._forward(tokens, start_pos, None, use_cache=True)[:, -1]  # (rows, vocab)
@@ -132,7 +135,10 @@ def greedy_pass(
         proposals.append(logits.argmax(dim=-1))
     draft_tokens = torch.stack(proposals, dim=1)  # (rows, k)
     verify = torch.cat([tokens[:, -1:], draft_tokens], dim=1)  # (rows, k + 1)
-    return draft_tokens, model._forward(verify, pos, None, use_cache=True)
+    target = model._forward(verify, pos, None, use_cache=True)  # (rows, k + 1, vocab)
+    n, next_token = accept_greedy(target, draft_tokens)
+    bad = nonfinite_rows(target).any(dim=1)
+    return target, torch.cat([draft_tokens, n[:, None], next_token[:, None], bad[:, None].long()], dim=1)
 
 
 class Speculator:
@@ -149,8 +155,11 @@ class Speculator:
     on every rank under torchrun; a no-op for one split like the model). `compiled`, set by `Llama` with compile=True: the compiled
     passes (`CompiledPasses`), which the step uses over all cache rows when the engine decodes with
     static shapes: for a step of k proposals whose rows all decode greedily, `greedy_pass` (every
-    pass of the step in one call); otherwise the draft's steps and verify passes of k + 1 tokens
-    one by one (a shorter pass near a sequence's end runs eagerly: no new compilation).
+    pass of the step and the acceptance in one call, always fed each row's last two tokens, so that
+    one graph serves lagging and level drafts); otherwise the draft's steps and verify passes of
+    k + 1 tokens one by one. Steps propose k tokens up to a sequence's end (those past its budget
+    are dropped), so a shorter pass, which would compile anew or run eagerly, comes only where the
+    KV cache runs out.
     """
 
     def __init__(self, draft: Transformer, k: Union[int, str] = DEFAULT_K, context: Callable = contextlib.nullcontext):
@@ -227,21 +236,29 @@ class Speculator:
         rows = engine.rows if engine.static_shapes else None  # compiled passes: all cache rows
         pos = [s.pos for s in seqs]  # where each row's last token goes: both caches hold what is before
         last = [s.tokens[-1] for s in seqs]
-        # propose no more than the longest budget uses, and stay inside the KV cache
-        k = min(self.k, max(s.limit - len(s.tokens) for s in seqs) - 1, engine.seq_len - 1 - max(pos))
-        if any(s.id in self._behind for s in seqs):  # all rows rewrite the token before the last too
+        # stay inside the KV cache; proposals past a sequence's budget are verified and dropped
+        # (a shorter step would be a pass of another shape: compiled, a new graph or an eager pass)
+        k = min(self.k, engine.seq_len - 1 - max(pos))
+        greedy = all(s.request.temperature == 0 for s in seqs)
+        fused = k == self.k and greedy and self.compiled is not None and self.compiled.greedy is not None
+        # all rows rewrite the token before the last too: where a draft lags, and always in a fused
+        # step (one shape, one graph: rewriting a slot the draft holds already changes nothing)
+        if fused or any(s.id in self._behind for s in seqs):
             prev = [s.tokens[-2] if len(s.tokens) > 1 else s.request.prompt[-1] for s in seqs]
             first, first_pos = torch.tensor([prev, last], device=device).T, [p - 1 for p in pos]
         else:
             first, first_pos = torch.tensor(last, device=device)[:, None], pos
         self._behind.difference_update(s.id for s in seqs)
-        greedy = all(s.request.temperature == 0 for s in seqs)
         passes = None
-        if k == self.k and greedy and self.compiled:  # every pass of the step in one call
+        if fused:  # every pass of the step in one call
             passes = self._compiled(self.compiled.greedy, first, first_pos, rows)
         if passes is not None:
-            draft, target = passes
-            qs: List[List[Optional[torch.Tensor]]] = []
+            target, summary = passes
+            rows_out = summary.tolist()  # the step's one read of its results
+            if any(r[-1] for r in rows_out):
+                check_finite(target.flatten(0, 1))
+            proposals = [r[:k] for r in rows_out]
+            n_accepted, next_tokens = [r[k] for r in rows_out], [r[k + 1] for r in rows_out]
         else:
             logits = self._forward(first, first_pos, rows)
             if k <= 0:  # room for one token only: a plain step (the draft's cache kept in step above)
@@ -249,24 +266,25 @@ class Speculator:
             draft, qs = self._propose_all(seqs, logits, k, pos, rows)
             verify = torch.cat([torch.tensor(last, device=device)[:, None], draft], dim=1)  # (n, k+1)
             target = self._verify(engine, verify, pos, rows)  # (n, k+1, vocab)
-        check_finite(target.flatten(0, 1))
-        n_accepted, next_tokens = self._accept(seqs, target, draft, qs)
-        emitted = [d[:n] + [t] for d, n, t in zip(draft.tolist(), n_accepted, next_tokens)]
+            check_finite(target.flatten(0, 1))
+            n_accepted, next_tokens = self._accept(seqs, target, draft, qs)
+            proposals = draft.tolist()
+        emitted = [d[:n] + [t] for d, n, t in zip(proposals, n_accepted, next_tokens)]
         for s, n in zip(seqs, n_accepted):
             if n == k:  # the draft never saw its last proposal
                 self._behind.add(s.id)
         self.proposed += k * len(seqs)
         self.accepted += sum(n_accepted)
-        if self.adaptive and k == self.k:  # a step shortened near the end says nothing of k
+        if self.adaptive and k == self.k:  # a step shortened near the cache's end says nothing of k
             self.k = min(k + 2, AUTO_MAX_K) if all(n == k for n in n_accepted) else max(k - 1, 1)
+        want_lp = any(s.request.logprobs or s.request.top_logprobs for s in seqs)
         events = []
         for j in range(k + 1):  # the engine's stop rule sees each row's tokens in order
             live = [i for i, s in enumerate(seqs) if not s.finished and j < len(emitted[i])]
             if not live:
                 break
-            index = torch.tensor(live, device=device)
-            tokens = torch.tensor([emitted[i][j] for i in live], device=device)
-            events += engine._emit([seqs[i] for i in live], target[index, j], tokens)
+            logits = target[torch.tensor(live, device=device), j] if want_lp else None
+            events += engine._emit([seqs[i] for i in live], logits, [emitted[i][j] for i in live])
             for i in live:  # the token before this one is in both caches now (or is the last fed)
                 seqs[i].pos = pos[i] + j + 1
         self._behind.difference_update(s.id for s in seqs if s.finished)

@@ -129,9 +129,9 @@ def test_streaming_and_the_engine_with_staggered_requests(plain, spec):
 
 def test_compiled_passes_give_the_eager_tokens(plain, tiny_ckpt, byte_tokenizer, draft_ckpt):
     """compile=True with a draft: the passes are compiled over all cache rows (4 rows here, rows
-    finishing at different steps ride along as free rows): a greedy step's k draft steps and verify
-    pass in one call, a sampling step's one by one; the last steps, cut to the budget, verify fewer
-    tokens eagerly. Greedy and seeded sampling equal eager's."""
+    finishing at different steps ride along as free rows): a greedy step's k draft steps, verify
+    pass and acceptance in one call, a sampling step's passes one by one; the last steps verify k
+    proposals too and drop those past the budget. Greedy and seeded sampling equal eager's."""
     compiled = Llama.build(str(tiny_ckpt), str(byte_tokenizer), max_seq_len=MAX_SEQ_LEN, max_batch_size=4,
                            device="cpu", dtype="float32", compile=True, draft_ckpt_dir=str(draft_ckpt), speculate_k=2)
     prompts = encode(plain, MIXED)
@@ -232,6 +232,34 @@ def test_rejection_sampling_follows_the_top_p_filtered_distribution():
     assert tv(first, p[0]) < 0.01 and tv(second, p[1]) < 0.01
     assert tv(first, torch.softmax(logits_p[0], -1)) > 0.2  # not the unfiltered distribution
     assert not torch.isin(first, (p[0] == 0).nonzero()[:, 0]).any()  # nothing outside the nucleus
+
+
+def test_greedy_pass_summary_is_the_separate_passes_acceptance(spec):
+    """greedy_pass (what a compiled greedy step runs) returns the verify logits and, per row, the
+    proposals, the number accepted and the next token, as accept_greedy finds them; and flags a row
+    whose logits are not finite."""
+    from llama import kv_cache
+
+    model, draft, k = spec.model, spec.speculator.draft, 3
+    tokens = torch.tensor([[5, 9], [7, 3]])  # each row's last two tokens
+    start = torch.tensor([4, 10])
+    with torch.inference_mode():
+        for m in (model, draft):
+            kv_cache.allocate(m, 2, MAX_SEQ_LEN)
+        target, summary = speculative.greedy_pass(model, draft, k, tokens, start)
+        proposals = summary[:, :k]
+        n, nxt = speculative.accept_greedy(target, proposals)
+        assert summary[:, k].tolist() == n.tolist() and summary[:, k + 1].tolist() == nxt.tolist()
+        assert summary[:, k + 2].tolist() == [0, 0]
+        again = model(torch.cat([tokens[:, -1:], proposals], dim=1), start + 1)  # the verify pass alone
+        torch.testing.assert_close(target, again)
+        weight = model.output.weight
+        saved = weight.clone()
+        weight[3] = float("nan")  # every row's logit of token 3
+        try:
+            assert speculative.greedy_pass(model, draft, k, tokens, start)[1][:, k + 2].tolist() == [1, 1]
+        finally:
+            weight.copy_(saved)
 
 
 def test_greedy_acceptance_is_the_argmax_rule():
