@@ -133,7 +133,10 @@ class Llama:
 
         quant = resolve_quantization(quantize, group_size, quantize_output)
         # the same on every rank (rank 0's), timed from memory or cache as this rank's weights will be read
-        policy = kernels.policy_for(device, forced_dtype, weight_bytes=torch.bfloat16.itemsize * args.decode_weights // mp_size)
+        policy = kernels.policy_for(
+            device, forced_dtype, weight_bytes=torch.bfloat16.itemsize * args.decode_weights // mp_size,
+            shape=(args.ffn_hidden_dim // mp_size, args.dim),
+        )
         speculator = None
         if draft_ckpt_dir is not None:
             speculator = _load_draft(

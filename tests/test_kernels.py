@@ -65,7 +65,7 @@ def fake_cpu(monkeypatch):
     """policy_for on a CPU that measures as `NO_NATIVE_BF16`, the measurement cache emptied."""
     calls = []
 
-    def measure(from_memory=True):
+    def measure(from_memory=True, cached=None):
         calls.append(from_memory)
         return NO_NATIVE_BF16
 
@@ -165,6 +165,32 @@ def test_the_probe_reads_fresh_weights_from_memory(monkeypatch):
             assert all(a[0] != b[0] for a, b in zip(decode, decode[1:]))
         else:
             assert len({ptr for ptr, _ in decode}) == 1
+
+
+def test_a_model_in_the_cache_is_timed_with_its_own_shape_over_its_own_bytes(monkeypatch):
+    """From the cache with the model's shape and size: decode and small products multiply that
+    shape, each call the next window of as many bytes as the model holds in that dtype (so a model
+    larger than the inner caches streams from the last one, as it will); prefill keeps its shape."""
+    seen = []
+    linear = torch.nn.functional.linear
+
+    def spy(x, w, *rest):
+        seen.append((x.shape[0], w.dtype, tuple(w.shape), w.data_ptr()))
+        return linear(x, w, *rest)
+
+    shape, model_bytes = (96, 64), 40 * 96 * 64 * 2  # 40 such weights in bfloat16
+    monkeypatch.setattr(kernels.F, "linear", spy)
+    kernels.measure(repeats=1, from_memory=False, cached=(shape, model_bytes))
+    monkeypatch.setattr(kernels.F, "linear", linear)
+    assert {s for rows, _, s, _ in seen if rows < 64} == {shape}
+    assert {s for rows, _, s, _ in seen if rows == 64} == {kernels.PROBE_SHAPE["prefill"]}
+    for dtype in (BF16, F32):
+        ptrs = [ptr for rows, dt, _, ptr in seen if rows == 1 and dt == dtype]
+        assert all(a != b for a, b in zip(ptrs, ptrs[1:]))  # a fresh window each call
+        size = 96 * 64 * dtype.itemsize
+        assert max(ptrs) - min(ptrs) + size <= model_bytes * dtype.itemsize // 2  # within the model's bytes
+    policy = kernels.choose(kernels.measure(repeats=1, from_memory=False, cached=(shape, model_bytes)))
+    assert policy.weights in (BF16, F32)
 
 
 PROMPT = [[5, 9, 2, 77, 31, 8, 100, 3, 64, 12, 250, 7, 19, 44, 2, 90, 17, 33, 21, 6]]
