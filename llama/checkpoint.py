@@ -511,7 +511,7 @@ def load_model(
     if tied_output:
         state[TIED_KEY] = state["tok_embeddings.weight"]
     if active is not None:
-        state = quantize.install(model, state, active, dtype, compute_dtype)
+        state = quantize.install(model, state, active, dtype, compute_dtype, consume=True)  # the state is this load's own
     model.load_state_dict(state, strict=True, assign=True)
     if tied_output:
         model.output.weight = model.tok_embeddings.weight  # one tensor, as in a tied model

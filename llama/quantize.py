@@ -224,7 +224,7 @@ def quantize_weight(
     return dict(zip(names, _by_rows(lambda rows, i: fn(rows, amax[i : i + step]), w, with_start=True)))
 
 
-CHUNK_BYTES = 32 << 20  # float32 temporaries of quantization stay within a few times this
+CHUNK_BYTES = 8 << 20  # float32 temporaries of quantization stay within a few times this
 
 
 def _chunk_rows(w: torch.Tensor, multiple: int = 64, budget: int = CHUNK_BYTES) -> int:
@@ -295,7 +295,9 @@ class QuantizedLinear(nn.Module):
         gather_output: bool = False,
         path: Optional[str] = None,
         compute_dtype: Optional[torch.dtype] = None,
+        consume: bool = False,
     ):
+        """consume: `q` is this layer's alone (nothing else holds it), so int4 may be packed over it."""
         super().__init__()
         self.mode, self.group_size, self.act_dtype = mode, group_size, act_dtype
         self.parallel, self.gather_output = parallel, gather_output
@@ -332,7 +334,7 @@ class QuantizedLinear(nn.Module):
                 self.register_buffer("scales", scales, persistent=False)
                 self.register_buffer("zeros", zeros, persistent=False)
             if "pack" in paths:
-                packed = _int4_kernel_layout(q)
+                packed = _int4_kernel_layout(q, in_place=consume and "dequant" not in paths)
                 self.register_buffer("weight" if "dequant" not in paths else "packed", packed, persistent=False)
                 for dt in compute:
                     sz = torch.stack((scales.t(), zeros.t()), dim=-1).to(dt).contiguous()  # (in/g, out, 2)
@@ -448,8 +450,11 @@ def _name(base: str, dtype: torch.dtype) -> str:
     return f"{base}_{str(dtype).removeprefix('torch.')}"
 
 
-def _int4_kernel_layout(q: torch.Tensor) -> torch.Tensor:
-    """Stored int4 (out, in / 2) uint8 -> the layout of PyTorch's int4 kernel on q's device."""
+def _int4_kernel_layout(q: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """Stored int4 (out, in / 2) uint8 -> the layout of PyTorch's int4 kernel on q's device.
+    `in_place` (CPU): written over q itself, block by block (the layout keeps each block of 64
+    rows in its own bytes), so that packing the output projection, the last and largest tensor
+    converted while the rest of the model is resident, holds no second copy of it."""
     if q.device.type == "cuda":  # tinygemm takes the even column in the HIGH nibble
         values = unpack_int4(q)
         swapped = (values[:, ::2] << 4) | values[:, 1::2]
@@ -458,6 +463,10 @@ def _int4_kernel_layout(q: torch.Tensor) -> torch.Tensor:
     # runs while the rest of the model is resident, so its temporaries are the load's peak
     step = _chunk_rows(unpack_int4(q[:1]), budget=CHUNK_BYTES // 4) if len(q) % 64 == 0 else len(q)
     pack = lambda rows: (torch._convert_weight_to_int4pack_for_cpu(unpack_int4(rows).to(torch.int32), INT4_INNER_K_TILES["cpu"]),)
+    if in_place and len(q) % 64 == 0:
+        for i in range(0, len(q), step):
+            q[i : i + step] = pack(q[i : i + step])[0]  # the block is read whole before it is overwritten
+        return q
     return _by_rows(pack, q, step=step)[0]
 
 
@@ -476,14 +485,18 @@ def install(
     config: QuantConfig,
     act_dtype: torch.dtype,
     compute_dtype: Optional[torch.dtype] = None,
+    consume: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Replace each linear layer `config` quantizes by a QuantizedLinear built from its stored
     tensors in `state` (this rank's slices), which are taken out of it. Returns the rest of `state`
     (the full-precision weights: embedding, norms, an unquantized output) for load_state_dict.
     Takes them out of `state` itself, so each stored tensor is freed once it is in the kernels'
-    layout: packing int4 then needs one tensor's room, not a second copy of the model."""
+    layout: packing int4 then needs one tensor's room, not a second copy of the model.
+    `consume`: nothing but `state` holds its tensors (a load's own), so int4 is packed over
+    each stored tensor that no other layer shares (a tied output shares the embedding's)."""
     rest = state
     names = quantized_module_names(model, config)
+    held: set = set()  # storages of the tensors installed layers keep as they are
     for name in names:
         keys = config.keys(name + ".weight")
         missing = [k for k in keys if k not in rest]
@@ -504,7 +517,10 @@ def install(
                 config.mode, q, scales, zeros[0] if zeros else None, config.group_size, act_dtype,
                 parallel=parallel, gather_output=getattr(old, "gather_output", False),
                 path="dynamic" if dynamic else None, compute_dtype=compute_dtype,
+                consume=consume and q.untyped_storage().data_ptr() not in held
+                and all(t.untyped_storage().data_ptr() != q.untyped_storage().data_ptr() for t in rest.values()),
             )
+        held.update(t.untyped_storage().data_ptr() for t in new.buffers())
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         del q, scales, zeros, old
