@@ -319,3 +319,32 @@ def test_a_tied_checkpoint_quantizes_the_embedding_once_and_stays_tied(tmp_path,
     tokens = torch.tensor([[3, 70, 500]])
     want = quantize.dequantize(mode, m.tok_embeddings.weight, m.tok_embeddings.scales, getattr(m.tok_embeddings, "zeros", None))
     assert torch.equal(m.tok_embeddings(tokens), want[tokens[0]][None])
+
+
+def test_int4_packed_in_place_is_the_packed_copy_and_spares_shared_tensors(monkeypatch):
+    """A load's own int4 tensors are packed over themselves, block by block, to what a packed copy
+    holds; a tensor another layer keeps (a tied output's, shared with the embedding) is copied."""
+    w = torch.randn(192, 128, generator=torch.Generator().manual_seed(0))
+    q, scales, zeros = quantize.quantize_int4(w, 32)
+    monkeypatch.setattr(quantize, "CHUNK_BYTES", 4 * 64 * 128)  # several blocks of 64 rows
+    want = quantize._int4_kernel_layout(q)
+    own = q.clone()
+    got = quantize._int4_kernel_layout(own, in_place=True)
+    assert got.data_ptr() == own.data_ptr() and torch.equal(got, want)
+
+    distributed.setup(torch.device("cpu"))  # one process: fairscale's layers ask for their group
+    args = ModelArgs(dim=128, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=192, multiple_of=64)
+    config = quantize.resolve("int4", 32)
+    with checkpoint._skeleton():
+        from llama.model import Transformer
+
+        model = Transformer(args)
+    state = quantize.state_to_quantized(helpers.random_state_dict(
+        {"dim": 128, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 192, "multiple_of": 64}, seed=1), config)
+    for key in config.keys("output.weight"):  # tied: the output holds the embedding's tensors
+        state[key] = state[key.replace("output.", "tok_embeddings.", 1)]
+    embedding = state["tok_embeddings.weight"].clone()
+    monkeypatch.setattr(kernels, "quantized_kernel", lambda mode, step, dt=None: ("pack", torch.float32))
+    quantize.install(model, state, config, torch.float32, consume=True)
+    assert torch.equal(model.tok_embeddings.weight, embedding)  # not packed over
+    assert model.output.weight.data_ptr() != model.tok_embeddings.weight.data_ptr()
