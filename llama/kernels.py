@@ -277,27 +277,29 @@ def measure(repeats: int = 2, from_memory: bool = True, cached: Optional[tuple] 
                     calls = repeats * (3 if kind == "decode" else 1)
                     if kind != "prefill" and big != PROBE_SHAPE["decode"]:
                         calls *= 10  # a cached model's products take microseconds: one slow call is most of a few
-                    timings[(kind, compute, onednn)] = best_time(fn, calls)
+                    timings[(kind, compute, onednn)] = best_time(fn, calls, median=from_memory and kind != "prefill")
     finally:
         torch.backends.mkldnn.enabled = was
     return timings
 
 
-def best_time(fn: Callable[[], object], repeats: int, give_up: float = float("inf")) -> float:
-    """Fastest of `repeats` calls of `fn` after one warm-up, in seconds (CPU work: no device sync).
-    A warm-up slower than `give_up` seconds is returned as it is, without repeats: that candidate
-    has lost already, and timing it again would only lengthen start-up."""
+def best_time(fn: Callable[[], object], repeats: int, give_up: float = float("inf"), median: bool = False) -> float:
+    """Fastest of `repeats` calls of `fn` after one warm-up, in seconds (CPU work: no device sync);
+    `median`: their median instead (calls that each read other bytes from memory: one that finds
+    its bytes still cached is an outlier, not the kernel's speed). A warm-up slower than `give_up`
+    seconds is returned as it is, without repeats: that candidate has lost already, and timing it
+    again would only lengthen start-up."""
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
     if first > give_up:
         return first
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] if median else min(times)
 
 
 @functools.lru_cache(maxsize=None)
