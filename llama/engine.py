@@ -417,10 +417,10 @@ def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
     return (torch.isnan(logits) | torch.isposinf(logits)).any(-1) | torch.isneginf(logits).all(-1)
 
 
-def check_finite(logits: torch.Tensor, bad: Optional[torch.Tensor] = None) -> None:
+def check_finite(logits: torch.Tensor) -> None:
     """Raise NonFiniteLogitsError, naming the likely causes, for NaN or +inf logits or a row that is
-    all -inf (`nonfinite_rows`, or `bad`, its result computed already); argmax would pick garbage, multinomial crash."""
-    bad = nonfinite_rows(logits) if bad is None else bad
+    all -inf (`nonfinite_rows`); argmax would pick garbage, multinomial crash."""
+    bad = nonfinite_rows(logits)
     if bool(bad.any()):
         rows = bad.nonzero()[:, 0].tolist()
         raise NonFiniteLogitsError(

@@ -26,8 +26,9 @@ SMALL_ROWS = 16
 # small batches read it from where the model's weights will be read from. A model larger than the
 # last-level cache is read from memory at every step: its probe multiplies the Llama 3.2 1B's
 # feed-forward shape, 8192x2048 (32 MB in bfloat16), cycling through windows of a buffer twice the
-# cache's size (at most PROBE_POOL_MARGIN more than it, and PROBE_POOL_MAX). A model that fits is read from the cache: its probe
-# multiplies the model's own feed-forward shape (`policy_for`'s `shape`), cycling through as many
+# cache's size (at most PROBE_POOL_MARGIN more than it, and PROBE_POOL_MAX), each product timed by
+# the median of its calls. A model that fits is read from the cache: its probe multiplies the
+# model's own feed-forward shape (`policy_for`'s `shape`), cycling through as many
 # bytes as the model holds in each dtype, so that a model larger than the inner caches streams
 # from the last one as the model does. CPUs differ by a factor of eight in that cache (32 MB to 480
 # MB seen on this project's machines), and the products of a model of a few megabytes are bound
