@@ -226,7 +226,8 @@ def measure(repeats: int = 2, from_memory: bool = True, cached: Optional[tuple] 
     read each call's weight from memory, not from the last-level cache (see PROBE_SHAPE);
     otherwise `cached`, ((out, in), bytes of the model in bfloat16), gives them the model's shape
     and cycles them through the model's bytes (None: one 1B-shaped weight, read again and again)."""
-    big = PROBE_SHAPE["decode"] if from_memory or cached is None else cached[0]
+    own = not from_memory and cached is not None  # the model's shape, over the model's bytes
+    big = cached[0] if own else PROBE_SHAPE["decode"]
     n = big[0] * big[1]
     # one buffer of bfloat16 0.01s; read as float32, each pair of them is a float32 of about 0.01
     # (0x3C243C24), so the same bytes serve as the weights of both dtypes
@@ -234,14 +235,14 @@ def measure(repeats: int = 2, from_memory: bool = True, cached: Optional[tuple] 
     # cycling through more bytes than an LRU cache holds misses on every read; the margin keeps the
     # buffer, which counts in a load's peak memory, from doubling a large cache
     pool = max(min(2 * llc, llc + PROBE_POOL_MARGIN), 8 * n) if from_memory else 4 * n
-    if not from_memory and cached is not None:
+    if own:
         pool = max(2 * cached[1], 8 * n)  # the model's float32 bytes: two bytes of each element
     prefill = PROBE_SHAPE["prefill"][0] * PROBE_SHAPE["prefill"][1] * 2  # in float32, as bfloat16 elements
     buffer = torch.full((max(4 * n, prefill, min(pool, PROBE_POOL_MAX) // 2 // n * n),), 0.01, dtype=torch.bfloat16)
     # bfloat16 elements each dtype's windows cycle through: all of the buffer, or from the cache the
     # model's bytes in that dtype (bfloat16 half of them)
     span = {dtype: buffer.numel() for dtype in (torch.bfloat16, torch.float32)}
-    if not from_memory and cached is not None:
+    if own:
         span = {torch.bfloat16: max(n, cached[1] // 2), torch.float32: max(2 * n, cached[1])}
         span = {dtype: min(elements, buffer.numel()) for dtype, elements in span.items()}
     cursor = [0]  # where the next weight starts: each call reads the bytes least recently read
@@ -264,7 +265,7 @@ def measure(repeats: int = 2, from_memory: bool = True, cached: Optional[tuple] 
             x16 = x32.bfloat16()
             # prefill's product is bound by arithmetic: one weight, read from the cache after the
             # warm-up; so is a cached model's without its size
-            one = kind == "prefill" or (not from_memory and cached is None)
+            one = kind == "prefill" or not (from_memory or own)
             cases: dict[str, Callable[[], torch.Tensor]] = {
                 "bfloat16": lambda: F.linear(x16, weight(torch.bfloat16, shape, one)),
                 "float32": lambda: F.linear(x32, weight(torch.float32, shape, one)),
@@ -312,8 +313,7 @@ def _measured_cpu_policy(threads: int, from_memory: bool = True, cached: Optiona
     # rank 0 alone measures: the other ranks' probes would share its cores and memory bandwidth
     policy = None
     if distributed.is_rank0():
-        timings = measure(from_memory=from_memory, cached=cached) if cached else measure(from_memory=from_memory)
-        policy = choose(timings, reason=_measured_here(threads, where))
+        policy = choose(measure(from_memory=from_memory, cached=cached), reason=_measured_here(threads, where))
     return _rank0s(policy, "Kernel policy", start, format_timings)
 
 

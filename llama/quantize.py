@@ -19,6 +19,7 @@
 # for it at start-up (llama.kernels.quantized_kernel); CUDA uses tinygemm for int4,
 # int8 dequantization inside the matmul (torch.compile fuses it), and torch._scaled_mm for fp8.
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -496,7 +497,7 @@ def install(
     each stored tensor that no other layer shares (a tied output shares the embedding's)."""
     rest = state
     names = quantized_module_names(model, config)
-    held: set = set()  # storages of the tensors installed layers keep as they are
+    storages = Counter(t.untyped_storage().data_ptr() for t in state.values())  # twice: shared by two keys
     for name in names:
         keys = config.keys(name + ".weight")
         missing = [k for k in keys if k not in rest]
@@ -517,10 +518,8 @@ def install(
                 config.mode, q, scales, zeros[0] if zeros else None, config.group_size, act_dtype,
                 parallel=parallel, gather_output=getattr(old, "gather_output", False),
                 path="dynamic" if dynamic else None, compute_dtype=compute_dtype,
-                consume=consume and q.untyped_storage().data_ptr() not in held
-                and all(t.untyped_storage().data_ptr() != q.untyped_storage().data_ptr() for t in rest.values()),
+                consume=consume and storages[q.untyped_storage().data_ptr()] == 1,
             )
-        held.update(t.untyped_storage().data_ptr() for t in new.buffers())
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         del q, scales, zeros, old
