@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, TypedDict,
 
 import torch
 
-from llama import checkpoint, distributed, kernels, kv_cache, speculative, validation
+from llama import checkpoint, distributed, graph_kernels, kernels, kv_cache, speculative, validation
 from llama.engine import Engine, NonFiniteLogitsError, Request, _sample, sample_top_p  # noqa: F401 (re-exported)
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
@@ -405,9 +405,11 @@ class CompiledStep:
     what one row costs (the demo model's 4-token verify pass: 2.25 ms against 1.93 for one token,
     where unfrozen it is twice a one-token step). Each compiled shape holds its own copy, at most
     the cache's size; larger weights are bound by memory reads, which prepacking does not change,
-    and are compiled as they are. In frozen graphs, one-row products (decode steps, a draft's
-    steps) are compiled loops instead of oneDNN calls where `kernels.compile_one_row_in_graph`
-    measures them faster (the demo model's one-token step: 1.07 ms against 1.65). (Freezing takes
+    and are compiled as they are. Frozen graphs go through `graph_kernels.frozen_graph_pass`:
+    products of one input joined into one call (wq, wk, wv; w1, w3), and one-row products and
+    decode attention as compiled loops instead of library calls where
+    `graph_kernels.compile_one_row_in_graph` measures them faster (the demo model's one-token step:
+    1.07 ms against 1.65 for the products alone). (Freezing takes
     effect only through the global inductor setting and with oneDNN enabled while compiling, so
     these calls leave oneDNN on.) A call
     returns None once compilation has failed (a warning is logged once): the caller then runs the
@@ -433,7 +435,7 @@ class CompiledStep:
         self.fn: Optional[Callable] = torch.compile(step or self._step, mode=mode, dynamic=False)
         weight_bytes = sum(p.numel() * p.element_size() for m in [model, *also] for p in m.parameters())
         self.freeze = device.type == "cpu" and kernels.fits_in_cache(weight_bytes)
-        # frozen weights: one-row products as compiled loops where this CPU runs them faster,
+        # frozen weights: one-row steps as compiled loops where this CPU runs them faster,
         # measured at the first call over one cache row (steps over more rows have no such product)
         self.in_graph: Optional[bool] = None
 
@@ -448,10 +450,11 @@ class CompiledStep:
                 import torch._inductor.config as inductor_config
 
                 if self.in_graph is None and tokens.shape[0] == 1:
-                    dtype = self.model.tok_embeddings.weight.dtype
-                    self.in_graph = kernels.compile_one_row_in_graph(self.model.params.dim, dtype)
-                patch = {"pre_grad_custom_pass": kernels.in_graph_products()} if self.in_graph else {}
-                with inductor_config.patch(freezing=True, **patch):
+                    attention = self.model.layers[0].attention
+                    heads = (attention.n_local_kv_heads, attention.n_rep, attention.head_dim)
+                    self.in_graph = graph_kernels.compile_one_row_in_graph(
+                        self.model.params.dim, heads, kv_cache.shape(self.model)[1], self.model.tok_embeddings.weight.dtype)
+                with inductor_config.patch(freezing=True, pre_grad_custom_pass=graph_kernels.frozen_graph_pass(bool(self.in_graph))):
                     return self.fn(tokens, start_pos)
             with kernels.kernels_for(tokens, self.model.policy, compiled=True):
                 torch.compiler.cudagraph_mark_step_begin()

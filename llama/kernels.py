@@ -1,5 +1,6 @@
 # The device, dtype and kernel policy: which dtype the weights are held in, and which dtype and
-# matrix-product kernels each kind of step computes with. Nothing else in the package chooses kernels.
+# matrix-product kernels each kind of step computes with. Nothing else in the package chooses kernels
+# but llama.graph_kernels, which rewrites compiled graphs of models held in the cache.
 import contextlib
 import functools
 import logging
@@ -541,98 +542,6 @@ def w8a8_levels() -> int:
                 logger.info("w8a8: fbgemm's int8 product overflows at full range on this CPU: inputs take %d levels each side", levels)
             return levels
     return 0
-
-
-# ---------------------------------------------------------------- compiled one-row products
-
-# Repeats of each probe call when timing the two forms of compiled one-row products.
-IN_GRAPH_PROBE_CALLS = 60
-PROBE_LAYERS = 4  # products per probe call
-
-
-def one_row_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear of one row as a broadcast multiply and a float32 sum over the input dimension:
-    inductor compiles it into its own loop, where F.linear becomes a call into a library."""
-    y = (x[..., None, :].float() * weight.float()).sum(-1).to(x.dtype)  # (..., out_features)
-    return y if bias is None else y + bias
-
-
-def _in_graph_products(graph: torch.fx.Graph) -> None:
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target in (F.linear, torch._C._nn.linear):
-            x = node.args[0].meta.get("example_value") if isinstance(node.args[0], torch.fx.Node) else None
-            if x is not None and x.device.type == "cpu" and x.numel() == x.shape[-1]:
-                node.target = one_row_product  # the same arguments: (input, weight, bias)
-
-
-@functools.lru_cache(maxsize=None)
-def in_graph_products():
-    """Inductor pre-grad pass (for `pre_grad_custom_pass`): every F.linear of one row on CPU
-    becomes `one_row_product`.
-
-    A oneDNN (or MKL) call costs about 17 us on the CPUs measured here whatever its size, which is
-    most of a one-row product of a weight held in the last-level cache (a 320x320 bfloat16 weight:
-    20 us through oneDNN, 7-9 us as a compiled loop), so for models of a few megabytes the calls,
-    not the arithmetic, set the decode speed. Products of more rows keep the library, which then
-    wins. Applied (llama.generation.CompiledStep) where `compile_one_row_in_graph` measures it
-    faster. (Built on first use: importing inductor takes more than a second.)"""
-    from torch._inductor.custom_graph_pass import CustomGraphPass
-
-    class InGraphProducts(CustomGraphPass):
-        def __call__(self, graph: torch.fx.Graph) -> None:
-            _in_graph_products(graph)
-
-        def uuid(self) -> str:  # inductor's compiled-graph cache key
-            return "llama.kernels.in_graph_products/1"
-
-    return InGraphProducts()
-
-
-class _OneRowProbe(torch.nn.Module):
-    def __init__(self, shape: tuple, dtype: torch.dtype, in_graph: bool, layers: int):
-        super().__init__()
-        self.in_graph = in_graph
-        self.weights = torch.nn.ParameterList(
-            torch.nn.Parameter(torch.full(shape, 0.01, dtype=dtype), requires_grad=False) for _ in range(layers))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for w in self.weights:
-            x = one_row_product(x, w) if self.in_graph else F.linear(x, w)
-        return x
-
-
-def compile_one_row_in_graph(dim: int, dtype: torch.dtype) -> bool:
-    """Whether compiled one-row products of weights held in the cache (and frozen into the graph)
-    run faster as compiled loops (`in_graph_products`) than as library calls on this CPU: four
-    dim x dim products of `dtype` timed both ways, by rank 0, once per process and shape; the
-    choice is logged once."""
-    return _one_row_in_graph(dim, dtype, torch.get_num_threads())
-
-
-@functools.lru_cache(maxsize=None)
-def _one_row_in_graph(dim: int, dtype: torch.dtype, threads: int) -> bool:
-    import torch._inductor.config as inductor_config
-
-    start, faster, seconds = time.perf_counter(), None, {}
-    if distributed.is_rank0():
-        x = torch.full((1, dim), 0.5, dtype=dtype)
-        try:
-            with torch.inference_mode(), inductor_config.patch(freezing=True):
-                for in_graph in (False, True):
-                    fn = torch.compile(_OneRowProbe((dim, dim), dtype, in_graph, PROBE_LAYERS).eval(), dynamic=False)
-                    seconds[in_graph] = best_time(lambda fn=fn: fn(x), IN_GRAPH_PROBE_CALLS)
-            faster = seconds[True] < seconds[False]
-        except Exception as e:  # no compiler here: the model's own compilation will say so
-            logger.debug("could not time compiled one-row products: %s", e)
-            faster = False
-    faster = distributed.broadcast_object(faster)
-    if distributed.is_rank0() and len(seconds) == 2:
-        logger.info(
-            "Compiled one-row products (%dx%d %s): %s (measured in %.1f s: library %.1f us, compiled loop %.1f us)",
-            dim, dim, _name(dtype), "compiled loops" if faster else "library calls", time.perf_counter() - start,
-            1e6 * seconds[False] / PROBE_LAYERS, 1e6 * seconds[True] / PROBE_LAYERS,
-        )
-    return faster
 
 
 # ---------------------------------------------------------------- applying a policy to a step

@@ -128,7 +128,8 @@ def greedy_pass(
     hold a NaN or infinity (`llama.engine.nonfinite_rows`), else 0).
     """
     pos = start_pos + tokens.shape[1] - 1  # (rows,) the last token's position
-    logits = draft._forward(tokens, start_pos, None, use_cache=True)[:, -1]  # (rows, vocab)
+    last = torch.full_like(start_pos, tokens.shape[1] - 1)  # the draft's logits at the last token only
+    logits = draft._forward(tokens, start_pos, last, use_cache=True)[:, -1]  # (rows, vocab)
     proposals = [logits.argmax(dim=-1)]
     for j in range(1, k):
         logits = draft._forward(proposals[-1][:, None], pos + j, None, use_cache=True)[:, -1]
