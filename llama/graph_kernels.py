@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 IN_GRAPH_PROBE_CALLS = 60
 PROBE_LAYERS = 4
 # Query rows per KV head up to which an attention call is a decode step's (the n_rep heads sharing
-# a KV head, one token each): rewritten as loops; more rows (verify passes, prefill) keep SDPA.
+# a KV head, a token or two each: decode steps, a draft's steps): rewritten as loops; more rows
+# (verify passes, prefill) keep SDPA, faster there.
 DECODE_ATTENTION_ROWS = 8
 
 LINEAR = (F.linear, torch._C._nn.linear)
@@ -49,19 +50,28 @@ def one_row_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
 
 def decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, enable_gqa: bool = False
 ) -> torch.Tensor:
     """F.scaled_dot_product_attention of a few query rows per head, in float32, as broadcast
     multiplies, sums and a softmax that inductor compiles into its own loops.
 
-    q (bsz, heads, rows, head_dim); k, v (bsz, heads, slots, head_dim); attn_mask, boolean (True:
-    attend) or additive, broadcastable to (bsz, heads, rows, slots). Returns (bsz, heads, rows,
-    head_dim) in q's dtype."""
-    scores = (q.float()[..., :, None, :] * k.float()[:, :, None]).sum(-1) / math.sqrt(q.shape[-1])  # (b, h, rows, slots)
+    q (bsz, heads, rows, head_dim); k, v (bsz, kv_heads, slots, head_dim), kv_heads = heads unless
+    `enable_gqa` (query heads j * n_rep ... j * n_rep + n_rep - 1 then read KV head j, as SDPA's);
+    attn_mask, boolean (True: attend) or additive, broadcastable to (bsz, heads, rows, slots).
+    Returns (bsz, heads, rows, head_dim) in q's dtype."""
+    bsz, heads, rows, head_dim = q.shape
+    dtype, kv_heads = q.dtype, (k.shape[1] if enable_gqa else heads)
+    q = q.float().view(bsz, kv_heads, heads // kv_heads, rows, head_dim)  # (b, kv, rep, rows, d)
+    scores = (q[..., None, :] * k.float()[:, :, None, None]).sum(-1) / math.sqrt(head_dim)  # (b, kv, rep, rows, slots)
     if attn_mask is not None:
+        while attn_mask.dim() < 4:
+            attn_mask = attn_mask[None]
+        m = attn_mask.shape
+        attn_mask = attn_mask[:, :, None] if m[1] == 1 else attn_mask.view(m[0], kv_heads, heads // kv_heads, *m[2:])
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
     p = torch.softmax(scores, dim=-1)
-    return (p[..., None] * v.float()[:, :, None]).sum(-2).to(q.dtype)  # (b, h, rows, head_dim)
+    out = (p[..., None] * v.float()[:, :, None, None]).sum(-2)  # (b, kv, rep, rows, d)
+    return out.view(bsz, heads, rows, head_dim).to(dtype)
 
 
 # ---------------------------------------------------------------- the pass
@@ -108,12 +118,12 @@ def _join_products(graph: torch.fx.Graph) -> None:
 
 
 def _is_decode_attention(node: torch.fx.Node) -> bool:
-    q = _value(node.args[0]) if node.args else None
-    plain = len(node.args) == 3 and set(node.kwargs) <= {"attn_mask", "is_causal", "enable_gqa", "dropout_p"}
-    return (
-        plain and q is not None and q.device.type == "cpu" and q.dim() == 4 and q.shape[2] <= DECODE_ATTENTION_ROWS
-        and not node.kwargs.get("is_causal") and not node.kwargs.get("enable_gqa") and not node.kwargs.get("dropout_p")
-    )
+    q, k = (_value(a) for a in node.args[:2]) if len(node.args) == 3 else (None, None)
+    plain = set(node.kwargs) <= {"attn_mask", "is_causal", "enable_gqa", "dropout_p"}
+    if not plain or q is None or k is None or q.device.type != "cpu" or q.dim() != 4:
+        return False
+    rows = q.shape[2] * (q.shape[1] // k.shape[1] if node.kwargs.get("enable_gqa") else 1)  # per KV head
+    return rows <= DECODE_ATTENTION_ROWS and not node.kwargs.get("is_causal") and not node.kwargs.get("dropout_p")
 
 
 def _loops(graph: torch.fx.Graph) -> None:
@@ -126,7 +136,7 @@ def _loops(graph: torch.fx.Graph) -> None:
                 node.target = one_row_product  # the same arguments: (input, weight, bias)
         elif node.target is F.scaled_dot_product_attention and _is_decode_attention(node):
             node.target = decode_attention
-            node.kwargs = {"attn_mask": node.kwargs.get("attn_mask")}
+            node.kwargs = {"attn_mask": node.kwargs.get("attn_mask"), "enable_gqa": bool(node.kwargs.get("enable_gqa"))}
 
 
 @functools.lru_cache(maxsize=None)

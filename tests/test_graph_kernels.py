@@ -43,7 +43,8 @@ def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 def test_decode_attention_is_attention_in_plain_math():
     """Two rows of a batch, 2 KV heads each read by 3 query heads, over 10 cache slots of which
     row 0 attends to 4 and row 1 to 9 (a boolean mask as the model builds it): float32 within
-    1e-6 of the float64 definition, bfloat16 within a bfloat16 step; an additive mask the same."""
+    1e-6 of the float64 definition, bfloat16 within a bfloat16 step; an additive mask the same; and
+    the grouped-query form (SDPA's enable_gqa) against KV heads repeated by hand."""
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
     mask = (torch.arange(10) < torch.tensor([4, 9])[:, None])[:, None, None]  # (2, 1, 1, 10)
@@ -53,6 +54,11 @@ def test_decode_attention_is_attention_in_plain_math():
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
     additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
     torch.testing.assert_close(graph_kernels.decode_attention(q, k, v, attn_mask=additive), got, rtol=0, atol=1e-6)
+    # grouped-query form: 6 query heads, 3 per KV head, 2 tokens each with a (1, 1, 2, 10) causal mask
+    q6, causal = torch.randn(1, 6, 2, 8), (torch.arange(10) <= torch.tensor([6, 7])[:, None])[None, None]
+    got6 = graph_kernels.decode_attention(q6, k[:1], v[:1], attn_mask=causal, enable_gqa=True)
+    want6 = plain_attention(q6, k[:1].repeat_interleave(3, dim=1), v[:1].repeat_interleave(3, dim=1), causal)
+    torch.testing.assert_close(got6.double(), want6, rtol=0, atol=1e-6)
     bf = graph_kernels.decode_attention(q.to(BF16), k.to(BF16), v.to(BF16), attn_mask=mask)
     want = plain_attention(q.to(BF16), k.to(BF16), v.to(BF16), mask)
     assert bf.dtype == BF16 and (bf.double() - want).abs().max() <= 2**-8 * want.abs().max()
