@@ -39,6 +39,10 @@ PROBE_LAYERS = 4
 # (verify passes, prefill) keep SDPA, faster there.
 DECODE_ATTENTION_ROWS = 8
 
+# Rows up to which a product is a loop (with `loops`): one, decode steps' (more read the weight
+# once per row, where a library call reads it once).
+LOOP_ROWS = 1
+
 LINEAR = (F.linear, torch._C._nn.linear)
 
 
@@ -132,7 +136,7 @@ def _loops(graph: torch.fx.Graph) -> None:
             continue
         if node.target in LINEAR:
             x = _value(node.args[0])
-            if x is not None and x.device.type == "cpu" and x.numel() == x.shape[-1]:
+            if x is not None and x.device.type == "cpu" and x.numel() <= LOOP_ROWS * x.shape[-1]:
                 node.target = one_row_product  # the same arguments: (input, weight, bias)
         elif node.target is F.scaled_dot_product_attention and _is_decode_attention(node):
             node.target = decode_attention
