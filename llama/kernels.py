@@ -369,9 +369,14 @@ QUANT_COMPUTES = (torch.bfloat16, torch.float32)
 # candidate whose first call is GIVE_UP times slower than the best so far is not timed again: the
 # whole measurement stays within about half a second even on a busy 2-core machine.
 # (A small batch has its own probe: dequantizing a whole weight for 8 rows, which can win at 64, costs
-# far more than the packed kernel there.)
+# far more than the packed kernel there.) At a few hundred kilobytes the fixed costs of
+# dequantizing set its time (on the Xeon with AMX, int8 dequantized into bfloat16 for 64 rows took
+# 1 ns an element at 128x2048 and 0.25 at 8192x2048, where the packed kernel took 0.76 at both), so
+# prefill's weight is a megabyte, no larger: the probe's temporaries count in a load's peak memory.
+# Each candidate is called once before any is timed: its first call of a shape (oneDNN building its
+# kernel, a buffer allocated: 2 ms for a bfloat16 product here) is not its speed.
 QUANT_PROBE_ROWS = {"decode": 1, "small": 8, "prefill": 64}
-QUANT_PROBE_SHAPE = {"decode": (512, 2048), "small": (512, 2048), "prefill": (128, 2048)}
+QUANT_PROBE_SHAPE = {"decode": (512, 2048), "small": (512, 2048), "prefill": (512, 2048)}
 QUANT_PROBE_GROUP = 32  # the default int4 group size
 GIVE_UP = 3.0
 
@@ -438,14 +443,17 @@ def measure_quantized(repeats: int = 3) -> dict:
             x = torch.randn(QUANT_PROBE_ROWS[step], in_features, generator=gen)
             for mode in QUANT_MODES:
                 stored = quantize.quantize_int8(w) + (None,) if mode == "int8" else quantize.quantize_int4(w, QUANT_PROBE_GROUP)
-                best = float("inf")
+                probes = {}
                 for path in QUANT_PATHS:
                     for dt in QUANT_COMPUTES:
                         lin = quantize.QuantizedLinear(mode, *stored, QUANT_PROBE_GROUP, dt, path=path, compute_dtype=dt)
-                        probe = functools.partial(lin.matmul, x.to(dt))
-                        t = best_time(probe, repeats * (3 if step == "decode" else 1), give_up=GIVE_UP * best)
-                        timings[(mode, step, path, _name(dt))] = t
-                        best = min(best, t)
+                        probes[path, dt] = functools.partial(lin.matmul, x.to(dt))
+                        probes[path, dt]()  # a first call of the shape builds kernels and buffers: not timed
+                best = float("inf")
+                for (path, dt), probe in probes.items():
+                    t = best_time(probe, repeats * (3 if step == "decode" else 1), give_up=GIVE_UP * best)
+                    timings[(mode, step, path, _name(dt))] = t
+                    best = min(best, t)
     return timings
 
 
@@ -596,6 +604,13 @@ def upcast_linear(
     return out if bias is None else out + bias.to(out.dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def upcast_scratch(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The one reused UPCAST_CHUNK buffer of `dtype` on `device` that `upcast_linear` converts
+    weights into (allocated once: a fresh buffer of megabytes is page-faulted in at every product)."""
+    return torch.empty(UPCAST_CHUNK, dtype=dtype, device=device)
+
+
 class ComputeIn(TorchFunctionMode):
     """Compute a forward pass in `dtype` over weights (and KV cache) held in another dtype.
 
@@ -611,15 +626,12 @@ class ComputeIn(TorchFunctionMode):
     def __init__(self, dtype: torch.dtype):
         super().__init__()
         self.dtype = dtype
-        self.scratch: Optional[torch.Tensor] = None
 
     def _linear(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self._cast(input)  # F.linear's own argument names
         if weight.dtype == self.dtype:
             return F.linear(x, weight, self._cast(bias))
-        if self.scratch is None or self.scratch.device != weight.device:
-            self.scratch = torch.empty(UPCAST_CHUNK, dtype=self.dtype, device=weight.device)
-        return upcast_linear(x, weight, self.scratch, bias)
+        return upcast_linear(x, weight, upcast_scratch(self.dtype, weight.device), bias)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
