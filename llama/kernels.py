@@ -373,7 +373,7 @@ QUANT_COMPUTES = (torch.bfloat16, torch.float32)
 # dequantizing set its time (on the Xeon with AMX, int8 dequantized into bfloat16 for 64 rows took
 # 1 ns an element at 128x2048 and 0.25 at 8192x2048, where the packed kernel took 0.76 at both), so
 # prefill's weight is a megabyte, no larger: the probe's temporaries count in a load's peak memory.
-# Each candidate is called once before any is timed: its first call of a shape (oneDNN building its
+# Each candidate is called once before any of its step is timed: its first call of a shape (oneDNN building its
 # kernel, a buffer allocated: 2 ms for a bfloat16 product here) is not its speed.
 QUANT_PROBE_ROWS = {"decode": 1, "small": 8, "prefill": 64}
 QUANT_PROBE_SHAPE = {"decode": (512, 2048), "small": (512, 2048), "prefill": (512, 2048)}
