@@ -255,8 +255,8 @@ def _by_rows(fn: Callable, w: torch.Tensor, with_start: bool = False, step: Opti
 
 # Paths a QuantizedLinear can take on CPU (llama.kernels and scripts/bench_quant.py time each):
 #   "pack":    torch._weight_int8pack_mm / torch._weight_int4pack_mm_for_cpu
-#   "dequant": the weight dequantized to the compute dtype, then F.linear (int8: a block of rows at a
-#              time, kernels.upcast_linear; the int8 scales multiply the product's columns)
+#   "dequant": the weight dequantized to the compute dtype, then F.linear (int8 on CPU, eager: a block
+#              of rows at a time, kernels.upcast_linear; the int8 scales multiply the product's columns)
 #   "dynamic": w8a8's, fbgemm's int8 product with each input row rounded to int8 (not weight-only)
 CPU_PATHS = kernels.QUANT_PATHS
 PATH_MODES = {"pack": ("int8", "int4"), "dequant": ("int8", "int4")}
@@ -387,8 +387,14 @@ class QuantizedLinear(nn.Module):
             if self.row_max is not None:  # a row-parallel slice: this rank holds some of each row's columns
                 amax = self.row_max(amax)  # round them as one process would: the same tokens on any count
             out = kernels.w8a8_matmul(x2, self.packed, self.levels, amax)
-        elif self.mode == "int8":  # converted a block of rows at a time: no whole-weight temporary
-            out = kernels.upcast_linear(x2, self.weight, kernels.upcast_scratch(dt, x2.device)) * getattr(self, _name("scales", dt))
+        elif self.mode == "int8":
+            scales = getattr(self, _name("scales", dt))
+            if x2.device.type == "cpu" and not torch.compiler.is_compiling():
+                # a block of rows at a time into one reused buffer: a whole-weight temporary would be
+                # page-faulted in at every product
+                out = kernels.upcast_linear(x2, self.weight, kernels.upcast_scratch(dt, x2.device)) * scales
+            else:  # CUDA's caching allocator reuses the temporary; compiled, inductor fuses it into the product
+                out = F.linear(x2, self.weight.to(dt)) * scales
         else:
             w = dequantize("int4", self.weight, self.scales, self.zeros, self.group_size).to(dt)
             out = F.linear(x2, w)
