@@ -454,7 +454,7 @@ class CompiledStep:
                     heads = (attention.n_local_kv_heads, attention.n_rep, attention.head_dim)
                     self.in_graph = graph_kernels.compile_one_row_in_graph(
                         self.model.params.dim, heads, kv_cache.shape(self.model)[1], self.model.tok_embeddings.weight.dtype)
-                with inductor_config.patch(freezing=True, pre_grad_custom_pass=graph_kernels.frozen_graph_pass(bool(self.in_graph))):
+                with inductor_config.patch(**graph_kernels.frozen_options(bool(self.in_graph))):
                     return self.fn(tokens, start_pos)
             with kernels.kernels_for(tokens, self.model.policy, compiled=True):
                 torch.compiler.cudagraph_mark_step_begin()
