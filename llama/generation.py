@@ -405,11 +405,11 @@ class CompiledStep:
     what one row costs (the demo model's 4-token verify pass: 2.25 ms against 1.93 for one token,
     where unfrozen it is twice a one-token step). Each compiled shape holds its own copy, at most
     the cache's size; larger weights are bound by memory reads, which prepacking does not change,
-    and are compiled as they are. Frozen graphs go through `graph_kernels.frozen_graph_pass`:
-    products of one input joined into one call (wq, wk, wv; w1, w3), and one-row products and
-    decode attention as compiled loops instead of library calls where
-    `graph_kernels.compile_one_row_in_graph` measures them faster (the demo model's one-token step:
-    1.07 ms against 1.65 for the products alone). (Freezing takes
+    and are compiled as they are. Frozen graphs take `graph_kernels.frozen_options`: a C++
+    wrapper, and a pass that joins products of one input into one call (wq, wk, wv; w1, w3) and
+    makes one-row products and decode attention compiled loops instead of library calls where
+    `graph_kernels.compile_one_row_in_graph` measures them faster (the demo model's one-token
+    step: 1.07 ms against 1.65 for the products alone). (Freezing takes
     effect only through the global inductor setting and with oneDNN enabled while compiling, so
     these calls leave oneDNN on.) A call
     returns None once compilation has failed (a warning is logged once): the caller then runs the
