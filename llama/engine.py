@@ -35,6 +35,11 @@ class Request:
     top_logprobs: int = 0  # and the k most likely alternatives at each step
     prompt_logprobs: bool = False  # log-probs (and top_logprobs alternatives) of the prompt's tokens
 
+    @property
+    def wants_logprobs(self) -> bool:
+        """Whether each new token's log-probs (or alternatives) are asked for."""
+        return bool(self.logprobs or self.top_logprobs)
+
 
 @dataclass
 class Event:
@@ -293,7 +298,7 @@ class Engine:
         was chosen from (len(seqs), vocab) where asked (`logits` may be None when none asks); then
         the stop rule."""
         tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
-        want_lp = [i for i, s in enumerate(seqs) if s.request.logprobs or s.request.top_logprobs]
+        want_lp = [i for i, s in enumerate(seqs) if s.request.wants_logprobs]
         lps: Dict[int, float] = {}
         tops: Dict[int, list] = {}
         if want_lp:

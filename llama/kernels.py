@@ -256,7 +256,7 @@ def measure(repeats: int = 2, from_memory: bool = True, cached: Optional[tuple] 
         cursor[0] += 0 if cached_weight else size
         return buffer[start : start + size].view(dtype).view(shape)
 
-    scratch = torch.empty(UPCAST_CHUNK)
+    scratch = upcast_scratch(torch.float32, torch.device("cpu"))
     timings = {}
     was = torch.backends.mkldnn.enabled
     try:

@@ -278,7 +278,7 @@ class Speculator:
         self.accepted += sum(n_accepted)
         if self.adaptive and k == self.k:  # a step shortened near the cache's end says nothing of k
             self.k = min(k + 2, AUTO_MAX_K) if all(n == k for n in n_accepted) else max(k - 1, 1)
-        want_lp = any(s.request.logprobs or s.request.top_logprobs for s in seqs)
+        want_lp = any(s.request.wants_logprobs for s in seqs)
         events = []
         for j in range(k + 1):  # the engine's stop rule sees each row's tokens in order
             live = [i for i, s in enumerate(seqs) if not s.finished and j < len(emitted[i])]
