@@ -146,6 +146,7 @@ def train(
     distill_from: Optional[str] = None,
     transfer_steps: int = 0,
     transfer_lr: float = 2e-3,
+    keep: str = "best",
 ):
     """Train the demo model and write it as a Meta checkpoint (params.json, consolidated.00.pth).
 
@@ -178,9 +179,15 @@ def train(
         transfer_steps: with init_from in another head split, first fit every block's attention to
             the source's for this many steps (see transfer_attention), then train as usual;
             transfer_lr: the peak learning rate of that fit.
+        keep: "best" writes the weights of the best held-out loss (the corpus is small: those
+            generalise best); "last" writes them at every evaluation, so the last step's are kept (a
+            draft model is judged by its agreement with its model, which the corpus's loss does not
+            measure).
     """
     if transfer_steps < 0:
         raise ValueError(f"--transfer_steps {transfer_steps} is negative: pass 0 (no transfer) or more")
+    if keep not in ("best", "last"):
+        raise ValueError(f"--keep {keep!r}: pass best or last")
     if transfer_steps and not init_from:
         raise ValueError("--transfer_steps fits a new attention to --init_from's: pass --init_from DIR too")
     torch.manual_seed(seed)
@@ -271,10 +278,10 @@ def train(
         if step % eval_every == 0 or step == max_steps:
             val = evaluate(model, data["heldout"], seq_len, batch_size, dev, autocast)
             print(f"step {step}  held-out loss {val:.3f}  perplexity {math.exp(val):.1f}", flush=True)
-            if val < best:  # the corpus is small: keep the weights that generalise best
-                best = val
+            if val < best or keep == "last":
+                best = min(best, val)
                 export(model, params_json, out_dir)
-                print(f"  best so far: wrote {out_dir}/params.json and consolidated.00.pth (bfloat16)")
+                print(f"  {'best so far' if val == best else 'last'}: wrote {out_dir}/params.json and consolidated.00.pth (bfloat16)")
         if step % save_every == 0 or step == max_steps:
             work.mkdir(parents=True, exist_ok=True)
             state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best}
