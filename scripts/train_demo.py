@@ -287,7 +287,7 @@ def train(
             state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best}
             torch.save(state, work / "state.tmp")
             (work / "state.tmp").replace(state_path)
-    print(f"done: best held-out loss {best:.3f} (perplexity {math.exp(best):.1f}) in {out_dir}")
+    print(f"done: best held-out loss {best:.3f} (perplexity {math.exp(best):.1f}); {out_dir} holds the {keep} weights")
     distributed.shutdown()
     return {"losses": losses, "best_heldout": best}
 
