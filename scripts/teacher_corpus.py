@@ -20,10 +20,10 @@ from typing import Optional
 import torch
 
 from demo_corpus import DOC_SEPARATOR, read_documents
-from llama import cli
+from llama import Tokenizer, cli
 
 
-def corpus_prefixes(tokenizer, docs: list[str], n: int, shortest: int, longest: int, seed: int) -> list[list[int]]:
+def corpus_prefixes(tokenizer: Tokenizer, docs: list[str], n: int, shortest: int, longest: int, seed: int) -> list[list[int]]:
     """`n` prompts: <|begin_of_text|> and a run of shortest..longest tokens from a random place of the
     documents' token stream; fixed by `seed`."""
     stream = torch.tensor([t for d in docs for t in tokenizer.encode(d, bos=False, eos=False)])
@@ -79,7 +79,8 @@ def main(
         dtype=dtype,
     )
     tok = llama.tokenizer
-    prompts = corpus_prefixes(tok, read_documents(src), n_prompts, lo, hi, seed)
+    docs = read_documents(src)
+    prompts = corpus_prefixes(tok, docs, n_prompts, lo, hi, seed)
     written, t0 = [], time.perf_counter()
     per_temp = -(-n_prompts // len(temperatures))
     for i in range(0, n_prompts, batch_size):
@@ -93,7 +94,7 @@ def main(
     out.mkdir(parents=True, exist_ok=True)
     # documents never hold two blank lines in a row (DOC_SEPARATOR): a continuation's are closed up
     written = [re.sub(r"\n{3,}", "\n\n", w.strip()) for w in written]
-    docs = read_documents(src) if keep_corpus else []
+    docs = docs if keep_corpus else []
     parts = docs + [w for w in written if w]
     (out / "corpus_train.txt").write_text(DOC_SEPARATOR.join(parts) + "\n", encoding="utf-8")
     for name in ("corpus_heldout.txt", "dialogs_train.jsonl", "dialogs_heldout.jsonl"):
