@@ -18,6 +18,7 @@
 # Each kind of step (a decode row, a prefill-size product) runs on the CPU kernel measured fastest
 # for it at start-up (llama.kernels.quantized_kernel); CUDA uses tinygemm for int4,
 # int8 dequantization inside the matmul (torch.compile fuses it), and torch._scaled_mm for fp8.
+import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -198,10 +199,14 @@ def dequantize(
     """The float32 (out, in) weight a stored quantized weight stands for."""
     if mode in ("int8", "fp8"):
         return q.float() * scales.float()[:, None]
-    values = unpack_int4(q).float() - 8  # (out, in)
+    return _dequantize_int4(unpack_int4(q), scales, zeros, group_size)
+
+
+def _dequantize_int4(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    # values (rows, in) in [0, 15]; scales, zeros (rows, in / group_size)
     s = scales.float().repeat_interleave(group_size, dim=1)
     z = zeros.float().repeat_interleave(group_size, dim=1)
-    return values * s + z
+    return (values.float() - 8) * s + z
 
 
 def quantize_weight(
@@ -304,6 +309,7 @@ class QuantizedLinear(nn.Module):
         self.mode, self.group_size, self.act_dtype = mode, group_size, act_dtype
         self.parallel, self.gather_output = parallel, gather_output
         self.out_features = q.shape[0]
+        self.packed_in_place = False  # int4: the kernel layout written over `q` itself
         self.in_features = q.shape[1] * (2 if mode == "int4" else 1)
         device = q.device
         if device.type == "cuda":
@@ -337,6 +343,7 @@ class QuantizedLinear(nn.Module):
                 self.register_buffer("zeros", zeros, persistent=False)
             if "pack" in paths:
                 packed = _int4_kernel_layout(q, in_place=consume and "dequant" not in paths)
+                self.packed_in_place = packed.data_ptr() == q.data_ptr()
                 self.register_buffer("weight" if "dequant" not in paths else "packed", packed, persistent=False)
                 for dt in compute:
                     sz = torch.stack((scales.t(), zeros.t()), dim=-1).to(dt).contiguous()  # (in/g, out, 2)
@@ -437,19 +444,34 @@ class QuantizedEmbedding(nn.Module):
         super().__init__()
         self.mode, self.group_size, self.act_dtype = mode, group_size, act_dtype
         self.vocab_start, self.vocab_end = vocab_start, vocab_start + q.shape[0]
+        self.kernel_block = None  # rows per block of the int4 kernel layout `weight` holds (read_kernel_layout)
         self.register_buffer("weight", q, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
         if zeros is not None:
             self.register_buffer("zeros", zeros, persistent=False)
 
+    def read_kernel_layout(self, output: "QuantizedLinear", block: int) -> None:
+        """Look rows up in a tied output's int4 kernel layout, packed over this embedding's stored
+        tensor (install), and in its scales and zeros: one copy of the vocabulary matrix for both."""
+        self.kernel_block = block
+        self.weight = output.weight
+        del self.scales, self.zeros
+        dt = next(dt or output.act_dtype for _, dt in output.kernels.values())
+        self.register_buffer("scales_and_zeros", getattr(output, _name("scales_and_zeros", dt)), persistent=False)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)
         local = (tokens - self.vocab_start).masked_fill(outside, 0)
         flat = local.reshape(-1)
-        rows = dequantize(
-            self.mode, self.weight[flat], self.scales[flat], getattr(self, "zeros", None)[flat] if self.mode == "int4" else None,
-            self.group_size,
-        )  # (tokens, dim) float32
+        if self.kernel_block is not None:
+            sz = self.scales_and_zeros[:, flat].transpose(0, 1)  # (tokens, in / group, 2)
+            values = _kernel_layout_rows(self.weight, flat, self.kernel_block)
+            rows = _dequantize_int4(values, sz[..., 0], sz[..., 1], self.group_size)
+        else:
+            rows = dequantize(
+                self.mode, self.weight[flat], self.scales[flat], getattr(self, "zeros", None)[flat] if self.mode == "int4" else None,
+                self.group_size,
+            )  # (tokens, dim) float32
         out = rows.to(self.act_dtype).reshape(*tokens.shape, -1).masked_fill(outside[..., None], 0)
         return reduce_from_model_parallel_region(out)
 
@@ -478,6 +500,29 @@ def _int4_kernel_layout(q: torch.Tensor, in_place: bool = False) -> torch.Tensor
     return _by_rows(pack, q, step=step)[0]
 
 
+def _kernel_layout_rows(packed: torch.Tensor, rows: torch.Tensor, block: int) -> torch.Tensor:
+    """Rows `rows` (n,) of the int4 values (n, in) in [0, 15] held in the CPU kernel's layout
+    `packed` (out, in / 2), where each block of `block` rows is stored column by column, a byte
+    holding row r of the block in its low nibble and row r + block / 2 in its high one."""
+    half = block // 2
+    by_block = packed.view(-1, packed.shape[1] * 2, half)  # (out / block, in, block / 2)
+    picked = by_block[rows // block, :, rows % half]  # (n, in)
+    return torch.where((rows % block >= half)[:, None], picked >> 4, picked & 15)
+
+
+@functools.cache
+def int4_kernel_block() -> Optional[int]:
+    """The rows per block of the CPU int4 kernel's layout when _kernel_layout_rows reads it, else
+    None. The layout is PyTorch's own (not documented, and it may differ by build and CPU), so it is
+    probed once, on a small tensor, before a tied embedding is made to read from it."""
+    values = torch.randint(0, 16, (128, 128), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    packed = torch._convert_weight_to_int4pack_for_cpu(values.to(torch.int32), INT4_INNER_K_TILES["cpu"])
+    if packed.shape != (128, 64) or packed.dtype != torch.uint8:
+        return None
+    rows = torch.arange(128)
+    return next((b for b in (64, 32, 16) if torch.equal(_kernel_layout_rows(packed, rows, b), values)), None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Putting quantized layers into a built model
 
@@ -501,10 +546,13 @@ def install(
     Takes them out of `state` itself, so each stored tensor is freed once it is in the kernels'
     layout: packing int4 then needs one tensor's room, not a second copy of the model.
     `consume`: nothing but `state` holds its tensors (a load's own), so int4 is packed over
-    each stored tensor that no other layer shares (a tied output shares the embedding's)."""
+    each stored tensor that no other layer shares. A tied output shares the embedding's: on CPU
+    it is packed over it too when the kernel's layout is one the embedding can read rows from
+    (int4_kernel_block), and the embedding then looks its rows up there; otherwise it is copied."""
     rest = state
     names = quantized_module_names(model, config)
     storages = Counter(t.untyped_storage().data_ptr() for t in state.values())  # twice: shared by two keys
+    embedding = None
     for name in names:
         keys = config.keys(name + ".weight")
         missing = [k for k in keys if k not in rest]
@@ -513,11 +561,14 @@ def install(
         q, scales, *zeros = (rest.pop(k) for k in keys)
         old = model.get_submodule(name)
         if name == "tok_embeddings":
-            new = QuantizedEmbedding(
+            new = embedding = QuantizedEmbedding(
                 config.mode, q, scales, zeros[0] if zeros else None, config.group_size, act_dtype,
                 vocab_start=getattr(old, "vocab_start_index", 0),
             )
         else:
+            storage = q.untyped_storage().data_ptr()
+            tied = embedding is not None and embedding.weight.untyped_storage().data_ptr() == storage
+            share = tied and config.mode == "int4" and q.device.type == "cpu" and int4_kernel_block() is not None
             parallel = "row" if sharding.shard_dim(name + ".weight") == 1 else "column"
             # w8a8 rounds the inputs of the block projections only: the logits keep int8's weight-only product
             dynamic = config.int8_activations and sharding.module_of(name + ".weight") in BLOCK_MODULES
@@ -525,8 +576,10 @@ def install(
                 config.mode, q, scales, zeros[0] if zeros else None, config.group_size, act_dtype,
                 parallel=parallel, gather_output=getattr(old, "gather_output", False),
                 path="dynamic" if dynamic else None, compute_dtype=compute_dtype,
-                consume=consume and storages[q.untyped_storage().data_ptr()] == 1,
+                consume=consume and (storages[storage] == 1 or (share and storages[storage] == 2)),
             )
+            if tied and new.packed_in_place:
+                embedding.read_kernel_layout(new, int4_kernel_block())  # packed over the embedding's
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         del q, scales, zeros, old

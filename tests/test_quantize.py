@@ -317,13 +317,16 @@ def test_a_tied_checkpoint_quantizes_the_embedding_once_and_stays_tied(tmp_path,
     if mode == "int8":  # one int8 matrix serves both
         assert m.output.weight.data_ptr() == m.tok_embeddings.weight.data_ptr()
     tokens = torch.tensor([[3, 70, 500]])
-    want = quantize.dequantize(mode, m.tok_embeddings.weight, m.tok_embeddings.scales, getattr(m.tok_embeddings, "zeros", None))
-    assert torch.equal(m.tok_embeddings(tokens), want[tokens[0]][None])
+    stored = checkpoint.load_shard(tmp_path / "q" / "consolidated.00.pth")
+    want = quantize.dequantize(
+        mode, stored["tok_embeddings.weight"], stored["tok_embeddings.scales"], stored.get("tok_embeddings.zeros")
+    )
+    for model in (on_load.model, from_file.model):
+        assert torch.equal(model.tok_embeddings(tokens), want[tokens[0]][None].to(model.tok_embeddings.act_dtype))
 
 
-def test_int4_packed_in_place_is_the_packed_copy_and_spares_shared_tensors(monkeypatch):
-    """A load's own int4 tensors are packed over themselves, block by block, to what a packed copy
-    holds; a tensor another layer keeps (a tied output's, shared with the embedding) is copied."""
+def test_int4_packed_in_place_is_the_packed_copy(monkeypatch):
+    """A load's own int4 tensors are packed over themselves, block by block, to what a packed copy holds."""
     w = torch.randn(192, 128, generator=torch.Generator().manual_seed(0))
     q, scales, zeros = quantize.quantize_int4(w, 32)
     monkeypatch.setattr(quantize, "CHUNK_BYTES", 4 * 64 * 128)  # several blocks of 64 rows
@@ -332,19 +335,58 @@ def test_int4_packed_in_place_is_the_packed_copy_and_spares_shared_tensors(monke
     got = quantize._int4_kernel_layout(own, in_place=True)
     assert got.data_ptr() == own.data_ptr() and torch.equal(got, want)
 
+
+def _tied_int4_model(monkeypatch):
     distributed.setup(torch.device("cpu"))  # one process: fairscale's layers ask for their group
-    args = ModelArgs(dim=128, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=192, multiple_of=64)
+    params = {"dim": 128, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 192, "multiple_of": 64}
     config = quantize.resolve("int4", 32)
     with checkpoint._skeleton():
         from llama.model import Transformer
 
-        model = Transformer(args)
-    state = quantize.state_to_quantized(helpers.random_state_dict(
-        {"dim": 128, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 192, "multiple_of": 64}, seed=1), config)
+        model = Transformer(ModelArgs(**params))
+    state = quantize.state_to_quantized(helpers.random_state_dict(params, seed=1), config)
     for key in config.keys("output.weight"):  # tied: the output holds the embedding's tensors
         state[key] = state[key.replace("output.", "tok_embeddings.", 1)]
-    embedding = state["tok_embeddings.weight"].clone()
+    want = quantize.dequantize("int4", *(state[k].clone() for k in config.keys("tok_embeddings.weight")))  # (vocab, dim)
     monkeypatch.setattr(kernels, "quantized_kernel", lambda mode, step, dt=None: ("pack", torch.float32))
     quantize.install(model, state, config, torch.float32, consume=True)
-    assert torch.equal(model.tok_embeddings.weight, embedding)  # not packed over
-    assert model.output.weight.data_ptr() != model.tok_embeddings.weight.data_ptr()
+    return model, want
+
+
+@pytest.mark.parametrize("layout", ["read", "unknown"])
+def test_a_tied_int4_output_is_packed_over_the_embedding_which_reads_its_rows_there(monkeypatch, layout):
+    """One copy of a tied vocabulary matrix: the output's kernel layout is written over the
+    embedding's stored tensor and the embedding looks its rows up in it when the layout is one it
+    reads (probed); otherwise the output packs a copy. Either way the lookups and the logits are
+    those of the stored weights."""
+    if layout == "unknown":
+        monkeypatch.setattr(quantize, "int4_kernel_block", lambda: None)
+    elif quantize.int4_kernel_block() is None:
+        pytest.skip(f"the int4 kernel layout on {torch.backends.cpu.get_cpu_capability()} is not one the embedding reads")
+    model, want = _tied_int4_model(monkeypatch)
+    shared = model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
+    assert shared == (layout == "read")
+    assert hasattr(model.tok_embeddings, "scales") != shared  # shared: the output's scales and zeros serve both
+    tokens = torch.tensor([[0, 1, 31, 32, 63, 64, 100, 191], [5, 5, 150, 2, 96, 127, 128, 160]])
+    assert torch.equal(model.tok_embeddings(tokens), want[tokens])
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(model.output.matmul(x), F.linear(x, want), rtol=1e-5, atol=1e-4)
+
+
+def test_the_int4_kernel_layout_probe_on_each_cpu_capability():
+    """The probe reads PyTorch's layout on the capabilities whose layout it knows (AVX-512: blocks
+    of 64 rows, AVX2: 32) and says None on the scalar build's (where the embedding keeps its own
+    copy), each in a fresh process."""
+    found = {}
+    for capability in ("avx512", "avx2", "default"):
+        proc = subprocess.run(
+            [sys.executable, "-c", "import torch; from llama import quantize; "
+             "print(torch.backends.cpu.get_cpu_capability(), quantize.int4_kernel_block())"],
+            capture_output=True, text=True, cwd=helpers.REPO, timeout=120,
+            env={**helpers.child_env(), "ATEN_CPU_CAPABILITY": capability},
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        got, block = proc.stdout.split()
+        found[got] = block
+    assert found["DEFAULT"] == "None"
+    assert found.get("AVX2", "32") == "32" and found.get("AVX512", "64") == "64"  # absent: a CPU without it
