@@ -387,13 +387,14 @@ def _held_back(tail: str, stops: Sequence[str]) -> int:
     return 0
 
 
-def _top_p_sorted(probs: torch.Tensor, p: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _top_p_sorted(probs: torch.Tensor, p: Union[float, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """The nucleus of each row of `probs` (..., vocab): the smallest prefix of the sorted
-    distribution whose mass reaches `p` (the top token always), renormalised; (probs, ids) sorted."""
+    distribution whose mass reaches `p` (the top token always), renormalised; (probs, ids) sorted.
+    `p`: one for all rows, or a tensor (..., 1) of one per row."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     mask = probs_sum - probs_sort > p
-    probs_sort[mask] = 0.0
+    probs_sort.masked_fill_(mask, 0.0)
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
     return probs_sort, probs_idx
 
@@ -441,9 +442,47 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: O
     return _draw(logits, temperature, top_p, generator)
 
 
-def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """The distribution (..., vocab) that sampling at `temperature` > 0 with nucleus `top_p` draws from."""
+def sampling_probs(
+    logits: torch.Tensor, temperature: Union[float, torch.Tensor], top_p: Union[float, torch.Tensor]
+) -> torch.Tensor:
+    """The distribution (..., vocab) that sampling at `temperature` > 0 with nucleus `top_p` draws
+    from. Both are floats, or tensors (...) of one per row (speculative steps over rows of mixed
+    requests; a row at temperature 0 gets its distribution at temperature 1, for callers that take
+    its argmax instead)."""
+    if isinstance(temperature, torch.Tensor):
+        temperature = torch.where(temperature > 0, temperature, 1.0)[..., None]
+        top_p = top_p[..., None]
     return top_p_probs(torch.softmax(logits / temperature, dim=-1), top_p)
+
+
+def nucleus_probs(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`sampling_probs` with per-row tensors, from the `top` most probable tokens of each row
+    instead of a sort of the whole vocabulary (which costs several times the rest on CPU): the
+    same distribution wherever the nucleus lies within them. Returns (probs (..., vocab),
+    covered (...)): covered is False for a row whose nucleus may reach past them (its first
+    top - 1 tokens do not hold more than top_p), where the caller needs `sampling_probs`."""
+    temperature = torch.where(temperature > 0, temperature, 1.0)[..., None]
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top >= probs.shape[-1]:
+        return top_p_probs(probs, top_p[..., None]), torch.ones(probs.shape[:-1], dtype=torch.bool, device=probs.device)
+    values, ids = torch.topk(probs, top, dim=-1)  # (..., top), descending
+    mass = torch.cumsum(values, dim=-1)
+    values = values.masked_fill(mass - values > top_p[..., None], 0.0)
+    values = values / values.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(probs).scatter(-1, ids, values), mass[..., -2] > top_p
+
+
+def draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of `probs` (..., vocab; not necessarily normalised) by inverse transform
+    sampling with uniforms `u` (...) in [0, 1): the first token whose cumulative mass exceeds u
+    times the row's mass. Never a token of zero mass. A function of its inputs only, so a compiled
+    graph draws the tokens that an eager pass given the same uniforms draws."""
+    cdf = probs.cumsum(dim=-1)
+    token = (cdf <= (u * cdf[..., -1])[..., None]).sum(dim=-1)  # rounding may reach the end
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)  # the last token with mass
+    return torch.minimum(token, last)
 
 
 def _draw(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:

@@ -169,12 +169,16 @@ class Llama:
         self._compiled = CompiledStep(model) if compile else None
         if self._compiled is not None and speculator is not None:
             draft = speculator.draft
-            greedy = None  # a sharded model's step cannot hold the replicated draft's group switch
+            greedy = sampling = None  # a sharded model's step cannot hold the replicated draft's group switch
             if distributed.model_parallel_size() == 1:
                 greedy = CompiledStep(
                     model, lambda tokens, start_pos: speculative.greedy_pass(model, draft, speculator.k, tokens, start_pos), also=[draft]
                 )
-            speculator.compiled = speculative.CompiledPasses(self._compiled, CompiledStep(draft), greedy)
+                sampling = CompiledStep(
+                    model, lambda tokens, start_pos, *rows: speculative.sampling_pass(model, draft, speculator.k, tokens, start_pos, *rows),
+                    also=[draft],
+                )
+            speculator.compiled = speculative.CompiledPasses(self._compiled, CompiledStep(draft), greedy, sampling)
 
     @property
     def device(self) -> torch.device:
@@ -442,7 +446,8 @@ class CompiledStep:
     def _step(self, tokens: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
         return self.model._forward(tokens, start_pos, None, use_cache=True)
 
-    def __call__(self, tokens: torch.Tensor, start_pos: torch.Tensor) -> Any:
+    def __call__(self, tokens: torch.Tensor, start_pos: torch.Tensor, *extra: torch.Tensor) -> Any:
+        """The compiled function of (tokens, start_pos, *extra), or None (compilation failed)."""
         if self.fn is None:
             return None
         try:
@@ -455,10 +460,10 @@ class CompiledStep:
                     self.in_graph = graph_kernels.compile_one_row_in_graph(
                         self.model.params.dim, heads, kv_cache.shape(self.model)[1], self.model.tok_embeddings.weight.dtype)
                 with inductor_config.patch(**graph_kernels.frozen_options(bool(self.in_graph))):
-                    return self.fn(tokens, start_pos)
+                    return self.fn(tokens, start_pos, *extra)
             with kernels.kernels_for(tokens, self.model.policy, compiled=True):
                 torch.compiler.cudagraph_mark_step_begin()
-                return self.fn(tokens, start_pos)
+                return self.fn(tokens, start_pos, *extra)
         except Exception as e:  # a pass rerun writes the same KV cache slots, so eager can take over
             logger.warning("compiled forward passes failed, running eagerly from now on: %s", e)
             self.fn = None

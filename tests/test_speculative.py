@@ -149,8 +149,22 @@ def test_compiled_passes_give_the_eager_tokens(plain, tiny_ckpt, byte_tokenizer,
     assert fused_steps
     assert 0 < compiled.speculator.acceptance_rate < 1
     eager = build(tiny_ckpt, byte_tokenizer, draft_ckpt, k=2)
-    sampled = [llama.generate(prompts[:2], max_gen_len=8, temperature=1.0, top_p=0.9, seed=4)[0] for llama in (eager, compiled)]
-    assert sampled[0] == sampled[1]
+    sampled_steps = []  # sampling steps of k proposals too (sampling_pass)
+    compiled.speculator.compiled = passes._replace(sampling=lambda *a: sampled_steps.append(1) or passes.sampling(*a))
+    sampled = [llama.generate(prompts[:3], max_gen_len=8, temperature=1.0, top_p=0.9, seed=4)[0] for llama in (eager, compiled)]
+    assert sampled[0] == sampled[1] and sampled_steps and passes.sampling.fn is not None
+    # rows of mixed requests in one step: a greedy row among sampling ones keeps the model's own tokens
+    engine, eager_engine = compiled.engine(4, MAX_SEQ_LEN), eager.engine(4, MAX_SEQ_LEN)
+    runs = []
+    for e in (eager_engine, engine):
+        ids = [e.add(Request(prompts[0], 9, temperature=0)), e.add(Request(prompts[1], 9, temperature=0.9, top_p=0.95, seed=7))]
+        for _ in e.run():
+            pass
+        runs.append([e.pop(i).tokens for i in ids])
+    assert runs[0] == runs[1] and runs[1][0] == want[0][:9]
+    # a nucleus wider than the candidates a compiled step looks in: the step is redone eagerly, to eager's tokens
+    hot = [llama.generate(prompts[:2], max_gen_len=6, temperature=50.0, top_p=0.99, seed=1)[0] for llama in (eager, compiled)]
+    assert hot[0] == hot[1] and compiled.speculator.redone > 0
 
 
 def test_failed_compilation_runs_the_passes_eagerly(plain, tiny_ckpt, byte_tokenizer, draft_ckpt, monkeypatch):
@@ -159,6 +173,9 @@ def test_failed_compilation_runs_the_passes_eagerly(plain, tiny_ckpt, byte_token
                         device="cpu", dtype="float32", compile=True, draft_ckpt_dir=str(draft_ckpt), speculate_k=3)
     prompts = encode(plain, MIXED)
     assert llama.generate(prompts, max_gen_len=10, temperature=0)[0] == plain.generate(prompts, max_gen_len=10, temperature=0)[0]
+    eager = build(tiny_ckpt, byte_tokenizer, draft_ckpt, k=3)
+    sampled = [g.generate(prompts, max_gen_len=10, temperature=0.8, top_p=0.9, seed=2)[0] for g in (eager, llama)]
+    assert sampled[0] == sampled[1]
     assert all(f.fn is None for f in (llama._compiled, *llama.speculator.compiled[1:]))
 
 
@@ -260,6 +277,78 @@ def test_greedy_pass_summary_is_the_separate_passes_acceptance(spec):
             assert speculative.greedy_pass(model, draft, k, tokens, start)[1][:, k + 2].tolist() == [1, 1]
         finally:
             weight.copy_(saved)
+
+
+def test_sampling_pass_draws_what_the_separate_passes_draw_with_the_same_uniforms(spec):
+    """sampling_pass (what a compiled sampling step runs) proposes with `propose` and accepts with
+    `accept` from the uniforms it is given: the draft's steps and the verify pass run one by one
+    with those uniforms give the same proposals, acceptances and next tokens; a row at temperature
+    0 among them is greedy."""
+    from llama import kv_cache
+
+    model, draft, k = spec.model, spec.speculator.draft, 3
+    tokens, start = torch.tensor([[5, 9], [7, 3], [2, 8]]), torch.tensor([4, 10, 6])
+    temperature, top_p = torch.tensor([0.9, 0.0, 1.3]), torch.tensor([0.95, 1.0, 0.8])
+    uniforms = torch.rand(3, 2 * k + 1, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for m in (model, draft):
+            kv_cache.allocate(m, 3, MAX_SEQ_LEN)
+        target, summary = speculative.sampling_pass(model, draft, k, tokens, start, temperature, top_p, uniforms)
+        logits = draft(tokens, start)[:, -1]
+        proposals, qs, argmax = [], [], []
+        for j in range(k):
+            if j:
+                logits = draft(proposals[-1][:, None], start + 1 + j)[:, -1]
+            token, q, _ = speculative.propose(logits, temperature, top_p, uniforms[:, j])
+            proposals.append(token)
+            qs.append(q)
+            argmax.append(int(logits[1].argmax()))
+        proposals = torch.stack(proposals, dim=1)
+        again = model(torch.cat([tokens[:, -1:], proposals], dim=1), start + 1)
+        n, nxt, _ = speculative.accept(again, proposals, torch.stack(qs, dim=1), temperature, top_p, uniforms)
+        # a nucleus past the NUCLEUS_TOP candidates (nearly the whole vocabulary) is flagged for an eager redo
+        hot = speculative.sampling_pass(model, draft, k, tokens, start, torch.tensor([50.0, 0.0, 0.9]),
+                                        torch.tensor([0.99, 1.0, 0.95]), uniforms)[1]
+    assert summary[:, :k].tolist() == proposals.tolist()
+    assert summary[:, k].tolist() == n.tolist() and summary[:, k + 1].tolist() == nxt.tolist()
+    assert summary[:, k + 2].tolist() == [0, 0, 0] and hot[:, k + 2].tolist() == [2, 0, 0]
+    torch.testing.assert_close(target, again)
+    greedy_n, greedy_next = speculative.accept_greedy(again[1:2], proposals[1:2])
+    assert proposals[1].tolist() == argmax
+    assert (int(n[1]), int(nxt[1])) == (int(greedy_n[0]), int(greedy_next[0]))
+
+
+def test_draw_is_inverse_transform_sampling():
+    """draw(probs, u): the first token whose cumulative mass exceeds u times the total; never a
+    token of zero mass, at u = 0, at u just below 1, or on unnormalised rows; and its draws
+    follow the distribution."""
+    from llama.engine import draw
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]])
+    for u, want in ((0.0, 1), (0.49, 1), (0.51, 3), (0.79, 3), (0.81, 4), (1 - 1e-7, 4)):
+        assert int(draw(probs, torch.tensor([u]))[0]) == want
+        assert int(draw(probs * 7, torch.tensor([u]))[0]) == want  # unnormalised
+    many = torch.rand(N, generator=torch.Generator().manual_seed(1))
+    assert tv(draw(P[0].expand(N, -1), many), P[0]) < 0.01
+
+
+def test_the_nucleus_among_the_top_candidates_is_the_sorted_nucleus_where_it_fits():
+    """nucleus_probs (no sort of the vocabulary) gives sampling_probs's distribution on every row
+    it calls covered, and calls a row uncovered where the nucleus is wider than its candidates;
+    sampling_dist then gives the sorted one there."""
+    from llama.engine import nucleus_probs
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 2000, generator=g) * torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.1])[:, None]
+    temperature, top_p = torch.tensor([1.0, 0.7, 1.0, 1.0, 1.0, 2.0]), torch.tensor([0.9, 0.95, 0.5, 0.9, 0.99, 0.9])
+    probs, covered = nucleus_probs(logits, temperature, top_p, 64)
+    want = sampling_probs(logits, temperature, top_p)
+    assert covered[:2].all() and not covered[-2:].any()
+    torch.testing.assert_close(probs[covered], want[covered], rtol=1e-5, atol=1e-7)
+    assert torch.equal(probs[covered] > 0, want[covered] > 0)  # the same tokens kept
+    dist, exact = speculative.sampling_dist(logits, temperature, top_p)
+    torch.testing.assert_close(dist, want, rtol=1e-5, atol=1e-7)
+    assert exact.all()
 
 
 def test_greedy_acceptance_is_the_argmax_rule():
