@@ -706,6 +706,7 @@ def print_table(rows: list) -> None:
 # ---------------------------------------------------------------- speculative decoding
 
 # what the demo model knows (Python's documentation), to continue
+SPECULATE_TOP_P = 0.9  # sampling runs (--temperature > 0)
 SPECULATE_PROMPTS = (
     "The list data type has some more methods. Here are all of the methods of list objects:",
     "A dictionary is",
@@ -752,7 +753,7 @@ def speculative(
         seconds, n, out = 0.0, 0, []
         for i, prompt in enumerate(prompts):
             times, tokens = [], []
-            for step in llama.stream([prompt], n_new, temperature=temperature, seed=i):
+            for step in llama.stream([prompt], n_new, temperature=temperature, top_p=SPECULATE_TOP_P, seed=i):
                 times.append(time.perf_counter())
                 tokens += [t.token for t in step]
             seconds += times[-1] - times[0]
@@ -813,12 +814,18 @@ def speculative(
     fixed = [k for k in ks if k != spec_module.AUTO]
     for k in fixed:
         profile[f"model, {k + 1} tokens"] = forward_ms(model_pass, k + 1)
-    greedy = spec.speculator.compiled and spec.speculator.compiled.greedy
-    if greedy and temperature == 0:  # compiled greedy steps: k draft steps and the verify pass in one call
+    compiled = spec.speculator.compiled
+    if compiled and compiled.greedy and temperature == 0:  # compiled greedy steps: k draft steps and the verify pass in one call
         for k in fixed:
             spec.speculator.set_k(k)
             profile[f"greedy step of k={k} in one call"] = forward_ms(
-                lambda t: spec.speculator._compiled(greedy, t, [64], rows), 1)
+                lambda t: spec.speculator._compiled(compiled.greedy, t, [64], rows), 1)
+    if compiled and compiled.sampling and temperature > 0:  # the same with the draws and rejection sampling
+        for k in fixed:
+            spec.speculator.set_k(k)
+            drawn = (torch.tensor([temperature]), torch.tensor([SPECULATE_TOP_P]), torch.rand(1, 2 * k + 1))
+            profile[f"sampling step of k={k} in one call"] = forward_ms(
+                lambda t: spec.speculator._compiled(compiled.sampling, t, [64], rows, tuple(x.to(device) for x in drawn)), 1)
     return {"ckpt_dir": ckpt_dir, "draft_ckpt_dir": draft_ckpt_dir, "temperature": temperature, "new_tokens": n_new,
             "compiled": compile, "rounds": rounds, "prompts": len(prompts), "device": str(device), "threads": torch.get_num_threads(),
             "processes": distributed.model_parallel_size(), "runs": runs,
