@@ -132,6 +132,56 @@ def replicated() -> Iterator[None]:
         fs_init._MODEL_PARALLEL_GROUP = saved
 
 
+# ---------------------------------------------------------------------------------------------
+# fairscale's two collectives of a forward pass as ops a compiled graph can hold. Dynamo cannot
+# trace fairscale's own under torchrun (its process group has no __eq__ to guard on), so compiled
+# passes on more than one process fell back to eager. Inference only: these have no backward.
+
+
+@torch.library.custom_op("llama::model_parallel_all_reduce", mutates_args=())
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    out = x.clone()
+    dist.all_reduce(out, group=fs_init.get_model_parallel_group())
+    return out
+
+
+@_all_reduce.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("llama::model_parallel_all_gather", mutates_args=())
+def _all_gather(x: torch.Tensor) -> torch.Tensor:
+    group = fs_init.get_model_parallel_group()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group=group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+@_all_gather.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], x.shape[-1] * model_parallel_size())
+
+
+def reduce_from_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """fairscale's: the sum over the model-parallel ranks (x itself on one)."""
+    return x if model_parallel_size() == 1 else _all_reduce(x)
+
+
+def gather_from_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
+    """fairscale's: the ranks' x joined along the last dimension (x itself on one)."""
+    return x if model_parallel_size() == 1 else _all_gather(x)
+
+
+def traceable_collectives() -> None:
+    """Point fairscale's parallel layers at the collectives above (the same sums and joins), for
+    torch.compile; the layers look the names up at every call, eager ones too."""
+    from fairscale.nn.model_parallel import layers
+
+    layers.reduce_from_model_parallel_region = reduce_from_model_parallel_region
+    layers.gather_from_model_parallel_region = gather_from_model_parallel_region
+
+
 def shutdown() -> None:
     """Tear the process groups down (gloo aborts at interpreter exit otherwise). Safe to call twice."""
     global _SOLO_GROUP

@@ -423,11 +423,7 @@ class CompiledStep:
         """step: the function of (tokens, start_pos) to compile (default: the model's forward pass
         over its KV cache); also: other models it runs, whose weights count with the model's for
         the freezing rule."""
-        from fairscale.nn.model_parallel import mappings
-
-        # fairscale's all-reduce marks its input dirty, which Dynamo cannot trace: taken whole into
-        # the graph instead of breaking it at every layer (it is the identity on one process)
-        torch.compiler.allow_in_graph(mappings.reduce_from_model_parallel_region)
+        distributed.traceable_collectives()  # fairscale's own cannot be traced under torchrun
         # a model and its draft share this code object: decode, 3 verify lengths and 2 draft
         # lengths are recompilations of it, more than Dynamo's default limit of 8 allows
         config = torch._dynamo.config

@@ -26,13 +26,10 @@ from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel.mappings import (
-    gather_from_model_parallel_region,
-    reduce_from_model_parallel_region,
-)
 from torch import nn
 
 from llama import kernels, memory, sharding
+from llama.distributed import gather_from_model_parallel_region, reduce_from_model_parallel_region
 
 logger = logging.getLogger(__name__)
 

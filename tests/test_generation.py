@@ -160,17 +160,24 @@ def test_bad_inputs_name_the_problem(tmp_path, tiny_ckpt, byte_tokenizer):
 
 
 def test_two_processes_on_two_shards_match_one_process(tmp_path, tiny_ckpt, tiny_ckpt_2shards, byte_tokenizer):
+    """Two processes match one, eager and compiled: torch.compile traces the tensor-parallel
+    collectives (llama.distributed.traceable_collectives), so compiled passes on two ranks run
+    compiled instead of falling back to eager."""
     results = {}
-    for name, ckpt, nproc in (("one", tiny_ckpt, 1), ("two", tiny_ckpt_2shards, 2)):
+    for name, ckpt, nproc, extra in (("one", tiny_ckpt, 1, []), ("two", tiny_ckpt_2shards, 2, []),
+                                     ("two compiled", tiny_ckpt_2shards, 2, ["--compile"])):
         out = tmp_path / f"{name}.pt"
-        r = helpers.run_torchrun("tests/workers/generate.py", ["--ckpt_dir", ckpt, "--tokenizer_path", byte_tokenizer, "--out", out], nproc)
+        args = ["--ckpt_dir", ckpt, "--tokenizer_path", byte_tokenizer, "--out", out, *extra]
+        r = helpers.run_torchrun("tests/workers/generate.py", args, nproc)
         assert r.returncode == 0, r.stderr[-3000:]
         results[name] = torch.load(out)
-    one, two = results["one"], results["two"]
-    assert one["tokens"] == two["tokens"]
-    assert one["sampled"] == two["sampled"]
-    torch.testing.assert_close(two["logits"], one["logits"], atol=1e-5, rtol=0)
-    assert two["logprobs"] == [pytest.approx(lp, abs=1e-5) for lp in one["logprobs"]]
+    one = results["one"]
+    for two in (results["two"], results["two compiled"]):
+        assert one["tokens"] == two["tokens"]
+        assert one["sampled"] == two["sampled"]
+        torch.testing.assert_close(two["logits"], one["logits"], atol=1e-5, rtol=0)
+        assert two["logprobs"] == [pytest.approx(lp, abs=1e-5) for lp in one["logprobs"]]
+    assert results["two compiled"]["compiled"] == [True]
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

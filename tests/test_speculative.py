@@ -382,16 +382,19 @@ def test_bad_input_names_the_problem_and_the_fix(tmp_path, tiny_ckpt, byte_token
 # ---------------------------------------------------------------- two processes
 
 
-@pytest.mark.parametrize("parallel", ["replicated", "sharded"])
-def test_two_processes_accept_the_same_tokens_as_one(tmp_path, plain, tiny_ckpt_2shards, byte_tokenizer, draft_ckpt, parallel):
-    """The model sharded over two ranks, the draft whole on each or split like the model: greedy
-    output is the one-process model's own, and seeded sampling draws the same tokens on both ranks."""
+@pytest.mark.parametrize("parallel, compile", [("replicated", False), ("sharded", False), ("replicated", True)])
+def test_two_processes_accept_the_same_tokens_as_one(tmp_path, plain, tiny_ckpt_2shards, byte_tokenizer, draft_ckpt, parallel, compile):
+    """The model sharded over two ranks, the draft whole on each or split like the model, eager or
+    compiled (the passes one by one, compiled on each rank): greedy output is the one-process
+    model's own, and seeded sampling draws the same tokens on both ranks."""
     out = tmp_path / "two.pt"
     args = ["--ckpt_dir", tiny_ckpt_2shards, "--tokenizer_path", byte_tokenizer, "--out", out, "--draft_ckpt_dir", draft_ckpt,
-            "--draft_parallel", parallel]
+            "--draft_parallel", parallel] + (["--compile"] if compile else [])
     r = helpers.run_torchrun("tests/workers/generate.py", args, 2)
     assert r.returncode == 0, r.stderr[-3000:]
     two = torch.load(out)
+    if compile:
+        assert two["compiled"] == [True, True, True]  # the model's steps, its verify passes, the draft's steps
     from workers.generate import PROMPTS
 
     want, want_lps = plain.generate(encode(plain, PROMPTS), 12, temperature=0, logprobs=True)

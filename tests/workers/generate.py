@@ -1,5 +1,5 @@
 """Worker for multi-process tests: build a Llama, run greedy generation and one forward pass, and
-write the results from rank 0 to a file (torch.save). With a draft (speculative decoding) it also
+write the results from rank 0 to a file (torch.save); with --compile, which compiled passes ran. With a draft (speculative decoding) it also
 writes the acceptance rate, the draft's KV projection rows, and each other rank's sampled tokens
 to OUT.rankN.sampled."""
 from typing import Optional
@@ -13,15 +13,19 @@ PROMPTS = ["Hello, world", "The quick brown fox jumps over", "a"]
 
 
 def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12, device: str = "cpu", draft_ckpt_dir: Optional[str] = None,
-         draft_parallel: str = "replicated"):
+         draft_parallel: str = "replicated", compile: bool = False):
     draft = {} if draft_ckpt_dir is None else {"draft_ckpt_dir": draft_ckpt_dir, "draft_parallel": draft_parallel}
-    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4, device=device, dtype="float32", **draft)
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=4, device=device, dtype="float32", compile=compile,
+                        **draft)
     prompt_tokens = [llama.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     tokens, logprobs = llama.generate(prompt_tokens, max_gen_len, temperature=0, logprobs=True)
     sampled, _ = llama.generate(prompt_tokens, max_gen_len, temperature=0.8, top_p=0.9, seed=7)
     llama.model.free_cache()
     logits = llama.model(torch.tensor([prompt_tokens[1]], device=llama.device), 0).cpu()
     results = {"tokens": tokens, "logprobs": logprobs, "sampled": sampled, "logits": logits}
+    if compile:  # which compiled passes fell back to eager (None: compilation failed)
+        passes = [llama._compiled] + ([llama.speculator.compiled.model, llama.speculator.compiled.draft] if draft else [])
+        results["compiled"] = [p.fn is not None for p in passes]
     if llama.speculator is not None:
         results["acceptance"] = llama.speculator.acceptance_rate
         results["draft_wk_rows"] = llama.speculator.draft.layers[0].attention.wk.weight.shape[0]
