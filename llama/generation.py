@@ -423,7 +423,6 @@ class CompiledStep:
         """step: the function of (tokens, start_pos) to compile (default: the model's forward pass
         over its KV cache); also: other models it runs, whose weights count with the model's for
         the freezing rule."""
-        distributed.traceable_collectives()  # fairscale's own cannot be traced under torchrun
         # a model and its draft share this code object: decode, 3 verify lengths and 2 draft
         # lengths are recompilations of it, more than Dynamo's default limit of 8 allows
         config = torch._dynamo.config
@@ -431,6 +430,12 @@ class CompiledStep:
         setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
         self.model = model
         device = model.tok_embeddings.weight.device
+        if device.type == "cpu" or distributed.model_parallel_size() == 1:
+            distributed.traceable_collectives()  # fairscale's own cannot be traced under torchrun
+        else:  # NCCL inside CUDA graphs is untried: as before, these passes fail to compile and run eagerly
+            from fairscale.nn.model_parallel import mappings
+
+            torch.compiler.allow_in_graph(mappings.reduce_from_model_parallel_region)
         mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs: no launch overhead
         self.fn: Optional[Callable] = torch.compile(step or self._step, mode=mode, dynamic=False)
         weight_bytes = sum(p.numel() * p.element_size() for m in [model, *also] for p in m.parameters())

@@ -203,7 +203,7 @@ def sampling_pass(
     temperature: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """`greedy_pass` for steps with rows that sample: each row's temperature and top_p (rows,)
-    and its uniforms (rows, 2k + 1, `Speculator.step_uniforms`) are inputs, so the draws and the
+    and its uniforms (rows, 2k + 1, `Speculator._sampling`) are inputs, so the draws and the
     rejection sampling (`propose`, `accept`) run in the graph, to the tokens an eager step given
     the same uniforms gives. Rows at temperature 0 propose and accept greedily. Same returns."""
     pos = start_pos + tokens.shape[1] - 1
