@@ -463,10 +463,10 @@ def nucleus_probs(
     same distribution wherever the nucleus lies within them. Returns (probs (..., vocab),
     covered (...)): covered is False for a row whose nucleus may reach past them (its first
     top - 1 tokens do not hold more than top_p), where the caller needs `sampling_probs`."""
+    if top >= logits.shape[-1]:  # the candidates are the whole vocabulary
+        return sampling_probs(logits, temperature, top_p), torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
     temperature = torch.where(temperature > 0, temperature, 1.0)[..., None]
     probs = torch.softmax(logits / temperature, dim=-1)
-    if top >= probs.shape[-1]:
-        return top_p_probs(probs, top_p[..., None]), torch.ones(probs.shape[:-1], dtype=torch.bool, device=probs.device)
     values, ids = torch.topk(probs, top, dim=-1)  # (..., top), descending
     mass = torch.cumsum(values, dim=-1)
     values = values.masked_fill(mass - values > top_p[..., None], 0.0)

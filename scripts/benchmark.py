@@ -823,9 +823,10 @@ def speculative(
     if compiled and compiled.sampling and temperature > 0:  # the same with the draws and rejection sampling
         for k in fixed:
             spec.speculator.set_k(k)
-            drawn = (torch.tensor([temperature]), torch.tensor([SPECULATE_TOP_P]), torch.rand(1, 2 * k + 1))
+            drawn = (torch.tensor([temperature], device=device), torch.tensor([SPECULATE_TOP_P], device=device),
+                     torch.rand(1, 2 * k + 1, device=device))
             profile[f"sampling step of k={k} in one call"] = forward_ms(
-                lambda t: spec.speculator._compiled(compiled.sampling, t, [64], rows, tuple(x.to(device) for x in drawn)), 1)
+                lambda t: spec.speculator._compiled(compiled.sampling, t, [64], rows, drawn), 1)
     return {"ckpt_dir": ckpt_dir, "draft_ckpt_dir": draft_ckpt_dir, "temperature": temperature, "new_tokens": n_new,
             "compiled": compile, "rounds": rounds, "prompts": len(prompts), "device": str(device), "threads": torch.get_num_threads(),
             "processes": distributed.model_parallel_size(), "runs": runs,

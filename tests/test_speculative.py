@@ -346,6 +346,8 @@ def test_the_nucleus_among_the_top_candidates_is_the_sorted_nucleus_where_it_fit
     assert covered[:2].all() and not covered[-2:].any()
     torch.testing.assert_close(probs[covered], want[covered], rtol=1e-5, atol=1e-7)
     assert torch.equal(probs[covered] > 0, want[covered] > 0)  # the same tokens kept
+    whole, all_covered = nucleus_probs(logits, temperature, top_p, 2000)  # candidates = the vocabulary
+    assert torch.equal(whole, want) and all_covered.all()
     dist, exact = speculative.sampling_dist(logits, temperature, top_p)
     torch.testing.assert_close(dist, want, rtol=1e-5, atol=1e-7)
     assert exact.all()
