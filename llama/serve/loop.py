@@ -174,7 +174,9 @@ class EngineLoop:
         if self.engine.busy:
             for e in self.engine.step():
                 if e.finished:
-                    self.engine.pop(e.seq_id)
+                    seq = self.engine.pop(e.seq_id)
+                    if e.finish_reason == ERROR:  # it failed alone (the engine kept why)
+                        self._report(e.seq_id, "failed", getattr(seq, "error", None))
                 self._deliver(e)
         return True
 
@@ -190,16 +192,20 @@ class EngineLoop:
             try:
                 self.engine.add(request, seq_id)
             except Exception as e:  # noqa: BLE001 -- this request's failure, not the engine's
-                self._fail(seq_id, e)
+                self._report(seq_id, "could not be admitted", e)
+                self._deliver(Event(seq_id, None, "", finished=True, finish_reason=ERROR))
 
-    def _fail(self, seq_id: int, e: Exception) -> None:
+    def _report(self, seq_id: int, what: str, e: Optional[BaseException]) -> None:
+        """Log a sequence's own failure once (rank 0, where its request is), and keep its cause for
+        the answer."""
         with self.lock:
             handle = self.handles.get(seq_id)
-        if handle is not None:
-            logger.error("a request failed: sequence %d could not be admitted (%s: %s)", seq_id, type(e).__name__, e,
-                         exc_info=e)
-            handle.error = type(e).__name__
-        self._deliver(Event(seq_id, None, "", finished=True, finish_reason=ERROR))
+        if handle is None:  # another rank, or a client that went away
+            return
+        cause = type(e).__name__ if e is not None else "unknown cause"
+        logger.error("a request failed alone: sequence %d %s (%s: %s); the server goes on", seq_id, what, cause, e,
+                     exc_info=e)
+        handle.error = cause
 
     def _deliver(self, e: Event) -> None:
         with self.lock:
