@@ -139,6 +139,17 @@ async def read_body(request: HTTPRequest, service: Service) -> bytes:
     return b"".join(chunks)
 
 
+INLINE_BYTES = 16 * 1024  # a body this small is handled at once: less work than a thread's round trip
+
+
+async def off_loop(inputs: Callable, service: Service, raw: bytes) -> Any:
+    """`inputs(service, raw)`, in a worker thread when the body is large enough to stall the
+    other clients (parsing, checking and tokenizing grow with it)."""
+    if len(raw) <= INLINE_BYTES:
+        return inputs(service, raw)
+    return await asyncio.to_thread(inputs, service, raw)
+
+
 def completion_inputs(service: Service, raw: bytes) -> Tuple[dict, List[List[int]], List[str]]:
     """(fields, prompts as token ids, echo texts) of a /v1/completions body (off the event loop)."""
     tok = service.shaper.tokenizer
@@ -222,7 +233,7 @@ async def model(request: HTTPRequest) -> Any:
 async def completions(request: HTTPRequest) -> Any:
     service = service_of(request)
     raw = await read_body(request, service)
-    f, prompts, echo = await asyncio.to_thread(completion_inputs, service, raw)
+    f, prompts, echo = await off_loop(completion_inputs, service, raw)
     shaper = service.shaper
     handle = service.loop.submit(shaper.requests(prompts, f, prompt_logprobs=f["echo"] and f["logprobs"]))
     head = functools.partial(_head, f"cmpl-{uuid.uuid4().hex}", "text_completion", int(time.time()), service.model_name)
@@ -265,7 +276,7 @@ async def completion_chunks(service: Service, handle: Handle, f: dict, prompts: 
 async def chat_completions(request: HTTPRequest) -> Any:
     service = service_of(request)
     raw = await read_body(request, service)
-    f, prompt, tools = await asyncio.to_thread(chat_inputs, service, raw)
+    f, prompt, tools = await off_loop(chat_inputs, service, raw)
     shaper = service.shaper
     handle = service.loop.submit(shaper.requests([prompt], f))
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

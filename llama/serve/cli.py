@@ -129,24 +129,25 @@ def serve(
                             speculate=speculate, draft_ckpt_dir=draft_ckpt_dir, speculate_k=speculate_k)
     loop = EngineLoop(llama.engine(max_batch_size, max_seq_len), max_queue)
     if not distributed.is_rank0():
-        for sig in (signal.SIGTERM, signal.SIGINT):  # rank 0 leads the shutdown; a plan tells us to stop
-            signal.signal(sig, signal.SIG_IGN)
-        loop.follow()
-        distributed.shutdown()
+        _follow(loop)
         return
     if model_name is None:
         model_name = os.path.basename(os.path.normpath(ckpt_dir)) if ckpt_dir else "llama3-demo"
     warn_if_open(host, api_key)
     service = Service(Shaper(llama.tokenizer, llama.formatter, model_name), loop, api_key, max_seq_len, max_queue,
                       max_request_bytes)
-    loop.start()
     logger.info("Serving %s on http://%s:%d/v1 (%d rows of %d tokens, queue %d)", model_name, host, port,
                 max_batch_size, max_seq_len, max_queue)
-    try:
-        _run_http(service, host, port, max_connections, request_timeout, keep_alive_timeout, drain_timeout)
-    finally:
-        loop.stop()  # the other ranks stop with it
-        distributed.shutdown()
+    _lead(service, host, port, max_connections, request_timeout, keep_alive_timeout, drain_timeout)
+
+
+def _follow(loop: EngineLoop) -> None:
+    """A rank other than 0: step with rank 0's plans until it says stop. Rank 0 leads the shutdown,
+    so the signals a launcher forwards to every rank are ignored here."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    loop.follow()
+    distributed.shutdown()
 
 
 def _check_flags(port: int, **values) -> None:
@@ -160,15 +161,21 @@ def _check_flags(port: int, **values) -> None:
         raise ValueError(f"--port must be a port number (1-65535), got {port!r}")
 
 
-def _run_http(service: Service, host: str, port: int, max_connections: int, request_timeout: float,
-              keep_alive_timeout: float, drain_timeout: float) -> None:
+def _lead(service: Service, host: str, port: int, max_connections: int, request_timeout: float,
+          keep_alive_timeout: float, drain_timeout: float) -> None:
+    """Rank 0: the engine's thread and HTTP until the drain ends; then every rank stops."""
     import uvicorn
 
     config = uvicorn.Config(
         create_app(service), host=host, port=port, log_level="warning", http=bounded_protocol(request_timeout, max_connections),
         timeout_keep_alive=keep_alive_timeout, timeout_graceful_shutdown=5, lifespan="off",
     )
-    _uvicorn_server(config, service, drain_timeout).run()
+    service.loop.start()
+    try:
+        _uvicorn_server(config, service, drain_timeout).run()
+    finally:
+        service.loop.stop()  # the other ranks stop with it
+        distributed.shutdown()
 
 
 def main() -> None:
