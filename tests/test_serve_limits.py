@@ -28,7 +28,8 @@ def server(tiny_ckpt, byte_tokenizer, tmp_path_factory):
              str(KEEP_ALIVE), "--max_connections", str(MAX_CONNECTIONS))
     served = helpers.start_server(tmp_path_factory.mktemp("limits"), tiny_ckpt, byte_tokenizer, extra=extra)
     yield served
-    helpers.stop_server(served)
+    helpers.stop_server(served)  # SIGINT: the same drain as SIGTERM
+    assert served.proc.returncode == 0, served.output()[-3000:]
 
 
 def post(served, path: str, body, **kwargs) -> httpx.Response:

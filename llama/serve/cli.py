@@ -87,7 +87,7 @@ def serve(
     max_connections: int = 512,
     request_timeout: float = 30.0,
     keep_alive_timeout: float = 5.0,
-    drain_timeout: float = 30.0,
+    drain_timeout: float = 20.0,
 ) -> None:
     """Serve a Llama 3 model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models).
 
@@ -112,8 +112,9 @@ def serve(
             connection's start or the previous answer (default 30); then the connection closes.
         keep_alive_timeout: seconds an idle keep-alive connection stays open (default 5).
         drain_timeout: on SIGTERM or SIGINT, seconds the running sequences have to finish (default
-            30; new requests get 503 meanwhile); the rest then end with finish_reason "length",
-            every stream with [DONE], and the process exits 0. A second signal ends them at once.
+            20: within the 30 s that torchrun and Kubernetes wait before they kill; new requests get
+            503 meanwhile); the rest then end with finish_reason "length", every stream with [DONE],
+            and the process exits 0. A second signal ends them at once.
 
     Under torchrun, every rank loads its part; rank 0 serves HTTP and leads the steps (and the
     shutdown: the other ranks ignore the signals and stop when it does).

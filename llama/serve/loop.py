@@ -216,7 +216,10 @@ class EngineLoop:
             return
         if e.finish_reason == ERROR and handle.error is None:
             handle.error = "the engine ended the sequence"
-        handle.loop.call_soon_threadsafe(handle.events.put_nowait, e)
+        try:
+            handle.loop.call_soon_threadsafe(handle.events.put_nowait, e)
+        except RuntimeError:  # its event loop has closed (the server stopped): nobody waits for it
+            pass
 
 
 def shutting_down() -> APIError:
