@@ -211,9 +211,9 @@ def check_stream_ended(lines: list) -> None:
     assert last["choices"][0]["finish_reason"] in ("length", "stop"), last
 
 
-def drain_and_check(served, n_streams: int, signal_to, max_tokens: int) -> None:
+def drain_and_check(served, n_streams: int, signal_to, max_tokens: int, status=0) -> None:
     """SIGTERM to `signal_to` while `n_streams` streams run: new requests get 503, every stream
-    ends with a last chunk and [DONE], and the server (`served.proc`) exits 0."""
+    ends with a last chunk and [DONE], and the server (`served.proc`) exits with `status`."""
     body = {"model": served.model, "prompt": "drain me", "max_tokens": max_tokens, "temperature": 0}
     with concurrent.futures.ThreadPoolExecutor(n_streams) as pool:
         streams = [pool.submit(stream_lines, served, body) for _ in range(n_streams)]
@@ -231,7 +231,7 @@ def drain_and_check(served, n_streams: int, signal_to, max_tokens: int) -> None:
         assert refused is not None and refused.json()["error"]["code"] == "service_unavailable"
         for f in streams:
             check_stream_ended(f.result(timeout=60))
-    assert served.proc.wait(timeout=60) == 0, served.output()[-3000:]
+    assert served.proc.wait(timeout=60) == status, served.output()[-3000:]
 
 
 def test_sigterm_drains_every_stream_and_exits_0(tmp_path, tiny_ckpt, byte_tokenizer):
@@ -246,17 +246,21 @@ def test_sigterm_drains_every_stream_and_exits_0(tmp_path, tiny_ckpt, byte_token
 
 def test_sigterm_under_torchrun_stops_every_rank(tmp_path, tiny_ckpt_2shards, byte_tokenizer):
     """SIGTERM to rank 0 (the one serving HTTP): it drains and tells the other rank to stop, so the
-    launcher sees every rank exit 0. (A SIGTERM to the launcher reaches every rank: rank 0 drains
-    the same way, rank 1 ignores it and waits for rank 0's stop; the launcher itself then exits 1,
-    as torchrun does when it is signalled.)"""
-    served = helpers.start_server(tmp_path, tiny_ckpt_2shards, byte_tokenizer, nproc=2, max_seq_len=512,
-                                  extra=("--drain_timeout", "1"))
-    try:
-        ranks = [p for p in psutil.Process(served.proc.pid).children(recursive=True) if "RANK" in p.environ()]
-        rank0 = next(p for p in ranks if p.environ()["RANK"] == "0")
-        assert len(ranks) == 2
-        drain_and_check(served, 3, rank0, max_tokens=500)
-        assert not psutil.wait_procs(ranks, timeout=30)[1]
-        assert "Traceback" not in served.output(), served.output()[-3000:]
-    finally:
-        helpers.stop_server(served)
+    launcher sees every rank exit 0. SIGTERM to the launcher: it forwards it to every rank; rank 0
+    drains the same way, rank 1 waits for its stop, and the launcher exits 1, as torchrun does when
+    it is signalled."""
+    for target in ("rank 0", "launcher"):
+        served = helpers.start_server(tmp_path, tiny_ckpt_2shards, byte_tokenizer, nproc=2, max_seq_len=512,
+                                      extra=("--drain_timeout", "1"))
+        try:
+            ranks = [p for p in psutil.Process(served.proc.pid).children(recursive=True) if "RANK" in p.environ()]
+            assert len(ranks) == 2
+            if target == "rank 0":
+                rank0 = next(p for p in ranks if p.environ()["RANK"] == "0")
+                drain_and_check(served, 3, rank0, max_tokens=500)
+            else:
+                drain_and_check(served, 3, served.proc, max_tokens=500, status=1)
+            assert not psutil.wait_procs(ranks, timeout=30)[1]
+            assert "error: the engine stopped" not in served.output(), served.output()[-3000:]
+        finally:
+            helpers.stop_server(served)
