@@ -110,6 +110,7 @@ def serve(
         max_connections: open connections at most (default 512); more are answered 503 and closed.
         request_timeout: seconds a client has to send a whole request, headers and body, from the
             connection's start or the previous answer (default 30); then the connection closes.
+            Headers are bounded too: 16 KiB at most (uvicorn's h11), else 400.
         keep_alive_timeout: seconds an idle keep-alive connection stays open (default 5).
         drain_timeout: on SIGTERM or SIGINT, seconds the running sequences have to finish (default
             20: within the 30 s that torchrun and Kubernetes wait before they kill; new requests get
