@@ -51,7 +51,7 @@ class Event:
     logprob: Optional[float] = None
     top_logprobs: Optional[List[Tuple[int, float]]] = None
     finished: bool = False
-    finish_reason: Optional[str] = None  # once finished: "stop" (token or string) or "length"
+    finish_reason: Optional[str] = None  # once finished: "stop" (token or string), "length" or "error"
     # on a sequence's first event when its request asked for prompt_logprobs: one per prompt token
     # (None for the first, which has no context), and the alternatives likewise
     prompt_logprobs: Optional[List[Optional[float]]] = None
@@ -84,6 +84,7 @@ class _Sequence:
         self.prompt_logprobs: Optional[List[Optional[float]]] = None  # when the request asks
         self.prompt_top_logprobs: Optional[list] = None
         self.row = -1  # KV cache row while running
+        self.error: Optional[Exception] = None  # why it ended with finish_reason "error"
         self.pos = 0  # tokens in its KV cache row
 
     @property
@@ -310,7 +311,16 @@ class Engine:
                 k = seqs[i].request.top_logprobs
                 if k:
                     tops[i] = _top(lsm[j : j + 1], k)[0]
-        return [self._advance(s, tok, lps.get(i), tops.get(i)) for i, (s, tok) in enumerate(zip(seqs, tokens))]
+        return [self._advance_alone(s, tok, lps.get(i), tops.get(i)) for i, (s, tok) in enumerate(zip(seqs, tokens))]
+
+    def _advance_alone(self, s: _Sequence, token: int, logprob: Optional[float], top: Optional[list]) -> Event:
+        """`_advance`, where a failure of this one sequence (its text, its stop rule) ends it alone:
+        finish_reason "error", the exception kept in its `error` for the caller to report."""
+        try:
+            return self._advance(s, token, logprob, top)
+        except Exception as e:  # noqa: BLE001 -- the other sequences and the engine go on
+            s.finish_reason, s.error = "error", e
+            return Event(s.id, token, "", finished=True, finish_reason="error")
 
     def _advance(self, s: _Sequence, token: int, logprob: Optional[float], top: Optional[list]) -> Event:
         """Append a sampled token; decide whether the sequence has finished, and why."""

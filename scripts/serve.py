@@ -11,7 +11,7 @@ from pathlib import Path
 # environment (an editable install of a different worktree would otherwise serve its own code).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama.server import main  # noqa: E402
+from llama.serve.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -131,11 +131,13 @@ class Served:
 
 def start_server(tmp_path: Path, ckpt, tokenizer, nproc: int = 1, max_seq_len: int = 96, extra: tuple = ()) -> Served:
     """scripts/serve.py (under torchrun when nproc > 1) on a free loopback port, CPU float32, 4 rows,
-    key SERVER_KEY; returns once /health answers (its output goes to a log file under tmp_path)."""
+    key SERVER_KEY, on `ckpt` (None: the bundled demo model); returns once /health answers (its output
+    goes to a log file under tmp_path)."""
     import httpx
 
     port = free_port()
-    args = ["--ckpt_dir", str(ckpt), "--tokenizer_path", str(tokenizer), "--port", str(port), "--device", "cpu",
+    model = ["--ckpt_dir", str(ckpt), "--tokenizer_path", str(tokenizer)] if ckpt is not None else []  # None: the demo
+    args = [*model, "--port", str(port), "--device", "cpu",
             "--dtype", "float32", "--max_seq_len", str(max_seq_len), "--max_batch_size", "4", "--max_queue", "16",
             "--api_key", SERVER_KEY, *extra]
     if nproc == 1:
@@ -146,7 +148,7 @@ def start_server(tmp_path: Path, ckpt, tokenizer, nproc: int = 1, max_seq_len: i
     log = open(tmp_path / f"server-{port}.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)
-    served = Served(proc, port, os.path.basename(os.path.normpath(str(ckpt))), log)
+    served = Served(proc, port, os.path.basename(os.path.normpath(str(ckpt))) if ckpt is not None else "llama3-demo", log)
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:

@@ -1,11 +1,14 @@
 """Seeded fuzzing: random mutations of params.json and of request arguments each end in a clean
-TypeError/ValueError or a correct result, never another exception."""
+TypeError/ValueError or a correct result, never another exception; and property-based request
+bodies against the server each get an OpenAI answer, never a 500 or a dropped connection."""
 import json
 import math
 import random
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import helpers
 from llama import Llama, checkpoint, distributed
@@ -157,3 +160,106 @@ def test_request_mutations_fail_cleanly_or_give_a_correct_result(llama):
         outcomes["answered"] += 1
     assert outcomes["refused"] > N_REQUESTS // 4 and outcomes["answered"] > N_REQUESTS // 6, outcomes
     print(f"request mutations ({N_REQUESTS}): {outcomes}")
+
+
+# ---------------------------------------------------------------- the server, property-based
+
+N_BODIES = 2000  # most are refused in a few milliseconds; the answered ones ask for 1-4 tokens
+ANSWERS = {200, 400, 404, 413, 429}
+
+ODD_JSON = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.sampled_from([2**63, 2**64, -(2**63) - 1, 10**30, -1, 0]),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.sampled_from(["\ud800", "x\udfff", "", "\x00", "\U0001f999", "<|eot_id|>", "user", "assistant", "tool", "m" * 300]),
+    st.lists(st.integers(-3, 5000), max_size=4), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+    st.integers(1, 120).map(lambda depth: json.loads("[" * depth + "]" * depth)),
+)
+MAX_TOKENS = st.sampled_from([None, 0, -1, 5, 10**6, 2**70, "4", 1.5, True, []])
+TOOL_CALL = st.fixed_dictionaries({"id": st.text(max_size=5), "type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": st.text(max_size=8), "arguments": st.one_of(ODD_JSON, st.sampled_from(
+        ['{"a": 1}', "{", '{"a": ' + "[" * 3000 + "]" * 3000 + "}", "[]"]))})})
+ROLE = st.sampled_from(["system", "user", "assistant", "developer"])
+MESSAGE = st.fixed_dictionaries(
+    {"role": st.one_of(ROLE, ROLE, ROLE, ODD_JSON), "content": st.one_of(st.text(max_size=30), st.text(max_size=30), ODD_JSON)},
+    optional={"tool_call_id": ODD_JSON, "name": ODD_JSON, "tool_calls": st.one_of(ODD_JSON, st.lists(TOOL_CALL, max_size=2))},
+)
+
+
+@st.composite
+def request_bodies(draw) -> tuple:
+    """(path, body bytes): a valid request of either endpoint with 0-3 fields set to odd values
+    (or removed), now and then a body that is not a request at all."""
+    chat = draw(st.booleans())
+    body = {"model": "llama3-demo", "max_tokens": draw(st.integers(1, 4)), "temperature": draw(st.sampled_from([0, 0.8])),
+            "stream": draw(st.booleans())}
+    if chat:
+        body["messages"] = draw(st.lists(MESSAGE, min_size=1, max_size=3))
+    else:
+        body["prompt"] = draw(st.one_of(st.text(max_size=40), st.lists(st.text(max_size=10), min_size=1, max_size=3),
+                                        st.lists(st.integers(0, 4351), min_size=1, max_size=8)))
+    fields = ["model", "temperature", "top_p", "n", "seed", "stop", "logprobs", "top_logprobs", "echo", "user", "tools",
+              "tool_choice", "stream_options", "presence_penalty", "logit_bias", "messages", "prompt", "suffix", "best_of"]
+    for _ in range(draw(st.integers(0, 3))):
+        name = draw(st.sampled_from(fields + [draw(st.text(max_size=6))]))
+        if draw(st.integers(0, 5)) == 0:
+            body.pop(name, None)
+        else:
+            body[name] = draw(st.one_of(ODD_JSON, st.integers(1, 3), st.lists(MESSAGE, max_size=2)))
+    body["max_tokens"] = draw(st.one_of(st.just(body["max_tokens"]), MAX_TOKENS)) if draw(st.booleans()) else body["max_tokens"]
+    raw = json.dumps(body).encode()
+    kind = draw(st.integers(0, 19))
+    if kind == 0:
+        raw = draw(st.sampled_from([b"", b"{", b"\xff\xfe", b"[]", b"null", b'"\\ud800"', b"{" * 10000, raw[: len(raw) // 2]]))
+    elif kind == 1:
+        raw = json.dumps(draw(ODD_JSON)).encode()
+    return ("/v1/chat/completions" if chat else "/v1/completions"), raw
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory):
+    served = helpers.start_server(tmp_path_factory.mktemp("fuzz"), None, None, max_seq_len=64,
+                                  extra=("--max_request_bytes", "100000"))
+    yield served
+    helpers.stop_server(served)
+
+
+def check_answer(r: "httpx.Response", stream: bool) -> None:
+    assert r.status_code in ANSWERS, (r.status_code, r.text[:500])
+    if r.status_code != 200:
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text[:500]
+    elif stream:
+        lines = [line for line in r.text.split("\n") if line]
+        assert lines[-1] == "data: [DONE]", lines[-3:]
+        assert all(json.loads(line[6:]).get("error") is None for line in lines[:-1]), lines
+    else:
+        assert r.json()["choices"], r.text[:500]
+
+
+def test_generated_requests_get_an_openai_answer_and_leave_the_server_as_it_was(demo_server):
+    """Property: whatever the body, the answer is 200 (a whole answer or stream) or an OpenAI
+    error (400, 404, 413, 429), never a 500 or a dropped connection; afterwards the server
+    answers the same greedy text as before and holds no row."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {helpers.SERVER_KEY}", "Content-Type": "application/json"}
+    probe = {"model": demo_server.model, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}
+    statuses: dict = {}
+    with httpx.Client(base_url=demo_server.base, headers=headers, timeout=60) as http:
+        before = http.post("/v1/completions", json=probe).json()["choices"][0]["text"]
+
+        @settings(max_examples=N_BODIES, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(request_bodies())
+        def answered(request):
+            path, raw = request
+            r = http.post(path, content=raw)
+            stream = b'"stream": true' in raw
+            check_answer(r, stream)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+
+        answered()
+        after = http.post("/v1/completions", json=probe).json()["choices"][0]["text"]
+    assert after == before
+    assert demo_server.health() == {"status": "ok", "running": 0, "waiting": 0, "sequences": 0}
+    assert statuses.get(200, 0) > N_BODIES // 20 and statuses.get(400, 0) > N_BODIES // 2, statuses
+    print(f"generated requests ({N_BODIES}): {statuses}")

@@ -16,7 +16,7 @@ import torch
 import helpers
 from llama import Llama
 from llama.checkpoint import save_checkpoint
-from llama.server import tool_prompt, to_dialog
+from llama.chat_format import to_dialog, tool_prompt
 
 KEY = helpers.SERVER_KEY
 MAX_SEQ_LEN = 96
@@ -123,16 +123,15 @@ def test_echo_logprobs_keep_the_stop_token_that_ended_the_answer(byte_tokenizer)
     """lm-eval's local-completions asks echo with max_tokens 1 and drops the last logprobs entry as the
     generated token's; when the model stops at once, that entry is the stop token's (not in the
     text), else the prompt's last token would be dropped from the score instead."""
-    from types import SimpleNamespace
 
     from llama.engine import Event
-    from llama.server import Server, _Choice
+    from llama.serve.responses import Choice, Shaper
     from llama.tokenizer import Tokenizer
 
     tok = Tokenizer(str(byte_tokenizer))
-    server = Server(SimpleNamespace(tokenizer=tok), None, "m", None, MAX_SEQ_LEN, 16)
+    server = Shaper(tok, None, "m")
     prompt = tok.encode("ab", bos=True, eos=False)
-    c = _Choice()
+    c = Choice()
     c.add(Event(0, tok.eos_id, "", logprob=-0.5, top_logprobs=[(tok.eos_id, -0.5)], finished=True, finish_reason="stop",
                 prompt_logprobs=[None, -1.0, -2.0], prompt_top_logprobs=[None, [(97, -1.0)], [(1, -0.1)]]),
           server.stop_tokens)
@@ -326,9 +325,9 @@ def test_two_processes_serve_what_one_process_generates_and_a_dead_rank_ends_it(
 
 
 def test_listening_beyond_localhost_without_a_key_warns(caplog):
-    from llama.server import warn_if_open
+    from llama.serve.cli import warn_if_open
 
-    with caplog.at_level("WARNING", logger="llama.server"):
+    with caplog.at_level("WARNING", logger="llama.serve.cli"):
         warn_if_open("127.0.0.1", None)
         warn_if_open("0.0.0.0", "a key")
         assert not caplog.records
