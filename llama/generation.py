@@ -8,8 +8,9 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, TypedDict,
 
 import torch
 
-from llama import checkpoint, distributed, graph_kernels, kernels, kv_cache, speculative, validation
-from llama.engine import Engine, NonFiniteLogitsError, Request, _sample, sample_top_p  # noqa: F401 (re-exported)
+from llama import checkpoint, distributed, graph_kernels, kernels, kv_cache, validation
+from llama.engine import Engine, NonFiniteLogitsError, Request, speculative  # noqa: F401 (re-exported)
+from llama.sampling import sample_top_p  # noqa: F401 (Meta's API: llama.generation.sample_top_p)
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
 
@@ -80,7 +81,7 @@ class Llama:
                 power-of-two length) and CUDA graphs on GPU; the first request of each batch size
                 and cache length compiles. With a draft model, its steps and the verify passes of
                 speculate_k + 1 tokens are compiled too, and on one process a step whose rows all
-                decode greedily runs all of them in one compiled call (llama.speculative). Where
+                decode greedily runs all of them in one compiled call (llama.engine.speculative). Where
                 compilation fails, a warning is logged and decoding runs eagerly.
             verify: first check every file against the checkpoint's checklist.chk (Meta's md5 list).
             quantize: None (full precision, exactly as stored), "int8", "int4" or "fp8" (CUDA sm89+):
@@ -96,7 +97,7 @@ class Llama:
                 With dtype=None the quantized products run in the dtype measured fastest for each
                 kind of step (llama.kernels.quantized_kernel); a dtype given runs them in that dtype.
             draft_ckpt_dir: a small draft model (Meta format, the same vocabulary and tokenizer) for
-                speculative decoding (llama.speculative): it proposes `speculate_k` tokens per step and
+                speculative decoding (llama.engine.speculative): it proposes `speculate_k` tokens per step and
                 the model verifies them in one pass; greedy output stays the model's own, sampling
                 keeps its distribution. Loaded in the same dtype policy, never quantized.
             speculate_k: draft tokens proposed per step, 1 to 16, or "auto": adapted after each step
@@ -234,18 +235,11 @@ class Llama:
         have_rows, have_len = kv_cache.shape(self.model) or (0, 0)
         if have_rows < rows or have_len < cache_len:
             self.model.setup_cache(rows, cache_len)
-        engine = Engine(self.model, self.tokenizer, self._decode, static_shapes=compiled, speculator=self.speculator)
+        engine = Engine(self.model, self.tokenizer, self._compiled, static_shapes=compiled, speculator=self.speculator)
         if compiled:  # after the engine has fitted the draft's cache to the model's
             for model in [self.model] + ([self.speculator.draft] if self.speculator else []):
                 _mark_static(model)
         return engine
-
-    def _decode(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], kv_len: Optional[int] = None) -> torch.Tensor:
-        """Logits (bsz, vocab) of one new token per row: the compiled step when there is one."""
-        logits = self._compiled(tokens, start_pos) if self._compiled is not None else None
-        if logits is None:
-            logits = self.model(tokens, start_pos, kv_len=kv_len)
-        return logits[:, -1]
 
     def generate(
         self,
@@ -402,7 +396,7 @@ class CompiledStep:
     """torch.compile of a forward pass of `model` over its whole KV cache: (bsz, t) tokens at (bsz,)
     positions -> (bsz, t, vocab) logits, with static shapes (one compilation per (bsz, t): decode
     steps, verify passes of k + 1 tokens, a draft's steps), or of another function of the same
-    arguments (`step`: llama.speculative.greedy_pass); on CUDA with CUDA graphs
+    arguments (`step`: llama.engine.speculative.greedy_pass); on CUDA with CUDA graphs
     ("reduce-overhead"), which remove the launch overhead that dominates small steps. On CPU,
     weights that fit in the last-level cache are compiled with inductor's freezing: folded into
     each graph as constants, prepacked for oneDNN, whose product of a few rows then costs about

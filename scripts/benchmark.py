@@ -726,7 +726,8 @@ def speculative(
     rate, and (greedy) the tokens compared. `compile`: both models' forward passes compiled.
     Under torchrun, the draft held each way of `parallels` (Llama.build's draft_parallel), one
     model each, all in the same rounds; on one process only the first (the layouts are the same)."""
-    from llama import Llama, speculative as spec_module
+    from llama import Llama
+    from llama.engine import speculative as spec_module
     from llama.demo import resolve_draft, resolve_paths
 
     for k in ks:
@@ -908,7 +909,7 @@ def main(
             replicated and sharded (each measured in the same rounds); on one process, replicated.
     """
     if speculate or draft_ckpt_dir is not None:
-        from llama.speculative import AUTO, check_draft_parallel
+        from llama.engine.speculative import AUTO, check_draft_parallel
 
         ks = [k if k == AUTO else int(k) for k in cli.split_list(speculate_k)]
         parallels = cli.split_list(draft_parallel)
