@@ -1,4 +1,4 @@
-# The Llama generator: build from a Meta checkpoint, then generate, complete text or chat.
+# The Llama facade: build from a Meta checkpoint, then generate, stream, complete text or chat over the engine.
 import contextlib
 import logging
 import time
@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, TypedDict,
 import torch
 
 from llama import checkpoint, distributed, graph_kernels, kernels, kv_cache, validation
-from llama.engine import Engine, NonFiniteLogitsError, Request, speculative  # noqa: F401 (re-exported)
+from llama.engine import Engine, NonFiniteLogitsError, Request, SequenceState, speculative  # noqa: F401 (re-exported)
 from llama.sampling import sample_top_p  # noqa: F401 (Meta's API: llama.generation.sample_top_p)
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
@@ -193,13 +193,7 @@ class Llama:
                 "send fewer at once or build with a larger max_batch_size"
             )
         for i, t in enumerate(prompt_tokens):
-            if not t:
-                raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-            if len(t) > params.max_seq_len:
-                raise ValueError(
-                    f"prompt {i} has {len(t)} tokens, longer than max_seq_len {params.max_seq_len}: "
-                    "shorten it or build with a larger max_seq_len"
-                )
+            validation.check_prompt_length(len(t), params.max_seq_len, name=f"prompt {i}")
 
     def _start(
         self,
@@ -283,20 +277,26 @@ class Llama:
         out_tokens, out_logprobs, out_stops = [], [], []
         for prompt, seq_id in zip(prompt_tokens, ids):
             s = engine.pop(seq_id)
-            n = len(s.tokens) - (s.stop_token is not None)  # the stop token is not returned
-            toks = (prompt if echo else []) + s.tokens[:n]
-            lps = []
-            if logprobs:
-                lps = ([0.0] + s.prompt_logprobs[1:] if echo else []) + s.logprobs[:n]
-            if echo:  # as the original: an echoed prompt is cut at its own first stop token too
-                for stop_token in self.tokenizer.stop_tokens:
-                    if stop_token in toks:
-                        cut = toks.index(stop_token)
-                        toks, lps = toks[:cut], lps[:cut]
+            toks, lps = self._output(prompt, s, logprobs, echo)
             out_tokens.append(toks)
             out_logprobs.append(lps)
             out_stops.append(s.stop_token)
         return out_tokens, out_logprobs, out_stops
+
+    def _output(self, prompt: List[int], s: SequenceState, logprobs: bool, echo: bool) -> tuple[List[int], List[float]]:
+        """A finished sequence as `generate` returns it: without its stop token, after its prompt
+        with `echo` (cut at the prompt's own first stop token, as the original), its log-probs."""
+        n = len(s.tokens) - (s.stop_token is not None)  # the stop token is not returned
+        toks = (prompt if echo else []) + s.tokens[:n]
+        lps = []
+        if logprobs:
+            lps = ([0.0] + s.prompt_logprobs[1:] if echo else []) + s.logprobs[:n]
+        if echo:
+            for stop_token in self.tokenizer.stop_tokens:
+                if stop_token in toks:
+                    cut = toks.index(stop_token)
+                    toks, lps = toks[:cut], lps[:cut]
+        return toks, lps
 
     def stream(
         self,
