@@ -192,3 +192,21 @@ def test_every_entry_checks_a_prompts_length_with_one_function(llama):
     with pytest.raises(validation.ContextLengthError, match=r"tokens plus max_tokens 9 exceed max_seq_len 12: ask for at most 2") as e:
         validation.check_prompt_length(10, 12, max_new_tokens=9)
     assert e.value.param == "max_tokens"
+
+
+def test_the_engine_package_imports_one_way():
+    """types < scheduler, runner < acceptance < speculative < core: the runner is handed a
+    speculator's work by the engine and never imports it; nothing imports the engine that composes them."""
+    import ast
+    from pathlib import Path
+
+    import llama.engine
+
+    root = Path(llama.engine.__file__).parent
+    order = ["types", "scheduler", "runner", "acceptance", "speculative", "core"]
+    for i, name in enumerate(order):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        above = {f"llama.engine.{m}" for m in order[i:]} | {"llama.engine"}
+        assert not imported & above, (name, imported & above)
+    assert "llama.engine.speculative" not in (root / "runner.py").read_text()

@@ -45,26 +45,6 @@ class Engine:
             speculator.fit(self.runner.rows, self.runner.seq_len)
 
     @property
-    def model(self) -> Transformer:
-        return self.runner.model
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self.runner.tokenizer
-
-    @property
-    def rows(self) -> int:
-        return self.runner.rows
-
-    @property
-    def seq_len(self) -> int:
-        return self.runner.seq_len
-
-    @property
-    def device(self) -> torch.device:
-        return self.runner.device
-
-    @property
     def waiting(self) -> Deque[SequenceState]:
         return self.scheduler.waiting
 
@@ -82,7 +62,7 @@ class Engine:
     def add(self, request: Request, seq_id: Optional[int] = None) -> int:
         """Queue a sequence; returns its id (the given one, or the next free number)."""
         validation.check_prompt_length(
-            len(request.prompt), self.seq_len, limit="the KV cache's length", fix="allocate a longer KV cache"
+            len(request.prompt), self.runner.seq_len, limit="the KV cache's length", fix="allocate a longer KV cache"
         )
         seq_id = self.scheduler.new_id(seq_id)
         self.scheduler.add(self.runner.new_sequence(seq_id, request))
