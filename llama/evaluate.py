@@ -105,7 +105,7 @@ class LlamaLM(TemplateLM):
             for batch in order.get_batched(n=self.batch_size):
                 # the last max_length + 1 tokens, as lm-eval's hf model keeps (the continuation fits)
                 kept = [((ctx + cont)[-(self.max_length + 1) : -len(cont)], cont) for ctx, cont in batch]
-                results += score_batch(self.llama.model, kept)
+                results += score_batch(self.llama.model, kept, self.llama.policy)
                 bar.update(len(batch))
         return order.get_original(results)
 

@@ -1,4 +1,4 @@
-# The Llama generator: build from a Meta checkpoint, then generate, complete text or chat.
+# The Llama facade: build from a Meta checkpoint, then generate, stream, complete text or chat over the engine.
 import contextlib
 import logging
 import time
@@ -8,8 +8,9 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, TypedDict,
 
 import torch
 
-from llama import checkpoint, distributed, graph_kernels, kernels, kv_cache, speculative, validation
-from llama.engine import Engine, NonFiniteLogitsError, Request, _sample, sample_top_p  # noqa: F401 (re-exported)
+from llama import checkpoint, distributed, graph_kernels, kernels, kv_cache, validation
+from llama.engine import Engine, NonFiniteLogitsError, Request, SequenceState, speculative  # noqa: F401 (re-exported)
+from llama.sampling import sample_top_p  # noqa: F401 (Meta's API: llama.generation.sample_top_p)
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
 
@@ -80,7 +81,7 @@ class Llama:
                 power-of-two length) and CUDA graphs on GPU; the first request of each batch size
                 and cache length compiles. With a draft model, its steps and the verify passes of
                 speculate_k + 1 tokens are compiled too, and on one process a step whose rows all
-                decode greedily runs all of them in one compiled call (llama.speculative). Where
+                decode greedily runs all of them in one compiled call (llama.engine.speculative). Where
                 compilation fails, a warning is logged and decoding runs eagerly.
             verify: first check every file against the checkpoint's checklist.chk (Meta's md5 list).
             quantize: None (full precision, exactly as stored), "int8", "int4" or "fp8" (CUDA sm89+):
@@ -96,7 +97,7 @@ class Llama:
                 With dtype=None the quantized products run in the dtype measured fastest for each
                 kind of step (llama.kernels.quantized_kernel); a dtype given runs them in that dtype.
             draft_ckpt_dir: a small draft model (Meta format, the same vocabulary and tokenizer) for
-                speculative decoding (llama.speculative): it proposes `speculate_k` tokens per step and
+                speculative decoding (llama.engine.speculative): it proposes `speculate_k` tokens per step and
                 the model verifies them in one pass; greedy output stays the model's own, sampling
                 keeps its distribution. Loaded in the same dtype policy, never quantized.
             speculate_k: draft tokens proposed per step, 1 to 16, or "auto": adapted after each step
@@ -149,36 +150,34 @@ class Llama:
             ckpt_dir, args, distributed.model_parallel_rank(), mp_size, device, dtype, quant,
             compute_dtype=forced_dtype,
         )
-        model.policy = policy
         if distributed.is_rank0():  # the checkpoint module has logged the shards and their load time
             logger.info(
                 "Loaded in %.2f seconds: running on %s in %s; tokenizer %s (%d tokens)",
                 time.perf_counter() - start, device, str(dtype).removeprefix("torch."), tokenizer_path, tokenizer.n_words,
             )
-        return Llama(model, tokenizer, compile=compile, speculator=speculator)
+        return Llama(model, tokenizer, compile=compile, speculator=speculator, policy=policy)
 
     def __init__(
-        self, model: Transformer, tokenizer: Tokenizer, compile: bool = False, speculator: Optional[speculative.Speculator] = None
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        compile: bool = False,
+        speculator: Optional[speculative.Speculator] = None,
+        policy: Optional[kernels.Policy] = None,
     ):
+        """A generator over a loaded model (`build` loads one). compile: torch.compile the decode
+        step (see `build`); speculator: a draft model for speculative decoding; policy: the kernel
+        policy every step of the model runs under (llama.kernels; None: PyTorch's defaults)."""
         self.model = model
         self.tokenizer = tokenizer
         self.speculator = speculator  # the draft model, when decoding speculatively
+        self.policy = policy
         self.formatter = ChatFormat(tokenizer)
         # compile=True: one compiled forward pass per model, for decode steps and (with a draft)
         # the verify pass; the draft's steps get their own, and greedy steps one of both models
-        self._compiled = CompiledStep(model) if compile else None
+        self._compiled = CompiledStep(model, policy=policy) if compile else None
         if self._compiled is not None and speculator is not None:
-            draft = speculator.draft
-            greedy = sampling = None  # a sharded model's step cannot hold the replicated draft's group switch
-            if distributed.model_parallel_size() == 1:
-                greedy = CompiledStep(
-                    model, lambda tokens, start_pos: speculative.greedy_pass(model, draft, speculator.k, tokens, start_pos), also=[draft]
-                )
-                sampling = CompiledStep(
-                    model, lambda tokens, start_pos, *rows: speculative.sampling_pass(model, draft, speculator.k, tokens, start_pos, *rows),
-                    also=[draft],
-                )
-            speculator.compiled = speculative.CompiledPasses(self._compiled, CompiledStep(draft), greedy, sampling)
+            speculator.compiled = _speculative_passes(model, speculator, self._compiled, policy)
 
     @property
     def device(self) -> torch.device:
@@ -194,13 +193,7 @@ class Llama:
                 "send fewer at once or build with a larger max_batch_size"
             )
         for i, t in enumerate(prompt_tokens):
-            if not t:
-                raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-            if len(t) > params.max_seq_len:
-                raise ValueError(
-                    f"prompt {i} has {len(t)} tokens, longer than max_seq_len {params.max_seq_len}: "
-                    "shorten it or build with a larger max_seq_len"
-                )
+            validation.check_prompt_length(len(t), params.max_seq_len, name=f"prompt {i}")
 
     def _start(
         self,
@@ -234,18 +227,13 @@ class Llama:
         have_rows, have_len = kv_cache.shape(self.model) or (0, 0)
         if have_rows < rows or have_len < cache_len:
             self.model.setup_cache(rows, cache_len)
-        engine = Engine(self.model, self.tokenizer, self._decode, static_shapes=compiled, speculator=self.speculator)
+        engine = Engine(
+            self.model, self.tokenizer, self._compiled, static_shapes=compiled, speculator=self.speculator, policy=self.policy
+        )
         if compiled:  # after the engine has fitted the draft's cache to the model's
             for model in [self.model] + ([self.speculator.draft] if self.speculator else []):
                 _mark_static(model)
         return engine
-
-    def _decode(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], kv_len: Optional[int] = None) -> torch.Tensor:
-        """Logits (bsz, vocab) of one new token per row: the compiled step when there is one."""
-        logits = self._compiled(tokens, start_pos) if self._compiled is not None else None
-        if logits is None:
-            logits = self.model(tokens, start_pos, kv_len=kv_len)
-        return logits[:, -1]
 
     def generate(
         self,
@@ -289,20 +277,26 @@ class Llama:
         out_tokens, out_logprobs, out_stops = [], [], []
         for prompt, seq_id in zip(prompt_tokens, ids):
             s = engine.pop(seq_id)
-            n = len(s.tokens) - (s.stop_token is not None)  # the stop token is not returned
-            toks = (prompt if echo else []) + s.tokens[:n]
-            lps = []
-            if logprobs:
-                lps = ([0.0] + s.prompt_logprobs[1:] if echo else []) + s.logprobs[:n]
-            if echo:  # as the original: an echoed prompt is cut at its own first stop token too
-                for stop_token in self.tokenizer.stop_tokens:
-                    if stop_token in toks:
-                        cut = toks.index(stop_token)
-                        toks, lps = toks[:cut], lps[:cut]
+            toks, lps = self._output(prompt, s, logprobs, echo)
             out_tokens.append(toks)
             out_logprobs.append(lps)
             out_stops.append(s.stop_token)
         return out_tokens, out_logprobs, out_stops
+
+    def _output(self, prompt: List[int], s: SequenceState, logprobs: bool, echo: bool) -> tuple[List[int], List[float]]:
+        """A finished sequence as `generate` returns it: without its stop token, after its prompt
+        with `echo` (cut at the prompt's own first stop token, as the original), its log-probs."""
+        n = len(s.tokens) - (s.stop_token is not None)  # the stop token is not returned
+        toks = (prompt if echo else []) + s.tokens[:n]
+        lps = []
+        if logprobs:
+            lps = ([0.0] + s.prompt_logprobs[1:] if echo else []) + s.logprobs[:n]
+        if echo:
+            for stop_token in self.tokenizer.stop_tokens:
+                if stop_token in toks:
+                    cut = toks.index(stop_token)
+                    toks, lps = toks[:cut], lps[:cut]
+        return toks, lps
 
     def stream(
         self,
@@ -398,11 +392,31 @@ class Llama:
         return message
 
 
+def _speculative_passes(
+    model: Transformer, speculator: speculative.Speculator, compiled: "CompiledStep", policy: Optional[kernels.Policy]
+) -> speculative.CompiledPasses:
+    """The compiled passes of a speculative step: the model's (`compiled`), the draft's, and on one
+    process each whole step in one call (a sharded model's step cannot hold the replicated draft's
+    group switch)."""
+    draft = speculator.draft
+    greedy = sampling = None
+    if distributed.model_parallel_size() == 1:
+        greedy = CompiledStep(
+            model, lambda tokens, start_pos: speculative.greedy_pass(model, draft, speculator.k, tokens, start_pos),
+            also=[draft], policy=policy,
+        )
+        sampling = CompiledStep(
+            model, lambda tokens, start_pos, *rows: speculative.sampling_pass(model, draft, speculator.k, tokens, start_pos, *rows),
+            also=[draft], policy=policy,
+        )
+    return speculative.CompiledPasses(compiled, CompiledStep(draft, policy=speculator.policy), greedy, sampling)
+
+
 class CompiledStep:
     """torch.compile of a forward pass of `model` over its whole KV cache: (bsz, t) tokens at (bsz,)
     positions -> (bsz, t, vocab) logits, with static shapes (one compilation per (bsz, t): decode
     steps, verify passes of k + 1 tokens, a draft's steps), or of another function of the same
-    arguments (`step`: llama.speculative.greedy_pass); on CUDA with CUDA graphs
+    arguments (`step`: llama.engine.speculative.greedy_pass); on CUDA with CUDA graphs
     ("reduce-overhead"), which remove the launch overhead that dominates small steps. On CPU,
     weights that fit in the last-level cache are compiled with inductor's freezing: folded into
     each graph as constants, prepacked for oneDNN, whose product of a few rows then costs about
@@ -419,16 +433,19 @@ class CompiledStep:
     returns None once compilation has failed (a warning is logged once): the caller then runs the
     pass eagerly, which writes the same KV cache slots, and so does every later call."""
 
-    def __init__(self, model: Transformer, step: Optional[Callable[..., Any]] = None, also: Sequence[Transformer] = ()):
+    def __init__(
+        self, model: Transformer, step: Optional[Callable[..., Any]] = None, also: Sequence[Transformer] = (),
+        policy: Optional[kernels.Policy] = None,
+    ):
         """step: the function of (tokens, start_pos) to compile (default: the model's forward pass
         over its KV cache); also: other models it runs, whose weights count with the model's for
-        the freezing rule."""
+        the freezing rule; policy: the kernel policy its unfrozen calls run under (llama.kernels)."""
         # a model and its draft share this code object: decode, 3 verify lengths and 2 draft
         # lengths are recompilations of it, more than Dynamo's default limit of 8 allows
         config = torch._dynamo.config
         limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # older torch
         setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
-        self.model = model
+        self.model, self.policy = model, policy
         device = model.tok_embeddings.weight.device
         if device.type == "cpu" or distributed.model_parallel_size() == 1:
             distributed.traceable_collectives()  # fairscale's own cannot be traced under torchrun
@@ -462,7 +479,7 @@ class CompiledStep:
                         self.model.params.dim, heads, kv_cache.shape(self.model)[1], self.model.tok_embeddings.weight.dtype)
                 with inductor_config.patch(**graph_kernels.frozen_options(bool(self.in_graph))):
                     return self.fn(tokens, start_pos, *extra)
-            with kernels.kernels_for(tokens, self.model.policy, compiled=True):
+            with kernels.kernels_for(tokens, self.policy, compiled=True):
                 torch.compiler.cudagraph_mark_step_begin()
                 return self.fn(tokens, start_pos, *extra)
         except Exception as e:  # a pass rerun writes the same KV cache slots, so eager can take over
@@ -525,12 +542,11 @@ def _load_draft(
         distributed.setup_replicated()
         with distributed.replicated():
             draft = checkpoint.load_model(draft_dir, args, 0, 1, device, policy.weights, compute_dtype=compute_dtype)
-    draft.policy = policy
     if distributed.is_rank0():
         how = "" if mp_size == 1 else f", {parallel} over {mp_size} ranks"
         count = f"1 to {speculative.AUTO_MAX_K} (adaptive)" if k == speculative.AUTO else k
         logger.info("Speculative decoding: draft %s proposes %s tokens per step%s", draft_dir, count, how)
-    return speculative.Speculator(draft, k, context)
+    return speculative.Speculator(draft, k, context, policy)
 
 
 def _model_args(params: dict, max_seq_len: int, max_batch_size: int, rope_scale_factor: Optional[float] = None) -> ModelArgs:

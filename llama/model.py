@@ -14,7 +14,7 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
-from llama import kernels, kv_cache, sharding, validation
+from llama import kv_cache, sharding, validation
 from llama.kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
@@ -319,8 +319,6 @@ class Transformer(nn.Module):
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=lambda x: x)
         # RoPE table as real [cos, sin] pairs, (max_seq_len, head_dim/2, 2); built on first use
         self.freqs_cis: Optional[torch.Tensor] = None
-        # how each kind of step computes (llama.kernels; Llama.build sets it); None: PyTorch's defaults
-        self.policy: Optional[kernels.Policy] = None
 
     def rope_table(self, device: torch.device) -> torch.Tensor:
         p = self.params
@@ -364,8 +362,7 @@ class Transformer(nn.Module):
         """
         if kv_cache.shape(self) is None:
             self.setup_cache(self.params.max_batch_size, self.params.max_seq_len)
-        with kernels.kernels_for(tokens, self.policy):
-            return self._forward(tokens, start_pos, output_index, use_cache=True, row0=row0, kv_len=kv_len)
+        return self._forward(tokens, start_pos, output_index, use_cache=True, row0=row0, kv_len=kv_len)
 
     def forward_train(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (float32) of a whole causal sequence from position 0, without the KV cache, with autograd."""

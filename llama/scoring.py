@@ -1,6 +1,6 @@
 """Log-likelihood of token continuations, several sequences per forward pass: what evaluation and
 perplexity are built on (llama/evaluate.py, scripts/perplexity.py)."""
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -9,12 +9,15 @@ from llama.model import Transformer
 
 
 @torch.inference_mode()
-def score_batch(model: Transformer, batch: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
+def score_batch(
+    model: Transformer, batch: Sequence[tuple[Sequence[int], Sequence[int]]], policy: Optional[kernels.Policy] = None
+) -> list[tuple[float, bool]]:
     """(context, continuation) token lists -> (log p(continuation | context), whether greedy decoding
     gives the continuation) per row, all rows in one forward pass from position 0 (no KV cache).
 
     Each row is context + continuation without its last token; the context must be non-empty (a
-    <|begin_of_text|> at least) and the whole row fit in the model's max_seq_len.
+    <|begin_of_text|> at least) and the whole row fit in the model's max_seq_len. `policy`: the
+    kernel policy the pass runs under (llama.kernels; `Llama.policy`).
     """
     rows = [list(ctx) + list(cont[:-1]) for ctx, cont in batch]
     width = max(len(r) for r in rows)
@@ -24,7 +27,7 @@ def score_batch(model: Transformer, batch: Sequence[tuple[Sequence[int], Sequenc
     for i, r in enumerate(rows):
         tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
     tokens = tokens.to(device)
-    with kernels.kernels_for(tokens, model.policy):
+    with kernels.kernels_for(tokens, policy):
         logits = model.forward_train(tokens)  # (bsz, width, vocab) float32
     out = []
     for i, ((_, cont), r) in enumerate(zip(batch, rows)):

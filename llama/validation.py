@@ -211,3 +211,35 @@ def check_params(params: Any, source: str = "params", required: bool = False) ->
     low, high = params.get("rope_low_freq_factor", 1.0), params.get("rope_high_freq_factor", 4.0)
     if high <= low:  # the RoPE scaling recipe blends between the two: (x - low) / (high - low)
         raise ValueError(f"{source}: 'rope_high_freq_factor' ({high}) must exceed 'rope_low_freq_factor' ({low})")
+
+
+class ContextLengthError(ValueError):
+    """A prompt that does not fit the context, alone or with the tokens asked for; `param` names
+    the argument to change ("prompt" or "max_tokens")."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def check_prompt_length(
+    n_tokens: int,
+    context: int,
+    max_new_tokens: Optional[int] = None,
+    name: str = "the prompt",
+    limit: str = "max_seq_len",
+    fix: str = "build with a larger max_seq_len",
+) -> None:
+    """The one check of a prompt's length, wherever a prompt comes in (the Llama API, the engine,
+    the server): not empty (ValueError), at most `context` tokens, and with `max_new_tokens` (where
+    the caller refuses what would be cut) at most `context` with them (ContextLengthError).
+    `name` names the prompt, `limit` the context in the message, `fix` the other way out."""
+    if n_tokens == 0:
+        raise ValueError(f"{name} is empty: every prompt needs at least one token")
+    if n_tokens > context:
+        raise ContextLengthError(f"{name} has {n_tokens} tokens, longer than {limit} {context}: shorten it or {fix}", "prompt")
+    if max_new_tokens is not None and n_tokens + max_new_tokens > context:
+        raise ContextLengthError(
+            f"{name}'s {n_tokens} tokens plus max_tokens {max_new_tokens} exceed {limit} {context}: "
+            f"ask for at most {context - n_tokens} tokens", "max_tokens",
+        )

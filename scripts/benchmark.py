@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch  # noqa: E402
 
 from llama import checkpoint, cli, distributed, hf, kernels, registry  # noqa: E402
+from llama.engine.runner import call_model  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 
 # ours under each dtype policy and each weight quantization: the keyword arguments of Llama.build
@@ -276,7 +277,7 @@ class Ours:
         from llama.kv_cache import KVCache
 
         model = self.llama.model
-        policy = getattr(model, "policy", None)
+        policy = self.llama.policy
         held = {}  # parameters and buffers (quantized weights and scales are buffers), each tensor once
         for name, module in model.named_modules():
             if not isinstance(module, KVCache) and not name.startswith("tok_embeddings"):
@@ -310,7 +311,7 @@ class Original:
     mixed-length prefill replaces)."""
 
     def __init__(self, ours: Ours):
-        self.model, self.stop = ours.llama.model, ours.llama.tokenizer.stop_tokens
+        self.model, self.policy, self.stop = ours.llama.model, ours.llama.policy, ours.llama.tokenizer.stop_tokens
 
     @torch.inference_mode()
     def generate(self, prompts: list, n_new: int) -> list:
@@ -326,7 +327,7 @@ class Original:
         eos = torch.zeros(bsz, dtype=torch.bool, device=device)
         prev = 0
         for cur in range(min(lens), total_len):
-            logits = self.model.forward(tokens[:, prev:cur], prev)
+            logits = call_model(self.model, self.policy, tokens[:, prev:cur], prev)
             next_token = torch.where(is_prompt[:, cur], tokens[:, cur], logits[:, -1].argmax(-1))
             tokens[:, cur] = next_token
             eos |= ~is_prompt[:, cur] & torch.isin(next_token, stop)
@@ -726,7 +727,8 @@ def speculative(
     rate, and (greedy) the tokens compared. `compile`: both models' forward passes compiled.
     Under torchrun, the draft held each way of `parallels` (Llama.build's draft_parallel), one
     model each, all in the same rounds; on one process only the first (the layouts are the same)."""
-    from llama import Llama, speculative as spec_module
+    from llama import Llama
+    from llama.engine import speculative as spec_module
     from llama.demo import resolve_draft, resolve_paths
 
     for k in ks:
@@ -807,7 +809,7 @@ def speculative(
 
     def model_pass(tokens: torch.Tensor) -> object:
         logits = spec._compiled(tokens, position) if compile else None  # None: eager (or compilation failed)
-        return spec.model(tokens, 64) if logits is None else logits
+        return call_model(spec.model, spec.policy, tokens, 64) if logits is None else logits
 
     profile = {"model, 1 token": forward_ms(model_pass, 1),
                "draft, 1 token": forward_ms(lambda t: spec.speculator._forward(t, [64], rows), 1)}
@@ -830,7 +832,7 @@ def speculative(
     return {"ckpt_dir": ckpt_dir, "draft_ckpt_dir": draft_ckpt_dir, "temperature": temperature, "new_tokens": n_new,
             "compiled": compile, "rounds": rounds, "prompts": len(prompts), "device": str(device), "threads": torch.get_num_threads(),
             "processes": distributed.model_parallel_size(), "runs": runs,
-            "policy": plain.model.policy.describe() if plain.model.policy else None, "profile_ms": profile}
+            "policy": plain.policy.describe() if plain.policy else None, "profile_ms": profile}
 
 
 def print_speculative(result: dict) -> None:
@@ -908,7 +910,7 @@ def main(
             replicated and sharded (each measured in the same rounds); on one process, replicated.
     """
     if speculate or draft_ckpt_dir is not None:
-        from llama.speculative import AUTO, check_draft_parallel
+        from llama.engine.speculative import AUTO, check_draft_parallel
 
         ks = [k if k == AUTO else int(k) for k in cli.split_list(speculate_k)]
         parallels = cli.split_list(draft_parallel)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from llama import Llama, distributed
 from llama.cli import build_generator, run
+from llama.engine.runner import call_model
 
 
 def encode_docs(tokenizer, path: Path) -> list[int]:
@@ -37,7 +38,7 @@ def model_nll(llama: Llama, ids: list[int], seq_len: int) -> float:
         if window.shape[1] < 2:
             break
         llama.model.free_cache()
-        logits = llama.model(window[:, :-1], 0)
+        logits = call_model(llama.model, llama.policy, window[:, :-1], 0)
         total += F.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
         count += window.shape[1] - 1
     llama.model.free_cache()

@@ -29,7 +29,7 @@ def file_nll(llama: Llama, ids: list[int], max_seq_len: int, stride: int, batch_
     total = 0.0
     for i in range(0, len(windows), batch_size):
         batch = [(ids[begin:first], ids[first:end]) for begin, first, end in windows[i : i + batch_size]]
-        total -= sum(lp for lp, _ in score_batch(llama.model, batch))
+        total -= sum(lp for lp, _ in score_batch(llama.model, batch, llama.policy))
         if progress is not None:
             progress(min(i + batch_size, len(windows)), len(windows))
     return total, sum(end - first for _, first, end in windows)

@@ -146,3 +146,67 @@ def test_prompt_logprob_requests_admitted_beside_others_change_no_tokens(llama):
 
 def alone_tokens(llama: Llama, prompt: list, n: int) -> list:
     return llama.generate([prompt], max_gen_len=n, temperature=0)[0][0]
+
+
+def test_the_scheduler_keeps_the_books_without_a_model():
+    """Rows are a prefix of the running sequences; a retiring sequence's row takes the last running
+    row (the move the runner copies); cancelled sequences leave no result; a sequence with nothing to
+    compute takes no row."""
+    from llama.engine import Scheduler, SequenceState
+
+    def seq(i: int, prompt_len: int, limit: int = 4) -> SequenceState:
+        return SequenceState(i, Request([1] * prompt_len, limit), limit, [0], torch.device("cpu"))
+
+    books = Scheduler(rows=2)
+    seqs = [seq(books.new_id(), n) for n in (3, 7, 5)] + [seq(books.new_id(), 2, limit=0)]
+    for s in seqs:
+        books.add(s)
+    taken = books.admit()
+    assert [s.id for s in taken.prefill] == [1, 0] and [s.row for s in taken.prefill] == [0, 1]  # longest first
+    assert not taken.done and [s.id for s in books.waiting] == [2, 3]
+    seqs[1].finish_reason = "stop"  # row 0 finishes: row 1 moves into it
+    moves = books.retire()
+    assert (moves.dst, moves.src) == ([0], [1]) and seqs[0].row == 0 and set(books.results) == {1}
+    taken = books.admit()
+    assert [s.id for s in taken.prefill] == [2] and seqs[2].row == 1 and [s.id for s in books.waiting] == [3]
+    books.cancel(0)
+    assert (books.retire().dst, seqs[2].row) == ([0], 0) and 0 not in books.results
+    taken = books.admit()
+    assert [s.id for s in taken.done] == [3] and not taken.prefill and 3 in books.results  # no row
+    assert books.running == [seqs[2]]
+    assert books.pop(1) is seqs[1] and books.new_id(10) == 10 and books.new_id() == 11
+
+
+def test_every_entry_checks_a_prompts_length_with_one_function(llama):
+    """The engine and the Llama API refuse an empty or too long prompt through
+    llama.validation.check_prompt_length, which the server's checks use too."""
+    from llama import validation
+
+    engine = engine_for(llama, rows=1, seq_len=16)
+    with pytest.raises(validation.ContextLengthError, match="has 17 tokens, longer than the KV cache's length 16"):
+        engine.add(Request([1] * 17, 1))
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        engine.add(Request([], 1))
+    with pytest.raises(validation.ContextLengthError, match="prompt 0 has 97 tokens, longer than max_seq_len 96"):
+        llama.generate([[1] * 97], max_gen_len=1)
+    with pytest.raises(validation.ContextLengthError, match=r"tokens plus max_tokens 9 exceed max_seq_len 12: ask for at most 2") as e:
+        validation.check_prompt_length(10, 12, max_new_tokens=9)
+    assert e.value.param == "max_tokens"
+
+
+def test_the_engine_package_imports_one_way():
+    """types < scheduler, runner < acceptance < speculative < core: the runner is handed a
+    speculator's work by the engine and never imports it; nothing imports the engine that composes them."""
+    import ast
+    from pathlib import Path
+
+    import llama.engine
+
+    root = Path(llama.engine.__file__).parent
+    order = ["types", "scheduler", "runner", "acceptance", "speculative", "core"]
+    for i, name in enumerate(order):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        above = {f"llama.engine.{m}" for m in order[i:]} | {"llama.engine"}
+        assert not imported & above, (name, imported & above)
+    assert "llama.engine.speculative" not in (root / "runner.py").read_text()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from llama import Llama, kernels
+from llama.engine.runner import call_model
 
 BF16, F32 = torch.bfloat16, torch.float32
 
@@ -201,10 +202,8 @@ def test_float32_stays_exact(tiny_ckpt, byte_tokenizer):
     llama = Llama.build(str(tiny_ckpt), str(byte_tokenizer), 64, 2, device="cpu", dtype="float32")
     tokens = torch.tensor(PROMPT)
     for rows in (tokens, tokens[:, :1]):  # a prefill and a one-row step
-        with_policy = llama.model(rows, 0)
-        llama.model.policy = None
-        plain = llama.model(rows, 0)
-        llama.model.policy = kernels.policy_for("cpu", "float32")
+        with_policy = call_model(llama.model, llama.policy, rows, 0)
+        plain = llama.model(rows, 0)  # the model holds no policy
         assert torch.equal(with_policy, plain)
 
 
@@ -214,7 +213,7 @@ def test_bf16_weights_prefilled_in_float32_match_float32(tiny_ckpt, byte_tokeniz
     bfloat16 KV cache, and far closer than a bfloat16 prefill; then it decodes in bfloat16."""
     build = dict(max_seq_len=64, max_batch_size=2, device="cpu")
     policy = Llama.build(str(tiny_ckpt), str(byte_tokenizer), **build)
-    assert policy.model.policy.prefill.dtype == F32 and policy.model.output.weight.dtype == BF16
+    assert policy.policy.prefill.dtype == F32 and policy.model.output.weight.dtype == BF16
     bf16 = Llama.build(str(tiny_ckpt), str(byte_tokenizer), dtype="bfloat16", **build)
     f32 = Llama.build(str(tiny_ckpt), str(byte_tokenizer), dtype="float32", **build)
     with torch.no_grad():
@@ -223,7 +222,7 @@ def test_bf16_weights_prefilled_in_float32_match_float32(tiny_ckpt, byte_tokeniz
 
     tokens = torch.tensor(PROMPT)
     want = f32.model(tokens, 0)
-    got, low = policy.model(tokens, 0), bf16.model(tokens, 0)
+    got, low = call_model(policy.model, policy.policy, tokens, 0), call_model(bf16.model, bf16.policy, tokens, 0)
     err, err_bf16 = (got - want).abs().max().item(), (low - want).abs().max().item()
     assert err < err_bf16 / 3, (err, err_bf16)  # 0.025 against 0.11 (logits up to 17) when written
     torch.testing.assert_close(got, want, atol=0.05 * want.abs().max().item(), rtol=0)

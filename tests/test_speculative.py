@@ -1,4 +1,4 @@
-"""Speculative decoding (llama.speculative): greedy output token for token the model's own, on one
+"""Speculative decoding (llama.engine.speculative): greedy output token for token the model's own, on one
 process and two; sampling that follows the model's (top-p filtered) distribution; bad input."""
 import json
 import subprocess
@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import helpers
-from llama import Llama, speculative
+from llama import Llama
 from llama.checkpoint import save_checkpoint
-from llama.engine import Request, sampling_probs
+from llama.engine import Request, speculative
+from llama.sampling import sampling_probs
 
 MAX_SEQ_LEN = 64
 
@@ -93,7 +94,7 @@ def test_adaptive_k_grows_on_acceptance_and_shrinks_on_rejection(plain, tiny_ckp
     the model as its own draft (all accepted), down to 1 for the noisy draft (a third accepted)."""
     ks = []
     step = speculative.Speculator.step
-    monkeypatch.setattr(speculative.Speculator, "step", lambda self, engine: ks.append(self.k) or step(self, engine))
+    monkeypatch.setattr(speculative.Speculator, "step", lambda self, *args: ks.append(self.k) or step(self, *args))
     prompts = encode(plain, MIXED)
     want, _ = plain.generate(prompts, max_gen_len=30, temperature=0)
     for draft, seen in ((tiny_ckpt, [4, 6, 8, 8]), (draft_ckpt, [4, 3, 2, 1])):
@@ -322,7 +323,7 @@ def test_draw_is_inverse_transform_sampling():
     """draw(probs, u): the first token whose cumulative mass exceeds u times the total; never a
     token of zero mass, at u = 0, at u just below 1, or on unnormalised rows; and its draws
     follow the distribution."""
-    from llama.engine import draw
+    from llama.sampling import draw
 
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]])
     for u, want in ((0.0, 1), (0.49, 1), (0.51, 3), (0.79, 3), (0.81, 4), (1 - 1e-7, 4)):
@@ -336,7 +337,7 @@ def test_the_nucleus_among_the_top_candidates_is_the_sorted_nucleus_where_it_fit
     """nucleus_probs (no sort of the vocabulary) gives sampling_probs's distribution on every row
     it calls covered, and calls a row uncovered where the nucleus is wider than its candidates;
     sampling_dist then gives the sorted one there."""
-    from llama.engine import nucleus_probs
+    from llama.sampling import nucleus_probs
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 2000, generator=g) * torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.1])[:, None]

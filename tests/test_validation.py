@@ -180,7 +180,7 @@ def test_unknown_params_keys_are_still_accepted(tmp_path):
 
 
 def test_non_finite_logits_check_does_not_fire_on_finite_input():
-    from llama.generation import _sample
+    from llama.sampling import sample as _sample
 
     logits = torch.randn(2, 16)
     assert _sample(logits, 0, 0.9, None).tolist() == logits.argmax(-1).tolist()
@@ -201,7 +201,7 @@ def test_under_torchrun_the_last_lines_name_the_problem(tmp_path, tiny_ckpt_2sha
 
 
 def test_logits_masked_with_minus_inf_still_sample_but_a_row_all_minus_inf_does_not():
-    from llama.generation import _sample
+    from llama.sampling import sample as _sample
 
     logits = torch.randn(2, 16)
     logits[:, :8] = -math.inf  # a legitimate mask

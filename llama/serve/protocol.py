@@ -310,12 +310,14 @@ def check_tools(tools: list) -> list:
 
 
 def check_lengths(prompts: List[List[int]], max_tokens: Optional[int], max_seq_len: int, param: str) -> None:
-    """400 for a prompt longer than the context, or one that leaves no room for max_tokens."""
+    """400 for a prompt longer than the context, or one that leaves no room for max_tokens (the
+    library's one length check, its errors as the API's)."""
     for p in prompts:
-        if len(p) > max_seq_len:
-            raise APIError(400, f"the prompt has {len(p)} tokens, more than the context of {max_seq_len} "
-                           "(--max_seq_len): shorten it", param=param, code="context_length_exceeded")
-        if max_tokens is not None and len(p) + max_tokens > max_seq_len:
-            raise APIError(400, f"the prompt's {len(p)} tokens plus max_tokens {max_tokens} exceed the context of "
-                           f"{max_seq_len} (--max_seq_len): ask for at most {max_seq_len - len(p)} tokens",
-                           param="max_tokens", code="context_length_exceeded")
+        try:
+            validation.check_prompt_length(len(p), max_seq_len, max_tokens, limit="the context (--max_seq_len)",
+                                           fix="raise --max_seq_len")
+        except validation.ContextLengthError as e:
+            raise APIError(400, str(e), param=param if e.param == "prompt" else e.param,
+                           code="context_length_exceeded") from e
+        except ValueError as e:
+            raise APIError(400, str(e), param=param) from e

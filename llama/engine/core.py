@@ -1,0 +1,124 @@
+"""The engine: continuous batching as a scheduler (the books) and a runner (the model's steps),
+with a speculator in place of the runner's decode step when a draft model is given."""
+from typing import Deque, Dict, Iterator, List, Optional
+
+import torch
+
+from llama import kernels, validation
+from llama.engine.runner import Runner, StepFn
+from llama.engine.scheduler import Scheduler
+from llama.engine.speculative import Speculator
+from llama.engine.types import Event, Plan, Request, SequenceState
+from llama.model import Transformer
+from llama.tokenizer import Tokenizer
+
+
+class Engine:
+    """Continuous batching over the model's KV cache (allocate it first: llama.kv_cache.allocate).
+
+    Running sequences occupy cache rows 0..n-1. Each `step` decodes every running row, retires the
+    finished (moving the last rows into the holes, so the running rows stay a prefix), then prefills
+    waiting sequences into the free rows, longest prompt first in stages (no padding computed), and
+    samples their first tokens. Sampling, stop tokens, stop strings and the length limit are per
+    sequence. The engine is deterministic given the same requests at the same steps: under torchrun
+    every rank runs one, fed the same `Plan`s.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        compiled: Optional[StepFn] = None,
+        static_shapes: bool = False,
+        speculator: Optional[Speculator] = None,
+        policy: Optional[kernels.Policy] = None,
+    ):
+        """compiled: a compiled decode pass over all cache rows (llama.generation.CompiledStep).
+        static_shapes: decode all cache rows every step with per-row positions (one shape for a
+        compiled decode step). speculator: a draft model that proposes tokens for the model to
+        verify (llama.engine.speculative); its KV cache rows are prefilled and moved with the
+        model's. policy: the kernel policy every model call runs under (llama.kernels)."""
+        self.runner = Runner(model, tokenizer, policy, compiled, static_shapes)
+        self.scheduler = Scheduler(self.runner.rows)
+        self.speculator = speculator
+        if speculator:
+            speculator.fit(self.runner.rows, self.runner.seq_len)
+
+    @property
+    def waiting(self) -> Deque[SequenceState]:
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> List[SequenceState]:
+        return self.scheduler.running
+
+    @property
+    def results(self) -> Dict[int, SequenceState]:
+        """Finished sequences by id, until `pop`ped."""
+        return self.scheduler.results
+
+    # ---------------------------------------------------------------- requests in, results out
+
+    def add(self, request: Request, seq_id: Optional[int] = None) -> int:
+        """Queue a sequence; returns its id (the given one, or the next free number)."""
+        validation.check_prompt_length(
+            len(request.prompt), self.runner.seq_len, limit="the KV cache's length", fix="allocate a longer KV cache"
+        )
+        seq_id = self.scheduler.new_id(seq_id)
+        self.scheduler.add(self.runner.new_sequence(seq_id, request))
+        return seq_id
+
+    def cancel(self, seq_id: int) -> None:
+        """Drop a sequence, waiting or running; its row is free for the next admission."""
+        self.scheduler.cancel(seq_id)
+        self._retire()
+
+    def apply(self, plan: Plan) -> None:
+        """Carry out rank 0's decisions for this step (the server's torchrun broadcast)."""
+        for seq_id in plan.cancel:
+            self.cancel(seq_id)
+        for seq_id, request in plan.admit:
+            self.add(request, seq_id)
+
+    def pop(self, seq_id: int) -> SequenceState:
+        """A finished sequence's state: tokens (the stop token included), logprobs, text, finish_reason."""
+        return self.scheduler.pop(seq_id)
+
+    @property
+    def busy(self) -> bool:
+        return self.scheduler.busy
+
+    @property
+    def n_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def run(self) -> Iterator[List[Event]]:
+        """Step until every sequence has finished; yield each step's events."""
+        while self.busy:
+            yield self.step()
+
+    # ---------------------------------------------------------------- the step
+
+    @torch.inference_mode()
+    def step(self) -> List[Event]:
+        """Decode the running sequences, then admit waiting ones; the events of this step."""
+        events: List[Event] = []
+        running = self.scheduler.running
+        if running:
+            events += self.speculator.step(self.runner, running) if self.speculator else self.runner.decode(running)
+            self._retire()
+        admitted = self.scheduler.admit()
+        events += self.runner.finish_unrun(admitted.done)
+        if admitted.prefill:
+            events += self.runner.prefill(admitted.prefill)
+            if self.speculator:  # the draft's cache rows hold the same prompts
+                self.speculator.prefill(admitted.prefill)
+        self._retire()
+        return events
+
+    def _retire(self) -> None:
+        """Free the rows of finished sequences, in the books and in both models' caches."""
+        moves = self.scheduler.retire()
+        self.runner.move_rows(moves.dst, moves.src)
+        if self.speculator:
+            self.speculator.move_rows(moves.dst, moves.src)

@@ -1,0 +1,241 @@
+"""Executes what the scheduler decided on the model: prefill in stages, decode, sample, and emit
+each token through the stop rules, the one place that decides when a sequence has finished and why.
+Every model call runs under the kernel policy it is handed (llama.kernels): the model itself holds none."""
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from llama import kernels, kv_cache
+from llama.engine.types import Event, Request, SequenceState
+from llama.model import Transformer
+from llama.sampling import check_finite, draw_token, top_logprobs
+from llama.tokenizer import Tokenizer
+
+# a compiled forward pass (llama.generation.CompiledStep): (rows, t) tokens at (rows,) positions ->
+# (rows, t, vocab) logits over the whole KV cache, or None once compilation has failed
+StepFn = Callable[..., Optional[torch.Tensor]]
+
+
+def call_model(model: Transformer, policy: Optional[kernels.Policy], tokens: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The model's forward pass of `tokens` (bsz, seqlen) as `policy` plans it for so many rows."""
+    with kernels.kernels_for(tokens, policy):
+        return model(tokens, *args, **kwargs)
+
+
+def step_positions(positions: List[int], seqlen: int, device: torch.device) -> Tuple[Union[int, torch.Tensor], Optional[int]]:
+    """`start_pos` and `kv_len` for a forward pass of `seqlen` tokens per row from these positions:
+    an int when every row is at one position (the cheaper path), else each row's start, attending
+    to the slots up to the furthest row's last new token (the mask hides the rest of each row)."""
+    if min(positions) == max(positions):
+        return positions[0], None
+    return torch.tensor(positions, device=device), max(positions) + seqlen
+
+
+def prefill_rows(model: Transformer, policy: Optional[kernels.Policy], seqs: List[SequenceState]) -> torch.Tensor:
+    """Fill the KV cache rows of `seqs` (consecutive rows, longest prompt first) of `model` with
+    their prompts; return each one's last-position logits (len(seqs), vocab).
+
+    The prompts run in stages: each stage takes the positions up to the next prompt end, for the
+    prompts that reach it (the first k), so no padding is computed; the original fed every
+    prompt past the shortest one token per step.
+    """
+    device = model.tok_embeddings.weight.device
+    row0, lens = seqs[0].row, [len(s.request.prompt) for s in seqs]
+    tokens = torch.zeros(len(seqs), lens[0], dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, : lens[i]] = torch.tensor(s.request.prompt, dtype=torch.long)
+    tokens = tokens.to(device)  # (len(seqs), longest prompt)
+    ends, start = [], 0
+    for end in sorted(set(lens)):
+        k = sum(n >= end for n in lens)
+        last = torch.full((k,), end - start - 1, device=device)
+        logits = call_model(model, policy, tokens[:k, start:end], start, output_index=last, row0=row0)[:, 0]  # (k, vocab)
+        ends.append(logits[k - lens.count(end) : k])  # the prompts that end here
+        start = end
+    return torch.cat(ends[::-1])  # longest first, as `seqs`
+
+
+class Runner:
+    """Runs steps of sequences on a model with an allocated KV cache (llama.kv_cache.allocate).
+
+    `compiled`: a compiled decode pass over all cache rows (with `static_shapes`: every decode
+    step runs all rows, free ones at position 0, so that one shape serves every step); where it
+    returns None (compilation failed) the step runs eagerly."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        policy: Optional[kernels.Policy] = None,
+        compiled: Optional[StepFn] = None,
+        static_shapes: bool = False,
+    ):
+        shape = kv_cache.shape(model)
+        if shape is None:
+            raise ValueError("the model has no KV cache: allocate one with llama.kv_cache.allocate first")
+        self.model, self.tokenizer, self.policy = model, tokenizer, policy
+        self.rows, self.seq_len = shape
+        self.compiled, self.static_shapes = compiled, static_shapes
+        self.device = model.tok_embeddings.weight.device
+
+    def new_sequence(self, seq_id: int, request: Request) -> SequenceState:
+        """The state of a new sequence: its limit is its request's, cut by the model's context."""
+        limit = max(0, min(request.max_new_tokens, self.model.params.max_seq_len - len(request.prompt)))
+        stops = self.tokenizer.stop_tokens if request.stop_tokens is None else request.stop_tokens
+        return SequenceState(seq_id, request, limit, stops, self.device)
+
+    def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], **kwargs) -> torch.Tensor:
+        """The model's logits of `tokens` (bsz, seqlen) under this runner's policy (`Transformer.forward`)."""
+        return call_model(self.model, self.policy, tokens, start_pos, **kwargs)
+
+    def move_rows(self, dst: List[int], src: List[int]) -> None:
+        """Row dst[i] of the KV cache takes row src[i]'s contents (sequences moved by the scheduler)."""
+        kv_cache.move_rows(self.model, dst, src)
+
+    # ---------------------------------------------------------------- prefill
+
+    def prefill(self, seqs: List[SequenceState]) -> List[Event]:
+        """Prefill newly admitted sequences into their rows (the scheduler's order: the staged ones,
+        then those asking for prompt log-probs, one by one) and sample their first tokens."""
+        staged = [s for s in seqs if not s.request.prompt_logprobs]
+        logits: Dict[int, torch.Tensor] = {}
+        if staged:
+            logits.update(zip((s.id for s in staged), prefill_rows(self.model, self.policy, staged)))
+        first: Dict[int, dict] = {}
+        for s in seqs:
+            if s.request.prompt_logprobs:
+                logits[s.id], first[s.id] = self._prefill_with_logprobs(s)
+        for s in seqs:
+            s.pos = len(s.request.prompt)
+        events = []
+        for s in seqs:
+            if s.limit == 0:  # asked only for its prompt's log-probs
+                s.finish_reason = "length"
+                events.append(Event(s.id, None, "", finished=True, finish_reason="length", **first.get(s.id, {})))
+        ready = [s for s in seqs if s.limit > 0]
+        if ready:
+            new = self.sample(ready, torch.stack([logits[s.id] for s in ready]))  # (len(ready), vocab)
+            for e in new:
+                for k, v in first.get(e.seq_id, {}).items():
+                    setattr(e, k, v)
+            events += new
+        return events
+
+    def _prefill_with_logprobs(self, s: SequenceState) -> Tuple[torch.Tensor, dict]:
+        """Prefill one row with the full logits of its prompt: (last logits (vocab,), event fields)."""
+        prompt = torch.tensor(s.request.prompt, device=self.device)
+        logits = self.forward(prompt[None], 0, row0=s.row)[0]  # (len, vocab)
+        lsm = torch.log_softmax(logits[:-1], dim=-1)  # position i predicts token i + 1
+        lps = [None] + lsm.gather(1, prompt[1:, None])[:, 0].tolist()
+        tops = None
+        if s.request.top_logprobs:
+            tops = [None] + top_logprobs(lsm, s.request.top_logprobs)
+        s.prompt_logprobs, s.prompt_top_logprobs = lps, tops
+        return logits[-1], {"prompt_logprobs": lps, "prompt_top_logprobs": tops}
+
+    @staticmethod
+    def finish_unrun(seqs: List[SequenceState]) -> List[Event]:
+        """Finish sequences that had nothing to generate (the scheduler gave them no row)."""
+        for s in seqs:
+            s.finish_reason = "length"
+        return [Event(s.id, None, "", finished=True, finish_reason="length") for s in seqs]
+
+    # ---------------------------------------------------------------- decode
+
+    def decode(self, seqs: List[SequenceState]) -> List[Event]:
+        """One decode step of the running sequences `seqs` (rows 0..n-1): one token each."""
+        n = self.rows if self.static_shapes else len(seqs)
+        tokens = [s.tokens[-1] for s in seqs] + [0] * (n - len(seqs))  # free rows ride along at 0
+        positions = [s.pos for s in seqs] + [0] * (n - len(seqs))
+        tokens_t = torch.tensor(tokens, device=self.device)[:, None]  # (n, 1)
+        logits = None
+        if self.static_shapes:  # every row at its own position, over the whole cache
+            start_pos, kv_len = torch.tensor(positions, device=self.device), None
+            logits = self.compiled(tokens_t, start_pos) if self.compiled is not None else None
+        else:
+            start_pos, kv_len = step_positions(positions, 1, self.device)
+        if logits is None:
+            logits = self.forward(tokens_t, start_pos, kv_len=kv_len)
+        logits = logits[: len(seqs), -1]  # (len(seqs), vocab)
+        for s in seqs:
+            s.pos += 1
+        return self.sample(seqs, logits)
+
+    def sample(self, seqs: List[SequenceState], logits: torch.Tensor) -> List[Event]:
+        """Each sequence's next token from its logits row (len(seqs), vocab), with its own sampling
+        parameters and generator; then the stop rule (`emit`)."""
+        check_finite(logits)
+        tokens = torch.argmax(logits, dim=-1)  # (len(seqs),)
+        for i, s in enumerate(seqs):
+            if s.request.temperature > 0:
+                tokens[i] = draw_token(logits[i : i + 1], s.request.temperature, s.request.top_p, s.generator)[0]
+        return self.emit(seqs, logits, tokens)
+
+    # ---------------------------------------------------------------- emit: the stop rules
+
+    def emit(self, seqs: List[SequenceState], logits: Optional[torch.Tensor], tokens: Union[torch.Tensor, List[int]]) -> List[Event]:
+        """Append each sequence's chosen token (len(seqs),), with its log-probs from the logits it
+        was chosen from (len(seqs), vocab) where asked (`logits` may be None when none asks); then
+        the stop rule."""
+        tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
+        want_lp = [i for i, s in enumerate(seqs) if s.request.wants_logprobs]
+        lps: Dict[int, float] = {}
+        tops: Dict[int, list] = {}
+        if want_lp:
+            index = torch.tensor(want_lp, device=logits.device)
+            lsm = torch.log_softmax(logits[index], dim=-1)  # (len(want_lp), vocab)
+            chosen = lsm.gather(1, torch.tensor([tokens[i] for i in want_lp], device=logits.device)[:, None])[:, 0].tolist()
+            for j, i in enumerate(want_lp):
+                lps[i] = chosen[j]
+                k = seqs[i].request.top_logprobs
+                if k:
+                    tops[i] = top_logprobs(lsm[j : j + 1], k)[0]
+        return [self._advance_alone(s, tok, lps.get(i), tops.get(i)) for i, (s, tok) in enumerate(zip(seqs, tokens))]
+
+    def _advance_alone(self, s: SequenceState, token: int, logprob: Optional[float], top: Optional[list]) -> Event:
+        """`_advance`, where a failure of this one sequence (its text, its stop rule) ends it alone:
+        finish_reason "error", the exception kept in its `error` for the caller to report."""
+        try:
+            return self._advance(s, token, logprob, top)
+        except Exception as e:  # noqa: BLE001 -- the other sequences and the engine go on
+            s.finish_reason, s.error = "error", e
+            return Event(s.id, token, "", finished=True, finish_reason="error")
+
+    def _advance(self, s: SequenceState, token: int, logprob: Optional[float], top: Optional[list]) -> Event:
+        """Append a sampled token; decide whether the sequence has finished, and why."""
+        s.tokens.append(token)
+        if logprob is not None:
+            s.logprobs.append(logprob)
+        stops = s.request.stop
+        if token in s.stop_tokens:
+            s.finish_reason, s.stop_token = "stop", token
+        else:
+            s.text += s.decoder.decode(self.tokenizer.model.decode_single_token_bytes(token), final=False)
+            cut = find_stop(s.text, stops, s.emitted)
+            if cut is not None:
+                s.text, s.finish_reason = s.text[:cut], "stop"
+            elif len(s.tokens) >= s.limit:
+                s.finish_reason = "length"
+        if s.finish_reason is None:
+            end = len(s.text) - held_back(s.text[s.emitted :], stops)
+        else:
+            if s.stop_token is not None or s.finish_reason == "length":
+                s.text += s.decoder.decode(b"", final=True)
+            end = len(s.text)
+        text, s.emitted = s.text[s.emitted : end], max(s.emitted, end)
+        return Event(s.id, token, text, logprob, top, s.finished, s.finish_reason)
+
+
+def find_stop(text: str, stops: Sequence[str], emitted: int) -> Optional[int]:
+    """Where the first stop string in `text` starts (None: none there). Text already given out
+    holds none: held-back text covers every stop string's possible start."""
+    found = [i for i in (text.find(s, max(0, emitted - len(s))) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
+def held_back(tail: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `tail` that a stop string starts with: not given out yet."""
+    for k in range(min(len(tail), max((len(s) for s in stops), default=0)), 0, -1):
+        if any(s.startswith(tail[-k:]) for s in stops):
+            return k
+    return 0
