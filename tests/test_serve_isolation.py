@@ -24,7 +24,7 @@ def llama(tiny_ckpt, byte_tokenizer) -> Llama:
 @pytest.fixture
 def client(llama):
     engine = llama.engine(4, 64)
-    add, advance = engine.add, engine._advance
+    add, advance = engine.add, engine.runner._advance
 
     def failing_add(request, seq_id=None):
         if request.top_p == ADMIT_FAILS:
@@ -36,7 +36,7 @@ def client(llama):
             raise KeyError("step broke")
         return advance(s, token, logprob, top)
 
-    engine.add, engine._advance = failing_add, failing_advance
+    engine.add, engine.runner._advance = failing_add, failing_advance
     loop = EngineLoop(engine, 16)
     loop.start()
     service = Service(Shaper(llama.tokenizer, llama.formatter, "m"), loop, None, 64, 16, 1 << 20)
