@@ -740,7 +740,7 @@ def serve(
     """
     import uvicorn
 
-    from llama.cli import build_generator
+    from llama.launch import build_generator
 
     for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len), ("max_queue", max_queue)):
         if not isinstance(value, int) or value < 1:

@@ -16,16 +16,13 @@ activations. Reported: milliseconds (fastest of --repeats), the weight's bytes r
 GFLOP/s, beside this machine's read bandwidth measured in the same run; then what the policy picks.
 """
 import json
-import sys
 from pathlib import Path
 from typing import Optional, Union
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from llama import cli, kernels  # noqa: E402
+from llama import cli, kernels
 
 GB = 1e9
 
@@ -139,4 +136,4 @@ def main(
 
 
 if __name__ == "__main__":
-    cli.run(main, serialize=lambda _: None)
+    cli.run(main)

@@ -23,12 +23,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import fire
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llama import checkpoint, distributed, kernels, sharding  # noqa: E402
-from llama.model import ModelArgs, Transformer  # noqa: E402
+from llama import checkpoint, cli, distributed, kernels, sharding
+from llama.model import ModelArgs, Transformer
 
 METHODS = ("lean", "naive")
 
@@ -205,4 +203,4 @@ def _report(ckpt_dir: Path, dtype: str, device: str, repeats: int) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    cli.run(main)

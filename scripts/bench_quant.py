@@ -31,10 +31,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llama import checkpoint, cli, distributed, quantize, registry, sharding  # noqa: E402
-from llama import kernels as llama_kernels  # noqa: E402
-from llama.model import ModelArgs  # noqa: E402
+from llama import checkpoint, cli, distributed, quantize, registry, sharding
+from llama import kernels as llama_kernels
+from llama.model import ModelArgs
 
 
 def _time(fn: Callable[[], torch.Tensor], repeat: int) -> float:

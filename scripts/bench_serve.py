@@ -158,7 +158,6 @@ def main(
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     from llama.cli import run
 
     run(main)

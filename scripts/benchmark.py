@@ -45,12 +45,10 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import torch
 
-import torch  # noqa: E402
-
-from llama import checkpoint, cli, distributed, hf, kernels, registry  # noqa: E402
-from llama.model import ModelArgs  # noqa: E402
+from llama import checkpoint, cli, distributed, hf, kernels, registry
+from llama.model import ModelArgs
 
 # ours under each dtype policy and each weight quantization: the keyword arguments of Llama.build
 # beside the run's own (--dtype, None by default: the measured policy of llama/kernels.py)
@@ -1023,4 +1021,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["_worker"]:
         worker(*sys.argv[2:4])
     else:
-        cli.run(main, serialize=lambda _: None)
+        cli.run(main)

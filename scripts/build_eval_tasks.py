@@ -17,16 +17,13 @@ import json
 import math
 import random
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from demo_corpus import read_documents  # noqa: E402
+from demo_corpus import read_documents
 
-from llama.cli import run  # noqa: E402
+from llama.cli import run
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "llama" / "eval_tasks"
 PIECE_CHARS = 1500

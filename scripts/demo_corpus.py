@@ -38,8 +38,6 @@ import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
-import fire
-
 DEB_PACKAGE = "python3.11-doc"
 DEB_VERSION = "3.11.2-6+deb12u8"
 DEB_SHA256 = "50eb63e7f636c4281e9ce1b8f10386f1def42159eddce34fc1f41c46261df71b"
@@ -342,4 +340,6 @@ def main(out_dir: str = "data/demo", cache_dir: str = "data/cache/python3.11-doc
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from llama.cli import run
+
+    run(main)

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from llama import Llama, distributed
-from llama.cli import build_generator, run
+from llama.cli import run
+from llama.launch import build_generator
 
 
 def encode_docs(tokenizer, path: Path) -> list[int]:

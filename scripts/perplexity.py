@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from llama import Llama, distributed  # noqa: E402
-from llama.cli import build_generator, run  # noqa: E402
-from llama.scoring import score_batch, sliding_windows  # noqa: E402
+from llama import Llama, distributed
+from llama.cli import run
+from llama.launch import build_generator
+from llama.scoring import score_batch, sliding_windows
 
 
 def file_nll(llama: Llama, ids: list[int], max_seq_len: int, stride: int, batch_size: int, progress=None) -> tuple[float, int]:

@@ -12,16 +12,14 @@ the quantized model is held whole until it is written. DST appears whole or not 
 (llama/atomic.py): a DST that holds files is refused unless --overwrite, which replaces it whole.
 """
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llama import atomic, checkpoint, cli, quantize, sharding  # noqa: E402
-from llama.model import ModelArgs  # noqa: E402
+from llama import atomic, checkpoint, cli, quantize, sharding
+from llama.model import ModelArgs
 
 
 def main(

@@ -12,17 +12,14 @@ or not at all (llama/atomic.py): an OUT_DIR that holds files is refused unless -
 replaces it whole.
 """
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-import fire
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llama import atomic, checkpoint, kernels, sharding  # noqa: E402
-from llama.model import ModelArgs  # noqa: E402
+from llama import atomic, checkpoint, cli, kernels, sharding
+from llama.model import ModelArgs
 
 
 def reshard(ckpt_dir: str, out_dir: str, shards: int, dtype: Optional[str] = None, overwrite: bool = False) -> None:
@@ -80,11 +77,7 @@ def _verify_shard(path: Path, state: dict, args: ModelArgs, rank: int, count: in
 
 
 def main() -> None:
-    try:
-        fire.Fire(reshard)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.run(reshard)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from demo_corpus import DOC_SEPARATOR, read_documents
-from llama import Tokenizer, cli
+from llama import Tokenizer, cli, launch
 
 
 def corpus_prefixes(tokenizer: Tokenizer, docs: list[str], n: int, shortest: int, longest: int, seed: int) -> list[list[int]]:
@@ -70,7 +70,7 @@ def main(
     if not src.is_file():
         raise FileNotFoundError(f"{src} not found: run python scripts/demo_corpus.py --out_dir {data_dir} first")
     lo, hi = (int(x) for x in prompt_len)
-    llama = cli.build_generator(
+    llama = launch.build_generator(
         ckpt_dir,
         tokenizer_path,
         max_seq_len=hi + new_tokens + 1,

@@ -377,4 +377,4 @@ def export(model: Transformer, params: dict, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(train, serialize=lambda _: None)
+    cli.run(train)

@@ -22,7 +22,6 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import fire
 import regex
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
@@ -175,4 +174,6 @@ def main(corpus: str = "data/demo/corpus_train.txt", output: str = "llama/demo/t
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from llama.cli import run
+
+    run(main)
