@@ -27,6 +27,7 @@ HELP_WORKER = REPO / "tests" / "workers" / "cli_help.py"
 SCRIPT_DIRS = ("scripts", "benchmarks", "recipes")
 QUICK_S = 10  # a refusal must come before any model is loaded, even on busy cores
 SHELL_STOPS = ("|", "||", "&&", ";", "&")
+MAIN_BLOCK = re.compile(r"^if __name__ == .__main__.:", re.M)
 
 
 # ---------------------------------------------------------------------------------------- the CLIs
@@ -40,7 +41,7 @@ def script_files() -> list[Path]:
     """Every file run as a command: the examples and each script with a __main__ block."""
     files = sorted(REPO.glob("example_*.py"))
     for d in SCRIPT_DIRS:
-        files += sorted(p for p in (REPO / d).rglob("*.py") if "__main__" in p.read_text())
+        files += sorted(p for p in (REPO / d).rglob("*.py") if MAIN_BLOCK.search(p.read_text()))
     return files
 
 
