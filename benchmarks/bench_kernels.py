@@ -2,9 +2,9 @@
 """Matrix-product speed of this machine per dtype and kernel: the measurements behind the dtype
 and kernel policy of llama/kernels.py (README, "Choosing a dtype").
 
-    python scripts/bench_kernels.py                         # 8192x2048 weight, 1..256 rows
-    python scripts/bench_kernels.py --rows 1,8 --shape 2048,8192 --threads 1
-    python scripts/bench_kernels.py --out kernels.json
+    python benchmarks/bench_kernels.py                         # 8192x2048 weight, 1..256 rows
+    python benchmarks/bench_kernels.py --rows 1,8 --shape 2048,8192 --threads 1
+    python benchmarks/bench_kernels.py --out kernels.json
 
 For each number of rows (1: one-row decode, a few: a small batch, many: prefill) it times
 `F.linear(x, w)` in bfloat16 and in float32, and in float32 over a bfloat16 weight upcast block by

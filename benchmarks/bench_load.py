@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Checkpoint load time and peak memory: llama.checkpoint.load_model beside the naive way.
 
-  python scripts/bench_load.py                 # creates a ~1 GB float16 checkpoint in a temp dir
-  python scripts/bench_load.py --ckpt_dir DIR  # or measures an existing one
+  python benchmarks/bench_load.py                 # creates a ~1 GB float16 checkpoint in a temp dir
+  python benchmarks/bench_load.py --ckpt_dir DIR  # or measures an existing one
 
 Each method runs in a fresh process, so its peak resident memory (VmHWM) is its own:
 - lean: llama.checkpoint.load_model (memory-mapped shards, model built without weights, assign=True);

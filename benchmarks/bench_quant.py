@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Quantized kernels and models on this machine: which kernel to use for which step, and what it gives.
 
-  python scripts/bench_quant.py kernels [--n 8192] [--k 2048] [--rows 1,256] [--repeat 20]
-  python scripts/bench_quant.py model [--shape llama3.2-1b] [--modes none,int8,int4]
+  python benchmarks/bench_quant.py kernels [--n 8192] [--k 2048] [--rows 1,256] [--repeat 20]
+  python benchmarks/bench_quant.py model [--shape llama3.2-1b] [--modes none,int8,int4]
 
 For one (n, k) weight and each row count (1: a decode step; 256: a prefill-size product) it times
 every way we can run an int8 or int4 weight-only product, beside the plain bfloat16 and float32

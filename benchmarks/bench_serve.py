@@ -1,7 +1,7 @@
 """Load benchmark of the OpenAI-compatible server: concurrent streaming clients against one server.
 
-    python scripts/bench_serve.py                        # starts the demo model's server on a free loopback port
-    python scripts/bench_serve.py --base_url http://127.0.0.1:8000/v1 --model llama3-demo
+    python benchmarks/bench_serve.py                        # starts the demo model's server on a free loopback port
+    python benchmarks/bench_serve.py --base_url http://127.0.0.1:8000/v1 --model llama3-demo
 
 For each concurrency level, the same `requests` streaming completions (greedy, max_tokens each) run
 with that many clients at once; level 1 is the requests one after another. Reported per level:

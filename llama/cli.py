@@ -7,6 +7,7 @@ A leaf: the standard library, fire and llama.distributed only (what a CLI builds
 import difflib
 import inspect
 import json
+import logging
 import os
 import re
 import sys
@@ -37,6 +38,16 @@ def split_list(value: Union[str, int, tuple, list]) -> list[str]:
 def int_list(value: Union[str, int, tuple, list]) -> list[int]:
     """A comma-separated list of integers (split_list)."""
     return [int(v) for v in split_list(value)]
+
+
+def log_to_stdout(*names: str) -> None:
+    """Show the INFO logs of the named library loggers on stdout, as a script's own progress lines."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in names:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
 
 
 def run(

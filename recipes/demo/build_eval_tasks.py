@@ -2,9 +2,9 @@
 held-out pages, which the demo model never trained on. Deterministic: the same corpus gives the
 same files, byte for byte.
 
-    python scripts/demo_corpus.py               # writes data/demo/corpus_heldout.txt (fetches the pinned .deb)
-    python scripts/build_eval_tasks.py build    # writes llama/eval_tasks/*.jsonl
-    python scripts/build_eval_tasks.py chance   # what chance scores on them (the README's baseline)
+    python recipes/demo/demo_corpus.py               # writes data/demo/corpus_heldout.txt (fetches the pinned .deb)
+    python recipes/demo/build_eval_tasks.py build    # writes llama/eval_tasks/*.jsonl
+    python recipes/demo/build_eval_tasks.py chance   # what chance scores on them (the README's baseline)
 
 Three tasks (see llama/eval_tasks/*.yaml):
   next_sentence.jsonl  multiple choice: the sentence that follows a passage, against three
@@ -116,11 +116,11 @@ def build(heldout: str = "data/demo/corpus_heldout.txt", out_dir: str = str(TASK
     """Write next_sentence.jsonl, perplexity.jsonl and next_word.jsonl to out_dir.
 
     Args:
-        heldout: the held-out corpus written by scripts/demo_corpus.py.
+        heldout: the held-out corpus written by recipes/demo/demo_corpus.py.
         out_dir: where the task data goes (default: the package's llama/eval_tasks/).
     """
     if not Path(heldout).is_file():
-        raise FileNotFoundError(f"{heldout} not found: run `python scripts/demo_corpus.py` first")
+        raise FileNotFoundError(f"{heldout} not found: run `python recipes/demo/demo_corpus.py` first")
     pages = _pages(Path(heldout))
     out = Path(out_dir)
     write_jsonl(out / "next_sentence.jsonl", next_sentence_items(pages, random.Random(SEED)))

@@ -24,8 +24,8 @@ Output (``data/demo/`` by default; ``data/`` is git-ignored):
 A document (one HTML page) is held out iff sha256(its relative path) mod 50 == 0 (about 2%); a
 dialog is held out iff the page it comes from is, so no held-out text is ever trained on.
 
-    python scripts/demo_corpus.py            # fetch (cached in data/cache/), extract, write data/demo/*
-    python scripts/demo_corpus.py --limit=20 # quick run on the first 20 pages
+    python recipes/demo/demo_corpus.py            # fetch (cached in data/cache/), extract, write data/demo/*
+    python recipes/demo/demo_corpus.py --limit=20 # quick run on the first 20 pages
 """
 
 from __future__ import annotations

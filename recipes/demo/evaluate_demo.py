@@ -4,8 +4,8 @@ All three are scored per token of the demo tokenizer on the held-out split that 
 saw; the baselines are estimated on the training split (add-one unigram; bigram interpolated
 with the unigram, its weight chosen on the held-out text itself, which only flatters the baseline).
 
-    python scripts/evaluate_demo.py                       # the bundled model on data/demo
-    python scripts/evaluate_demo.py --max_tokens 20000    # a quicker estimate
+    python recipes/demo/evaluate_demo.py                       # the bundled model on data/demo
+    python recipes/demo/evaluate_demo.py --max_tokens 20000    # a quicker estimate
 """
 import math
 from collections import Counter
@@ -77,7 +77,7 @@ def main(
     """Print held-out perplexities: model, unigram and bigram baselines.
 
     Args:
-        data_dir: corpus_train.txt and corpus_heldout.txt from scripts/demo_corpus.py.
+        data_dir: corpus_train.txt and corpus_heldout.txt from recipes/demo/demo_corpus.py.
         ckpt_dir, tokenizer_path: the model (default: the bundled demo model).
         max_tokens: score only the first max_tokens held-out tokens.
         seq_len: context window for the model (its training length is 512).

@@ -4,12 +4,12 @@ A draft model is judged by how often it proposes what its model would emit, on t
 outputs. Distilling it on text the model wrote (the "on-policy" data of DistillSpec, Zhou et al.
 2023) trains it on those outputs rather than only on the corpus. This script takes prefixes at
 random places of `data_dir`'s training corpus (never its held-out split), lets the model continue
-each, greedily or by sampling, and writes `out_dir` in `scripts/demo_corpus.py`'s layout: the
+each, greedily or by sampling, and writes `out_dir` in `recipes/demo/demo_corpus.py`'s layout: the
 continuations (each after its prefix) and, with `keep_corpus`, the original corpus in
 corpus_train.txt; the held-out split and the dialogs copied unchanged. Then:
 
-    python scripts/teacher_corpus.py --out_dir data/demo_teacher
-    python scripts/train_demo.py --data_dir data/demo_teacher --distill_from llama/demo ...
+    python recipes/demo/teacher_corpus.py --out_dir data/demo_teacher
+    python recipes/demo/train_demo.py --data_dir data/demo_teacher --distill_from llama/demo ...
 """
 import re
 import shutil
@@ -53,7 +53,7 @@ def main(
     Args:
         ckpt_dir: the model whose outputs the draft should learn (default: the bundled demo model).
         tokenizer_path: its tokenizer (default: ckpt_dir/tokenizer.model).
-        data_dir: scripts/demo_corpus.py's output: prefixes come from corpus_train.txt.
+        data_dir: recipes/demo/demo_corpus.py's output: prefixes come from corpus_train.txt.
         out_dir: where corpus_{train,heldout}.txt and dialogs_{train,heldout}.jsonl are written.
         n_prompts: continuations written.
         prompt_len: (shortest, longest) prefix in tokens, drawn uniformly.
@@ -68,7 +68,7 @@ def main(
     data, out = Path(data_dir), Path(out_dir)
     src = data / "corpus_train.txt"
     if not src.is_file():
-        raise FileNotFoundError(f"{src} not found: run python scripts/demo_corpus.py --out_dir {data_dir} first")
+        raise FileNotFoundError(f"{src} not found: run python recipes/demo/demo_corpus.py --out_dir {data_dir} first")
     lo, hi = (int(x) for x in prompt_len)
     llama = launch.build_generator(
         ckpt_dir,

@@ -5,12 +5,12 @@ matrices), linear warm-up then cosine decay to a tenth of the peak, gradient cli
 held-out split that is never trained on. Deterministic for a seed (batches are drawn from a
 generator seeded by step), resumable from work_dir/state.pt, and the same script on CPU or CUDA.
 
-    python scripts/demo_corpus.py && python scripts/train_tokenizer.py   # data and tokenizer first
-    python scripts/train_demo.py                                         # about 2 hours on 2 CPU cores
-    python scripts/train_demo.py --device cuda --max_steps 2000 --seq_len 512   # about 100 s on an H100
+    python recipes/demo/demo_corpus.py && python recipes/demo/train_tokenizer.py   # data and tokenizer first
+    python recipes/demo/train_demo.py                                     # the shipped recipe, on the CPU
+    python recipes/demo/train_demo.py --device cuda --max_steps 2000 --seq_len 512
 
-The shipped 8-head model was made from the earlier 5-head one (itself the line above on an H100, in
-5 query heads and 1 KV head) on 2 CPU cores, with --init_from, --transfer_steps and a short
+The shipped 8-head model was made from an earlier 5-head one (the CUDA line above, with 5 query
+heads and 1 KV head), with --init_from, --transfer_steps and a short
 fine-tune: the README's "The bundled demo model" has the commands.
 """
 import json

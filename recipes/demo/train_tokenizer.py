@@ -10,8 +10,8 @@ bytes, then merges in the order they were learned, so every token ranks above th
 was merged from -- the order tiktoken's encoder relies on. The 256 Llama 3 special tokens are not
 in the file; they take ids n_base..n_base+255 (n_base is kept a multiple of 8, so the total is too).
 
-    python scripts/train_tokenizer.py                                  # data/demo -> llama/demo/tokenizer.model
-    python scripts/train_tokenizer.py --n_base=8192 --output=/tmp/t.model
+    python recipes/demo/train_tokenizer.py                                  # data/demo -> llama/demo/tokenizer.model
+    python recipes/demo/train_tokenizer.py --n_base=8192 --output=/tmp/t.model
 """
 
 from __future__ import annotations
