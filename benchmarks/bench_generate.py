@@ -305,29 +305,10 @@ def main(
         "shape": shape, "params": params, "device": str(dev), "dtype": hf.dtype_name(dt),
         "threads": threads or torch.get_num_threads(), "settings": s, "bytes": bytes_,
     }
-    results, skipped = {}, {}
-    with tempfile.TemporaryDirectory(prefix="llama-bench-") as tmp:
-        start = time.perf_counter()
-        files = write_models(Path(tmp), params, dt, dev, seed)
-        empty_cache(dev)  # the workers need the GPU memory
-        print(f"wrote both checkpoints in {time.perf_counter() - start:.1f}s", flush=True)
-        for impl in impls:
-            spec = {
-                "impl": impl, "params": params, "settings": s, "files": files, "device": str(dev),
-                "dtype": hf.dtype_name(dt), "dtype_arg": dtype, "threads": threads, "baseline": baseline,
-                "llama_cpp": llama_cpp or os.environ.get(LLAMA_CPP_ENV), "work_dir": tmp,
-            }
-            done = run_worker(impl, spec, Path(tmp))
-            if done is None:
-                continue
-            if "skipped" in done:
-                skipped[impl] = done["skipped"]
-                print(f"[{impl}] skipped: {done['skipped']}", flush=True)
-                continue
-            results.update(done)
-            if out:  # what is done survives a run cut short (a time limit on a lent GPU, say)
-                partial = {**header, "complete": False, "bandwidth_gb_s": bw, "results": results, "skipped": skipped}
-                write_json(out, envelope("generate", partial))
+    spec = {"params": params, "settings": s, "device": str(dev), "dtype": hf.dtype_name(dt), "dtype_arg": dtype,
+            "threads": threads, "baseline": baseline, "llama_cpp": llama_cpp or os.environ.get(LLAMA_CPP_ENV)}
+    results, skipped = measure_all(impls, spec, seed, lambda partial: write_json(out, envelope("generate", {
+        **header, "complete": False, "bandwidth_gb_s": bw, **partial})))
     if not results:
         raise SystemExit("no implementation ran")
     # measured again at the end: on a shared machine the better of the two is nearer the truth
@@ -335,6 +316,30 @@ def main(
     print("memory bandwidth, GB/s, best of start and end: " + ", ".join(f"{k} {v:.1f}" for k, v in bw.items()))
     summarize({**header, "complete": True, "bandwidth_gb_s": bw, "results": results, "skipped": skipped}, out,
               itemsize=dt.itemsize)
+
+
+def measure_all(impls: list, spec: dict, seed: int, save: Callable[[dict], None]) -> tuple[dict, dict]:
+    """Write the random checkpoints, then run each implementation in its own process on them:
+    ({name: results}, {impl: why it was skipped}); `save` gets both after each implementation, so
+    that what is done survives a run cut short (a time limit on a lent GPU, say)."""
+    results, skipped = {}, {}
+    dev = torch.device(spec["device"])
+    with tempfile.TemporaryDirectory(prefix="llama-bench-") as tmp:
+        start = time.perf_counter()
+        files = write_models(Path(tmp), spec["params"], getattr(torch, spec["dtype"]), dev, seed)
+        empty_cache(dev)  # the workers need the GPU memory
+        print(f"wrote both checkpoints in {time.perf_counter() - start:.1f}s", flush=True)
+        for impl in impls:
+            done = run_worker(impl, {**spec, "impl": impl, "files": files, "work_dir": tmp}, Path(tmp))
+            if done is None:
+                continue
+            if "skipped" in done:
+                skipped[impl] = done["skipped"]
+                print(f"[{impl}] skipped: {done['skipped']}", flush=True)
+                continue
+            results.update(done)
+            save({"results": results, "skipped": skipped})
+    return results, skipped
 
 
 def run_worker(impl: str, spec: dict, tmp: Path) -> Optional[dict]:

@@ -104,16 +104,27 @@ def speculative(
         if temperature == 0:
             run["same_tokens"] = seen[k, how][1] == want
 
+    profile = profile_passes(spec, prompts[0], ks, compile, temperature, device)
+    return {"ckpt_dir": ckpt_dir, "draft_ckpt_dir": draft_ckpt_dir, "temperature": temperature, "new_tokens": n_new,
+            "compiled": compile, "rounds": rounds, "prompts": len(prompts), "device": str(device), "threads": torch.get_num_threads(),
+            "processes": distributed.model_parallel_size(), "runs": runs,
+            "policy": plain.model.policy.describe() if plain.model.policy else None, "profile_ms": profile}
+
+
+def profile_passes(spec, prompt: list, ks: list, compile: bool, temperature: float, device: torch.device) -> dict:
+    """Where a speculative step's time goes, ms: k draft steps and one verify pass of k + 1 tokens,
+    against one decode step; compiled, the passes the engine ran (over the cache it has: a new one
+    recompiles). `spec`: the Llama with the draft; `prompt`: tokens to run the passes on."""
+    from llama import speculative as spec_module
+
     def forward_ms(forward: Callable[[torch.Tensor], object], n: int) -> float:
         """One forward pass of n tokens at position 64 of cache row 0 (past every live position), ms;
         in inference mode, as the engine runs (compiled passes called with autograd on would
         recompile, and fail on the KV cache's in-place writes)."""
-        tokens = torch.tensor([prompts[0][:n]], device=device)
+        tokens = torch.tensor([prompt[:n]], device=device)
         with torch.inference_mode():
             return 1e3 * best_time(lambda: forward(tokens), device, repeats=10)
 
-    # where a step's time goes: k draft steps and one verify pass of k + 1 tokens, against one
-    # decode step; compiled, the passes the engine ran (over the cache it has: a new one recompiles)
     rows = 1 if compile else None
     if not compile:
         spec.model.setup_cache(1, 256)
@@ -142,10 +153,7 @@ def speculative(
                      torch.rand(1, 2 * k + 1, device=device))
             profile[f"sampling step of k={k} in one call"] = forward_ms(
                 lambda t: spec.speculator._compiled(compiled.sampling, t, [64], rows, drawn), 1)
-    return {"ckpt_dir": ckpt_dir, "draft_ckpt_dir": draft_ckpt_dir, "temperature": temperature, "new_tokens": n_new,
-            "compiled": compile, "rounds": rounds, "prompts": len(prompts), "device": str(device), "threads": torch.get_num_threads(),
-            "processes": distributed.model_parallel_size(), "runs": runs,
-            "policy": plain.model.policy.describe() if plain.model.policy else None, "profile_ms": profile}
+    return profile
 
 
 def print_speculative(result: dict) -> list:
