@@ -267,6 +267,33 @@ def test_refused_command_lines(args, message):
         cli.check_args(_f, args)
 
 
+FIRE_SAMPLES = [
+    ["c"], ["c", "o", "4"], ["--ckpt_dir", "c"], ["--ckpt_dir=c", "--compile"], ["c", "--nocompile"], ["c", "-m", "3"],
+    ["c", "--compile", "x"], ["c", "--max-seq-len", "3"], ["c", "--seed=-1"], ["c", "--max_seq_len", "-1"],
+    ["c", "--max_seq_lenght", "3"], ["c", "o", "4", "True", "extra"], ["c", "--zzz"], ["c", "-q"], ["c", "--nozzz"],
+    ["--seed", "2"], [], ["c", "-abc"], ["c", "--seed", "1", "--seed", "2"], ["c", "--noseed"], ["c", "-s", "3"],
+]
+
+
+@pytest.mark.parametrize("args", FIRE_SAMPLES)
+def test_check_args_agrees_with_what_fire_consumes(args):
+    """check_args passes exactly where fire's own parser would consume every argument (so nothing
+    is left over to apply to the result) and find every required one."""
+    from fire import core, decorators
+
+    parse = core._MakeParseFn(_f, decorators.GetMetadata(_f))
+    try:
+        fire_ok = not parse(list(args))[2]
+    except core.FireError:
+        fire_ok = False
+    try:
+        cli.check_args(_f, args)
+        ours_ok = True
+    except cli.UsageError:
+        ours_ok = False
+    assert ours_ok == fire_ok
+
+
 def test_kwargs_are_checked_against_what_they_are_forwarded_to():
     cli.check_args(_g, ["a", "--anything", "1"])  # fire's rule without `forwards`
     cli.check_args(_g, ["a", "--seed", "1"], forwards=[_f])
