@@ -221,21 +221,10 @@ def train(
     if teacher is not None:
         print(f"distilling from {distill_from}")
     n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.95), eps=1e-8,
-    )
-    step, best = 0, float("inf")
+    opt = make_optimizer(model, lr, weight_decay)
     params_json = {k: v for k, v in shape.items() if v is not None}
     state_path = work / "state.pt"
-    if state_path.is_file():
-        state = torch.load(state_path, map_location=dev)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, best = state["step"], state["best"]
-        print(f"resumed from {state_path} at step {step}")
+    step, best = resume(state_path, model, opt, dev)
     fwd = torch.compile(model.forward_train) if compile else model.forward_train
     print(
         f"{n_params / 1e6:.2f}M parameters, {len(data['train']) / 1e6:.2f}M train tokens, "
@@ -248,15 +237,7 @@ def train(
         for group in opt.param_groups:
             group["lr"] = lr_at(step, max_steps, warmup, lr, min_lr)
         batch = batch_for_step(data, step, batch_size, seq_len, chat_fraction, seed).to(dev)
-        with autocast():
-            logits = fwd(batch[:, :-1])
-        if teacher is None:
-            loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        else:
-            with torch.no_grad(), autocast():
-                target = F.log_softmax(teacher.forward_train(batch[:, :-1]).float(), dim=-1).flatten(0, 1)
-            student = F.log_softmax(logits.float(), dim=-1).flatten(0, 1)
-            loss = F.kl_div(student, target, log_target=True, reduction="batchmean")
+        loss = step_loss(fwd, teacher, batch, autocast)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -290,6 +271,41 @@ def train(
     print(f"done: best held-out loss {best:.3f} (perplexity {math.exp(best):.1f}); {out_dir} holds the {keep} weights")
     distributed.shutdown()
     return {"losses": losses, "best_heldout": best}
+
+
+def make_optimizer(model: Transformer, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW (betas 0.9, 0.95) with weight decay on the weight matrices only, not the norms."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.95), eps=1e-8,
+    )
+
+
+def resume(state_path: Path, model: Transformer, opt: torch.optim.Optimizer, device: torch.device) -> tuple[int, float]:
+    """(step, best held-out loss) of the saved training state, loaded into model and opt; (0, inf)
+    when there is none."""
+    if not state_path.is_file():
+        return 0, float("inf")
+    state = torch.load(state_path, map_location=device)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    print(f"resumed from {state_path} at step {state['step']}")
+    return state["step"], state["best"]
+
+
+def step_loss(fwd, teacher: Optional[Transformer], batch: torch.Tensor, autocast) -> torch.Tensor:
+    """The loss of one batch: cross-entropy with the next tokens, or with a teacher the KL divergence
+    from its next-token distributions to the model's."""
+    with autocast():
+        logits = fwd(batch[:, :-1])
+    if teacher is None:
+        return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+    with torch.no_grad(), autocast():
+        target = F.log_softmax(teacher.forward_train(batch[:, :-1]).float(), dim=-1).flatten(0, 1)
+    student = F.log_softmax(logits.float(), dim=-1).flatten(0, 1)
+    return F.kl_div(student, target, log_target=True, reduction="batchmean")
 
 
 def load_trained(ckpt_dir: str, device: torch.device, seq_len: int) -> Transformer:
