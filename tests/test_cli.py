@@ -63,7 +63,7 @@ def command(job: dict, args: list[str]) -> list[str]:
 
 def help_runs(jobs: list[dict]) -> list[dict]:
     """Run each job (a CLI with its "args") in the one help worker process."""
-    payload = json.dumps([{k: v for k, v in j.items() if k in ("script", "entry", "name", "args")} for j in jobs])
+    payload = json.dumps([{k: v for k, v in j.items() if k in ("script", "module", "entry", "name", "args")} for j in jobs])
     r = subprocess.run([sys.executable, str(HELP_WORKER)], input=payload, capture_output=True, text=True,
                        cwd=REPO, env=helpers.child_env(), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -213,9 +213,8 @@ def _job_for(text: str, entries: dict) -> Optional[dict]:
     if words[0] in entries:
         return {"entry": entries[words[0]], "name": words[0], "args": words[1:]}
     if words[0] in ("python", "python3") and words[1:2] == ["-m"] and len(words) > 2:
-        module = REPO / words[2].replace(".", "/")
-        script = module.with_suffix(".py") if module.with_suffix(".py").is_file() else module / "__main__.py"
-        return {"script": str(script), "args": words[3:]} if script.is_file() else None
+        path = REPO / words[2].replace(".", "/")  # a module of ours (a package of ours lacking __main__ fails)
+        return {"module": words[2], "args": words[3:]} if path.with_suffix(".py").is_file() or path.is_dir() else None
     k = next((k for k, w in enumerate(words) if w.endswith(".py")), None)
     if k is None or not (REPO / words[k]).is_file():
         return None

@@ -2,8 +2,8 @@
 JSON list of jobs on stdin, writes a JSON list of {"rc", "out" (stdout and stderr), "seconds"}.
 
 A job is {"script": path, "args": [...]} (run as `python path args`: its own directory first on
-sys.path, as Python does for a script) or {"entry": "module:function", "name": ..., "args": [...]} (a
-console entry point). A script that hands itself over with os.execv (a forwarder in scripts/) runs
+sys.path, as Python does for a script), {"module": name, "args": [...]} (`python -m name args`) or
+{"entry": "module:function", "name": ..., "args": [...]} (a console entry point). A script that hands itself over with os.execv (a forwarder in scripts/) runs
 its target here instead."""
 import contextlib
 import importlib
@@ -43,6 +43,9 @@ def run_job(job: dict) -> dict:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             if "script" in job:
                 _run_script(job["script"], job["args"])
+            elif "module" in job:  # python -m module args
+                sys.argv = [job["module"], *job["args"]]
+                runpy.run_module(job["module"], run_name="__main__", alter_sys=True)
             else:
                 module, function = job["entry"].split(":")
                 sys.argv = [job["name"], *job["args"]]
