@@ -34,11 +34,11 @@ def reshard(ckpt_dir: str, out_dir: str, shards: int, dtype: Optional[str] = Non
     sharding.check_process_count(args, layout.n_shards, shards, str(src))
     out_dtype = kernels.parse_dtype(dtype) if dtype else None
     tied = " (output tied to the embedding)" if layout.tied else ""
-    logger.info(f"{src}: {layout.n_shards} shard(s) -> {shards} shard(s) in {out}{tied}")
+    logger.info("%s: %d shard(s) -> %d shard(s) in %s%s", src, layout.n_shards, shards, out, tied)
     # published only once the whole result reads back as a checkpoint of `shards` shards
     with atomic.atomic_output_dir(out, overwrite, inputs=[src], verify=checkpoint.inspect_dir) as tmp:
         _write(src, tmp, args, layout, shards, out_dtype)
-    logger.info(f"done: {out}")
+    logger.info("done: %s", out)
 
 
 def _write(
@@ -50,7 +50,7 @@ def _write(
         path = out / f"consolidated.{k:02d}.pth"
         torch.save(state, path)
         _verify_shard(path, state, args, k, shards, layout.quant)
-        logger.info(f"[{k + 1}/{shards}] wrote and verified {path.name} ({time.perf_counter() - start:.1f}s)")
+        logger.info("[%d/%d] wrote and verified %s (%.1fs)", k + 1, shards, path.name, time.perf_counter() - start)
         del state
     shutil.copyfile(src / "params.json", out / "params.json")
     if (src / "tokenizer.model").is_file():
@@ -105,7 +105,7 @@ def quantize_checkpoint(
     if mode == "int4":
         sharding.check_group_alignment(args, n_out, config.group_size, keys)
     atomic.check_destination(out, overwrite, inputs=[src_dir])  # refused before any work
-    logger.info(f"{src_dir}: {layout.n_shards} shard(s) -> {config.describe()}, {n_out} shard(s) in {out}")
+    logger.info("%s: %d shard(s) -> %s, %d shard(s) in %s", src_dir, layout.n_shards, config.describe(), n_out, out)
     start = time.perf_counter()
     mapped = [checkpoint.load_shard(p) for p in layout.paths]  # memory-mapped: nothing read yet
     state = {}
@@ -113,11 +113,11 @@ def quantize_checkpoint(
         full = sharding.merge_pieces(key, [m[key] for m in mapped], args)
         state.update(quantize.quantize_weight(key, full, config) if config.applies(key) else {key: full})
     # a tied checkpoint stays tied: the loader gives the output the embedding's quantized tensors
-    logger.info(f"quantized {len(keys)} projections in {time.perf_counter() - start:.1f}s")
+    logger.info("quantized %d projections in %.1fs", len(keys), time.perf_counter() - start)
     # published only once the whole result reads back as a quantized checkpoint
     with atomic.atomic_output_dir(out, overwrite, inputs=[src_dir], verify=checkpoint.inspect_dir) as tmp:
         checkpoint.save_checkpoint(state, {**params, "quantization": config.to_params()}, tmp, n_shards=n_out)
         if (src_dir / "tokenizer.model").is_file():
             shutil.copyfile(src_dir / "tokenizer.model", tmp / "tokenizer.model")
     size = sum(p.stat().st_size for p in out.glob("*.pth"))
-    logger.info(f"done: {out} ({size / 1e9:.3f} GB, {time.perf_counter() - start:.1f}s)")
+    logger.info("done: %s (%.3f GB, %.1fs)", out, size / 1e9, time.perf_counter() - start)
