@@ -11,9 +11,21 @@ import io
 import json
 import os
 import runpy
+import signal
 import sys
 import time
 import traceback
+
+
+JOB_TIMEOUT_S = 60  # a CLI that ignores a bad flag may start its real work: stop it, as a failure
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout(f"still running after {JOB_TIMEOUT_S}s: the command did not stop at its arguments")
 
 
 class _Exec(Exception):
@@ -39,6 +51,7 @@ def run_job(job: dict) -> dict:
     rc = 0
     start = time.perf_counter()
     path0 = sys.path[0]
+    signal.alarm(JOB_TIMEOUT_S)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             if "script" in job:
@@ -56,12 +69,14 @@ def run_job(job: dict) -> dict:
         rc = 1
         out.write(traceback.format_exc())
     finally:
+        signal.alarm(0)
         sys.path[0] = path0
     return {"rc": rc, "out": out.getvalue(), "seconds": time.perf_counter() - start}
 
 
 def main() -> None:
     os.execv = _execv
+    signal.signal(signal.SIGALRM, _alarm)
     jobs = json.load(sys.stdin)
     real_stdout = sys.stdout
     results = [run_job(job) for job in jobs]
