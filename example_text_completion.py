@@ -6,7 +6,8 @@
 from typing import List, Optional, Union
 
 from llama import distributed
-from llama.cli import build_generator, run
+from llama.cli import run
+from llama.launch import build_generator
 
 # The original's prompts, for real checkpoints.
 PROMPTS: List[str] = [

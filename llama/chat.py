@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple, Union
 import torch.distributed as dist
 
 from llama import distributed
-from llama import cli
+from llama import cli, launch
 from llama.generation import Llama
 from llama.tokenizer import ChatFormat, Message
 
@@ -218,7 +218,7 @@ def chat(
         speculate: decode speculatively; with the demo model and no draft_ckpt_dir, its bundled draft.
         speculate_k: draft tokens proposed per step, 1 to 16, or auto (adapted after each step).
     """
-    generator = cli.build_generator(
+    generator = launch.build_generator(
         ckpt_dir,
         tokenizer_path,
         max_seq_len=max_seq_len,

@@ -21,7 +21,6 @@ from typing import Optional, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-import fire  # noqa: E402
 import torch  # noqa: E402
 
 from llama import atomic, checkpoint, hf, sharding  # noqa: E402
@@ -344,11 +343,10 @@ def _write_meta(
 
 
 def main() -> None:
-    try:
-        fire.Fire({"to_hf": to_hf, "from_hf": from_hf})
-    except (hf.ConversionError, ValueError, TypeError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    """Console entry point (llama-convert)."""
+    from llama.cli import run
+
+    run({"to_hf": to_hf, "from_hf": from_hf}, errors=(KeyError,))
 
 
 if __name__ == "__main__":

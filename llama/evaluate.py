@@ -393,7 +393,7 @@ def cli(
 
     from lm_eval.utils import make_table
 
-    from llama.cli import build_generator
+    from llama.launch import build_generator
 
     rank0 = distributed.rank_from_env() == 0
     if not rank0:
@@ -426,6 +426,11 @@ def cli(
 
 
 def main() -> None:
+    """Console entry point (llama-eval)."""
     from llama.cli import run
 
     run(cli)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """Log-likelihood of token continuations, several sequences per forward pass: what evaluation and
 perplexity are built on (llama/evaluate.py, scripts/perplexity.py)."""
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -55,3 +55,20 @@ def sliding_windows(n_tokens: int, max_seq_len: int, stride: int) -> list[tuple[
         if end == n_tokens:
             break
     return out
+
+
+def windowed_nll(
+    model: Transformer, ids: Sequence[int], max_seq_len: int, stride: int, batch_size: int,
+    progress: Optional[Callable[[int, int], None]] = None, policy: Optional[kernels.Policy] = None,
+) -> tuple[float, int]:
+    """(summed negative log-likelihood, tokens scored) of one token sequence under `model`, over the
+    sliding_windows of max_seq_len tokens `stride` apart, batch_size windows per forward pass;
+    progress(windows done, windows) after each batch; the model runs under `policy` (score_batch)."""
+    windows = sliding_windows(len(ids), max_seq_len, stride)
+    total = 0.0
+    for i in range(0, len(windows), batch_size):
+        batch = [(ids[begin:first], ids[first:end]) for begin, first, end in windows[i : i + batch_size]]
+        total -= sum(lp for lp, _ in score_batch(model, batch, policy))
+        if progress is not None:
+            progress(min(i + batch_size, len(windows)), len(windows))
+    return total, sum(end - first for _, first, end in windows)

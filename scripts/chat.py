@@ -2,13 +2,7 @@
 
     python scripts/chat.py --help
 """
-import sys
-from pathlib import Path
-
-# Run from a checkout without installing: make the repository's `llama` package importable.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from llama.chat import main  # noqa: E402
+from llama.chat import main
 
 if __name__ == "__main__":
     main()

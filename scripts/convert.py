@@ -5,13 +5,7 @@
 
 OUT_DIR appears only once complete and read back; one that holds files needs --overwrite.
 """
-import sys
-from pathlib import Path
-
-# Run from a checkout without installing: make the repository's `llama` package importable.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from llama.convert import main  # noqa: E402
+from llama.convert import main
 
 if __name__ == "__main__":
     main()

@@ -4,13 +4,7 @@
     python scripts/evaluate.py --ckpt_dir ~/Meta-Llama-3.1-8B --tasks hellaswag,arc_easy --dtype bfloat16
     torchrun --nproc_per_node 2 scripts/evaluate.py --ckpt_dir ... --output_path results --log_samples
 """
-import sys
-from pathlib import Path
-
-# Run from a checkout without installing: make the repository's `llama` package importable.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from llama.evaluate import main  # noqa: E402
+from llama.evaluate import main
 
 if __name__ == "__main__":
     main()

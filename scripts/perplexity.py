@@ -16,23 +16,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from llama import Llama, distributed  # noqa: E402
-from llama.cli import build_generator, run  # noqa: E402
-from llama.scoring import score_batch, sliding_windows  # noqa: E402
-
-
-def file_nll(llama: Llama, ids: list[int], max_seq_len: int, stride: int, batch_size: int, progress=None) -> tuple[float, int]:
-    """(summed negative log-likelihood, tokens scored) of one token sequence, windows batched."""
-    windows = sliding_windows(len(ids), max_seq_len, stride)
-    total = 0.0
-    for i in range(0, len(windows), batch_size):
-        batch = [(ids[begin:first], ids[first:end]) for begin, first, end in windows[i : i + batch_size]]
-        total -= sum(lp for lp, _ in score_batch(llama.model, batch, llama.policy))
-        if progress is not None:
-            progress(min(i + batch_size, len(windows)), len(windows))
-    return total, sum(end - first for _, first, end in windows)
+from llama import distributed
+from llama.cli import run
+from llama.launch import build_generator
+from llama.scoring import sliding_windows, windowed_nll
 
 
 def main(
@@ -84,7 +72,7 @@ def main(
             if rank0 and (done == total or done % max(1, total // 10) < batch_size):
                 print(f"\r{name}: window {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-        nll, n = file_nll(llama, ids, max_seq_len, stride, batch_size, progress)
+        nll, n = windowed_nll(llama.model, ids, max_seq_len, stride, batch_size, progress, llama.policy)
         all_nll, all_tokens = all_nll + nll, all_tokens + n
         report["files"][f] = {"tokens": n, "loss": nll / n, "perplexity": math.exp(nll / n)}
     report["total"] = {"tokens": all_tokens, "loss": all_nll / all_tokens, "perplexity": math.exp(all_nll / all_tokens)}

@@ -10,11 +10,9 @@ example scripts and chat (Llama.build(verify=True)).
 """
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from llama import checkpoint  # noqa: E402
-from llama.cli import run  # noqa: E402
+from llama import checkpoint
+from llama.cli import run
 
 
 def verify(ckpt_dir: str) -> None:

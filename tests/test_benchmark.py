@@ -1,9 +1,10 @@
-"""scripts/benchmark.py runs end to end and reports every field (never a timing), and the compiled
+"""scripts/benchmark.py (benchmarks/bench_generate.py) runs end to end and reports every field (never a timing), and the compiled
 decode step gives the tokens of the eager one."""
 import json
 import logging
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -67,25 +68,28 @@ PROMPTS = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11, 12, 13], [14, 15]]
 
 
 @pytest.mark.slow
-def test_a_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
+def test_a_run_cut_short_keeps_what_it_measured(tmp_path):
     """The JSON is written after each implementation, so a run stopped midway (a time limit on a
     lent GPU) keeps the implementations it finished."""
-    import importlib.util
+    import os
+    import signal
 
-    spec = importlib.util.spec_from_file_location("benchmark_script", BENCHMARK)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    real_run = subprocess.run
-
-    def run(cmd, **kwargs):
-        if "hf-eager.json" in " ".join(map(str, cmd)):
-            raise KeyboardInterrupt  # stopped while the second implementation runs
-        return real_run(cmd, **kwargs)
-
-    monkeypatch.setattr(bench.subprocess, "run", run)
     out = tmp_path / "bench.json"
-    with pytest.raises(KeyboardInterrupt):
-        bench.main(shape="tiny", quick=True, impls="ours,hf-eager", baseline=False, out=str(out))
+    cmd = [sys.executable, str(BENCHMARK), "--shape", "tiny", "--quick", "--impls", "ours,hf-eager", "--baseline", "False",
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=helpers.REPO, env=helpers.child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("[ours] done"):
+                break
+        for _ in range(600):  # stopped once the first is written, while the second runs
+            if out.is_file() and out.read_text().endswith("}\n"):
+                break
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
     report = json.loads(out.read_text())
     assert report["complete"] is False and set(report["results"]) == {"ours"}
     assert report["results"]["ours"]["decode"]["short_b1"]["tokens_per_s"] > 0
@@ -145,15 +149,9 @@ def test_benchmark_compares_the_policy_with_forced_dtypes_and_notes_what_it_skip
     assert "llama.cpp skipped: llama.cpp not given" in proc.stdout
 
 
-def test_report_sets_each_precision_beside_llama_cpp():
+def test_report_sets_each_precision_beside_llama_cpp(tmp_path):
     """The report takes partial entries (llama.cpp has decode and prefill only) and sets ours beside
     llama.cpp at each precision and quantized beside bfloat16, as measured."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("benchmark_script", BENCHMARK)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-
     def ours(tok_s: float, prefill: float, load_gb: float, weight_bytes: int) -> dict:
         return {"decode": {"short_b1": {"batch": 1, "prompt": 64, "new": 64, "context": 97, "tokens_per_s": tok_s}},
                 "prefill": {"tokens": 512, "tokens_per_s": prefill, "ttft_s": 512 / prefill}, "load_s": 1.0,
@@ -168,7 +166,14 @@ def test_report_sets_each_precision_beside_llama_cpp():
                            "prefill": {"tokens": 512, "tokens_per_s": 70.0, "ttft_s": 7.3}, "file_gb": 1.6},
     }
     bw = {"ceiling": 50.0, "gemv": 40.0}
-    rows, ratios = bench.report(results, bw, {"weights": 2_000, "kv_per_token": 100}, itemsize=2)
+    stored, rendered = tmp_path / "stored.json", tmp_path / "rendered.json"
+    stored.write_text(json.dumps({"results": results, "bandwidth_gb_s": bw, "dtype": "bfloat16",
+                                  "bytes": {"weights": 2_000, "kv_per_token": 100}}))
+    proc = subprocess.run([sys.executable, str(BENCHMARK), "--report", str(stored), "--out", str(rendered)],
+                          capture_output=True, text=True, timeout=120, cwd=helpers.REPO, env=helpers.child_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(rendered.read_text())
+    rows, ratios = report["table"], report["ratios"]
     decode = "decode tok/s, batch 1, context 97"
     assert ratios[f"{decode}: ours / best of forced bf16, f32"] == pytest.approx(12 / 11)
     assert ratios["prefill tok/s, 512-token prompt: ours / best of forced bf16, f32"] == pytest.approx(60 / 58)
@@ -180,3 +185,49 @@ def test_report_sets_each_precision_beside_llama_cpp():
     f32_share, bf16_share = ratios[f"{decode}: ours-f32 / ceiling"], ratios[f"{decode}: ours-bf16 / ceiling"]
     assert f32_share / bf16_share == pytest.approx((4 / 11) * (4_000 + 97 * 100) / (2_000 + 97 * 100))
     assert {r["metric"] for r in rows} >= {decode, "model file, GB", "peak resident memory after loading, GB"}
+
+
+RENDER = helpers.REPO / "benchmarks" / "render.py"
+
+
+def _stored_run(date: str, tok_s: float) -> dict:
+    return {
+        "benchmark": "generate", "machine": {"cpu": "Some CPU 9000", "cores": 2, "gpu": None}, "date": date,
+        "command": "python scripts/benchmark.py --shape tiny --quick --out bench.json", "torch": "2.13.0",
+        "results": {"ours": {}},
+        "table": [{"metric": "decode tok/s, batch 1", "ours": tok_s, "hf-sdpa": 10.0, "ours / hf": tok_s / 10},
+                  {"metric": "load time, s", "ours": 1.25, "hf-sdpa": None}],
+        "headline": [{"metric": "decode tok/s, batch 1 (ours)", "value": tok_s}],
+    }
+
+
+def test_render_writes_one_table_per_run_with_its_machine_date_and_command(tmp_path):
+    """benchmarks/render.py: the page gets each JSON file's table (a new run replaces it, the prose
+    around stays), and the README's headline table is filled between its markers."""
+    stored, page, readme = tmp_path / "cpu-generate.json", tmp_path / "benchmarks.md", tmp_path / "README.md"
+    page.write_text("# Benchmarks\n\nProse a person wrote.\n")
+    readme.write_text("intro\n<!-- bench:start -->\nold numbers\n<!-- bench:end -->\nthe rest\n")
+
+    def render() -> str:
+        proc = subprocess.run([sys.executable, str(RENDER), str(stored), "--out", str(page), "--readme", str(readme)],
+                              capture_output=True, text=True, timeout=60, cwd=helpers.REPO, env=helpers.child_env())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return page.read_text()
+
+    stored.write_text(json.dumps(_stored_run("2026-12-01 10:00 UTC", 123.456)))
+    text = render()
+    assert text.startswith("# Benchmarks\n\nProse a person wrote.\n")
+    assert "## cpu-generate" in text and "Some CPU 9000, 2 cores; 2026-12-01 10:00 UTC; torch 2.13.0" in text
+    assert "`python scripts/benchmark.py --shape tiny --quick --out bench.json`" in text
+    assert "| metric | ours | hf-sdpa | ours / hf |\n|---|---|---|---|\n| decode tok/s, batch 1 | 123 | 10 | 12.3 |" in text
+    assert "| load time, s | 1.25 | - | - |" in text
+    assert readme.read_text() == (
+        "intro\n<!-- bench:start -->\n| metric | value | machine | date |\n|---|---|---|---|\n"
+        "| decode tok/s, batch 1 (ours) | 123 | Some CPU 9000, 2 cores | 2026-12-01 10:00 UTC |\n\n"
+        "Measured with `python scripts/benchmark.py --shape tiny --quick --out bench.json` (tables: docs/benchmarks.md).\n"
+        "<!-- bench:end -->\nthe rest\n")
+
+    stored.write_text(json.dumps(_stored_run("2026-12-07 09:00 UTC", 150.0)))  # a new run replaces the table
+    text = render()
+    assert text.count("## cpu-generate") == 1 and "2026-12-01" not in text and "| decode tok/s, batch 1 | 150 |" in text
+    assert text.startswith("# Benchmarks\n\nProse a person wrote.\n") and "| 150 |" in readme.read_text()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from tiktoken.load import load_tiktoken_bpe
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "demo"))  # the recipes under test
 import demo_corpus  # noqa: E402
 import train_tokenizer  # noqa: E402
 
@@ -110,7 +110,7 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
 def test_real_pages_subset_if_cached():
     root = Path(__file__).resolve().parents[1] / "data/cache/python3.11-doc/unpacked" / demo_corpus.HTML_ROOT
     if not root.is_dir():
-        pytest.skip("python3.11-doc not fetched; run scripts/demo_corpus.py")
+        pytest.skip("python3.11-doc not fetched; run recipes/demo/demo_corpus.py")
     pages = demo_corpus.list_pages(root / "library", limit=12)
     out = demo_corpus.build(pages)
     assert out["train"] and out["dialogs_train"]

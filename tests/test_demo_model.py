@@ -11,7 +11,7 @@ from llama import Llama
 from llama.checkpoint import expected_keys, load_shard
 from llama.demo import DEMO_DIR, DRAFT_DIR, TOKENIZER_PATH, resolve_paths
 
-sys.path.insert(0, str(helpers.REPO / "scripts"))
+sys.path.insert(0, str(helpers.REPO / "recipes" / "demo"))  # the recipes under test
 import evaluate_demo  # noqa: E402
 import teacher_corpus  # noqa: E402
 import train_demo  # noqa: E402

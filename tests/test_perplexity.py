@@ -1,6 +1,5 @@
 """scripts/perplexity.py against transformers' loss on the converted demo model, with the sliding window of
 Hugging Face's perplexity guide (same text, window and stride), and its bad input."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import torch
 import helpers
 from llama import Llama, convert
 from llama.demo import DEMO_DIR, TOKENIZER_PATH
-from llama.scoring import sliding_windows
+from llama.scoring import sliding_windows, windowed_nll
 from llama.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -54,19 +53,12 @@ def hf_model(tmp_path_factory):
     return transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("perplexity_script", PERPLEXITY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("stride", [WINDOW, 48])  # disjoint windows, and overlapping ones
 def test_sliding_window_loss_equals_transformers(hf_model, stride):
     llama = Llama.build(str(DEMO_DIR), str(TOKENIZER_PATH), max_seq_len=WINDOW, max_batch_size=3, device="cpu", dtype="float32")
     ids = llama.tokenizer.encode(TEXT, bos=True, eos=False)
     assert len(ids) > 4 * WINDOW
-    nll, n = load_script().file_nll(llama, ids, WINDOW, stride, batch_size=3)
+    nll, n = windowed_nll(llama.model, ids, WINDOW, stride, batch_size=3)
     hf_nll, hf_n = hf_guide_nll(hf_model, torch.tensor([ids]), WINDOW, stride)
     assert n == hf_n
     assert nll / n == pytest.approx(hf_nll / hf_n, abs=1e-4)

@@ -1,7 +1,6 @@
 """Weight-only quantization: the weight transforms against plain math, every CPU kernel path against
 dequantize-then-F.linear, quantized checkpoints against quantizing on load (bit for bit), real
 multi-process runs against one process, resharding, and one-line errors for bad input."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,20 +12,13 @@ import torch.nn.functional as F
 import helpers
 from llama import Llama, checkpoint, convert, distributed, hf, kernels, quantize, sharding
 from llama.model import ModelArgs
+from llama.reshard import quantize_checkpoint, reshard
 
 # hidden 384 and dim 128: int4 groups of 32 fit each slice on 1, 2 and 4 processes
 PARAMS = {**helpers.TINY_PARAMS, "dim": 128, "multiple_of": 128, "ffn_dim_multiplier": None}
 WORKER = "tests/workers/quantized_generate.py"
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, helpers.REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-quantize_script, reshard_script = _script("quantize"), _script("reshard")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +36,7 @@ def q_ckpts(tmp_path_factory, fp_ckpt):
     """fp_ckpt written by scripts/quantize.py as int8 and as int4 (group 32)."""
     root = tmp_path_factory.mktemp("q")
     for mode in ("int8", "int4"):
-        quantize_script.main(str(fp_ckpt), str(root / mode), mode=mode)
+        quantize_checkpoint(str(fp_ckpt), str(root / mode), mode=mode)
     return {mode: root / mode for mode in ("int8", "int4")}
 
 
@@ -209,10 +201,10 @@ def test_reshard_of_a_quantized_checkpoint_loads_bit_for_bit(tmp_path, q_ckpts):
     args = ModelArgs(**PARAMS)
     for mode, shards in (("int4", 4), ("int8", 2)):
         out = tmp_path / f"{mode}-{shards}"
-        reshard_script.reshard(str(q_ckpts[mode]), str(out), shards)
+        reshard(str(q_ckpts[mode]), str(out), shards)
         assert json.loads((out / "params.json").read_text())["quantization"]["mode"] == mode
         back = tmp_path / f"{mode}-back"
-        reshard_script.reshard(str(out), str(back), 1)
+        reshard(str(out), str(back), 1)
         original = checkpoint.load_rank_state(q_ckpts[mode], args, 0, 1)
         again = checkpoint.load_rank_state(back, args, 0, 1)
         assert all(torch.equal(original[k], again[k]) for k in original)
@@ -307,7 +299,7 @@ def test_a_tied_checkpoint_quantizes_the_embedding_once_and_stays_tied(tmp_path,
     tied = tmp_path / "tied"
     checkpoint.save_checkpoint({k: v for k, v in sd.items() if k != "output.weight"}, PARAMS, tied)
     helpers.write_byte_tokenizer(tied / "tokenizer.model")
-    quantize_script.main(str(tied), str(tmp_path / "q"), mode=mode)
+    quantize_checkpoint(str(tied), str(tmp_path / "q"), mode=mode)
     assert "output.weight" not in checkpoint.load_shard(tmp_path / "q" / "consolidated.00.pth")
     helpers.write_byte_tokenizer(tmp_path / "q" / "tokenizer.model")
     on_load, from_file = build(tied, mode), build(tmp_path / "q")

@@ -1,6 +1,5 @@
 """scripts/reshard.py: bit-exact round trips through other shard counts, the canonical Meta layout,
 tied checkpoints, dtype conversion, and refusals."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,11 +9,8 @@ import pytest
 import torch
 
 import helpers
-from llama import checkpoint
+from llama import checkpoint, reshard
 
-_spec = importlib.util.spec_from_file_location("reshard", helpers.REPO / "scripts" / "reshard.py")
-reshard = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(reshard)
 
 PARAMS = {**helpers.TINY_PARAMS, "use_scaled_rope": True}  # 2 KV heads: 4 shards repeat each head twice
 SCRIPT = str(helpers.REPO / "scripts" / "reshard.py")

@@ -2,7 +2,6 @@
 destination's bytes unchanged, --overwrite replaces it whole, a SIGKILL at any step leaves it absent,
 as it was, or complete; readers refuse inconsistent directories; checklist.chk is verified."""
 import hashlib
-import importlib.util
 import multiprocessing
 import os
 import shutil
@@ -15,15 +14,12 @@ import pytest
 import torch
 
 import helpers
-from llama import Llama, atomic, checkpoint
+from llama import Llama, atomic, checkpoint, reshard
 
 pytest.importorskip("safetensors")
 from llama import convert  # noqa: E402
 
 sys.path.insert(0, str(helpers.REPO / "tests" / "workers"))
-_spec = importlib.util.spec_from_file_location("reshard", helpers.REPO / "scripts" / "reshard.py")
-reshard = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(reshard)
 
 OTHER = {**helpers.TINY_PARAMS, "n_layers": 1}  # a different model, to tell old from new
 
@@ -417,17 +413,14 @@ def test_example_script_verify_flag_names_the_damaged_file(tmp_path, meta):
 
 
 def test_quantize_over_an_existing_checkpoint_is_refused_and_overwrite_replaces_it_whole(tmp_path, meta):
-    spec = importlib.util.spec_from_file_location("quantize_script", helpers.REPO / "scripts" / "quantize.py")
-    quantize_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(quantize_script)
     dst = tmp_path / "dst"
     shutil.copytree(meta, dst)
     before = snapshot(dst)
     with pytest.raises(ValueError, match=r"already holds 4 file\(s\) .*pass --overwrite to replace it whole"):
-        quantize_script.main(str(meta), str(dst), mode="int8")
+        reshard.quantize_checkpoint(str(meta), str(dst), mode="int8")
     assert snapshot(dst) == before
     with pytest.raises(ValueError, match="is the input directory"):
-        quantize_script.main(str(meta), str(meta), mode="int8", overwrite=True)
-    quantize_script.main(str(meta), str(dst), mode="int8", overwrite=True)
+        reshard.quantize_checkpoint(str(meta), str(meta), mode="int8", overwrite=True)
+    reshard.quantize_checkpoint(str(meta), str(dst), mode="int8", overwrite=True)
     assert sorted(p.name for p in dst.iterdir()) == ["consolidated.00.pth", "consolidated.01.pth", "params.json", "tokenizer.model"]
     assert checkpoint.inspect_dir(dst).quant.mode == "int8"

@@ -120,7 +120,7 @@ def serve(
     Under torchrun, every rank loads its part; rank 0 serves HTTP and leads the steps (and the
     shutdown: the other ranks ignore the signals and stop when it does).
     """
-    from llama.cli import build_generator
+    from llama.launch import build_generator
 
     _check_flags(max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_queue=max_queue,
                  max_request_bytes=max_request_bytes, max_connections=max_connections, port=port,

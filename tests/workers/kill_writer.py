@@ -4,7 +4,6 @@ tests/test_writers.py runs `run_writer` in a child process (forked from a server
 torch and the writers once), waits for the child to report that it reached step k, and SIGKILLs it.
 The steps are the real calls the writers make (each file written, copied, renamed or removed): the
 hook announces the step before the call happens, so step k means "killed just before the k-th"."""
-import importlib.util
 import os
 import pathlib
 import shutil
@@ -14,15 +13,8 @@ import time
 import safetensors.torch
 import torch
 
-from llama import atomic, convert
+from llama import atomic, convert, reshard
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("reshard_script", REPO / "scripts" / "reshard.py")
-reshard_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(reshard_script)
-_spec = importlib.util.spec_from_file_location("quantize_script", REPO / "scripts" / "quantize.py")
-quantize_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(quantize_script)
 
 # (owner, attribute) of every call that changes the file system while a writer runs
 STEPS = [
@@ -60,7 +52,7 @@ def run_writer(kind: str, src: str, dst: str, overwrite: bool, kill_at: int, con
     elif kind == "from_hf":
         convert.from_hf(src, dst, shards=2, overwrite=overwrite)
     elif kind == "quantize":
-        quantize_script.main(src, dst, mode="int8", overwrite=overwrite)
+        reshard.quantize_checkpoint(src, dst, mode="int8", overwrite=overwrite)
     else:
-        reshard_script.reshard(src, dst, shards=2, overwrite=overwrite)
+        reshard.reshard(src, dst, shards=2, overwrite=overwrite)
     conn.send(("done", count))
