@@ -20,7 +20,7 @@ from typing import Optional
 from llama import distributed
 from llama.cli import run
 from llama.launch import build_generator
-from llama.scoring import sliding_windows, windowed_nll
+from llama.eval.scoring import sliding_windows, windowed_nll
 
 
 def main(

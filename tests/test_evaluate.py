@@ -1,4 +1,4 @@
-"""llama/evaluate.py (scripts/evaluate.py, llama-eval) against lm-eval's own `hf` model on the converted demo
+"""llama/eval/ (scripts/evaluate.py, llama-eval) against lm-eval's own `hf` model on the converted demo
 model, and against lm-eval's `local-completions` model pointed at our server (scripts/serve.py), on every
 task of the bundled suite, read from lm-eval's own results and samples files; two processes under
 torchrun against one; the suite loads offline from anywhere; bad input is one line."""
@@ -23,8 +23,9 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from llama import Llama, convert  # noqa: E402
 from llama.demo import DEMO_DIR, TOKENIZER_PATH  # noqa: E402
-from llama.eval_tasks import SUITE  # noqa: E402
-from llama.evaluate import LlamaLM, check_tokenizer, evaluate, prepare_tasks, task_manager_for  # noqa: E402
+from llama.eval.tasks import SUITE  # noqa: E402
+from llama.eval.harness import check_tokenizer, evaluate, prepare_tasks, task_manager_for  # noqa: E402
+from llama.eval.lm import LlamaLM  # noqa: E402
 from llama.hf import write_hf_tokenizer  # noqa: E402
 
 TASKS = ["llama_demo_next_sentence", "llama_demo_perplexity", "llama_demo_next_word"]

@@ -10,7 +10,7 @@ import torch
 import helpers
 from llama import Llama, convert
 from llama.demo import DEMO_DIR, TOKENIZER_PATH
-from llama.scoring import sliding_windows, windowed_nll
+from llama.eval.scoring import sliding_windows, windowed_nll
 from llama.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")

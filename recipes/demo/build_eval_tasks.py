@@ -1,12 +1,12 @@
-"""Build the data of the bundled lm-eval task suite (llama/eval_tasks/) from the demo corpus's
+"""Build the data of the bundled lm-eval task suite (llama/eval/tasks/) from the demo corpus's
 held-out pages, which the demo model never trained on. Deterministic: the same corpus gives the
 same files, byte for byte.
 
     python recipes/demo/demo_corpus.py               # writes data/demo/corpus_heldout.txt (fetches the pinned .deb)
-    python recipes/demo/build_eval_tasks.py build    # writes llama/eval_tasks/*.jsonl
+    python recipes/demo/build_eval_tasks.py build    # writes llama/eval/tasks/*.jsonl
     python recipes/demo/build_eval_tasks.py chance   # what chance scores on them (the README's baseline)
 
-Three tasks (see llama/eval_tasks/*.yaml):
+Three tasks (see llama/eval/tasks/*.yaml):
   next_sentence.jsonl  multiple choice: the sentence that follows a passage, against three
                        sentences of similar length from other held-out pages (chance: 25%).
   perplexity.jsonl     rolling log-likelihood of the held-out pages, cut at paragraph boundaries
@@ -24,8 +24,8 @@ from typing import Optional
 from demo_corpus import read_documents
 
 from llama.cli import run
+from llama.eval.tasks import TASKS_DIR  # the package's own task directory, wherever it is installed
 
-TASKS_DIR = Path(__file__).resolve().parent.parent / "llama" / "eval_tasks"
 PIECE_CHARS = 1500
 MAX_PIECES_PER_PAGE = 12  # the longest page (the logging cookbook) would otherwise dominate
 MAX_ITEMS = 200
@@ -117,7 +117,7 @@ def build(heldout: str = "data/demo/corpus_heldout.txt", out_dir: str = str(TASK
 
     Args:
         heldout: the held-out corpus written by recipes/demo/demo_corpus.py.
-        out_dir: where the task data goes (default: the package's llama/eval_tasks/).
+        out_dir: where the task data goes (default: the package's llama/eval/tasks/).
     """
     if not Path(heldout).is_file():
         raise FileNotFoundError(f"{heldout} not found: run `python recipes/demo/demo_corpus.py` first")

@@ -1,5 +1,5 @@
 """Log-likelihood of token continuations, several sequences per forward pass: what evaluation and
-perplexity are built on (llama/evaluate.py, scripts/perplexity.py)."""
+perplexity are built on (llama/eval/lm.py, scripts/perplexity.py)."""
 from typing import Callable, Optional, Sequence
 
 import torch
