@@ -4,8 +4,8 @@ from typing import Sequence
 
 import torch
 
-from llama import kernels
 from llama.model import Transformer
+from llama.runtime import compute as kernels  # kernels_for moves to the runner
 
 
 @torch.inference_mode()

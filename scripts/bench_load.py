@@ -27,7 +27,9 @@ import fire
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llama import checkpoint, distributed, kernels, sharding  # noqa: E402
+from llama import distributed  # noqa: E402
+from llama.runtime import probes  # noqa: E402
+from llama.weights import checkpoint, loader, save, sharding  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
 
 METHODS = ("lean", "naive")
@@ -52,7 +54,7 @@ def create_checkpoint(out_dir: Path, params: dict, dtype: torch.dtype, shards: i
         shape = sharding.full_shape(key, args)
         scale = 1.0 if len(shape) == 1 else shape[1] ** -0.5
         full[key] = (torch.randn(shape, generator=gen) * scale).to(dtype)
-    checkpoint.save_checkpoint(full, params, out_dir, n_shards=shards)
+    save.save_checkpoint(full, params, out_dir, n_shards=shards)
     return sum(t.numel() for t in full.values())
 
 
@@ -81,7 +83,7 @@ def _peak_rss_gb() -> float:
 def measure_method(method: str, ckpt_dir: str, dtype: str, device: str = "cpu") -> dict:
     """Load the checkpoint in this process with `method`; load time, memory and a logits checksum."""
     dev = distributed.resolve_device(device)
-    torch_dtype = kernels.resolve_dtype(dtype, dev)
+    torch_dtype = probes.resolve_dtype(dtype, dev)
     distributed.setup(dev)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -91,7 +93,7 @@ def measure_method(method: str, ckpt_dir: str, dtype: str, device: str = "cpu") 
     base = _current_rss_gb()
     start = time.perf_counter()
     if method == "lean":
-        model = checkpoint.load_model(ckpt_dir, args, 0, 1, dev, torch_dtype)
+        model = loader.load_model(ckpt_dir, args, 0, 1, dev, torch_dtype)
     elif method == "naive":
         paths = checkpoint.shard_paths(ckpt_dir)
         if len(paths) != 1:
@@ -168,7 +170,7 @@ def main(
         tmp = Path(tempfile.mkdtemp(prefix="bench_load_"))
         ckpt_dir = tmp / "ckpt"
         start = time.perf_counter()
-        torch_dtype = kernels.resolve_dtype(dtype, torch.device("cpu"))
+        torch_dtype = probes.resolve_dtype(dtype, torch.device("cpu"))
         n = create_checkpoint(ckpt_dir, make_params(dim, n_layers, vocab_size), torch_dtype, shards)
         print(f"created {ckpt_dir}: {n / 1e6:.1f}M params in {time.perf_counter() - start:.1f}s")
     ckpt_dir = Path(ckpt_dir)

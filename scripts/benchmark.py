@@ -49,7 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch  # noqa: E402
 
-from llama import checkpoint, cli, distributed, hf, kernels, registry  # noqa: E402
+from llama import cli, distributed, registry  # noqa: E402
+from llama.runtime import probes  # noqa: E402
+from llama.weights import hf, save  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 
 # ours under each dtype policy and each weight quantization: the keyword arguments of Llama.build
@@ -166,7 +168,7 @@ def write_models(root: Path, params: dict, dtype: torch.dtype, device: torch.dev
 
     meta, hf_dir = root / "meta", root / "hf"
     sd = random_weights(params, dtype, device, seed)
-    checkpoint.save_checkpoint(sd, params, meta)
+    save.save_checkpoint(sd, params, meta)
     write_tokenizer(meta / "tokenizer.model", params["vocab_size"] - N_SPECIAL)
     hf_dir.mkdir(parents=True, exist_ok=True)
     config = hf.config_from_params(params, torch_dtype=hf.dtype_name(dtype))
@@ -511,7 +513,7 @@ def llama_cpp(spec: dict) -> dict:
     """llama.cpp on the same weights: our to_hf output read by its convert_hf_to_gguf.py (BF16),
     quantized by llama-quantize (Q8_0, Q4_0), all three timed by llama-bench in one call: decode
     of short_new tokens after a short_prompt context (-d, its depth) and prefill of prefill_len."""
-    from llama import convert
+    from llama.weights import convert
 
     tools = llama_cpp_tools(spec.get("llama_cpp"))
     if spec["device"] != "cpu":
@@ -930,7 +932,7 @@ def main(
     params = registry.get(shape)
     if n_layers:
         params["n_layers"] = int(n_layers)
-    dt = kernels.resolve_dtype(dtype, dev, weight_bytes=model_bytes(params, torch.bfloat16)["weights"])
+    dt = probes.resolve_dtype(dtype, dev, weight_bytes=model_bytes(params, torch.bfloat16)["weights"])
     s = settings(quick, long_context, prefill_len, dev)
     if isinstance(impls, str):
         impls = impls.split(",")

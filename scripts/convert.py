@@ -11,7 +11,7 @@ from pathlib import Path
 # Run from a checkout without installing: make the repository's `llama` package importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama.convert import main  # noqa: E402
+from llama.weights.convert import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

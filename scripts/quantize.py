@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llama import atomic, checkpoint, cli, quantize, sharding  # noqa: E402
+from llama import atomic, cli  # noqa: E402
+from llama.weights import checkpoint, quant_formats, save, sharding  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 
 
@@ -48,9 +49,9 @@ def main(
     params = checkpoint.read_params(src_dir)
     if "quantization" in params:
         raise ValueError(f"{src_dir} is already quantized ({params['quantization']}): quantize its full-precision original")
-    if mode not in quantize.FILE_MODES:
-        raise ValueError(f"unknown mode {mode!r}: scripts/quantize.py writes {' or '.join(quantize.FILE_MODES)} (fp8 quantizes on load)")
-    config = quantize.resolve(mode, group_size, quantize_output)
+    if mode not in quant_formats.FILE_MODES:
+        raise ValueError(f"unknown mode {mode!r}: scripts/quantize.py writes {' or '.join(quant_formats.FILE_MODES)} (fp8 quantizes on load)")
+    config = quant_formats.resolve(mode, group_size, quantize_output)
     args = ModelArgs(**params)
     layout = checkpoint.inspect_checkpoint(src_dir, args)
     n_out = shards or layout.n_shards
@@ -65,12 +66,12 @@ def main(
     state = {}
     for key in layout.keys:
         full = sharding.merge_pieces(key, [m[key] for m in mapped], args)
-        state.update(quantize.quantize_weight(key, full, config) if config.applies(key) else {key: full})
+        state.update(quant_formats.quantize_weight(key, full, config) if config.applies(key) else {key: full})
     # a tied checkpoint stays tied: the loader gives the output the embedding's quantized tensors
     print(f"quantized {len(keys)} projections in {time.perf_counter() - start:.1f}s")
     # published only once the whole result reads back as a quantized checkpoint
     with atomic.atomic_output_dir(out, overwrite, inputs=[src_dir], verify=checkpoint.inspect_dir) as tmp:
-        checkpoint.save_checkpoint(state, {**params, "quantization": config.to_params()}, tmp, n_shards=n_out)
+        save.save_checkpoint(state, {**params, "quantization": config.to_params()}, tmp, n_shards=n_out)
         if (src_dir / "tokenizer.model").is_file():
             shutil.copyfile(src_dir / "tokenizer.model", tmp / "tokenizer.model")
     size = sum(p.stat().st_size for p in out.glob("*.pth"))

@@ -21,7 +21,9 @@ import fire
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llama import atomic, checkpoint, kernels, sharding  # noqa: E402
+from llama import atomic  # noqa: E402
+from llama.runtime import policy  # noqa: E402
+from llama.weights import checkpoint, rank_state, sharding  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 
 
@@ -41,7 +43,7 @@ def reshard(ckpt_dir: str, out_dir: str, shards: int, dtype: Optional[str] = Non
     args = ModelArgs(**params)
     layout = checkpoint.inspect_checkpoint(src, args)
     sharding.check_process_count(args, layout.n_shards, shards, str(src))
-    out_dtype = kernels.parse_dtype(dtype) if dtype else None
+    out_dtype = policy.parse_dtype(dtype) if dtype else None
     tied = " (output tied to the embedding)" if layout.tied else ""
     print(f"{src}: {layout.n_shards} shard(s) -> {shards} shard(s) in {out}{tied}")
     # published only once the whole result reads back as a checkpoint of `shards` shards
@@ -55,7 +57,7 @@ def _write(
 ) -> None:
     start = time.perf_counter()
     for k in range(shards):
-        state = checkpoint.load_rank_state(src, args, k, shards, "cpu", out_dtype, layout)
+        state = rank_state.load_rank_state(src, args, k, shards, "cpu", out_dtype, layout)
         path = out / f"consolidated.{k:02d}.pth"
         torch.save(state, path)
         _verify_shard(path, state, args, k, shards, layout.quant)

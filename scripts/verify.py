@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from llama import checkpoint  # noqa: E402
+from llama.weights import checklist  # noqa: E402
 from llama.cli import run  # noqa: E402
 
 
@@ -24,8 +24,8 @@ def verify(ckpt_dir: str) -> None:
         ckpt_dir: the checkpoint directory holding checklist.chk.
     """
     start = time.perf_counter()
-    n_files = len(checkpoint.read_checklist(ckpt_dir))
-    problems = checkpoint.checklist_problems(ckpt_dir, report=lambda line: print(line, flush=True))
+    n_files = len(checklist.read_checklist(ckpt_dir))
+    problems = checklist.checklist_problems(ckpt_dir, report=lambda line: print(line, flush=True))
     for line in problems:
         print(f"bad: {line}", file=sys.stderr)
     if problems:

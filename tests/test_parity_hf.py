@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import helpers
-from llama import distributed, hf, registry
+from llama import distributed, registry
+from llama.weights import hf
 from llama.model import ModelArgs, Transformer
 
 transformers = pytest.importorskip("transformers")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import helpers
-from llama import Llama, convert
+from llama import Llama
+from llama.weights import convert
 from llama.demo import DEMO_DIR, TOKENIZER_PATH
 from llama.scoring import sliding_windows
 from llama.tokenizer import Tokenizer

@@ -15,7 +15,7 @@ import torch
 
 import helpers
 from llama import Llama
-from llama.checkpoint import save_checkpoint
+from llama.weights.save import save_checkpoint
 from llama.server import tool_prompt, to_dialog
 
 KEY = helpers.SERVER_KEY

@@ -9,7 +9,7 @@ import torch
 
 import helpers
 from llama import Llama, speculative
-from llama.checkpoint import save_checkpoint
+from llama.weights.save import save_checkpoint
 from llama.engine import Request, sampling_probs
 
 MAX_SEQ_LEN = 64

@@ -14,7 +14,8 @@ import time
 import safetensors.torch
 import torch
 
-from llama import atomic, convert
+from llama import atomic
+from llama.weights import convert
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("reshard_script", REPO / "scripts" / "reshard.py")

@@ -11,7 +11,7 @@ from typing import Optional, Union
 import torch
 
 from llama import registry
-from llama.model import ModelArgs, ffn_hidden_dim
+from llama.args import ModelArgs, ffn_hidden_dim
 
 
 # Meta module path inside a layer -> HF module path inside `model.layers.{i}`.

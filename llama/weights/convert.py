@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 from typing import Optional, Union
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import fire
+import torch
 
-import fire  # noqa: E402
-import torch  # noqa: E402
-
-from llama import atomic, checkpoint, hf, sharding  # noqa: E402
-from llama.model import ModelArgs  # noqa: E402
+from llama import atomic
+from llama.args import ModelArgs
+from llama.weights import checkpoint, hf, sharding
 
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
