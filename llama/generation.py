@@ -118,24 +118,19 @@ class Llama:
             rope_scale_factor, verify, quantize, group_size, quantize_output, draft_ckpt_dir,
             draft_sharded=draft_parallel == speculative.SHARDED,
         )
-        model, tokenizer = loaded.model, loaded.tokenizer
-        model.policy = loaded.policy
+        loaded.model.policy = loaded.policy  # until the runner is handed the policy
         speculator = None
         if loaded.draft is not None:
             loaded.draft.policy = loaded.draft_policy
             speculator = speculative.Speculator(loaded.draft, speculate_k, loaded.draft_context)
+            _log_draft(draft_ckpt_dir, speculate_k, draft_parallel)
         if distributed.is_rank0():  # the loader has logged the shards and their load time
-            if speculator is not None:
-                mp_size = distributed.model_parallel_size()
-                how = "" if mp_size == 1 else f", {draft_parallel} over {mp_size} ranks"
-                count = f"1 to {speculative.AUTO_MAX_K} (adaptive)" if speculate_k == speculative.AUTO else speculate_k
-                logger.info("Speculative decoding: draft %s proposes %s tokens per step%s", draft_ckpt_dir, count, how)
             logger.info(
                 "Loaded in %.2f seconds: running on %s in %s; tokenizer %s (%d tokens)",
-                time.perf_counter() - start, loaded.device,
-                str(loaded.policy.weights).removeprefix("torch."), tokenizer_path, tokenizer.n_words,
+                time.perf_counter() - start, loaded.device, str(loaded.policy.weights).removeprefix("torch."),
+                tokenizer_path, loaded.tokenizer.n_words,
             )
-        return Llama(model, tokenizer, compile=compile, speculator=speculator)
+        return Llama(loaded.model, loaded.tokenizer, compile=compile, speculator=speculator)
 
     def __init__(
         self, model: Transformer, tokenizer: Tokenizer, compile: bool = False, speculator: Optional[speculative.Speculator] = None
@@ -376,3 +371,12 @@ class Llama:
         if "tool_calls" not in message:
             return {"role": "assistant", "content": message["content"]}
         return message
+
+
+def _log_draft(draft_dir: str, k: Union[int, str], parallel: str) -> None:
+    """One line on rank 0: the draft and how many tokens it proposes per step."""
+    if distributed.is_rank0():
+        mp_size = distributed.model_parallel_size()
+        how = "" if mp_size == 1 else f", {parallel} over {mp_size} ranks"
+        count = f"1 to {speculative.AUTO_MAX_K} (adaptive)" if k == speculative.AUTO else k
+        logger.info("Speculative decoding: draft %s proposes %s tokens per step%s", draft_dir, count, how)

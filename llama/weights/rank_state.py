@@ -7,6 +7,7 @@ import mmap
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -109,33 +110,62 @@ def load_rank_state(
         shape = sharding.piece_shape(key, args, rank, count, stored)
         return torch.empty(shape, dtype=kept if keep or dtype is None else dtype, device=device)
 
-    sources = sharding.source_ranks(layout.n_shards, rank, count)
-    show = distributed.is_rank0()
-    if on_load is None:  # one source shard at a time, each filling its part of every tensor
-        targets = {key: target(key) for key in layout.keys}
-        covered = dict.fromkeys(targets, 0)
-        progress = _progress(sum(t.nbytes for t in targets.values()), show)
-        for i, k in enumerate(sources):
-            path = layout.paths[k]
-            if show:  # with several ranks each reads its own shards: say both counts
-                logger.info(
-                    "loading %s (shard %d of %d in the checkpoint, %.2f GB; %d of %d this process reads) ...",
-                    path.name, k + 1, layout.n_shards, path.stat().st_size / 1e9, i + 1, len(sources),
-                )
-            shard = _MappedShard(path)
-            for key, t in targets.items():
-                covered[key] = _copy_piece(key, t, covered[key], shard, k, layout.n_shards, args, rank, count, stored, progress)
-        for key in targets:
-            _check_covered(key, covered[key], args, rank, count, stored)
-        return targets
+    piece = _Piece(layout, args, rank, count)
+    if on_load is None:
+        return _by_shard(piece, target)
+    return _quantizing(piece, target, on_load, reduce_max)
 
-    # quantizing on load: one tensor at a time, from all its source shards (mapped, not resident).
-    # Largest first: the one full-precision tensor held (the 1B's embedding is a fifth of it) then
-    # sits beside few quantized ones, and the peak is about the quantized model's size. The order
-    # is the same on every rank (the shards' shapes), as reduce_max's all-reduces need.
+
+@dataclass(frozen=True)
+class _Piece:
+    """Which slice is assembled: rank `rank` of `count` of the checkpoint `layout` of `args`."""
+
+    layout: Layout
+    args: ModelArgs
+    rank: int
+    count: int
+
+    @property
+    def sources(self) -> list[int]:
+        return sharding.source_ranks(self.layout.n_shards, self.rank, self.count)
+
+
+def _by_shard(piece: _Piece, target: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor of the slice, one source shard at a time, each filling its part of every tensor."""
+    layout, args, rank, count, stored = piece.layout, piece.args, piece.rank, piece.count, piece.layout.quant
+    show = distributed.is_rank0()
+    targets = {key: target(key) for key in layout.keys}
+    covered = dict.fromkeys(targets, 0)
+    progress = _progress(sum(t.nbytes for t in targets.values()), show)
+    sources = piece.sources
+    for i, k in enumerate(sources):
+        path = layout.paths[k]
+        if show:  # with several ranks each reads its own shards: say both counts
+            logger.info(
+                "loading %s (shard %d of %d in the checkpoint, %.2f GB; %d of %d this process reads) ...",
+                path.name, k + 1, layout.n_shards, path.stat().st_size / 1e9, i + 1, len(sources),
+            )
+        shard = _MappedShard(path)
+        for key, t in targets.items():
+            covered[key] = _copy_piece(key, t, covered[key], shard, k, layout.n_shards, args, rank, count, stored, progress)
+    for key in targets:
+        _check_covered(key, covered[key], args, rank, count, stored)
+    return targets
+
+
+def _quantizing(
+    piece: _Piece, target: Callable[[str], torch.Tensor], quant: QuantConfig, reduce_max: Optional[ReduceMax]
+) -> dict[str, torch.Tensor]:
+    """The slice of a full-precision checkpoint quantized on load: one tensor at a time, from all its
+    source shards (mapped, not resident). Largest first: the one full-precision tensor held (the
+    1B's embedding is a fifth of it) then sits beside few quantized ones, and the peak is about the
+    quantized model's size. The order is the same on every rank (the shards' shapes), as
+    reduce_max's all-reduces need."""
+    layout, args, rank, count = piece.layout, piece.args, piece.rank, piece.count
+    show = distributed.is_rank0()
     if show:
-        logger.info("loading %s and quantizing (%s) ...", ", ".join(layout.paths[k].name for k in sources), quant.describe())
-    shards = {k: _MappedShard(layout.paths[k]) for k in sources}
+        logger.info("loading %s and quantizing (%s) ...", ", ".join(layout.paths[k].name for k in piece.sources), quant.describe())
+    shards = {k: _MappedShard(layout.paths[k]) for k in piece.sources}
     progress = _progress(sum(sharding.piece_shape(key, args, rank, count).numel() * layout.dtypes[key].itemsize for key in layout.keys), show)
     state = {}
     for key in sorted(layout.keys, key=lambda k: -layout.shapes[k].numel()):
@@ -143,8 +173,8 @@ def load_rank_state(
         for k, shard in shards.items():
             done = _copy_piece(key, t, done, shard, k, layout.n_shards, args, rank, count, None, progress)
         _check_covered(key, done, args, rank, count, None)
-        if on_load.applies(key):
-            state.update(quantize_weight(key, t, on_load, reduce_max))
+        if quant.applies(key):
+            state.update(quantize_weight(key, t, quant, reduce_max))
             del t
             memory.release_freed_memory()  # the quantizing temporaries, before the next tensor is read
         else:
