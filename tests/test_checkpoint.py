@@ -71,7 +71,7 @@ def references(cpu_group, full_sd) -> dict:
 
 
 def expected_slice(key: str, full: torch.Tensor, rank: int, count: int) -> torch.Tensor:
-    """The sharding rules written out independently of llama.checkpoint."""
+    """The sharding rules written out independently of llama.weights."""
     module = key.split(".")[-2]
     head_dim, n_kv = PARAMS["dim"] // PARAMS["n_heads"], PARAMS["n_kv_heads"]
     if module in ("wk", "wv") and count > n_kv:

@@ -1,4 +1,4 @@
-"""Compiled graphs of models held in the cache (llama/graph_kernels.py): the loops it puts in place
+"""Compiled graphs of models held in the cache (llama/runtime/graphs.py): the loops it puts in place
 of library calls compute the plain-math product and attention; the pass joins products of one input
 and rewrites only what it should; compiled steps through it decode eager's greedy tokens."""
 import logging

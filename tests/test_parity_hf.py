@@ -1,5 +1,5 @@
 """Our Transformer against transformers.LlamaForCausalLM, an independent implementation, on the
-same random weights (converted with llama/hf.py); plus the registry's published shapes."""
+same random weights (converted with llama/weights/hf.py); plus the registry's published shapes."""
 import json
 from typing import Optional
 

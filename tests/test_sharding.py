@@ -1,4 +1,4 @@
-"""The tensor-parallel rules of llama.sharding: slices of every key on every count cover the full
+"""The tensor-parallel rules of llama.weights.sharding: slices of every key on every count cover the full
 tensor exactly once (KV heads repeated past n_kv_heads), merge inverts the split, and quantized
 keys split with their weights."""
 import pytest

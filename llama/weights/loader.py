@@ -1,6 +1,6 @@
 # Loading a model, straight down: params.json -> ModelArgs -> the kernel policy -> an empty model
-# (meta device, no master weights) -> quantized modules swapped in -> this rank's state, read
-# memory-mapped and assigned -> on the device. `load` is the whole pipeline Llama.build runs (the
+# (meta device, no master weights) -> this rank's state, read memory-mapped into tensors on the
+# device -> quantized modules built from their stored tensors and swapped in -> the rest assigned. `load` is the whole pipeline Llama.build runs (the
 # draft of speculative decoding included); `load_model` the checkpoint-to-model part of it.
 import contextlib
 import logging
@@ -89,18 +89,16 @@ def load(
         device, forced_dtype, weight_bytes=torch.bfloat16.itemsize * args.decode_weights // mp_size,
         shape=(args.ffn_hidden_dim // mp_size, args.dim),
     )
-    loaded = Loaded(None, tokenizer, policy, device)
+    draft, draft_context = None, contextlib.nullcontext
     if draft_ckpt_dir is not None:  # in the measured policy: the draft is never quantized
-        loaded.draft_policy = policy
-        loaded.draft, loaded.draft_context = load_draft(
-            draft_ckpt_dir, args, tokenizer_path, device, policy.weights, forced_dtype, draft_sharded
-        )
-    if quant is not None:  # quantized products pick their own kernel and compute dtype (quant_choice)
-        loaded.policy = policies.uniform(policy.weights, reason=f"{quant.name} weights: quant_choice.quantized_kernel picks theirs")
-    loaded.model = load_model(
+        draft, draft_context = load_draft(draft_ckpt_dir, args, tokenizer_path, device, policy.weights, forced_dtype, draft_sharded)
+    model = load_model(
         ckpt_dir, args, distributed.model_parallel_rank(), mp_size, device, policy.weights, quant, compute_dtype=forced_dtype
     )
-    return loaded
+    # quantized products pick their own kernel and compute dtype (llama.runtime.quant_choice)
+    reason = f"{quant.name} weights: quant_choice.quantized_kernel picks theirs" if quant is not None else ""
+    model_policy = policy if quant is None else policies.uniform(policy.weights, reason=reason)
+    return Loaded(model, tokenizer, model_policy, device, draft, policy if draft is not None else None, draft_context)
 
 
 def load_draft(

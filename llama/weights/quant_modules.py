@@ -11,9 +11,8 @@ from torch import nn
 
 from llama import memory
 from llama.distributed import gather_from_model_parallel_region, reduce_from_model_parallel_region
+from llama.runtime import quant_choice, w8a8
 from llama.runtime import quant_kernels as qk
-from llama.runtime import w8a8
-from llama.runtime import quant_choice
 from llama.runtime.quant_choice import QUANT_PATHS, QUANT_STEPS, step_for
 from llama.weights import quant_formats, sharding
 from llama.weights.quant_formats import BLOCK_MODULES, QuantConfig, by_rows, dequantize, model_parallel_max

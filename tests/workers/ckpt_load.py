@@ -1,4 +1,4 @@
-"""Worker for the checkpoint tests: load each checkpoint with llama.checkpoint.load_model on this
+"""Worker for the checkpoint tests: load each checkpoint with llama.weights.loader.load_model on this
 process group's model-parallel size, run a forward pass and a few greedy decode steps, and save the
 logits and tokens from rank 0 (torch.save of {ckpt_dir: {"logits", "tokens", "slices"}})."""
 import fire
