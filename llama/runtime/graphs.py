@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from llama import distributed
 from llama.runtime.cpu import best_time
+from llama.runtime.policy import dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ def _one_row_in_graph(dim: int, heads: Tuple[int, int, int], slots: int, dtype: 
     if distributed.is_rank0() and len(seconds) == 2:
         logger.info(
             "Compiled one-row steps (%dx%d %s products, attention over %d slots): %s (measured in %.1f s)",
-            dim, dim, str(dtype).removeprefix("torch."), slots, "compiled loops" if faster else "library calls",
+            dim, dim, dtype_name(dtype), slots, "compiled loops" if faster else "library calls",
             time.perf_counter() - start,
         )
         logger.debug(

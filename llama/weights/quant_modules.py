@@ -13,6 +13,7 @@ from llama import memory
 from llama.distributed import gather_from_model_parallel_region, reduce_from_model_parallel_region
 from llama.runtime import quant_choice, w8a8
 from llama.runtime import quant_kernels as qk
+from llama.runtime.policy import dtype_name
 from llama.runtime.quant_choice import QUANT_PATHS, QUANT_STEPS, step_for
 from llama.weights import quant_formats, sharding
 from llama.weights.quant_formats import BLOCK_MODULES, QuantConfig, by_rows, dequantize, model_parallel_max
@@ -242,7 +243,7 @@ class QuantizedEmbedding(nn.Module):
 
 
 def _name(base: str, dtype: torch.dtype) -> str:
-    return f"{base}_{str(dtype).removeprefix('torch.')}"
+    return f"{base}_{dtype_name(dtype)}"
 
 
 def _int4_kernel_layout(q: torch.Tensor, in_place: bool = False) -> torch.Tensor:
