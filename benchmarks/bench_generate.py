@@ -39,7 +39,10 @@ import torch
 
 from common import GB, N_SPECIAL, bandwidth, empty_cache, envelope, print_table, write_json, write_random_checkpoint
 from generate_impls import DEFAULT_IMPLS, IMPLS, LLAMA_CPP_ENV, worker
-from llama import cli, distributed, hf, kernels, registry
+from llama import cli, distributed, registry
+from llama.runtime import probes
+from llama.runtime import policy as kernel_policy
+from llama.weights import hf
 from llama.model import ModelArgs
 
 
@@ -95,7 +98,7 @@ def write_models(root: Path, params: dict, dtype: torch.dtype, device: torch.dev
     sd = write_random_checkpoint(meta, params, dtype, seed=seed, zero_special=True, device=device)
     write_tokenizer(meta / "tokenizer.model", params["vocab_size"] - N_SPECIAL)
     hf_dir.mkdir(parents=True, exist_ok=True)
-    config = hf.config_from_params(params, torch_dtype=hf.dtype_name(dtype))
+    config = hf.config_from_params(params, torch_dtype=kernel_policy.dtype_name(dtype))
     (hf_dir / "config.json").write_text(json.dumps(config, indent=2))
     save_file(dict(hf.tensor_to_hf(k, v, params) for k, v in sd.items()), str(hf_dir / "model.safetensors"))
     return {"meta": str(meta), "tokenizer": str(meta / "tokenizer.model"), "hf": str(hf_dir)}
@@ -280,7 +283,7 @@ def main(
     params = registry.get(shape)
     if n_layers:
         params["n_layers"] = int(n_layers)
-    dt = kernels.resolve_dtype(dtype, dev, weight_bytes=model_bytes(params, torch.bfloat16)["weights"])
+    dt = probes.resolve_dtype(dtype, dev, weight_bytes=model_bytes(params, torch.bfloat16)["weights"])
     s = settings(quick, long_context, prefill_len, dev)
     if isinstance(impls, str):
         impls = impls.split(",")
@@ -290,7 +293,7 @@ def main(
         raise ValueError(f"unknown implementation(s) {sorted(unknown)}: choose from {', '.join(IMPLS)}")
     bytes_ = model_bytes(params, dt)
     print(
-        f"{shape}{f' with {n_layers} layers' if n_layers else ''} on {dev} in {hf.dtype_name(dt)}: "
+        f"{shape}{f' with {n_layers} layers' if n_layers else ''} on {dev} in {kernel_policy.dtype_name(dt)}: "
         f"{bytes_['weights'] / GB:.2f} GB of weights read per decode step, "
         f"{bytes_['kv_per_token'] / 1e3:.1f} KB of KV cache per token of context",
         flush=True,
@@ -302,10 +305,10 @@ def main(
     print("memory bandwidth, GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in bw.items()), flush=True)
 
     header = {
-        "shape": shape, "params": params, "device": str(dev), "dtype": hf.dtype_name(dt),
+        "shape": shape, "params": params, "device": str(dev), "dtype": kernel_policy.dtype_name(dt),
         "threads": threads or torch.get_num_threads(), "settings": s, "bytes": bytes_,
     }
-    spec = {"params": params, "settings": s, "device": str(dev), "dtype": hf.dtype_name(dt), "dtype_arg": dtype,
+    spec = {"params": params, "settings": s, "device": str(dev), "dtype": kernel_policy.dtype_name(dt), "dtype_arg": dtype,
             "threads": threads, "baseline": baseline, "llama_cpp": llama_cpp or os.environ.get(LLAMA_CPP_ENV)}
     results, skipped = measure_all(impls, spec, seed, lambda partial: write_json(out, envelope("generate", {
         **header, "complete": False, "bandwidth_gb_s": bw, **partial})))

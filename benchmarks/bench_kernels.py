@@ -8,7 +8,7 @@ and kernel policy of llama/kernels.py (README, "Choosing a dtype").
 
 For each number of rows (1: one-row decode, a few: a small batch, many: prefill) it times
 `F.linear(x, w)` in bfloat16 and in float32, and in float32 over a bfloat16 weight upcast block by
-block for each product (`kernels.upcast_linear`: how the policy prefills in float32 without a
+block for each product (`compute.upcast_linear`: how the policy prefills in float32 without a
 second copy of any weight), each through oneDNN and through
 PyTorch's own kernels; where the PyTorch build has them, also its int8 and int4 weight-only kernels
 (`torch._weight_int8pack_mm`, `torch._weight_int4pack_mm_for_cpu`) with bfloat16 and float32
@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from common import GB, envelope, read_bandwidth, write_json
-from llama import cli, kernels
+from llama import cli
+from llama.runtime import compute, cpu, probes
+from llama.runtime import policy as kernel_policy
 
 def quantized_cases(w: torch.Tensor, x32: torch.Tensor) -> dict:
     """PyTorch's weight-only int8 (per-channel scales) and int4 (groups of 32) products of `w`,
@@ -82,7 +84,7 @@ def main(
     w32 = torch.randn(n, k) / k**0.5
     w16 = w32.bfloat16()
     bw = read_bandwidth(torch.device("cpu"), int(bandwidth_mb) * 2**20)
-    scratch = torch.empty(kernels.UPCAST_CHUNK)
+    scratch = torch.empty(compute.UPCAST_CHUNK)
     print(f"CPU {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"weight {n}x{k}; read bandwidth {bw:.1f} GB/s", flush=True)
     print(f"{'rows':>4} | {'case':<28} | {'ms':>8} | {'weight GB/s':>11} | {'GFLOP/s':>8}")
@@ -95,17 +97,17 @@ def main(
             cases = {
                 "bfloat16": ((lambda: F.linear(x16, w16)), w16.nbytes),
                 "float32": ((lambda: F.linear(x32, w32)), w32.nbytes),
-                "float32 over upcast bfloat16": ((lambda: kernels.upcast_linear(x32, w16, scratch)), w16.nbytes),
+                "float32 over upcast bfloat16": ((lambda: compute.upcast_linear(x32, w16, scratch)), w16.nbytes),
             }
             timed = []
             for name, (fn, n_bytes) in cases.items():
                 for onednn in (True, False):
                     torch.backends.mkldnn.enabled = onednn
-                    timed.append((f"{name}, {'oneDNN' if onednn else 'own'}", kernels.best_time(fn, repeats), n_bytes))
+                    timed.append((f"{name}, {'oneDNN' if onednn else 'own'}", cpu.best_time(fn, repeats), n_bytes))
             torch.backends.mkldnn.enabled = was
             if quantized:
                 for name, (fn, n_bytes) in quantized_cases(w32, x32).items():
-                    timed.append((name, kernels.best_time(fn, repeats), n_bytes))
+                    timed.append((name, cpu.best_time(fn, repeats), n_bytes))
             for name, seconds, n_bytes in timed:
                 entry = {"rows": m, "case": name, "ms": seconds * 1e3, "weight_gb_s": n_bytes / seconds / GB,
                          "gflop_s": 2 * m * n * k / seconds / GB}
@@ -114,7 +116,7 @@ def main(
                       flush=True)
     finally:
         torch.backends.mkldnn.enabled = was
-    policy = kernels.choose(kernels.measure(), reason="measured now")
+    policy = kernel_policy.choose(probes.measure(), reason="measured now")
     print(f"policy: {policy.describe()}")
     summary = {"cpu": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
                "shape": [n, k], "read_gb_s": bw, "results": results, "policy": policy.describe()}

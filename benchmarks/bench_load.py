@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Checkpoint load time and peak memory: llama.checkpoint.load_model beside the naive way.
+"""Checkpoint load time and peak memory: llama.weights.loader.load_model beside the naive way.
 
   python benchmarks/bench_load.py                 # creates a ~1 GB float16 checkpoint in a temp dir
   python benchmarks/bench_load.py --ckpt_dir DIR  # or measures an existing one
 
 Each method runs in a fresh process, so its peak resident memory (VmHWM) is its own:
-- lean: llama.checkpoint.load_model (memory-mapped shards, model built without weights, assign=True);
+- lean: llama.weights.loader.load_model (memory-mapped shards, model built without weights, assign=True);
 - naive: what Meta's reference does, torch.load of the whole shard without mmap, a Transformer
   constructed with the default tensor type set to the device and dtype, then load_state_dict (the
   loaded dict stays alive until the end).
@@ -25,7 +25,9 @@ from typing import Optional
 import torch
 
 from common import GIB, current_rss, envelope, llama_params, peak_rss, warm_page_cache, write_json, write_random_checkpoint
-from llama import checkpoint, cli, distributed, kernels
+from llama import cli, distributed
+from llama.runtime import probes
+from llama.weights import checkpoint, loader
 from llama.model import ModelArgs, Transformer
 
 METHODS = ("lean", "naive")
@@ -34,7 +36,7 @@ METHODS = ("lean", "naive")
 def measure_method(method: str, ckpt_dir: str, dtype: str, device: str = "cpu") -> dict:
     """Load the checkpoint in this process with `method`; load time, memory and a logits checksum."""
     dev = distributed.resolve_device(device)
-    torch_dtype = kernels.resolve_dtype(dtype, dev)
+    torch_dtype = probes.resolve_dtype(dtype, dev)
     distributed.setup(dev)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -44,7 +46,7 @@ def measure_method(method: str, ckpt_dir: str, dtype: str, device: str = "cpu") 
     base = current_rss() / GIB
     start = time.perf_counter()
     if method == "lean":
-        model = checkpoint.load_model(ckpt_dir, args, 0, 1, dev, torch_dtype)
+        model = loader.load_model(ckpt_dir, args, 0, 1, dev, torch_dtype)
     elif method == "naive":
         paths = checkpoint.shard_paths(ckpt_dir)
         if len(paths) != 1:
@@ -102,7 +104,7 @@ def main(
     measure: Optional[str] = None,
     out: Optional[str] = None,
 ) -> None:
-    """Benchmark checkpoint loading: lean (llama.checkpoint) against naive (torch.load + load_state_dict).
+    """Benchmark checkpoint loading: lean (llama.weights.loader) against naive (torch.load + load_state_dict).
 
     Args:
         ckpt_dir: checkpoint to load; default: create one of random weights in a temporary directory.
@@ -123,7 +125,7 @@ def main(
         tmp = Path(tempfile.mkdtemp(prefix="bench_load_"))
         ckpt_dir = tmp / "ckpt"
         start = time.perf_counter()
-        torch_dtype = kernels.resolve_dtype(dtype, torch.device("cpu"))
+        torch_dtype = probes.resolve_dtype(dtype, torch.device("cpu"))
         sd = write_random_checkpoint(ckpt_dir, llama_params(dim, n_layers, vocab_size), torch_dtype, shards)
         n = sum(t.numel() for t in sd.values())
         del sd

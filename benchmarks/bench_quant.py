@@ -12,10 +12,10 @@ products, and prints ms per product and the weight bytes read per second:
 - dequantize-then-F.linear (the weight converted to the activation dtype at every product);
 - torch._int_mm with dynamically quantized int8 activations, and quantize="w8a8"'s fbgemm product
   (not weight-only: for comparison).
-llama.kernels makes the same choice at start-up (quantized_kernel), timing these paths on small probes.
+llama.runtime.quant_choice makes the same choice at start-up (quantized_kernel), timing these paths on small probes.
 
 `model` writes a random-weight checkpoint of a published shape (tied embedding, as the 3.2 1B ships)
-in bfloat16, then, each in a fresh process, loads it with llama.checkpoint.load_model as
+in bfloat16, then, each in a fresh process, loads it with llama.weights.loader.load_model as
 Llama.build(dtype="bfloat16", quantize=MODE) does, and reports the peak resident memory the load
 added, the bytes the model holds, and batch-1 greedy decode and prefill tokens/s.
 """
@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from common import GIB, best_time, current_rss, envelope, peak_rss, warm_page_cache, write_json, write_random_checkpoint
-from llama import checkpoint, cli, distributed, quantize, registry
-from llama import kernels as llama_kernels
+from llama import cli, distributed, registry
+from llama.runtime import w8a8 as w8a8_kernels
+from llama.weights import checkpoint, loader, quant_formats, quant_modules
 from llama.model import ModelArgs
 
 
@@ -56,8 +57,8 @@ def _int_mm_dynamic(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> t
 def cases(n: int, k: int, rows: int, group_size: int) -> dict[str, Callable[[], torch.Tensor]]:
     """name -> a zero-argument product of `rows` activations with an (n, k) weight."""
     w = torch.randn(n, k) * 0.02
-    q8, s8 = quantize.quantize_int8(w)
-    q4, s4, z4 = quantize.quantize_int4(w, group_size)
+    q8, s8 = quant_formats.quantize_int8(w)
+    q4, s4, z4 = quant_formats.quantize_int4(w, group_size)
     x32 = torch.randn(rows, k)
     xb = x32.bfloat16()
     wb = w.bfloat16()
@@ -68,15 +69,15 @@ def cases(n: int, k: int, rows: int, group_size: int) -> dict[str, Callable[[], 
     for act in (torch.bfloat16, torch.float32):
         x = x32.to(act)
         name = str(act).removeprefix("torch.")
-        for path in quantize.CPU_PATHS:
+        for path in quant_modules.CPU_PATHS:
             for mode, (qw, s, z) in (("int8", (q8, s8, None)), ("int4", (q4, s4, z4))):
-                if mode not in quantize.PATH_MODES[path]:
+                if mode not in quant_modules.PATH_MODES[path]:
                     continue
-                lin = quantize.QuantizedLinear.from_quantized(mode, qw, s, z, group_size, act, path=path)
+                lin = quant_modules.QuantizedLinear.from_quantized(mode, qw, s, z, group_size, act, path=path)
                 out[f"{mode} {path}, {name} activations"] = lambda lin=lin, x=x: lin.matmul(x)
     out["int8 torch._int_mm, dynamic int8 activations"] = lambda: _int_mm_dynamic(x32, q8, s8)
-    if llama_kernels.w8a8_available():  # quantize="w8a8": fbgemm, each row rounded to int8
-        w8a8 = quantize.QuantizedLinear.from_quantized("int8", q8, s8, None, group_size, torch.float32, path="dynamic")
+    if w8a8_kernels.w8a8_available():  # quantize="w8a8": fbgemm, each row rounded to int8
+        w8a8 = quant_modules.QuantizedLinear.from_quantized("int8", q8, s8, None, group_size, torch.float32, path="dynamic")
         out["w8a8 fbgemm, int8 activations per row"] = lambda: w8a8.matmul(x32)
     return out
 
@@ -111,9 +112,9 @@ def measure(ckpt_dir: str, mode: str, prompt_len: int = 16, new_tokens: int = 32
     distributed.setup(torch.device("cpu"))
     params = checkpoint.read_params(ckpt_dir)
     args = ModelArgs(**params, max_seq_len=max(prompt_len + new_tokens, prefill_len) + 8, max_batch_size=1)
-    quant = quantize.resolve(None if mode == "none" else mode)
+    quant = quant_formats.resolve(None if mode == "none" else mode)
     start = time.perf_counter()
-    model = checkpoint.load_model(ckpt_dir, args, 0, 1, torch.device("cpu"), torch.bfloat16, quant, compute_dtype=torch.bfloat16)
+    model = loader.load_model(ckpt_dir, args, 0, 1, torch.device("cpu"), torch.bfloat16, quant, compute_dtype=torch.bfloat16)
     load_s = time.perf_counter() - start
     peak = peak_rss() / GIB
     gen = torch.Generator().manual_seed(1)
@@ -133,7 +134,7 @@ def measure(ckpt_dir: str, mode: str, prompt_len: int = 16, new_tokens: int = 32
         prefill_s = time.perf_counter() - t0
     return {
         "mode": mode, "load_s": load_s, "base_rss_gb": base, "peak_rss_gb": peak,
-        "model_gb": quantize.quantized_bytes(model) / 2**30,
+        "model_gb": quant_modules.quantized_bytes(model) / 2**30,
         "decode_tok_s": 1 / (sum(times[2:]) / len(times[2:])), "decode_tok_s_best_half": len(steady) / sum(steady),
         "prefill_tok_s": prefill_len / prefill_s,
     }

@@ -14,8 +14,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from llama import checkpoint, sharding
-from llama.kernels import best_time as _best_time
+from llama.weights import checkpoint, save, sharding
+from llama.runtime.cpu import best_time as _best_time
 from llama.model import ModelArgs
 
 GB = 1e9
@@ -34,7 +34,7 @@ def sync(device: Optional[torch.device]) -> None:
 
 
 def best_time(fn: Callable[[], object], device: Optional[torch.device] = None, repeats: int = 5, median: bool = False) -> float:
-    """Fastest (or median) of `repeats` timed calls after one warm-up, seconds: llama.kernels'
+    """Fastest (or median) of `repeats` timed calls after one warm-up, seconds: llama.runtime.cpu'
     best_time, with the device synchronized inside each timed call."""
 
     def call() -> None:
@@ -163,7 +163,7 @@ def write_random_checkpoint(out_dir: Path, params: dict, dtype: torch.dtype, sha
     """A Meta checkpoint of random_state_dict(params, dtype, **kwargs) in `shards` shards; returns the
     state dict (whole, on the CPU)."""
     sd = random_state_dict(params, dtype, **kwargs)
-    checkpoint.save_checkpoint(sd, params, out_dir, n_shards=shards)
+    save.save_checkpoint(sd, params, out_dir, n_shards=shards)
     return sd
 
 

@@ -14,7 +14,8 @@ from typing import Callable, Optional, Union
 import torch
 
 from common import GB, N_SPECIAL, peak_rss, sync
-from llama import distributed, hf
+from llama import distributed
+from llama.runtime import policy as kernel_policy
 from llama.engine.runner import call_model
 
 # ours under each dtype policy and each weight quantization: the keyword arguments of Llama.build
@@ -82,7 +83,7 @@ class Ours:
         packed = sum(getattr(m, "packed_bytes", 0) for m in model.modules())  # w8a8's prepacked int8 weights
         wk = model.layers[0].attention.wk
         return {
-            "weights_dtype": "int8" if hasattr(wk, "packed") else hf.dtype_name(wk.weight.dtype),
+            "weights_dtype": "int8" if hasattr(wk, "packed") else kernel_policy.dtype_name(wk.weight.dtype),
             "weight_bytes": sum(held.values()) + packed,
             "kv_itemsize": model.layers[0].attention.kv_cache.k.dtype.itemsize,
             **({"policy": policy.describe()} if policy is not None else {}),
@@ -308,7 +309,7 @@ def llama_cpp(spec: dict) -> dict:
     """llama.cpp on the same weights: our to_hf output read by its convert_hf_to_gguf.py (BF16),
     quantized by llama-quantize (Q8_0, Q4_0), all three timed by llama-bench in one call: decode
     of short_new tokens after a short_prompt context (-d, its depth) and prefill of prefill_len."""
-    from llama import convert
+    from llama.weights import convert
 
     tools = llama_cpp_tools(spec.get("llama_cpp"))
     if spec["device"] != "cpu":

@@ -1,18 +1,21 @@
 # The Llama facade: build from a Meta checkpoint, then generate, stream, complete text or chat over the engine.
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence, TypedDict, Union
+from typing import Iterator, List, Optional, TypedDict, Union
 
 import torch
 
-from llama import checkpoint, distributed, graph_kernels, kernels, kv_cache, validation
+from llama import distributed, kv_cache, validation
 from llama.engine import Engine, NonFiniteLogitsError, Request, SequenceState, speculative  # noqa: F401 (re-exported)
+from llama.model import Transformer
+from llama.runtime.compiled import CompiledStep
+from llama.runtime.compiled import mark_static as _mark_static
+from llama.runtime.compiled import static_cache_len as _static_cache_len
+from llama.runtime.policy import Policy
 from llama.sampling import sample_top_p  # noqa: F401 (Meta's API: llama.generation.sample_top_p)
-from llama.model import ModelArgs, Transformer
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
+from llama.weights import loader
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ class Llama:
             seed: random seed, the same on every rank so that all ranks sample the same tokens.
             device: "cuda", "cpu", a torch.device, or None for CUDA when available, else CPU.
             dtype: "bfloat16", "float16", "float32", a torch.dtype: that dtype for weights and every
-                step. None: the device's policy (llama.kernels): bfloat16 on CUDA where supported,
+                step. None: the device's policy (llama.runtime): bfloat16 on CUDA where supported,
                 else float16; on CPU, measured at start-up: for example bfloat16 weights decoding in
                 bfloat16 and prefilling in float32 where that is what the CPU does fastest.
             rope_scale_factor: Llama 3.1 RoPE scale for models with use_scaled_rope; None reads
@@ -86,7 +89,7 @@ class Llama:
             verify: first check every file against the checkpoint's checklist.chk (Meta's md5 list).
             quantize: None (full precision, exactly as stored), "int8", "int4" or "fp8" (CUDA sm89+):
                 weight-only quantization of the seven projections of every block (and of the output
-                projection and the embedding), done on load by each rank from its own slice (llama.quantize). A
+                projection and the embedding), done on load by each rank from its own slice (llama.weights). A
                 checkpoint written by scripts/quantize.py loads quantized as stored with None or
                 its own mode; another mode is an error. "w8a8" (x86 CPUs): int8 weights, whose block
                 projections also round each input row to int8 (one scale per row, at every product)
@@ -95,7 +98,7 @@ class Llama:
             quantize_output: quantize the vocabulary matrices too, the output projection and the
                 embedding (one matrix in a tied model); False keeps both in full precision.
                 With dtype=None the quantized products run in the dtype measured fastest for each
-                kind of step (llama.kernels.quantized_kernel); a dtype given runs them in that dtype.
+                kind of step (llama.runtime.quant_choice); a dtype given runs them in that dtype.
             draft_ckpt_dir: a small draft model (Meta format, the same vocabulary and tokenizer) for
                 speculative decoding (llama.engine.speculative): it proposes `speculate_k` tokens per step and
                 the model verifies them in one pass; greedy output stays the model's own, sampling
@@ -112,50 +115,22 @@ class Llama:
         if draft_ckpt_dir is not None:  # before minutes of loading
             speculative.check_k(speculate_k)
             speculative.check_draft_parallel(draft_parallel)
-        device = distributed.resolve_device(device)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        # a bad name fails before any process group is set up; quantized products then run in it too
-        forced_dtype = None if dtype is None else kernels.parse_dtype(dtype)
-        mp_size = distributed.setup(device, model_parallel_size)
-        torch.manual_seed(seed)
-
-        if verify:
-            checkpoint.verify_checklist(ckpt_dir)
-        params = checkpoint.read_params(ckpt_dir)
-        tokenizer = Tokenizer(model_path=str(tokenizer_path))
-        args = _model_args(params, max_seq_len, max_batch_size, rope_scale_factor)
-        if tokenizer.n_words != args.vocab_size:
-            raise ValueError(
-                f"tokenizer {tokenizer_path} has {tokenizer.n_words} tokens but {ckpt_dir}/params.json says "
-                f"vocab_size {args.vocab_size}: pass the tokenizer.model that belongs to this checkpoint"
-            )
-        from llama.quantize import resolve as resolve_quantization  # the argument is named `quantize`
-
-        quant = resolve_quantization(quantize, group_size, quantize_output)
-        # the same on every rank (rank 0's), timed from memory or cache as this rank's weights will be read
-        policy = kernels.policy_for(
-            device, forced_dtype, weight_bytes=torch.bfloat16.itemsize * args.decode_weights // mp_size,
-            shape=(args.ffn_hidden_dim // mp_size, args.dim),
+        loaded = loader.load(
+            ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, model_parallel_size, seed, device, dtype,
+            rope_scale_factor, verify, quantize, group_size, quantize_output, draft_ckpt_dir,
+            draft_sharded=draft_parallel == speculative.SHARDED,
         )
         speculator = None
-        if draft_ckpt_dir is not None:
-            speculator = _load_draft(
-                draft_ckpt_dir, speculate_k, args, tokenizer_path, device, policy, forced_dtype, draft_parallel
-            )
-        if quant is not None:  # quantized products pick their own kernel and compute dtype (llama.quantize)
-            policy = kernels.uniform(policy.weights, reason=f"{quant.name} weights: kernels.quantized_kernel picks theirs")
-        dtype = policy.weights
-        model = checkpoint.load_model(
-            ckpt_dir, args, distributed.model_parallel_rank(), mp_size, device, dtype, quant,
-            compute_dtype=forced_dtype,
-        )
-        if distributed.is_rank0():  # the checkpoint module has logged the shards and their load time
+        if loaded.draft is not None:
+            speculator = speculative.Speculator(loaded.draft, speculate_k, loaded.draft_context, loaded.draft_policy)
+            _log_draft(draft_ckpt_dir, speculate_k, draft_parallel)
+        if distributed.is_rank0():  # the loader has logged the shards and their load time
             logger.info(
                 "Loaded in %.2f seconds: running on %s in %s; tokenizer %s (%d tokens)",
-                time.perf_counter() - start, device, str(dtype).removeprefix("torch."), tokenizer_path, tokenizer.n_words,
+                time.perf_counter() - start, loaded.device, str(loaded.policy.weights).removeprefix("torch."),
+                tokenizer_path, loaded.tokenizer.n_words,
             )
-        return Llama(model, tokenizer, compile=compile, speculator=speculator, policy=policy)
+        return Llama(loaded.model, loaded.tokenizer, compile=compile, speculator=speculator, policy=loaded.policy)
 
     def __init__(
         self,
@@ -163,11 +138,11 @@ class Llama:
         tokenizer: Tokenizer,
         compile: bool = False,
         speculator: Optional[speculative.Speculator] = None,
-        policy: Optional[kernels.Policy] = None,
+        policy: Optional[Policy] = None,
     ):
         """A generator over a loaded model (`build` loads one). compile: torch.compile the decode
         step (see `build`); speculator: a draft model for speculative decoding; policy: the kernel
-        policy every step of the model runs under (llama.kernels; None: PyTorch's defaults)."""
+        policy every step of the model runs under (llama.runtime; None: PyTorch's defaults)."""
         self.model = model
         self.tokenizer = tokenizer
         self.speculator = speculator  # the draft model, when decoding speculatively
@@ -393,7 +368,7 @@ class Llama:
 
 
 def _speculative_passes(
-    model: Transformer, speculator: speculative.Speculator, compiled: "CompiledStep", policy: Optional[kernels.Policy]
+    model: Transformer, speculator: speculative.Speculator, compiled: "CompiledStep", policy: Optional[Policy]
 ) -> speculative.CompiledPasses:
     """The compiled passes of a speculative step: the model's (`compiled`), the draft's, and on one
     process each whole step in one call (a sharded model's step cannot hold the replicated draft's
@@ -412,160 +387,10 @@ def _speculative_passes(
     return speculative.CompiledPasses(compiled, CompiledStep(draft, policy=speculator.policy), greedy, sampling)
 
 
-class CompiledStep:
-    """torch.compile of a forward pass of `model` over its whole KV cache: (bsz, t) tokens at (bsz,)
-    positions -> (bsz, t, vocab) logits, with static shapes (one compilation per (bsz, t): decode
-    steps, verify passes of k + 1 tokens, a draft's steps), or of another function of the same
-    arguments (`step`: llama.engine.speculative.greedy_pass); on CUDA with CUDA graphs
-    ("reduce-overhead"), which remove the launch overhead that dominates small steps. On CPU,
-    weights that fit in the last-level cache are compiled with inductor's freezing: folded into
-    each graph as constants, prepacked for oneDNN, whose product of a few rows then costs about
-    what one row costs (the demo model's 4-token verify pass: 2.25 ms against 1.93 for one token,
-    where unfrozen it is twice a one-token step). Each compiled shape holds its own copy, at most
-    the cache's size; larger weights are bound by memory reads, which prepacking does not change,
-    and are compiled as they are. Frozen graphs take `graph_kernels.frozen_options`: a C++
-    wrapper, and a pass that joins products of one input into one call (wq, wk, wv; w1, w3) and
-    makes one-row products and decode attention compiled loops instead of library calls where
-    `graph_kernels.compile_one_row_in_graph` measures them faster (the demo model's one-token
-    step: 1.07 ms against 1.65 for the products alone). (Freezing takes
-    effect only through the global inductor setting and with oneDNN enabled while compiling, so
-    these calls leave oneDNN on.) A call
-    returns None once compilation has failed (a warning is logged once): the caller then runs the
-    pass eagerly, which writes the same KV cache slots, and so does every later call."""
-
-    def __init__(
-        self, model: Transformer, step: Optional[Callable[..., Any]] = None, also: Sequence[Transformer] = (),
-        policy: Optional[kernels.Policy] = None,
-    ):
-        """step: the function of (tokens, start_pos) to compile (default: the model's forward pass
-        over its KV cache); also: other models it runs, whose weights count with the model's for
-        the freezing rule; policy: the kernel policy its unfrozen calls run under (llama.kernels)."""
-        # a model and its draft share this code object: decode, 3 verify lengths and 2 draft
-        # lengths are recompilations of it, more than Dynamo's default limit of 8 allows
-        config = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # older torch
-        setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
-        self.model, self.policy = model, policy
-        device = model.tok_embeddings.weight.device
-        if device.type == "cpu" or distributed.model_parallel_size() == 1:
-            distributed.traceable_collectives()  # fairscale's own cannot be traced under torchrun
-        else:  # NCCL inside CUDA graphs is untried: as before, these passes fail to compile and run eagerly
-            from fairscale.nn.model_parallel import mappings
-
-            torch.compiler.allow_in_graph(mappings.reduce_from_model_parallel_region)
-        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs: no launch overhead
-        self.fn: Optional[Callable] = torch.compile(step or self._step, mode=mode, dynamic=False)
-        weight_bytes = sum(p.numel() * p.element_size() for m in [model, *also] for p in m.parameters())
-        self.freeze = device.type == "cpu" and kernels.fits_in_cache(weight_bytes)
-        # frozen weights: one-row steps as compiled loops where this CPU runs them faster,
-        # measured at the first call over one cache row (steps over more rows have no such product)
-        self.in_graph: Optional[bool] = None
-
-    def _step(self, tokens: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
-        return self.model._forward(tokens, start_pos, None, use_cache=True)
-
-    def __call__(self, tokens: torch.Tensor, start_pos: torch.Tensor, *extra: torch.Tensor) -> Any:
-        """The compiled function of (tokens, start_pos, *extra), or None (compilation failed)."""
-        if self.fn is None:
-            return None
-        try:
-            if self.freeze:  # oneDNN left on: a graph compiled with it off gets no prepacked products
-                import torch._inductor.config as inductor_config
-
-                if self.in_graph is None and tokens.shape[0] == 1:
-                    attention = self.model.layers[0].attention
-                    heads = (attention.n_local_kv_heads, attention.n_rep, attention.head_dim)
-                    self.in_graph = graph_kernels.compile_one_row_in_graph(
-                        self.model.params.dim, heads, kv_cache.shape(self.model)[1], self.model.tok_embeddings.weight.dtype)
-                with inductor_config.patch(**graph_kernels.frozen_options(bool(self.in_graph))):
-                    return self.fn(tokens, start_pos, *extra)
-            with kernels.kernels_for(tokens, self.policy, compiled=True):
-                torch.compiler.cudagraph_mark_step_begin()
-                return self.fn(tokens, start_pos, *extra)
-        except Exception as e:  # a pass rerun writes the same KV cache slots, so eager can take over
-            logger.warning("compiled forward passes failed, running eagerly from now on: %s", e)
-            self.fn = None
-            return None
-
-
-RECOMPILE_LIMIT = 16
-
-
-def _static_cache_len(total_len: int, max_seq_len: int) -> int:
-    """KV cache length for compiled decoding: a power of two (at least 256), so that few shapes (few
-    compilations) serve every request; decode attention then reads at most twice the context."""
-    return min(max_seq_len, max(256, 1 << (total_len - 1).bit_length()))
-
-
-def _mark_static(model: Transformer) -> None:
-    """The KV cache and RoPE table keep their addresses across steps: CUDA graphs may use them in place."""
-    torch._dynamo.mark_static_address(model.rope_table(model.tok_embeddings.weight.device))
-    for cache in kv_cache.caches(model):
-        torch._dynamo.mark_static_address(cache.k)
-        torch._dynamo.mark_static_address(cache.v)
-
-
-def _load_draft(
-    draft_dir: str,
-    k: Union[int, str],
-    target: ModelArgs,
-    tokenizer_path: str,
-    device: torch.device,
-    policy: kernels.Policy,
-    compute_dtype: Optional[torch.dtype],
-    parallel: str = speculative.REPLICATED,
-) -> speculative.Speculator:
-    """The draft model of speculative decoding, checked against the model: loaded whole on every
-    rank (`parallel` "replicated": fairscale's layers on a group of one, llama.distributed.replicated;
-    its k steps need no communication), or split over the model-parallel ranks like the model ("sharded")."""
-    params = checkpoint.read_params(draft_dir)
-    if params.get("vocab_size") != target.vocab_size:
-        raise ValueError(
-            f"the draft {draft_dir} has vocab_size {params.get('vocab_size')} but the model has {target.vocab_size}: "
-            "pass a draft trained with the model's tokenizer (--draft_ckpt_dir)"
-        )
-    own = Path(draft_dir) / "tokenizer.model"
-    if own.is_file() and own.read_bytes() != Path(tokenizer_path).read_bytes():
-        raise ValueError(
-            f"the draft's tokenizer {own} differs from the model's {tokenizer_path}: "
-            "pass a draft trained with the model's tokenizer (--draft_ckpt_dir)"
-        )
-    args = _model_args(params, target.max_seq_len, target.max_batch_size)
-    mp_size = distributed.model_parallel_size()
-    if parallel == speculative.SHARDED or mp_size == 1:
-        context = contextlib.nullcontext
-        draft = checkpoint.load_model(
-            draft_dir, args, distributed.model_parallel_rank(), mp_size, device, policy.weights, compute_dtype=compute_dtype
-        )
-    else:
-        context = distributed.replicated
-        distributed.setup_replicated()
-        with distributed.replicated():
-            draft = checkpoint.load_model(draft_dir, args, 0, 1, device, policy.weights, compute_dtype=compute_dtype)
+def _log_draft(draft_dir: str, k: Union[int, str], parallel: str) -> None:
+    """One line on rank 0: the draft and how many tokens it proposes per step."""
     if distributed.is_rank0():
+        mp_size = distributed.model_parallel_size()
         how = "" if mp_size == 1 else f", {parallel} over {mp_size} ranks"
         count = f"1 to {speculative.AUTO_MAX_K} (adaptive)" if k == speculative.AUTO else k
         logger.info("Speculative decoding: draft %s proposes %s tokens per step%s", draft_dir, count, how)
-    return speculative.Speculator(draft, k, context, policy)
-
-
-def _model_args(params: dict, max_seq_len: int, max_batch_size: int, rope_scale_factor: Optional[float] = None) -> ModelArgs:
-    """The shape of params.json with this run's sequence and batch limits, and its RoPE scaling."""
-    args = ModelArgs(**{**params, "max_seq_len": max_seq_len, "max_batch_size": max_batch_size})
-    if args.use_scaled_rope:
-        args.rope_scale_factor = _rope_scale_factor(params, rope_scale_factor)
-    return args
-
-
-def _rope_scale_factor(params: dict, override: Optional[float]) -> float:
-    from llama import registry
-
-    if override is not None:
-        factor, why = float(override), "as asked"
-    elif "rope_scale_factor" in params:
-        factor, why = float(params["rope_scale_factor"]), "from params.json"
-    else:
-        factor, why = registry.default_rope_scale_factor(params), "the published default for this shape"
-    if distributed.is_rank0():
-        logger.info("RoPE scaling factor %g (%s)", factor, why)
-    return factor

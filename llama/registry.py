@@ -7,7 +7,7 @@ the 3.2 1B and 3B were trained with 32, every other scaled release with 8
 import copy
 from typing import Optional
 
-from llama.model import ffn_hidden_dim
+from llama.args import ffn_hidden_dim
 
 _COMMON = {"vocab_size": 128256, "norm_eps": 1e-05, "rope_theta": 500000.0}
 

@@ -12,8 +12,8 @@ the quantized model is held whole until it is written. DST appears whole or not 
 (llama/atomic.py): a DST that holds files is refused unless --overwrite, which replaces it whole.
 """
 from llama import cli
-from llama.reshard import quantize_checkpoint
+from llama.weights.reshard import quantize_checkpoint
 
 if __name__ == "__main__":
-    cli.log_to_stdout("llama.reshard")
+    cli.log_to_stdout("llama.weights.reshard")
     cli.run(quantize_checkpoint)

@@ -11,7 +11,7 @@ example scripts and chat (Llama.build(verify=True)).
 import sys
 import time
 
-from llama import checkpoint
+from llama.weights import checklist
 from llama.cli import run
 
 
@@ -22,8 +22,8 @@ def verify(ckpt_dir: str) -> None:
         ckpt_dir: the checkpoint directory holding checklist.chk.
     """
     start = time.perf_counter()
-    n_files = len(checkpoint.read_checklist(ckpt_dir))
-    problems = checkpoint.checklist_problems(ckpt_dir, report=lambda line: print(line, flush=True))
+    n_files = len(checklist.read_checklist(ckpt_dir))
+    problems = checklist.checklist_problems(ckpt_dir, report=lambda line: print(line, flush=True))
     for line in problems:
         print(f"bad: {line}", file=sys.stderr)
     if problems:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from llama import registry
-from llama.checkpoint import save_checkpoint
+from llama.weights.save import save_checkpoint
 from llama.model import ModelArgs
 
 if TYPE_CHECKING:

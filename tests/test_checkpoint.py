@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import helpers
-from llama import checkpoint, distributed
+from llama import distributed
+from llama.weights import checkpoint, loader, rank_state, save
 from llama.model import ModelArgs, Transformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
@@ -44,9 +45,9 @@ def ckpts(tmp_path_factory, full_sd) -> dict:
     root = tmp_path_factory.mktemp("ckpts")
     dirs = {}
     for n in SHARD_COUNTS:
-        checkpoint.save_checkpoint(full_sd, PARAMS, root / f"n{n}", n_shards=n)
+        save.save_checkpoint(full_sd, PARAMS, root / f"n{n}", n_shards=n)
         dirs[n] = root / f"n{n}"
-    checkpoint.save_checkpoint(tied_sd(full_sd), PARAMS, root / "tied2", n_shards=2)
+    save.save_checkpoint(tied_sd(full_sd), PARAMS, root / "tied2", n_shards=2)
     dirs["tied2"] = root / "tied2"
     return dirs
 
@@ -70,7 +71,7 @@ def references(cpu_group, full_sd) -> dict:
 
 
 def expected_slice(key: str, full: torch.Tensor, rank: int, count: int) -> torch.Tensor:
-    """The sharding rules written out independently of llama.checkpoint."""
+    """The sharding rules written out independently of llama.weights."""
     module = key.split(".")[-2]
     head_dim, n_kv = PARAMS["dim"] // PARAMS["n_heads"], PARAMS["n_kv_heads"]
     if module in ("wk", "wv") and count > n_kv:
@@ -91,7 +92,7 @@ def expected_slice(key: str, full: torch.Tensor, rank: int, count: int) -> torch
 @pytest.mark.parametrize("count", SHARD_COUNTS)
 def test_each_rank_assembles_exactly_its_slice(ckpts, full_sd, n_shards, count):
     for rank in range(count):
-        state = checkpoint.load_rank_state(ckpts[n_shards], model_args(), rank, count)
+        state = rank_state.load_rank_state(ckpts[n_shards], model_args(), rank, count)
         assert set(state) == set(full_sd)
         for key, t in state.items():
             assert torch.equal(t, expected_slice(key, full_sd[key], rank, count)), (key, rank)
@@ -99,19 +100,19 @@ def test_each_rank_assembles_exactly_its_slice(ckpts, full_sd, n_shards, count):
 
 def test_source_shards_are_read_one_at_a_time_and_only_those_needed(ckpts, monkeypatch):
     opened, live = [], []
-    real = checkpoint._MappedShard.__init__
+    real = rank_state._MappedShard.__init__
 
     def spy(self, path):
         real(self, path)
         opened.append(path.name)
 
-    monkeypatch.setattr(checkpoint._MappedShard, "__init__", spy)
-    monkeypatch.setattr(checkpoint._MappedShard, "__del__", lambda self: live.append(self.path.name), raising=False)
-    checkpoint.load_rank_state(ckpts[4], model_args(), 1, 2)
+    monkeypatch.setattr(rank_state._MappedShard, "__init__", spy)
+    monkeypatch.setattr(rank_state._MappedShard, "__del__", lambda self: live.append(self.path.name), raising=False)
+    rank_state.load_rank_state(ckpts[4], model_args(), 1, 2)
     assert opened == ["consolidated.02.pth", "consolidated.03.pth"]
     assert live == opened  # each mapped shard was dropped before the next was opened (CPython refcounting)
     opened.clear()
-    checkpoint.load_rank_state(ckpts[1], model_args(), 3, 4)
+    rank_state.load_rank_state(ckpts[1], model_args(), 3, 4)
     assert opened == ["consolidated.00.pth"]
 
 
@@ -125,7 +126,7 @@ def test_save_checkpoint_repeats_whole_kv_heads_past_n_kv_heads(ckpts, full_sd):
 
 @pytest.mark.parametrize("n_shards", SHARD_COUNTS)
 def test_one_process_loads_every_shard_count(cpu_group, ckpts, full_sd, references, n_shards):
-    model = checkpoint.load_model(ckpts[n_shards], model_args(), 0, 1, torch.device("cpu"), torch.float32)
+    model = loader.load_model(ckpts[n_shards], model_args(), 0, 1, torch.device("cpu"), torch.float32)
     for key, t in model.state_dict().items():
         assert torch.equal(t, full_sd[key]), key
     logits, tokens = greedy(model, PROMPT)
@@ -138,7 +139,7 @@ def test_construction_builds_no_master_weights_and_leaves_nothing_on_meta(cpu_gr
         raise AssertionError("fairscale built a full-size master weight")
 
     monkeypatch.setattr(fs_layers, "_initialize_affine_weight", forbidden)
-    model = checkpoint.load_model(ckpts[2], model_args(), 0, 1, torch.device("cpu"), torch.bfloat16)
+    model = loader.load_model(ckpts[2], model_args(), 0, 1, torch.device("cpu"), torch.bfloat16)
     assert fs_layers._initialize_affine_weight is forbidden  # restored after construction
     tensors = list(model.parameters()) + list(model.buffers())
     assert all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
@@ -148,19 +149,19 @@ def test_construction_builds_no_master_weights_and_leaves_nothing_on_meta(cpu_gr
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_loads_every_shard_count(cpu_group, ckpts, full_sd, references, dtype):
     for n_shards in SHARD_COUNTS:
-        model = checkpoint.load_model(ckpts[n_shards], model_args(), 0, 1, torch.device("cuda"), dtype)
+        model = loader.load_model(ckpts[n_shards], model_args(), 0, 1, torch.device("cuda"), dtype)
         for key, t in model.state_dict().items():
             assert t.is_cuda and t.dtype == dtype and torch.equal(t.cpu(), full_sd[key].to(dtype)), key
         if dtype == torch.float32:
             logits, tokens = greedy(model, PROMPT)
             assert tokens == references["untied"][1]
             torch.testing.assert_close(logits, references["untied"][0], atol=1e-4, rtol=0)
-    tied = checkpoint.load_model(ckpts["tied2"], model_args(), 0, 1, torch.device("cuda"), dtype)
+    tied = loader.load_model(ckpts["tied2"], model_args(), 0, 1, torch.device("cuda"), dtype)
     assert tied.output.weight is tied.tok_embeddings.weight and tied.output.weight.is_cuda
 
 
 def test_tied_checkpoint_shares_one_tensor(cpu_group, ckpts, references):
-    model = checkpoint.load_model(ckpts["tied2"], model_args(), 0, 1, torch.device("cpu"), torch.float32)
+    model = loader.load_model(ckpts["tied2"], model_args(), 0, 1, torch.device("cpu"), torch.float32)
     assert model.output.weight is model.tok_embeddings.weight
     logits, tokens = greedy(model, PROMPT)
     assert tokens == references["tied"][1]
@@ -168,14 +169,14 @@ def test_tied_checkpoint_shares_one_tensor(cpu_group, ckpts, references):
 
 
 def test_rope_freqs_is_ignored(cpu_group, tmp_path, full_sd):
-    checkpoint.save_checkpoint({**full_sd, "rope.freqs": torch.ones(8)}, PARAMS, tmp_path, n_shards=2)
-    model = checkpoint.load_model(tmp_path, model_args(), 0, 1, torch.device("cpu"), torch.float32)
+    save.save_checkpoint({**full_sd, "rope.freqs": torch.ones(8)}, PARAMS, tmp_path, n_shards=2)
+    model = loader.load_model(tmp_path, model_args(), 0, 1, torch.device("cpu"), torch.float32)
     assert torch.equal(model.norm.weight, full_sd["norm.weight"])
 
 
 def test_progress_and_load_time_are_logged_on_rank0(cpu_group, ckpts, caplog):
-    with caplog.at_level(logging.INFO, logger="llama.checkpoint"):
-        checkpoint.load_model(ckpts[4], model_args(), 0, 1, torch.device("cpu"), torch.float32)
+    with caplog.at_level(logging.INFO, logger="llama.weights"):
+        loader.load_model(ckpts[4], model_args(), 0, 1, torch.device("cpu"), torch.float32)
     messages = [r.getMessage() for r in caplog.records]
     assert [m.split(" (")[0] for m in messages[:4]] == [f"loading consolidated.0{k}.pth" for k in range(4)]
     assert "(shard 4 of 4 in the checkpoint, " in messages[3] and "; 4 of 4 this process reads)" in messages[3]
@@ -183,14 +184,14 @@ def test_progress_and_load_time_are_logged_on_rank0(cpu_group, ckpts, caplog):
 
 
 def test_large_loads_log_each_quarter(cpu_group, ckpts, caplog, monkeypatch):
-    monkeypatch.setattr(checkpoint, "PROGRESS_MIN_BYTES", 0)  # the test checkpoint is small
-    with caplog.at_level(logging.INFO, logger="llama.checkpoint"):
-        checkpoint.load_model(ckpts[2], model_args(), 0, 1, torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(rank_state, "PROGRESS_MIN_BYTES", 0)  # the test checkpoint is small
+    with caplog.at_level(logging.INFO, logger="llama.weights"):
+        loader.load_model(ckpts[2], model_args(), 0, 1, torch.device("cpu"), torch.float32)
     quarters = [r.getMessage() for r in caplog.records if "of this process's weights" in r.getMessage()]
     percents = [int(m.split("%")[0]) for m in quarters]
     assert percents == sorted(percents) and percents[-1] == 100 and len(percents) <= 4, quarters
     assert len(percents) >= 2  # several lines, not one at the end
-    total = sum(t.numel() * 4 for t in checkpoint.load_rank_state(ckpts[2], model_args(), 0, 1).values())
+    total = sum(t.numel() * 4 for t in rank_state.load_rank_state(ckpts[2], model_args(), 0, 1).values())
     assert f"of {total / 1e9:.2f} GB" in quarters[-1]
 
 
@@ -250,7 +251,7 @@ def test_two_nodes_match_one_process(tmp_path, ckpts, references):
 
 
 def load(ckpt_dir, mp_size: int = 1, params: dict = PARAMS):
-    return checkpoint.load_model(ckpt_dir, model_args(params), 0, mp_size, torch.device("cpu"), torch.float32)
+    return loader.load_model(ckpt_dir, model_args(params), 0, mp_size, torch.device("cpu"), torch.float32)
 
 
 def copy_ckpt(src: Path, dst: Path) -> Path:
@@ -293,7 +294,7 @@ def test_params_that_do_not_match_the_weights_name_the_first_key_and_both_shapes
 
 def test_missing_and_unexpected_keys_are_named(cpu_group, tmp_path, full_sd):
     sd = {k: v for k, v in full_sd.items() if k != "layers.1.ffn_norm.weight"}
-    checkpoint.save_checkpoint({**sd, "lm_head.weight": full_sd["output.weight"]}, PARAMS, tmp_path)
+    save.save_checkpoint({**sd, "lm_head.weight": full_sd["output.weight"]}, PARAMS, tmp_path)
     with pytest.raises(ValueError, match=r"missing keys \['layers\.1\.ffn_norm\.weight'\], "
                                          r"unexpected keys \['lm_head\.weight'\]"):
         load(tmp_path)

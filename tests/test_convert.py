@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import helpers
-from llama import checkpoint, distributed, hf, registry
+from llama import distributed, registry
+from llama.weights import checkpoint, hf, loader, save
 from llama.model import ModelArgs
 from llama.tokenizer import ChatFormat, Tokenizer
 from test_parity_hf import (
@@ -24,7 +25,7 @@ from test_parity_hf import (
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from llama import convert  # noqa: E402
+from llama.weights import convert  # noqa: E402
 
 SCALED = {**helpers.TINY_PARAMS, "use_scaled_rope": True}
 
@@ -38,7 +39,7 @@ def load_ours(ckpt_dir, max_seq_len: int = 64, max_batch_size: int = 2):
     """Our model on a one-shard checkpoint, built in-process as the generator would."""
     params = checkpoint.read_params(ckpt_dir)
     args = ModelArgs(**params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    return checkpoint.load_model(ckpt_dir, args, 0, 1, torch.device("cpu"), torch.float32)
+    return loader.load_model(ckpt_dir, args, 0, 1, torch.device("cpu"), torch.float32)
 
 
 def load_hf(hf_dir, attn: str = "eager"):
@@ -98,7 +99,7 @@ def test_more_shards_than_kv_heads_repeat_whole_heads(tmp_path):
 
 def test_bfloat16_round_trip_and_dtype_option(tmp_path):
     sd = {k: v.bfloat16() for k, v in helpers.random_state_dict(SCALED, seed=2).items()}
-    checkpoint.save_checkpoint(sd, SCALED, tmp_path / "meta", n_shards=2)
+    save.save_checkpoint(sd, SCALED, tmp_path / "meta", n_shards=2)
     convert.to_hf(tmp_path / "meta", tmp_path / "hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     convert.from_hf(tmp_path / "hf", tmp_path / "back", shards=2)
@@ -172,7 +173,7 @@ def test_converted_tokenizer_matches_ours_on_the_real_llama3_file(tmp_path):
 def test_transformers_reads_converted_scaled_checkpoint_past_8192(tmp_path):
     params = {**LONG_PARAMS, "rope_scale_factor": 32.0}
     sd = sharpen_attention(helpers.random_state_dict(params, seed=1))
-    checkpoint.save_checkpoint(sd, params, tmp_path / "meta")
+    save.save_checkpoint(sd, params, tmp_path / "meta")
     convert.to_hf(tmp_path / "meta", tmp_path / "hf")
     rope = json.loads((tmp_path / "hf" / "config.json").read_text())["rope_scaling"]
     assert rope == {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -233,7 +234,7 @@ def test_from_transformers_save_pretrained(tmp_path, tie, rope_scaling):
 def test_tied_meta_checkpoint_becomes_tied_hf(tmp_path):
     sd = helpers.random_state_dict(SCALED, seed=3)
     sd["output.weight"] = sd["tok_embeddings.weight"].clone()  # as in the 3.2 1B/3B Meta checkpoints
-    checkpoint.save_checkpoint(sd, SCALED, tmp_path / "meta", n_shards=2)
+    save.save_checkpoint(sd, SCALED, tmp_path / "meta", n_shards=2)
     convert.to_hf(tmp_path / "meta", tmp_path / "hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is True
     convert.from_hf(tmp_path / "hf", tmp_path / "back", shards=2)

@@ -8,7 +8,7 @@ import torch
 
 import helpers
 from llama import Llama
-from llama.checkpoint import expected_keys, load_shard
+from llama.weights.checkpoint import expected_keys, load_shard
 from llama.demo import DEMO_DIR, DRAFT_DIR, TOKENIZER_PATH, resolve_paths
 
 sys.path.insert(0, str(helpers.REPO / "recipes" / "demo"))  # the recipes under test

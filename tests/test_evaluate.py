@@ -21,12 +21,13 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.loggers import EvaluationTracker  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
-from llama import Llama, convert  # noqa: E402
+from llama import Llama  # noqa: E402
+from llama.weights import convert  # noqa: E402
 from llama.demo import DEMO_DIR, TOKENIZER_PATH  # noqa: E402
 from llama.eval.tasks import SUITE  # noqa: E402
 from llama.eval.harness import check_tokenizer, evaluate, prepare_tasks, task_manager_for  # noqa: E402
 from llama.eval.lm import LlamaLM  # noqa: E402
-from llama.hf import write_hf_tokenizer  # noqa: E402
+from llama.weights.hf import write_hf_tokenizer  # noqa: E402
 
 TASKS = ["llama_demo_next_sentence", "llama_demo_perplexity", "llama_demo_next_word"]
 EVALUATE = helpers.REPO / "scripts" / "evaluate.py"

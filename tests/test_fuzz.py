@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import helpers
-from llama import Llama, checkpoint, distributed
+from llama import Llama, distributed
+from llama.weights import checkpoint, loader
 from llama.model import ModelArgs, Transformer
 
 N_PARAMS = 300
@@ -63,7 +64,7 @@ def test_params_json_mutations_fail_cleanly_or_build_a_working_model(tmp_path, c
             continue
         tokens = torch.randint(0, min(args.vocab_size, 512), (1, 5))
         try:
-            model = checkpoint.load_model(ckpt, args, 0, 1, torch.device("cpu"), torch.float32)
+            model = loader.load_model(ckpt, args, 0, 1, torch.device("cpu"), torch.float32)
         except ValueError as e:  # valid on its own, but not the shape of these weights
             assert "\n" not in str(e), (params, e)
             outcomes["refused by the loader"] += 1

@@ -16,7 +16,7 @@ from llama.model import RMSNorm, apply_rotary_emb, apply_scaling, precompute_fre
 
 def test_model_args_accept_every_params_json_key_and_ignore_unknown(caplog):
     params = {**helpers.TINY_PARAMS, "use_scaled_rope": True, "quantization_args": {"scheme": "fp8"}, "moe": None}
-    with caplog.at_level(logging.DEBUG, logger="llama.model"):
+    with caplog.at_level(logging.DEBUG, logger="llama.args"):
         args = ModelArgs(**params)
     assert args.use_scaled_rope and args.dim == 64 and not hasattr(args, "quantization_args")
     assert "ignoring unknown keys ['moe', 'quantization_args']" in caplog.text
@@ -113,7 +113,7 @@ def test_scaled_checkpoint_from_a_later_release_loads_and_the_rope_factor_can_be
     shutil.copytree(tiny_ckpt, ckpt)
     params = {**json.loads((ckpt / "params.json").read_text()), "use_scaled_rope": True, "quantization_args": {}}
     (ckpt / "params.json").write_text(json.dumps(params))
-    with caplog.at_level(logging.INFO, logger="llama.generation"):
+    with caplog.at_level(logging.INFO, logger="llama"):
         default = Llama.build(str(ckpt), str(byte_tokenizer), 64, 1, device="cpu", dtype="float32")
         forced = Llama.build(str(ckpt), str(byte_tokenizer), 64, 1, device="cpu", dtype="float32", rope_scale_factor=32)
     assert default.model.params.rope_scale_factor == 8.0

@@ -1,5 +1,5 @@
 """Our Transformer against transformers.LlamaForCausalLM, an independent implementation, on the
-same random weights (converted with llama/hf.py); plus the registry's published shapes."""
+same random weights (converted with llama/weights/hf.py); plus the registry's published shapes."""
 import json
 from typing import Optional
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import helpers
-from llama import distributed, hf, registry
+from llama import distributed, registry
+from llama.weights import hf
 from llama.model import ModelArgs, Transformer
 
 transformers = pytest.importorskip("transformers")

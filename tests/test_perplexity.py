@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import helpers
-from llama import Llama, convert
+from llama import Llama
+from llama.weights import convert
 from llama.demo import DEMO_DIR, TOKENIZER_PATH
 from llama.eval.scoring import sliding_windows, windowed_nll
 from llama.tokenizer import Tokenizer

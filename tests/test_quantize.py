@@ -10,9 +10,12 @@ import torch
 import torch.nn.functional as F
 
 import helpers
-from llama import Llama, checkpoint, convert, distributed, hf, kernels, quantize, sharding
+from llama import Llama, distributed
+from llama.runtime import quant_choice, quant_kernels
+from llama.runtime import w8a8 as w8a8_kernels
+from llama.weights import checkpoint, convert, hf, loader, quant_formats, quant_modules, rank_state, save, sharding
 from llama.model import ModelArgs
-from llama.reshard import quantize_checkpoint, reshard
+from llama.weights.reshard import quantize_checkpoint, reshard
 
 # hidden 384 and dim 128: int4 groups of 32 fit each slice on 1, 2 and 4 processes
 PARAMS = {**helpers.TINY_PARAMS, "dim": 128, "multiple_of": 128, "ffn_dim_multiplier": None}
@@ -26,7 +29,7 @@ def fp_ckpt(tmp_path_factory):
     """Full-precision bfloat16 checkpoint (as Meta ships them), 1 shard, with the byte tokenizer."""
     out = tmp_path_factory.mktemp("fp")
     sd = {k: v.bfloat16() for k, v in helpers.random_state_dict(PARAMS, seed=5).items()}
-    checkpoint.save_checkpoint(sd, PARAMS, out)
+    save.save_checkpoint(sd, PARAMS, out)
     helpers.write_byte_tokenizer(out / "tokenizer.model")
     return out
 
@@ -57,27 +60,27 @@ def logits_of(llama: Llama) -> torch.Tensor:
 def test_dequantized_weights_are_within_half_a_step(group_size):
     w = torch.randn(48, 256) * torch.linspace(0.01, 3, 256)  # groups of very different ranges
     w[3] += 5.0  # a row far from zero: the zero point's rounding must not push it off the grid
-    q, s = quantize.quantize_int8(w)
+    q, s = quant_formats.quantize_int8(w)
     assert q.dtype == torch.int8 and s.dtype == torch.bfloat16
-    assert ((quantize.dequantize("int8", q, s) - w).abs() <= s.float()[:, None] / 2).all()
-    q4, s4, z4 = quantize.quantize_int4(w, group_size)
+    assert ((quant_formats.dequantize("int8", q, s) - w).abs() <= s.float()[:, None] / 2).all()
+    q4, s4, z4 = quant_formats.quantize_int4(w, group_size)
     assert q4.shape == (48, 128) and s4.shape == z4.shape == (48, 256 // group_size)
     step = s4.float().repeat_interleave(group_size, dim=1)
-    assert ((quantize.dequantize("int4", q4, s4, z4, group_size) - w).abs() <= step / 2).all()
-    assert torch.equal(quantize.unpack_int4(q4), quantize.unpack_int4(q4).clamp(0, 15))
+    assert ((quant_formats.dequantize("int4", q4, s4, z4, group_size) - w).abs() <= step / 2).all()
+    assert torch.equal(quant_formats.unpack_int4(q4), quant_formats.unpack_int4(q4).clamp(0, 15))
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-@pytest.mark.parametrize("path", quantize.CPU_PATHS + (None,))  # None: the measured policy
+@pytest.mark.parametrize("path", quant_modules.CPU_PATHS + (None,))  # None: the measured policy
 @pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
 def test_quantized_linear_equals_dequantize_then_linear(mode, path, act):
     w = torch.randn(96, 128) / 128**0.5
-    stored = quantize.quantize_int8(w) + (None,) if mode == "int8" else quantize.quantize_int4(w, 32)
-    deq = quantize.dequantize(mode, *stored, group_size=32)
-    lin = quantize.QuantizedLinear(mode, *stored, 32, act, path=path)
+    stored = quant_formats.quantize_int8(w) + (None,) if mode == "int8" else quant_formats.quantize_int4(w, 32)
+    deq = quant_formats.dequantize(mode, *stored, group_size=32)
+    lin = quant_modules.QuantizedLinear(mode, *stored, 32, act, path=path)
     for rows in (1, 9, 17):  # a decode step, a small batch and a prefill-size product
         x = torch.randn(rows, 128).to(act)
-        _, dt = lin.kernels[quantize.step_for(rows)]
+        _, dt = lin.kernels[quant_choice.step_for(rows)]
         dt = dt or act
         want = F.linear(x.to(dt).double(), deq.double())  # the activations as the kernel sees them
         got = lin(x)
@@ -89,7 +92,7 @@ def test_quantized_linear_equals_dequantize_then_linear(mode, path, act):
     assert torch.allclose(lin.dequantize(), deq, atol=1e-2 * deq.abs().max().item())
 
 
-needs_w8a8 = pytest.mark.skipif(not kernels.w8a8_available(), reason="no fbgemm int8 product in this PyTorch/CPU")
+needs_w8a8 = pytest.mark.skipif(not w8a8_kernels.w8a8_available(), reason="no fbgemm int8 product in this PyTorch/CPU")
 
 
 @needs_w8a8
@@ -97,9 +100,9 @@ needs_w8a8 = pytest.mark.skipif(not kernels.w8a8_available(), reason="no fbgemm 
 @pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
 def test_w8a8_linear_rounds_each_input_row_to_int8_and_is_exact_otherwise(levels, act):
     w = torch.randn(96, 128) / 128**0.5
-    q, s = quantize.quantize_int8(w)
-    deq = quantize.dequantize("int8", q, s).double()
-    lin = quantize.QuantizedLinear("int8", q, s, None, 32, act, path="dynamic")
+    q, s = quant_formats.quantize_int8(w)
+    deq = quant_formats.dequantize("int8", q, s).double()
+    lin = quant_modules.QuantizedLinear("int8", q, s, None, 32, act, path="dynamic")
     lin.levels = levels
     assert torch.equal(lin.dequantize(), deq.float())  # fbgemm's packed copy reads back as stored
     x = torch.randn(9, 128).to(act)
@@ -124,10 +127,10 @@ def test_w8a8_linear_rounds_each_input_row_to_int8_and_is_exact_otherwise(levels
 
 def test_row_parallel_int8_scales_are_those_of_the_whole_row():
     w = torch.randn(8, 64)
-    whole = quantize.quantize_weight("layers.0.attention.wo.weight", w, quantize.resolve("int8"))
+    whole = quant_formats.quantize_weight("layers.0.attention.wo.weight", w, quant_formats.resolve("int8"))
     halves = [w[:, :32], w[:, 32:]]
     amax = torch.maximum(*(h.abs().amax(1) for h in halves))
-    parts = [quantize.quantize_weight("layers.0.attention.wo.weight", h, quantize.resolve("int8"), lambda _: amax) for h in halves]
+    parts = [quant_formats.quantize_weight("layers.0.attention.wo.weight", h, quant_formats.resolve("int8"), lambda _: amax) for h in halves]
     assert all(torch.equal(p["layers.0.attention.wo.scales"], whole["layers.0.attention.wo.scales"]) for p in parts)
     assert torch.equal(torch.cat([p["layers.0.attention.wo.weight"] for p in parts], 1), whole["layers.0.attention.wo.weight"])
 
@@ -139,12 +142,12 @@ def test_row_parallel_int8_scales_are_those_of_the_whole_row():
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_a_quantized_checkpoint_loads_to_the_logits_of_quantizing_on_load_bit_for_bit(fp_ckpt, q_ckpts, mode):
     args = ModelArgs(**PARAMS)
-    on_load = checkpoint.load_rank_state(fp_ckpt, args, 0, 1, quant=quantize.resolve(mode))
-    stored = checkpoint.load_rank_state(q_ckpts[mode], args, 0, 1)
+    on_load = rank_state.load_rank_state(fp_ckpt, args, 0, 1, quant=quant_formats.resolve(mode))
+    stored = rank_state.load_rank_state(q_ckpts[mode], args, 0, 1)
     assert stored.keys() == on_load.keys()
     assert all(torch.equal(stored[k], on_load[k]) and stored[k].dtype == on_load[k].dtype for k in stored)
     from_file, quantized = build(q_ckpts[mode]), build(fp_ckpt, mode)
-    assert isinstance(from_file.model.layers[1].feed_forward.w2, quantize.QuantizedLinear)
+    assert isinstance(from_file.model.layers[1].feed_forward.w2, quant_modules.QuantizedLinear)
     assert torch.equal(logits_of(from_file), logits_of(quantized))
     assert torch.equal(logits_of(build(q_ckpts[mode], mode)), logits_of(quantized))  # its own mode is fine
     full = logits_of(build(fp_ckpt))
@@ -167,23 +170,23 @@ def test_w8a8_runs_int8_weights_with_int8_activations_in_the_blocks(fp_ckpt, q_c
 
 
 def test_w8a8_without_its_kernel_is_a_one_line_error(fp_ckpt, monkeypatch):
-    monkeypatch.setattr(kernels, "w8a8_available", lambda: False)
+    monkeypatch.setattr(w8a8_kernels, "w8a8_available", lambda: False)
     with pytest.raises(ValueError, match="quantize='w8a8' runs on x86 CPUs .* use quantize='int8'"):
         build(fp_ckpt, "w8a8")
 
 
 def test_quantize_none_is_the_unquantized_model_and_output_can_stay_full_precision(fp_ckpt):
     plain = build(fp_ckpt)
-    assert not any(isinstance(m, quantize.QuantizedLinear) for m in plain.model.modules())
+    assert not any(isinstance(m, quant_modules.QuantizedLinear) for m in plain.model.modules())
     kept = build(fp_ckpt, "int8", quantize_output=False)
-    assert not isinstance(kept.model.output, quantize.QuantizedLinear)
-    assert isinstance(kept.model.layers[0].attention.wq, quantize.QuantizedLinear)
-    assert quantize.quantized_bytes(kept.model) < sum(p.nbytes for p in plain.model.parameters())
+    assert not isinstance(kept.model.output, quant_modules.QuantizedLinear)
+    assert isinstance(kept.model.layers[0].attention.wq, quant_modules.QuantizedLinear)
+    assert quant_modules.quantized_bytes(kept.model) < sum(p.nbytes for p in plain.model.parameters())
 
 
 def test_quantized_runs_on_1_2_and_4_processes_give_the_tokens_of_one(tmp_path, fp_ckpt, q_ckpts):
     runs = [f"{fp_ckpt}|int8", f"{fp_ckpt}|int4", f"{q_ckpts['int4']}|none"]
-    w8a8 = [f"{fp_ckpt}|w8a8"] if kernels.w8a8_available() else []
+    w8a8 = [f"{fp_ckpt}|w8a8"] if w8a8_kernels.w8a8_available() else []
     results = {}
     for n in (1, 2, 4):
         out = tmp_path / f"out{n}.pt"
@@ -205,11 +208,11 @@ def test_reshard_of_a_quantized_checkpoint_loads_bit_for_bit(tmp_path, q_ckpts):
         assert json.loads((out / "params.json").read_text())["quantization"]["mode"] == mode
         back = tmp_path / f"{mode}-back"
         reshard(str(out), str(back), 1)
-        original = checkpoint.load_rank_state(q_ckpts[mode], args, 0, 1)
-        again = checkpoint.load_rank_state(back, args, 0, 1)
+        original = rank_state.load_rank_state(q_ckpts[mode], args, 0, 1)
+        again = rank_state.load_rank_state(back, args, 0, 1)
         assert all(torch.equal(original[k], again[k]) for k in original)
         # the scales split with their weights: rank 1 of `shards` reads the same slice either way
-        sliced = checkpoint.load_rank_state(q_ckpts[mode], args, 1, shards)
+        sliced = rank_state.load_rank_state(q_ckpts[mode], args, 1, shards)
         assert all(torch.equal(sliced[k], t) for k, t in checkpoint.load_shard(out / "consolidated.01.pth").items())
 
 
@@ -226,11 +229,11 @@ def test_group_size_not_dividing_the_input_or_a_shard_is_a_one_line_error(fp_ckp
     with pytest.raises(ValueError, match="int4 group size 48 is not supported: use one of"):
         build(fp_ckpt, "int4", group_size=48)
     with pytest.raises(ValueError, match="group size 32 does not divide the input dimension 80"):
-        quantize.quantize_int4(torch.randn(16, 80), 32)
+        quant_formats.quantize_int4(torch.randn(16, 80), 32)
     with pytest.raises(ValueError, match="would straddle the split of .*w2.weight over 4 processes"):
         sharding.check_group_alignment(ModelArgs(**PARAMS), 4, 128, ["layers.0.feed_forward.w2.weight"])
     with pytest.raises(ValueError, match="would straddle the split"):
-        checkpoint.load_rank_state(fp_ckpt, ModelArgs(**PARAMS), 0, 4, quant=quantize.resolve("int4", 128))
+        rank_state.load_rank_state(fp_ckpt, ModelArgs(**PARAMS), 0, 4, quant=quant_formats.resolve("int4", 128))
 
 
 def test_int4_and_fp8_on_a_device_without_a_kernel_are_one_line_errors(fp_ckpt, monkeypatch):
@@ -272,11 +275,11 @@ def test_cuda_quantized_linear_matches_dequantize(mode):
     if mode == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 needs compute capability 8.9+")
     w = torch.randn(256, 512, device="cuda") / 512**0.5
-    fn = {"int8": quantize.quantize_int8, "fp8": quantize.quantize_fp8}.get(mode)
-    stored = fn(w) + (None,) if fn else quantize.quantize_int4(w, 32)
-    lin = quantize.QuantizedLinear(mode, *stored, 32, torch.bfloat16)
+    fn = {"int8": quant_formats.quantize_int8, "fp8": quant_formats.quantize_fp8}.get(mode)
+    stored = fn(w) + (None,) if fn else quant_formats.quantize_int4(w, 32)
+    lin = quant_modules.QuantizedLinear(mode, *stored, 32, torch.bfloat16)
     x = torch.randn(3, 512, device="cuda", dtype=torch.bfloat16)
-    want = F.linear(x.float(), quantize.dequantize(mode, *stored, group_size=32))
+    want = F.linear(x.float(), quant_formats.dequantize(mode, *stored, group_size=32))
     tol = 0.1 if mode == "fp8" else 0.02  # fp8 also quantizes the activations
     assert (lin(x).float() - want).abs().max() <= tol * want.abs().max()
 
@@ -295,9 +298,9 @@ def test_scripts_take_quantize(script, mode):
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_a_tied_checkpoint_quantizes_the_embedding_once_and_stays_tied(tmp_path, fp_ckpt, mode):
-    sd = checkpoint.load_rank_state(fp_ckpt, ModelArgs(**PARAMS), 0, 1)
+    sd = rank_state.load_rank_state(fp_ckpt, ModelArgs(**PARAMS), 0, 1)
     tied = tmp_path / "tied"
-    checkpoint.save_checkpoint({k: v for k, v in sd.items() if k != "output.weight"}, PARAMS, tied)
+    save.save_checkpoint({k: v for k, v in sd.items() if k != "output.weight"}, PARAMS, tied)
     helpers.write_byte_tokenizer(tied / "tokenizer.model")
     quantize_checkpoint(str(tied), str(tmp_path / "q"), mode=mode)
     assert "output.weight" not in checkpoint.load_shard(tmp_path / "q" / "consolidated.00.pth")
@@ -305,12 +308,12 @@ def test_a_tied_checkpoint_quantizes_the_embedding_once_and_stays_tied(tmp_path,
     on_load, from_file = build(tied, mode), build(tmp_path / "q")
     assert torch.equal(logits_of(on_load), logits_of(from_file))
     m = on_load.model
-    assert isinstance(m.tok_embeddings, quantize.QuantizedEmbedding) and isinstance(m.output, quantize.QuantizedLinear)
+    assert isinstance(m.tok_embeddings, quant_modules.QuantizedEmbedding) and isinstance(m.output, quant_modules.QuantizedLinear)
     if mode == "int8":  # one int8 matrix serves both
         assert m.output.weight.data_ptr() == m.tok_embeddings.weight.data_ptr()
     tokens = torch.tensor([[3, 70, 500]])
     stored = checkpoint.load_shard(tmp_path / "q" / "consolidated.00.pth")
-    want = quantize.dequantize(
+    want = quant_formats.dequantize(
         mode, stored["tok_embeddings.weight"], stored["tok_embeddings.scales"], stored.get("tok_embeddings.zeros")
     )
     for model in (on_load.model, from_file.model):
@@ -320,28 +323,28 @@ def test_a_tied_checkpoint_quantizes_the_embedding_once_and_stays_tied(tmp_path,
 def test_int4_packed_in_place_is_the_packed_copy(monkeypatch):
     """A load's own int4 tensors are packed over themselves, block by block, to what a packed copy holds."""
     w = torch.randn(192, 128, generator=torch.Generator().manual_seed(0))
-    q, scales, zeros = quantize.quantize_int4(w, 32)
-    monkeypatch.setattr(quantize, "CHUNK_BYTES", 4 * 64 * 128)  # several blocks of 64 rows
-    want = quantize._int4_kernel_layout(q)
+    q, scales, zeros = quant_formats.quantize_int4(w, 32)
+    monkeypatch.setattr(quant_formats, "CHUNK_BYTES", 4 * 64 * 128)  # several blocks of 64 rows
+    want = quant_modules._int4_kernel_layout(q)
     own = q.clone()
-    got = quantize._int4_kernel_layout(own, in_place=True)
+    got = quant_modules._int4_kernel_layout(own, in_place=True)
     assert got.data_ptr() == own.data_ptr() and torch.equal(got, want)
 
 
 def _tied_int4_model(monkeypatch):
     distributed.setup(torch.device("cpu"))  # one process: fairscale's layers ask for their group
     params = {"dim": 128, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 192, "multiple_of": 64}
-    config = quantize.resolve("int4", 32)
-    with checkpoint._skeleton():
+    config = quant_formats.resolve("int4", 32)
+    with loader.skeleton():
         from llama.model import Transformer
 
         model = Transformer(ModelArgs(**params))
-    state = quantize.state_to_quantized(helpers.random_state_dict(params, seed=1), config)
+    state = quant_formats.state_to_quantized(helpers.random_state_dict(params, seed=1), config)
     for key in config.keys("output.weight"):  # tied: the output holds the embedding's tensors
         state[key] = state[key.replace("output.", "tok_embeddings.", 1)]
-    want = quantize.dequantize("int4", *(state[k].clone() for k in config.keys("tok_embeddings.weight")))  # (vocab, dim)
-    monkeypatch.setattr(kernels, "quantized_kernel", lambda mode, step, dt=None: ("pack", torch.float32))
-    quantize.install(model, state, config, torch.float32, consume=True)
+    want = quant_formats.dequantize("int4", *(state[k].clone() for k in config.keys("tok_embeddings.weight")))  # (vocab, dim)
+    monkeypatch.setattr(quant_choice, "quantized_kernel", lambda mode, step, dt=None: ("pack", torch.float32))
+    quant_modules.install(model, state, config, torch.float32, consume=True)
     return model, want
 
 
@@ -352,8 +355,8 @@ def test_a_tied_int4_output_is_packed_over_the_embedding_which_reads_its_rows_th
     reads (probed); otherwise the output packs a copy. Either way the lookups and the logits are
     those of the stored weights."""
     if layout == "unknown":
-        monkeypatch.setattr(quantize, "int4_kernel_block", lambda: None)
-    elif quantize.int4_kernel_block() is None:
+        monkeypatch.setattr(quant_kernels, "int4_kernel_block", lambda: None)
+    elif quant_kernels.int4_kernel_block() is None:
         pytest.skip(f"the int4 kernel layout on {torch.backends.cpu.get_cpu_capability()} is not one the embedding reads")
     model, want = _tied_int4_model(monkeypatch)
     shared = model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
@@ -372,8 +375,8 @@ def test_the_int4_kernel_layout_probe_on_each_cpu_capability():
     found = {}
     for capability in ("avx512", "avx2", "default"):
         proc = subprocess.run(
-            [sys.executable, "-c", "import torch; from llama import quantize; "
-             "print(torch.backends.cpu.get_cpu_capability(), quantize.int4_kernel_block())"],
+            [sys.executable, "-c", "import torch; from llama.runtime import quant_kernels; "
+             "print(torch.backends.cpu.get_cpu_capability(), quant_kernels.int4_kernel_block())"],
             capture_output=True, text=True, cwd=helpers.REPO, timeout=120,
             env={**helpers.child_env(), "ATEN_CPU_CAPABILITY": capability},
         )

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import helpers
-from llama import checkpoint, reshard
+from llama.weights import checkpoint, reshard, save
 
 
 PARAMS = {**helpers.TINY_PARAMS, "use_scaled_rope": True}  # 2 KV heads: 4 shards repeat each head twice
@@ -64,7 +64,7 @@ def test_output_is_the_canonical_meta_layout(tmp_path, original, shards):
 def test_tied_checkpoint_stays_tied_and_dtype_converts(tmp_path):
     full = helpers.random_state_dict(PARAMS, seed=5)
     del full["output.weight"]
-    checkpoint.save_checkpoint(full, PARAMS, tmp_path / "tied", n_shards=2)
+    save.save_checkpoint(full, PARAMS, tmp_path / "tied", n_shards=2)
     reshard.reshard(tmp_path / "tied", tmp_path / "one", shards=1, dtype="bfloat16")
     (shard,) = read_all(tmp_path / "one")
     assert "output.weight" not in shard

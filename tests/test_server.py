@@ -15,7 +15,7 @@ import torch
 
 import helpers
 from llama import Llama
-from llama.checkpoint import save_checkpoint
+from llama.weights.save import save_checkpoint
 from llama.chat_format import to_dialog, tool_prompt
 
 KEY = helpers.SERVER_KEY

@@ -9,7 +9,7 @@ import torch
 
 import helpers
 from llama import Llama
-from llama.checkpoint import save_checkpoint
+from llama.weights.save import save_checkpoint
 from llama.engine import Request, speculative
 from llama.sampling import sampling_probs
 

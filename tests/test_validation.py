@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import helpers
-from llama import Llama, checkpoint
+from llama import Llama
+from llama.weights import checkpoint
 from llama.generation import NonFiniteLogitsError
 from llama.model import ModelArgs
 

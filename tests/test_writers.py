@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import helpers
-from llama import Llama, atomic, checkpoint, reshard
+from llama import Llama, atomic
+from llama.weights import checklist, checkpoint, reshard
 
 pytest.importorskip("safetensors")
-from llama import convert  # noqa: E402
+from llama.weights import convert  # noqa: E402
 
 sys.path.insert(0, str(helpers.REPO / "tests" / "workers"))
 
@@ -247,7 +248,7 @@ def test_checklist_names_each_damaged_or_missing_file(tmp_path, meta, byte_token
     shutil.copytree(meta, ckpt)
     write_checklist(ckpt)
     lines = []
-    assert checkpoint.checklist_problems(ckpt, lines.append) == []
+    assert checklist.checklist_problems(ckpt, lines.append) == []
     assert len(lines) == 4 and lines[0].startswith("[1/4] consolidated.00.pth ok (")
     script = [sys.executable, str(helpers.REPO / "scripts" / "verify.py"), str(ckpt)]
     r = subprocess.run(script, capture_output=True, text=True, env=helpers.child_env(), timeout=120)
@@ -257,7 +258,7 @@ def test_checklist_names_each_damaged_or_missing_file(tmp_path, meta, byte_token
     data[len(data) // 2] ^= 0xFF  # one flipped byte inside the weights: the zip still opens
     (ckpt / "consolidated.01.pth").write_bytes(bytes(data))
     (ckpt / "tokenizer.model").unlink()
-    problems = checkpoint.checklist_problems(ckpt)
+    problems = checklist.checklist_problems(ckpt)
     assert len(problems) == 2
     assert problems[0].startswith("consolidated.01.pth: md5 ") and "but checklist.chk says" in problems[0]
     assert problems[1] == "tokenizer.model: missing (checklist.chk lists it)"
@@ -276,7 +277,7 @@ def test_verify_without_a_checklist_says_so(tmp_path, meta, byte_tokenizer):
         Llama.build(str(meta), str(byte_tokenizer), 32, 1, device="cpu", dtype="float32", verify=True)
     (tmp_path / "checklist.chk").write_text("not a line\n")
     with pytest.raises(ValueError, match="line 1 is not 'md5  filename'"):
-        checkpoint.read_checklist(tmp_path)
+        checklist.read_checklist(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ from typing import Deque, Dict, Iterator, List, Optional
 
 import torch
 
-from llama import kernels, validation
+from llama import validation
+from llama.runtime import policy as kernel_policy
 from llama.engine.runner import Runner, StepFn
 from llama.engine.scheduler import Scheduler
 from llama.engine.speculative import Speculator
@@ -31,13 +32,13 @@ class Engine:
         compiled: Optional[StepFn] = None,
         static_shapes: bool = False,
         speculator: Optional[Speculator] = None,
-        policy: Optional[kernels.Policy] = None,
+        policy: Optional[kernel_policy.Policy] = None,
     ):
         """compiled: a compiled decode pass over all cache rows (llama.generation.CompiledStep).
         static_shapes: decode all cache rows every step with per-row positions (one shape for a
         compiled decode step). speculator: a draft model that proposes tokens for the model to
         verify (llama.engine.speculative); its KV cache rows are prefilled and moved with the
-        model's. policy: the kernel policy every model call runs under (llama.kernels)."""
+        model's. policy: the kernel policy every model call runs under (llama.runtime)."""
         self.runner = Runner(model, tokenizer, policy, compiled, static_shapes)
         self.scheduler = Scheduler(self.runner.rows)
         self.speculator = speculator

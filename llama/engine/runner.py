@@ -1,11 +1,13 @@
 """Executes what the scheduler decided on the model: prefill in stages, decode, sample, and emit
 each token through the stop rules, the one place that decides when a sequence has finished and why.
-Every model call runs under the kernel policy it is handed (llama.kernels): the model itself holds none."""
+Every model call runs under the kernel policy it is handed (llama.runtime): the model itself holds none."""
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from llama import kernels, kv_cache
+from llama import kv_cache
+from llama.runtime import compute
+from llama.runtime import policy as kernel_policy
 from llama.engine.types import Event, Request, SequenceState
 from llama.model import Transformer
 from llama.sampling import check_finite, draw_token, top_logprobs
@@ -16,9 +18,9 @@ from llama.tokenizer import Tokenizer
 StepFn = Callable[..., Optional[torch.Tensor]]
 
 
-def call_model(model: Transformer, policy: Optional[kernels.Policy], tokens: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+def call_model(model: Transformer, policy: Optional[kernel_policy.Policy], tokens: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """The model's forward pass of `tokens` (bsz, seqlen) as `policy` plans it for so many rows."""
-    with kernels.kernels_for(tokens, policy):
+    with compute.kernels_for(tokens, policy):
         return model(tokens, *args, **kwargs)
 
 
@@ -31,7 +33,7 @@ def step_positions(positions: List[int], seqlen: int, device: torch.device) -> T
     return torch.tensor(positions, device=device), max(positions) + seqlen
 
 
-def prefill_rows(model: Transformer, policy: Optional[kernels.Policy], seqs: List[SequenceState]) -> torch.Tensor:
+def prefill_rows(model: Transformer, policy: Optional[kernel_policy.Policy], seqs: List[SequenceState]) -> torch.Tensor:
     """Fill the KV cache rows of `seqs` (consecutive rows, longest prompt first) of `model` with
     their prompts; return each one's last-position logits (len(seqs), vocab).
 
@@ -66,7 +68,7 @@ class Runner:
         self,
         model: Transformer,
         tokenizer: Tokenizer,
-        policy: Optional[kernels.Policy] = None,
+        policy: Optional[kernel_policy.Policy] = None,
         compiled: Optional[StepFn] = None,
         static_shapes: bool = False,
     ):

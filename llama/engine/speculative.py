@@ -20,7 +20,8 @@ from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from llama import kernels, kv_cache
+from llama import kv_cache
+from llama.runtime import policy as kernel_policy
 from llama.engine.acceptance import (  # noqa: F401 (re-exported: the speculative API)
     NUCLEUS_TOP,
     accept,
@@ -104,7 +105,7 @@ class Speculator:
     1..AUTO_MAX_K (from DEFAULT_K; every rank sees the same acceptances, so all move alike).
     `context` wraps every draft forward pass (llama.distributed.replicated for a draft held whole
     on every rank under torchrun; a no-op for one split like the model); `policy`, the kernel
-    policy its passes run under (llama.kernels). `compiled`, set by `Llama` with compile=True: the
+    policy its passes run under (llama.runtime). `compiled`, set by `Llama` with compile=True: the
     compiled passes (`CompiledPasses`), which the step uses over all cache rows when the runner
     decodes with static shapes: for a step of k proposals, `greedy_pass` when its rows all decode
     greedily, else `sampling_pass` (every pass of the step, the draws and the acceptance in one
@@ -118,7 +119,7 @@ class Speculator:
 
     def __init__(
         self, draft: Transformer, k: Union[int, str] = DEFAULT_K, context: Callable = contextlib.nullcontext,
-        policy: Optional[kernels.Policy] = None,
+        policy: Optional[kernel_policy.Policy] = None,
     ):
         self.draft, self.context, self.policy = draft, context, policy
         self.set_k(k)

@@ -4,8 +4,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from llama import kernels
 from llama.model import Transformer
+from llama.runtime import compute as kernels  # kernels_for moves to the runner
 
 
 @torch.inference_mode()
@@ -17,7 +17,7 @@ def score_batch(
 
     Each row is context + continuation without its last token; the context must be non-empty (a
     <|begin_of_text|> at least) and the whole row fit in the model's max_seq_len. `policy`: the
-    kernel policy the pass runs under (llama.kernels; `Llama.policy`).
+    kernel policy the pass runs under (llama.runtime; `Llama.policy`).
     """
     rows = [list(ctx) + list(cont[:-1]) for ctx, cont in batch]
     width = max(len(r) for r in rows)

@@ -22,8 +22,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from llama import ModelArgs, Tokenizer, Transformer, cli, distributed, kernels
-from llama.checkpoint import load_model, read_params, save_checkpoint
+from llama import ModelArgs, Tokenizer, Transformer, cli, distributed
+from llama.runtime import probes
+from llama.weights.checkpoint import read_params
+from llama.weights.loader import load_model
+from llama.weights.save import save_checkpoint
 from llama.tokenizer import ChatFormat
 
 REPO = Path(__file__).resolve().parent.parent
@@ -201,7 +204,7 @@ def train(
 
     # bfloat16 autocast where the device's policy computes large products (as training's are) in
     # bfloat16; master weights stay float32
-    use_bf16 = kernels.policy_for(dev).prefill.dtype == torch.bfloat16
+    use_bf16 = probes.policy_for(dev).prefill.dtype == torch.bfloat16
 
     def autocast():
         return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16)

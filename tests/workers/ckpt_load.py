@@ -1,10 +1,11 @@
-"""Worker for the checkpoint tests: load each checkpoint with llama.checkpoint.load_model on this
+"""Worker for the checkpoint tests: load each checkpoint with llama.weights.loader.load_model on this
 process group's model-parallel size, run a forward pass and a few greedy decode steps, and save the
 logits and tokens from rank 0 (torch.save of {ckpt_dir: {"logits", "tokens", "slices"}})."""
 import fire
 import torch
 
-from llama import checkpoint, distributed
+from llama import distributed
+from llama.weights import checkpoint, loader
 from llama.model import ModelArgs, Transformer
 
 PROMPT = [1, 72, 101, 108, 108, 111, 44, 32, 119]
@@ -31,7 +32,7 @@ def main(ckpt_dirs, out: str) -> None:
     for ckpt_dir in ckpt_dirs if isinstance(ckpt_dirs, (list, tuple)) else ckpt_dirs.split(","):
         params = checkpoint.read_params(ckpt_dir)
         args = ModelArgs(**params, max_seq_len=32, max_batch_size=1)
-        model = checkpoint.load_model(
+        model = loader.load_model(
             ckpt_dir, args, distributed.model_parallel_rank(), distributed.model_parallel_size(),
             torch.device("cpu"), torch.float32,
         )

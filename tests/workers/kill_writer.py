@@ -13,7 +13,8 @@ import time
 import safetensors.torch
 import torch
 
-from llama import atomic, convert, reshard
+from llama import atomic
+from llama.weights import convert, reshard
 
 
 # (owner, attribute) of every call that changes the file system while a writer runs

@@ -10,7 +10,9 @@ from typing import Optional
 
 import torch
 
-from llama import atomic, checkpoint, kernels, quantize, sharding
+from llama import atomic
+from llama.runtime import policy as kernel_policy
+from llama.weights import checkpoint, quant_formats, rank_state, save, sharding
 from llama.model import ModelArgs
 
 logger = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ def reshard(ckpt_dir: str, out_dir: str, shards: int, dtype: Optional[str] = Non
     args = ModelArgs(**params)
     layout = checkpoint.inspect_checkpoint(src, args)
     sharding.check_process_count(args, layout.n_shards, shards, str(src))
-    out_dtype = kernels.parse_dtype(dtype) if dtype else None
+    out_dtype = kernel_policy.parse_dtype(dtype) if dtype else None
     tied = " (output tied to the embedding)" if layout.tied else ""
     logger.info("%s: %d shard(s) -> %d shard(s) in %s%s", src, layout.n_shards, shards, out, tied)
     # published only once the whole result reads back as a checkpoint of `shards` shards
@@ -46,7 +48,7 @@ def _write(
 ) -> None:
     start = time.perf_counter()
     for k in range(shards):
-        state = checkpoint.load_rank_state(src, args, k, shards, "cpu", out_dtype, layout)
+        state = rank_state.load_rank_state(src, args, k, shards, "cpu", out_dtype, layout)
         path = out / f"consolidated.{k:02d}.pth"
         torch.save(state, path)
         _verify_shard(path, state, args, k, shards, layout.quant)
@@ -94,9 +96,9 @@ def quantize_checkpoint(
     params = checkpoint.read_params(src_dir)
     if "quantization" in params:
         raise ValueError(f"{src_dir} is already quantized ({params['quantization']}): quantize its full-precision original")
-    if mode not in quantize.FILE_MODES:
-        raise ValueError(f"unknown mode {mode!r}: a quantized checkpoint holds {' or '.join(quantize.FILE_MODES)} (fp8 quantizes on load)")
-    config = quantize.resolve(mode, group_size, quantize_output)
+    if mode not in quant_formats.FILE_MODES:
+        raise ValueError(f"unknown mode {mode!r}: a quantized checkpoint holds {' or '.join(quant_formats.FILE_MODES)} (fp8 quantizes on load)")
+    config = quant_formats.resolve(mode, group_size, quantize_output)
     args = ModelArgs(**params)
     layout = checkpoint.inspect_checkpoint(src_dir, args)
     n_out = shards or layout.n_shards
@@ -111,12 +113,12 @@ def quantize_checkpoint(
     state = {}
     for key in layout.keys:
         full = sharding.merge_pieces(key, [m[key] for m in mapped], args)
-        state.update(quantize.quantize_weight(key, full, config) if config.applies(key) else {key: full})
+        state.update(quant_formats.quantize_weight(key, full, config) if config.applies(key) else {key: full})
     # a tied checkpoint stays tied: the loader gives the output the embedding's quantized tensors
     logger.info("quantized %d projections in %.1fs", len(keys), time.perf_counter() - start)
     # published only once the whole result reads back as a quantized checkpoint
     with atomic.atomic_output_dir(out, overwrite, inputs=[src_dir], verify=checkpoint.inspect_dir) as tmp:
-        checkpoint.save_checkpoint(state, {**params, "quantization": config.to_params()}, tmp, n_shards=n_out)
+        save.save_checkpoint(state, {**params, "quantization": config.to_params()}, tmp, n_shards=n_out)
         if (src_dir / "tokenizer.model").is_file():
             shutil.copyfile(src_dir / "tokenizer.model", tmp / "tokenizer.model")
     size = sum(p.stat().st_size for p in out.glob("*.pth"))

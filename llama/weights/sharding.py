@@ -7,12 +7,11 @@
 # Quantized keys (`<module>.weight` packed, `<module>.scales`, `<module>.zeros`) split with their
 # weight: the same rows for column-parallel layers, the matching columns (in packed or group units)
 # for row-parallel ones; an int8 per-output-channel scale of a row-parallel layer is replicated.
-from typing import TYPE_CHECKING, Optional, Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 
-if TYPE_CHECKING:  # model.py imports this module; the hints need no import at run time
-    from llama.model import ModelArgs
+from llama.args import ModelArgs
 
 COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "output", "tok_embeddings")  # split dim 0
 ROW_PARALLEL = ("wo", "w2")  # split dim 1
@@ -20,7 +19,7 @@ KV_PARALLEL = ("wk", "wv")  # with more ranks than KV heads each rank holds one 
 
 
 class QuantFormat(Protocol):
-    """What the sharding rules need to know of a quantized checkpoint (llama.quantize.QuantConfig)."""
+    """What the sharding rules need to know of a quantized checkpoint (llama.weights.quant_formats.QuantConfig)."""
 
     mode: str  # "int8" | "int4" | "fp8"
     group_size: int
@@ -60,7 +59,7 @@ def column_factor(key: str, quant: Optional[QuantFormat] = None) -> int:
     return 2 if _kind(key) == "weight" else quant.group_size
 
 
-def full_shape(key: str, args: "ModelArgs", quant: Optional[QuantFormat] = None) -> torch.Size:
+def full_shape(key: str, args: ModelArgs, quant: Optional[QuantFormat] = None) -> torch.Size:
     """Shape of the full (unsharded) tensor `key` of `args`' model (quantized as `quant` says)."""
     dim, vocab, hidden = args.dim, args.vocab_size, args.ffn_hidden_dim
     q_rows, kv_rows = args.n_heads * args.head_dim, (args.n_kv_heads or args.n_heads) * args.head_dim
@@ -79,7 +78,7 @@ def full_shape(key: str, args: "ModelArgs", quant: Optional[QuantFormat] = None)
 
 
 def piece_range(
-    key: str, args: "ModelArgs", rank: int, count: int, quant: Optional[QuantFormat] = None
+    key: str, args: ModelArgs, rank: int, count: int, quant: Optional[QuantFormat] = None
 ) -> Optional[tuple[int, int]]:
     """(start, length) along shard_dim(key) of the full tensor that rank `rank` of `count` holds;
     None for replicated tensors.
@@ -99,7 +98,7 @@ def piece_range(
 
 
 def piece_shape(
-    key: str, args: "ModelArgs", rank: int, count: int, quant: Optional[QuantFormat] = None
+    key: str, args: ModelArgs, rank: int, count: int, quant: Optional[QuantFormat] = None
 ) -> torch.Size:
     """Shape of rank `rank`'s slice of `key` when the model is split over `count` ranks."""
     shape = list(full_shape(key, args, quant))
@@ -110,7 +109,7 @@ def piece_shape(
 
 
 def shard_tensor(
-    key: str, full: torch.Tensor, args: "ModelArgs", rank: int, count: int, quant: Optional[QuantFormat] = None
+    key: str, full: torch.Tensor, args: ModelArgs, rank: int, count: int, quant: Optional[QuantFormat] = None
 ) -> torch.Tensor:
     """Rank `rank`'s slice (a view) of the full tensor `full` when split over `count` ranks."""
     span = piece_range(key, args, rank, count, quant)
@@ -125,7 +124,7 @@ def source_ranks(n_shards: int, rank: int, count: int) -> list[int]:
     return [rank // (count // n_shards)]
 
 
-def merge_pieces(key: str, pieces: Sequence[torch.Tensor], args: "ModelArgs", quant: Optional[QuantFormat] = None) -> torch.Tensor:
+def merge_pieces(key: str, pieces: Sequence[torch.Tensor], args: ModelArgs, quant: Optional[QuantFormat] = None) -> torch.Tensor:
     """The full tensor `key` from its pieces in shards 0..n-1 (the reverse of shard_tensor).
 
     With more shards than KV heads, wk/wv shards repeat whole heads: each group of repeats must be
@@ -134,7 +133,7 @@ def merge_pieces(key: str, pieces: Sequence[torch.Tensor], args: "ModelArgs", qu
     return _concat(key, distinct_pieces(key, pieces, args), quant)
 
 
-def distinct_pieces(key: str, pieces: Sequence[torch.Tensor], args: "ModelArgs") -> list[torch.Tensor]:
+def distinct_pieces(key: str, pieces: Sequence[torch.Tensor], args: ModelArgs) -> list[torch.Tensor]:
     """The pieces of `key` that hold distinct data: all of them, except repeated KV heads."""
     n, n_kv = len(pieces), args.n_kv_heads or args.n_heads
     if module_of(key) in KV_PARALLEL and n > n_kv:
@@ -146,7 +145,7 @@ def distinct_pieces(key: str, pieces: Sequence[torch.Tensor], args: "ModelArgs")
     return list(pieces)
 
 
-def merged_shape(key: str, pieces: Sequence[torch.Tensor], args: "ModelArgs", quant: Optional[QuantFormat] = None) -> torch.Size:
+def merged_shape(key: str, pieces: Sequence[torch.Tensor], args: ModelArgs, quant: Optional[QuantFormat] = None) -> torch.Size:
     """Shape of merge_pieces(key, pieces, args) without concatenating."""
     dim, pieces = shard_dim(key, quant), distinct_pieces(key, pieces, args)
     shape = list(pieces[0].shape)
@@ -160,22 +159,7 @@ def _concat(key: str, pieces: list[torch.Tensor], quant: Optional[QuantFormat]) 
     return pieces[0] if dim is None else torch.cat(pieces, dim=dim)
 
 
-def check_model_parallel(args: "ModelArgs", mp: int) -> None:
-    """ValueError, saying why, unless `args`' shape splits evenly over `mp` model-parallel ranks."""
-    n_kv = args.n_kv_heads or args.n_heads
-    if args.n_heads % mp:
-        raise ValueError(
-            f"n_heads {args.n_heads} is not divisible by the model-parallel size {mp}: "
-            f"use a process count that divides {args.n_heads}"
-        )
-    if n_kv % mp and mp % n_kv:
-        raise ValueError(f"n_kv_heads {n_kv} and the model-parallel size {mp} do not divide one another")
-    for name, size in (("vocab_size", args.vocab_size), ("ffn hidden size", args.ffn_hidden_dim)):
-        if size % mp:
-            raise ValueError(f"{name} {size} is not divisible by the model-parallel size {mp}")
-
-
-def check_process_count(args: "ModelArgs", n_shards: int, mp_size: int, source: str = "the checkpoint") -> None:
+def check_process_count(args: ModelArgs, n_shards: int, mp_size: int, source: str = "the checkpoint") -> None:
     """ValueError, saying what to do, unless `n_shards` shards can be loaded on `mp_size` ranks."""
     if mp_size > args.n_heads:
         raise ValueError(
@@ -191,7 +175,7 @@ def check_process_count(args: "ModelArgs", n_shards: int, mp_size: int, source: 
     args.validate(mp_size)
 
 
-def check_group_alignment(args: "ModelArgs", count: int, group_size: int, keys: Sequence[str]) -> None:
+def check_group_alignment(args: ModelArgs, count: int, group_size: int, keys: Sequence[str]) -> None:
     """ValueError unless every int4 group of `keys` lies within one rank's slice when split over
     `count` ranks: the input dimension (of a row-parallel layer: of each rank's columns) must be a
     multiple of `group_size`."""
@@ -211,7 +195,7 @@ def check_group_alignment(args: "ModelArgs", count: int, group_size: int, keys: 
             )
 
 
-def _fits(args: "ModelArgs", mp_size: int) -> bool:
+def _fits(args: ModelArgs, mp_size: int) -> bool:
     try:
         args.validate(mp_size)
         return True

@@ -1,4 +1,4 @@
-"""Compiled graphs of models held in the cache (llama/graph_kernels.py): the loops it puts in place
+"""Compiled graphs of models held in the cache (llama/runtime/graphs.py): the loops it puts in place
 of library calls compute the plain-math product and attention; the pass joins products of one input
 and rewrites only what it should; compiled steps through it decode eager's greedy tokens."""
 import logging
@@ -6,7 +6,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from llama import Llama, graph_kernels
+from llama import Llama
+from llama.runtime import graphs
 
 BF16, F32 = torch.bfloat16, torch.float32
 
@@ -16,7 +17,7 @@ def compile_frozen(module: torch.nn.Module, x: torch.Tensor, loops: bool) -> tor
     import torch._inductor.config as inductor_config
 
     torch._dynamo.reset()
-    with torch.inference_mode(), inductor_config.patch(freezing=True, pre_grad_custom_pass=graph_kernels.frozen_graph_pass(loops)):
+    with torch.inference_mode(), inductor_config.patch(freezing=True, pre_grad_custom_pass=graphs.frozen_graph_pass(loops)):
         return torch.compile(module, dynamic=False)(x)
 
 
@@ -26,8 +27,8 @@ def test_one_row_product_is_the_product_in_plain_math():
     torch.manual_seed(0)
     w, x, b = torch.randn(96, 64), torch.randn(1, 1, 64), torch.randn(96)
     want = x.double() @ w.double().T + b.double()
-    torch.testing.assert_close(graph_kernels.one_row_product(x, w, b).double(), want, rtol=0, atol=1e-5)
-    got = graph_kernels.one_row_product(x.to(BF16), w.to(BF16))
+    torch.testing.assert_close(graphs.one_row_product(x, w, b).double(), want, rtol=0, atol=1e-5)
+    got = graphs.one_row_product(x.to(BF16), w.to(BF16))
     want = x.to(BF16).double() @ w.to(BF16).double().T
     assert got.dtype == BF16 and got.shape == (1, 1, 96)
     assert (got.double() - want).abs().max() <= want.abs().max() * 2**-8
@@ -49,17 +50,17 @@ def test_decode_attention_is_attention_in_plain_math():
     q, k, v = torch.randn(2, 2, 3, 8), torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)
     mask = (torch.arange(10) < torch.tensor([4, 9])[:, None])[:, None, None]  # (2, 1, 1, 10)
     want = plain_attention(q, k, v, mask)
-    got = graph_kernels.decode_attention(q, k, v, attn_mask=mask)
+    got = graphs.decode_attention(q, k, v, attn_mask=mask)
     assert got.shape == (2, 2, 3, 8) and got.dtype == F32
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
     additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
-    torch.testing.assert_close(graph_kernels.decode_attention(q, k, v, attn_mask=additive), got, rtol=0, atol=1e-6)
+    torch.testing.assert_close(graphs.decode_attention(q, k, v, attn_mask=additive), got, rtol=0, atol=1e-6)
     # grouped-query form: 6 query heads, 3 per KV head, 2 tokens each with a (1, 1, 2, 10) causal mask
     q6, causal = torch.randn(1, 6, 2, 8), (torch.arange(10) <= torch.tensor([6, 7])[:, None])[None, None]
-    got6 = graph_kernels.decode_attention(q6, k[:1], v[:1], attn_mask=causal, enable_gqa=True)
+    got6 = graphs.decode_attention(q6, k[:1], v[:1], attn_mask=causal, enable_gqa=True)
     want6 = plain_attention(q6, k[:1].repeat_interleave(3, dim=1), v[:1].repeat_interleave(3, dim=1), causal)
     torch.testing.assert_close(got6.double(), want6, rtol=0, atol=1e-6)
-    bf = graph_kernels.decode_attention(q.to(BF16), k.to(BF16), v.to(BF16), attn_mask=mask)
+    bf = graphs.decode_attention(q.to(BF16), k.to(BF16), v.to(BF16), attn_mask=mask)
     want = plain_attention(q.to(BF16), k.to(BF16), v.to(BF16), mask)
     assert bf.dtype == BF16 and (bf.double() - want).abs().max() <= 2**-8 * want.abs().max()
 
@@ -91,15 +92,15 @@ def test_the_pass_joins_products_of_one_input_and_puts_loops_where_it_should(mon
     has 16 query rows per KV head); every result is the module's own within float32 rounding."""
     seen = {"linear": [], "product": set(), "attention": set()}
     step = None  # the (rows, loops) being compiled
-    join, product, attention = graph_kernels._join_products, graph_kernels.one_row_product, graph_kernels.decode_attention
+    join, product, attention = graphs._join_products, graphs.one_row_product, graphs.decode_attention
 
     def joined(graph):
         join(graph)
-        seen["linear"].append(sum(n.op == "call_function" and n.target in graph_kernels.LINEAR for n in graph.nodes))
+        seen["linear"].append(sum(n.op == "call_function" and n.target in graphs.LINEAR for n in graph.nodes))
 
-    monkeypatch.setattr(graph_kernels, "_join_products", joined)
-    monkeypatch.setattr(graph_kernels, "one_row_product", lambda *a: seen["product"].add((step, tuple(a[0].shape))) or product(*a))
-    monkeypatch.setattr(graph_kernels, "decode_attention", lambda *a, **k: seen["attention"].add((step, tuple(a[0].shape))) or attention(*a, **k))
+    monkeypatch.setattr(graphs, "_join_products", joined)
+    monkeypatch.setattr(graphs, "one_row_product", lambda *a: seen["product"].add((step, tuple(a[0].shape))) or product(*a))
+    monkeypatch.setattr(graphs, "decode_attention", lambda *a, **k: seen["attention"].add((step, tuple(a[0].shape))) or attention(*a, **k))
     torch.manual_seed(0)
     block = Block().eval()
     for step in ((1, True), (8, True), (1, False)):
@@ -114,22 +115,22 @@ def test_the_pass_joins_products_of_one_input_and_puts_loops_where_it_should(mon
 
 
 def test_the_one_row_choice_is_measured_once_and_logged(monkeypatch, caplog):
-    graph_kernels._one_row_in_graph.cache_clear()
-    with caplog.at_level(logging.INFO, logger="llama.graph_kernels"):
-        first = graph_kernels.compile_one_row_in_graph(32, (2, 2, 8), 16, F32)
-        assert graph_kernels.compile_one_row_in_graph(32, (2, 2, 8), 16, F32) is first
+    graphs._one_row_in_graph.cache_clear()
+    with caplog.at_level(logging.INFO, logger="llama.runtime.graphs"):
+        first = graphs.compile_one_row_in_graph(32, (2, 2, 8), 16, F32)
+        assert graphs.compile_one_row_in_graph(32, (2, 2, 8), 16, F32) is first
     assert isinstance(first, bool)
     assert caplog.text.count("Compiled one-row steps (32x32 float32 products, attention over 16 slots)") == 1
-    graph_kernels._one_row_in_graph.cache_clear()
+    graphs._one_row_in_graph.cache_clear()
     monkeypatch.setattr(torch, "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no compiler")))
-    assert graph_kernels.compile_one_row_in_graph(32, (2, 2, 8), 16, F32) is False  # no compiler: the library calls
-    graph_kernels._one_row_in_graph.cache_clear()
+    assert graphs.compile_one_row_in_graph(32, (2, 2, 8), 16, F32) is False  # no compiler: the library calls
+    graphs._one_row_in_graph.cache_clear()
 
 
 def test_compiled_one_row_loops_decode_the_eager_tokens(tiny_ckpt, byte_tokenizer, monkeypatch):
     """Batch 1, compiled with one-row steps as loops (forced, whatever this CPU measures) and
     products joined: float32 greedy tokens equal eager's, and the compiled step did not fall back."""
-    monkeypatch.setattr(graph_kernels, "compile_one_row_in_graph", lambda *a: True)
+    monkeypatch.setattr(graphs, "compile_one_row_in_graph", lambda *a: True)
     kwargs = dict(max_seq_len=64, max_batch_size=1, device="cpu", dtype="float32")
     compiled = Llama.build(str(tiny_ckpt), str(byte_tokenizer), compile=True, **kwargs)
     assert compiled._compiled.freeze and compiled._compiled.in_graph is None  # decided at the first one-row call

@@ -1,10 +1,9 @@
-# Kernels inside compiled CPU graphs whose weights are frozen into them (llama.generation.CompiledStep):
+# Kernels inside compiled CPU graphs whose weights are frozen into them (llama.runtime.compiled.CompiledStep):
 # one inductor pass over the traced graph, and the start-up probe that decides what it rewrites.
 """Compiled graphs of a model held in the last-level cache (inductor's freezing, on CPU).
 
-At the demo model's size a step is bound by fixed costs per library call (about 10-17 us for a
-oneDNN or MKL product or an SDPA call on the CPUs measured here, whatever its size), not by the
-bytes it reads. `frozen_graph_pass` rewrites a traced graph before inductor lowers it:
+At the demo model's size a step is bound by the fixed cost of each library call (a oneDNN or MKL
+product, an SDPA call, whatever its size), not by the bytes it reads. `frozen_graph_pass` rewrites a traced graph before inductor lowers it:
 
 - products of one input by several frozen weights (wq, wk and wv; w1 and w3) become one product
   of the weights concatenated (the concatenation is folded into a constant once, at compilation)
@@ -27,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from llama import distributed
-from llama.kernels import best_time
+from llama.runtime.cpu import best_time
+from llama.runtime.policy import dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def frozen_graph_pass(loops: bool):
                 _loops(graph)
 
         def uuid(self) -> str:  # inductor's compiled-graph cache key
-            return f"llama.graph_kernels.frozen_graph_pass/2/loops={loops}"
+            return f"llama.runtime.graphs.frozen_graph_pass/2/loops={loops}"
 
     return FrozenGraphPass()
 
@@ -234,9 +234,12 @@ def _one_row_in_graph(dim: int, heads: Tuple[int, int, int], slots: int, dtype: 
     faster = distributed.broadcast_object(faster)
     if distributed.is_rank0() and len(seconds) == 2:
         logger.info(
-            "Compiled one-row steps (%dx%d %s products, attention over %d slots): %s (measured in %.1f s: "
-            "library calls %.1f us, compiled loops %.1f us a block)",
-            dim, dim, str(dtype).removeprefix("torch."), slots, "compiled loops" if faster else "library calls",
-            time.perf_counter() - start, 1e6 * seconds[False] / PROBE_LAYERS, 1e6 * seconds[True] / PROBE_LAYERS,
+            "Compiled one-row steps (%dx%d %s products, attention over %d slots): %s (measured in %.1f s)",
+            dim, dim, dtype_name(dtype), slots, "compiled loops" if faster else "library calls",
+            time.perf_counter() - start,
+        )
+        logger.debug(
+            "Compiled one-row steps timings: library calls %.1f us, compiled loops %.1f us a block",
+            1e6 * seconds[False] / PROBE_LAYERS, 1e6 * seconds[True] / PROBE_LAYERS,
         )
     return faster

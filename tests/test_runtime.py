@@ -1,4 +1,4 @@
-"""The kernel and dtype policy (llama/kernels.py): chosen from measured timings (faked here to test
+"""The kernel and dtype policy (llama/runtime: policy, probes, compute, quant_choice): chosen from measured timings (faked here to test
 each outcome), bypassed by a forced dtype, exact in float32, and a bfloat16-weights model that
 prefills in float32 computes what float32 computes on the same weights."""
 import logging
@@ -7,7 +7,11 @@ import time
 import pytest
 import torch
 
-from llama import Llama, kernels
+from llama import Llama
+from llama.runtime import compute, probes, quant_choice, quant_kernels
+from llama.runtime import cpu as cpu_info
+from llama.runtime import policy as kernel_policy
+from llama.weights import quant_formats, quant_modules
 from llama.engine.runner import call_model
 
 BF16, F32 = torch.bfloat16, torch.float32
@@ -39,23 +43,23 @@ NATIVE_BF16 = timings(
 
 
 def test_policy_follows_the_timings_of_a_cpu_without_native_bf16():
-    p = kernels.choose(NO_NATIVE_BF16)
+    p = kernel_policy.choose(NO_NATIVE_BF16)
     assert p.weights == BF16  # half the memory, and the faster one-row product
-    assert p.decode == kernels.Plan(BF16, onednn=False)  # PyTorch's own GEMV
-    assert p.small == kernels.Plan(BF16, onednn=True)
-    assert p.prefill == kernels.Plan(F32, onednn=True)  # upcast, 70 ms against 235 in bfloat16
+    assert p.decode == kernel_policy.StepKernels(BF16, onednn=False)  # PyTorch's own GEMV
+    assert p.small == kernel_policy.StepKernels(BF16, onednn=True)
+    assert p.prefill == kernel_policy.StepKernels(F32, onednn=True)  # upcast, 70 ms against 235 in bfloat16
     assert p.plan(1) is p.decode and p.plan(8) is p.small and p.plan(512) is p.prefill
 
 
 def test_policy_follows_the_timings_of_a_cpu_with_native_bf16():
-    p = kernels.choose(NATIVE_BF16)
+    p = kernel_policy.choose(NATIVE_BF16)
     assert p.weights == BF16
-    assert p.decode == p.small == p.prefill == kernels.Plan(BF16, onednn=True)
+    assert p.decode == p.small == p.prefill == kernel_policy.StepKernels(BF16, onednn=True)
 
 
 def test_float32_weights_when_float32_decodes_faster():
     slow_bf16 = {**NO_NATIVE_BF16, ("decode", "bfloat16", True): 9e-3, ("decode", "bfloat16", False): 8e-3}
-    p = kernels.choose(slow_bf16)
+    p = kernel_policy.choose(slow_bf16)
     assert p.weights == F32
     assert {p.decode.dtype, p.small.dtype, p.prefill.dtype} == {F32}  # never a downcast per step
     assert p.decode.onednn is True and p.prefill.onednn is True
@@ -70,84 +74,87 @@ def fake_cpu(monkeypatch):
         calls.append(from_memory)
         return NO_NATIVE_BF16
 
-    monkeypatch.setattr(kernels, "measure", measure)
-    kernels._measured_cpu_policy.cache_clear()
+    monkeypatch.setattr(probes, "measure", measure)
+    probes._measured_cpu_policy.cache_clear()
     yield calls
-    kernels._measured_cpu_policy.cache_clear()
+    probes._measured_cpu_policy.cache_clear()
 
 
 def test_the_choice_is_measured_and_logged_once(fake_cpu, caplog):
     cpu = torch.device("cpu")
-    with caplog.at_level(logging.INFO, logger="llama.kernels"):
-        first = kernels.policy_for(cpu)
-        second = kernels.policy_for(cpu)
-        assert kernels.resolve_dtype(None, cpu) == BF16
-    assert first == second == kernels.choose(NO_NATIVE_BF16, reason=first.reason)
+    with caplog.at_level(logging.DEBUG, logger="llama.runtime"):
+        first = probes.policy_for(cpu)
+        second = probes.policy_for(cpu)
+        assert probes.resolve_dtype(None, cpu) == BF16
+    assert first == second == kernel_policy.choose(NO_NATIVE_BF16, reason=first.reason)
     assert len(fake_cpu) == 1
-    lines = [r.getMessage() for r in caplog.records if "Kernel policy" in r.getMessage()]
+    # the choice: one line at INFO; what it was chosen from: at DEBUG
+    lines = [r.getMessage() for r in caplog.records if "Kernel policy" in r.getMessage() and r.levelno == logging.INFO]
     assert len(lines) == 1
-    assert "weights in bfloat16" in lines[0] and "prefill float32" in lines[0] and "decode (1 row, ms)" in lines[0]
+    assert "weights in bfloat16" in lines[0] and "prefill float32" in lines[0] and "ms)" not in lines[0]
+    timings = [r.getMessage() for r in caplog.records if "Kernel policy" in r.getMessage() and r.levelno == logging.DEBUG]
+    assert len(timings) == 1 and "decode (1 row, ms)" in timings[0]
 
 
 def test_forced_dtypes_bypass_the_policy(fake_cpu, monkeypatch):
     cpu = torch.device("cpu")
-    f32 = kernels.policy_for(cpu, "float32")
-    assert f32 == kernels.uniform(F32, reason="forced")  # no kernel switched: plain PyTorch
+    f32 = probes.policy_for(cpu, "float32")
+    assert f32 == kernel_policy.uniform(F32, reason="forced")  # no kernel switched: plain PyTorch
     assert not fake_cpu  # not even measured
-    bf16 = kernels.policy_for(cpu, "bf16")
+    bf16 = probes.policy_for(cpu, "bf16")
     assert bf16.weights == BF16 and {bf16.decode.dtype, bf16.small.dtype, bf16.prefill.dtype} == {BF16}
     assert bf16.decode.onednn is False and bf16.prefill.onednn is True  # the faster kernel in bfloat16
-    assert kernels.resolve_dtype(torch.float16, cpu) == torch.float16
+    assert probes.resolve_dtype(torch.float16, cpu) == torch.float16
     with pytest.raises(ValueError, match="unknown dtype 'int3': use bfloat16, float16 or float32"):
-        kernels.resolve_dtype("int3", cpu)
+        probes.resolve_dtype("int3", cpu)
 
 
 def test_weights_that_fit_in_the_cache_are_timed_from_the_cache(fake_cpu, monkeypatch):
     """A model larger than the last-level cache is timed from memory, one that fits from the cache
     (a 260 MB cache holds the demo model but not a 1B); each is measured once."""
-    monkeypatch.setattr(kernels, "last_level_cache_bytes", lambda: 260 * 2**20)
+    monkeypatch.setattr(cpu_info, "last_level_cache_bytes", lambda: 260 * 2**20)
     cpu = torch.device("cpu")
     demo, one_b = 23 * 2**20, 2 * 1_236_000_000
-    kernels.policy_for(cpu, weight_bytes=demo)
-    kernels.policy_for(cpu, weight_bytes=one_b)
-    kernels.policy_for(cpu)  # unknown size: from memory
-    kernels.policy_for(cpu, weight_bytes=demo)
+    probes.policy_for(cpu, weight_bytes=demo)
+    probes.policy_for(cpu, weight_bytes=one_b)
+    probes.policy_for(cpu)  # unknown size: from memory
+    probes.policy_for(cpu, weight_bytes=demo)
     assert fake_cpu == [False, True]
-    assert "weights read from the cache" in kernels.policy_for(cpu, weight_bytes=demo).reason
+    assert "weights read from the cache" in probes.policy_for(cpu, weight_bytes=demo).reason
 
 
 def test_last_level_cache_is_read_from_sysfs():
-    size = kernels.last_level_cache_bytes()
+    size = cpu_info.last_level_cache_bytes()
     assert size >= 2**20 and size % 1024 == 0  # a cache of a megabyte or more, in whole KB
 
 
 def test_kernels_for_applies_the_plan_of_each_step_and_restores_the_flags():
-    p = kernels.choose(NO_NATIVE_BF16)
+    p = kernel_policy.choose(NO_NATIVE_BF16)
     seen = {}
 
     for name, tokens in (("decode", torch.zeros(1, 1)), ("small", torch.zeros(4, 1)), ("prefill", torch.zeros(1, 64))):
-        with kernels.kernels_for(tokens, p):
+        with compute.kernels_for(tokens, p):
             x = torch.nn.functional.linear(torch.ones(2, 3, dtype=BF16), torch.ones(4, 3, dtype=BF16))
             seen[name] = (torch.backends.mkldnn.enabled, x.dtype)
         assert torch.backends.mkldnn.enabled  # restored
     assert seen == {"decode": (False, BF16), "small": (True, BF16), "prefill": (True, F32)}
-    with kernels.kernels_for(torch.zeros(1, 64), p, compiled=True):  # compiled: the weights' dtype
+    with compute.kernels_for(torch.zeros(1, 64), p, compiled=True):  # compiled: the weights' dtype
         assert torch.nn.functional.linear(torch.ones(2, 3, dtype=BF16), torch.ones(4, 3, dtype=BF16)).dtype == BF16
 
 
 @pytest.mark.parametrize("from_memory", [True, False])
 def test_measure_times_every_case_on_this_cpu(from_memory):
-    t = kernels.measure(repeats=1, from_memory=from_memory)
-    expected = {(k, c, o) for k in kernels.KINDS for c in kernels.COMPUTES for o in (True, False)}
+    t = probes.measure(repeats=1, from_memory=from_memory)
+    expected = {(k, c, o) for k in kernel_policy.KINDS for c in kernel_policy.COMPUTES for o in (True, False)}
     assert set(t) == expected - {("decode", "upcast", True), ("decode", "upcast", False)}
     assert all(s > 0 for s in t.values())
-    assert isinstance(kernels.choose(t).weights, torch.dtype)
+    assert isinstance(kernel_policy.choose(t).weights, torch.dtype)
 
 
 def test_the_probe_reads_fresh_weights_from_memory(monkeypatch):
     """From memory, consecutive decode products read disjoint bytes, and the buffer spans twice the
     cache; from the cache, every product reads the same weight."""
-    monkeypatch.setattr(kernels, "last_level_cache_bytes", lambda: 96 * 2**20)
+    monkeypatch.setattr(cpu_info, "last_level_cache_bytes", lambda: 96 * 2**20)
     seen = []
     linear = torch.nn.functional.linear
 
@@ -157,9 +164,9 @@ def test_the_probe_reads_fresh_weights_from_memory(monkeypatch):
 
     for from_memory in (True, False):
         seen.clear()
-        monkeypatch.setattr(kernels.F, "linear", spy)
-        kernels.measure(repeats=1, from_memory=from_memory)
-        monkeypatch.setattr(kernels.F, "linear", linear)
+        monkeypatch.setattr(compute.F, "linear", spy)
+        probes.measure(repeats=1, from_memory=from_memory)
+        monkeypatch.setattr(compute.F, "linear", linear)
         decode = [(ptr, dt) for rows, dt, ptr, _ in seen if rows == 1]
         if from_memory:
             assert seen[0][3] >= 2 * 96 * 2**20  # the buffer: twice the cache
@@ -180,17 +187,17 @@ def test_a_model_in_the_cache_is_timed_with_its_own_shape_over_its_own_bytes(mon
         return linear(x, w, *rest)
 
     shape, model_bytes = (96, 64), 40 * 96 * 64 * 2  # 40 such weights in bfloat16
-    monkeypatch.setattr(kernels.F, "linear", spy)
-    kernels.measure(repeats=1, from_memory=False, cached=(shape, model_bytes))
-    monkeypatch.setattr(kernels.F, "linear", linear)
+    monkeypatch.setattr(compute.F, "linear", spy)
+    probes.measure(repeats=1, from_memory=False, cached=(shape, model_bytes))
+    monkeypatch.setattr(compute.F, "linear", linear)
     assert {s for rows, _, s, _ in seen if rows < 64} == {shape}
-    assert {s for rows, _, s, _ in seen if rows == 64} == {kernels.PROBE_SHAPE["prefill"]}
+    assert {s for rows, _, s, _ in seen if rows == 64} == {probes.PROBE_SHAPE["prefill"]}
     for dtype in (BF16, F32):
         ptrs = [ptr for rows, dt, _, ptr in seen if rows == 1 and dt == dtype]
         assert all(a != b for a, b in zip(ptrs, ptrs[1:]))  # a fresh window each call
         size = 96 * 64 * dtype.itemsize
         assert max(ptrs) - min(ptrs) + size <= model_bytes * dtype.itemsize // 2  # within the model's bytes
-    policy = kernels.choose(kernels.measure(repeats=1, from_memory=False, cached=(shape, model_bytes)))
+    policy = kernel_policy.choose(probes.measure(repeats=1, from_memory=False, cached=(shape, model_bytes)))
     assert policy.weights in (BF16, F32)
 
 
@@ -238,8 +245,8 @@ def test_upcast_linear_is_the_float32_product_of_the_converted_weight():
     w, x, b = torch.randn(300, 64).to(BF16), torch.randn(2, 5, 64), torch.randn(300)
     want = torch.nn.functional.linear(x, w.float(), b)
     for scratch in (torch.empty(64 * 7), torch.empty(300 * 64)):  # blocks of 7 rows; the whole weight
-        torch.testing.assert_close(kernels.upcast_linear(x, w, scratch, b), want, rtol=1e-5, atol=2e-5)  # float32 rounding, summed in another order
-    with kernels.ComputeIn(F32):  # also reached by keyword, as F.linear's own names
+        torch.testing.assert_close(compute.upcast_linear(x, w, scratch, b), want, rtol=1e-5, atol=2e-5)  # float32 rounding, summed in another order
+    with compute.ComputeIn(F32):  # also reached by keyword, as F.linear's own names
         got = torch.nn.functional.linear(input=x.to(BF16), weight=w)
     assert got.dtype == F32
     torch.testing.assert_close(got, torch.nn.functional.linear(x.to(BF16).float(), w.float()), rtol=1e-5, atol=2e-5)  # float32 rounding, summed in another order
@@ -279,10 +286,10 @@ def quant_timings(fastest: dict) -> dict:
     """(mode, step, path, compute) -> seconds: 1 ms for each (mode, step)'s `fastest` (path,
     compute name), 2 ms for the others of that compute, 5 ms for the rest."""
     out = {}
-    for mode in kernels.QUANT_MODES:
-        for step in kernels.QUANT_STEPS:
+    for mode in quant_choice.QUANT_MODES:
+        for step in quant_choice.QUANT_STEPS:
             win = fastest[(mode, step)]
-            for path in kernels.QUANT_PATHS:
+            for path in quant_choice.QUANT_PATHS:
                 for dt in ("bfloat16", "float32"):
                     out[(mode, step, path, dt)] = 1e-3 if (path, dt) == win else 2e-3 if dt == win[1] else 5e-3
     return out
@@ -295,7 +302,7 @@ def test_quantized_kernels_follow_the_timings():
         ("int8", "small"): ("pack", "bfloat16"), ("int4", "small"): ("dequant", "bfloat16"),
     })
     t[("int4", "prefill", "dequant", "float32")] = 1.5e-3  # the fastest in float32, not overall
-    p = kernels.choose_quantized(t)
+    p = quant_choice.choose_quantized(t)
     assert p.kernel("int8", "decode") == ("pack", BF16) and p.kernel("int8", "prefill") == ("dequant", F32)
     assert p.kernel("int4", "decode") == ("pack", F32) and p.kernel("int4", "prefill") == ("pack", BF16)
     assert p.kernel("int8", "small") == ("pack", BF16) and p.kernel("int4", "small") == ("dequant", BF16)
@@ -309,47 +316,49 @@ def test_quantized_kernels_follow_the_timings():
 
 @pytest.fixture
 def fresh_quantized_policy():
-    kernels._measured_quantized_policy.cache_clear()
+    quant_choice._measured_quantized_policy.cache_clear()
     yield
-    kernels._measured_quantized_policy.cache_clear()
+    quant_choice._measured_quantized_policy.cache_clear()
 
 
 def test_the_quantized_kernels_are_measured_once_and_the_fastest_is_taken(fresh_quantized_policy, monkeypatch, caplog):
     """The timer says dequantize-then-F.linear in float32 wins everywhere (it never does on the
     project's CPU): every QuantizedLinear then takes it, measured once, logged once."""
-    from llama import quantize
-
     calls = []
 
     def fake_best_time(fn, repeats, give_up=float("inf")):
-        lin = fn.func.__self__  # the probe: a QuantizedLinear forced to one path and dtype
-        calls.append(lin.kernels["decode"])
-        return 1e-3 if lin.kernels["decode"] == ("dequant", F32) else 2e-3
+        # the probe: one of quant_kernels' products, its first argument x in the compute dtype
+        dequant = fn.func in (quant_kernels.int8_dequant_mm, quant_kernels.int4_dequant_mm)
+        kernel = ("dequant" if dequant else "pack", fn.args[0].dtype)
+        calls.append(kernel)
+        return 1e-3 if kernel == ("dequant", F32) else 2e-3
 
-    monkeypatch.setattr(kernels, "best_time", fake_best_time)
+    monkeypatch.setattr(cpu_info, "best_time", fake_best_time)
     w = torch.randn(64, 128)
-    with caplog.at_level(logging.INFO, logger="llama.kernels"):
-        for mode, stored in (("int8", quantize.quantize_int8(w) + (None,)), ("int4", quantize.quantize_int4(w, 32))):
-            lin = quantize.QuantizedLinear(mode, *stored, 32, BF16)
+    with caplog.at_level(logging.DEBUG, logger="llama.runtime"):
+        for mode, stored in (("int8", quant_formats.quantize_int8(w) + (None,)), ("int4", quant_formats.quantize_int4(w, 32))):
+            lin = quant_modules.QuantizedLinear(mode, *stored, 32, BF16)
             assert lin.kernels == {"decode": ("dequant", F32), "small": ("dequant", F32), "prefill": ("dequant", F32)}
-            forced = quantize.QuantizedLinear(mode, *stored, 32, BF16, compute_dtype=BF16)
+            forced = quant_modules.QuantizedLinear(mode, *stored, 32, BF16, compute_dtype=BF16)
             assert {dt for _, dt in forced.kernels.values()} == {BF16}
-    assert len(calls) == len(kernels.QUANT_MODES) * len(kernels.QUANT_STEPS) * len(kernels.QUANT_PATHS) * len(kernels.QUANT_COMPUTES)
-    lines = [r.getMessage() for r in caplog.records if "Quantized kernels" in r.getMessage()]
-    assert len(lines) == 1 and "int8 decode dequant in float32" in lines[0] and "int4 prefill (64 rows, ms)" in lines[0]
+    assert len(calls) == len(quant_choice.QUANT_MODES) * len(quant_choice.QUANT_STEPS) * len(quant_choice.QUANT_PATHS) * len(quant_choice.QUANT_COMPUTES)
+    lines = [r.getMessage() for r in caplog.records if "Quantized kernels" in r.getMessage() and r.levelno == logging.INFO]
+    assert len(lines) == 1 and "int8 decode dequant in float32" in lines[0] and "ms)" not in lines[0]
+    timings = [r.getMessage() for r in caplog.records if "Quantized kernels" in r.getMessage() and r.levelno == logging.DEBUG]
+    assert len(timings) == 1 and "int4 prefill (64 rows, ms)" in timings[0]
 
 
 def test_measure_quantized_times_every_candidate_on_this_cpu():
     start = time.perf_counter()
-    t = kernels.measure_quantized(repeats=1)
+    t = quant_choice.measure_quantized(repeats=1)
     assert time.perf_counter() - start < 10  # about half a second on the 2 shared cores
     want = {(m, s, p, str(dt).removeprefix("torch."))
-            for m in kernels.QUANT_MODES for s in kernels.QUANT_STEPS for p in kernels.QUANT_PATHS for dt in kernels.QUANT_COMPUTES}
+            for m in quant_choice.QUANT_MODES for s in quant_choice.QUANT_STEPS for p in quant_choice.QUANT_PATHS for dt in quant_choice.QUANT_COMPUTES}
     assert set(t) == want and all(s > 0 for s in t.values())
-    assert kernels.choose_quantized(t).kernel("int8", "decode")[0] in kernels.QUANT_PATHS
+    assert quant_choice.choose_quantized(t).kernel("int8", "decode")[0] in quant_choice.QUANT_PATHS
 
 
 def test_best_time_gives_up_on_a_loser_after_its_first_call():
     calls = []
-    assert kernels.best_time(lambda: calls.append(time.sleep(0.01)), repeats=5, give_up=0.001) >= 0.01
+    assert cpu_info.best_time(lambda: calls.append(time.sleep(0.01)), repeats=5, give_up=0.001) >= 0.01
     assert len(calls) == 1

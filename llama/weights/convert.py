@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 from typing import Optional, Union
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import torch
 
-import torch  # noqa: E402
-
-from llama import atomic, checkpoint, hf, sharding  # noqa: E402
-from llama.model import ModelArgs  # noqa: E402
+from llama import atomic
+from llama.args import ModelArgs
+from llama.runtime.policy import parse_dtype
+from llama.weights import checkpoint, hf, sharding
 
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -64,10 +64,10 @@ def _human(n_bytes: int) -> str:
 def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
     if name is None:
         return None
-    resolved = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise hf.ConversionError(f"unknown dtype {name!r}: use bfloat16, float16 or float32")
-    return resolved
+    try:
+        return parse_dtype(name)
+    except ValueError as e:
+        raise hf.ConversionError(str(e)) from None
 
 
 def _n_base_tokens(tokenizer: Path) -> Optional[int]:

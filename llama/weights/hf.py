@@ -6,12 +6,13 @@ ADJACENT pairs of each head while HF rotates halves, so the rows of wq and wk ar
 each head; Llama 3.1 scaling is the config's `rope_scaling` block of rope_type "llama3".
 """
 import re
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
 from llama import registry
-from llama.model import ModelArgs, ffn_hidden_dim
+from llama.args import ModelArgs, ffn_hidden_dim
+from llama.runtime.policy import dtype_name  # noqa: F401 (re-exported: the name a config.json gives a dtype)
 
 
 # Meta module path inside a layer -> HF module path inside `model.layers.{i}`.
@@ -275,10 +276,6 @@ def params_from_config(config: dict) -> dict:
             if value != ROPE_DEFAULTS[meta_key]:
                 params[meta_key] = value
     return params
-
-
-def dtype_name(dtype: Union[torch.dtype, str]) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # The chat layout of llama.tokenizer.ChatFormat for plain role/content messages: bos, then per
