@@ -37,8 +37,9 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from common import GB, N_SPECIAL, bandwidth, empty_cache, envelope, print_table, write_json, write_random_checkpoint
+from common import GB, N_SPECIAL, bandwidth, empty_cache, envelope, write_json, write_random_checkpoint
 from generate_impls import DEFAULT_IMPLS, IMPLS, LLAMA_CPP_ENV, worker
+from generate_report import summarize
 from llama import cli, distributed, registry
 from llama.runtime import probes
 from llama.runtime import policy as kernel_policy
@@ -47,9 +48,6 @@ from llama.model import ModelArgs
 
 
 # ---------------------------------------------------------------- settings and model files
-
-
-# ---------------------------------------------------------------- settings and prompts
 
 
 def settings(quick: bool, long_context: Optional[int], prefill_len: Optional[int], device: torch.device) -> dict:
@@ -111,122 +109,6 @@ def model_bytes(params: dict, dtype: torch.dtype) -> dict:
     size = dtype.itemsize
     kv_dim = (args.n_kv_heads or args.n_heads) * args.head_dim
     return {"weights": args.decode_weights * size, "kv_per_token": 2 * args.n_layers * kv_dim * size}
-
-
-# ---------------------------------------------------------------- report
-
-
-def decode_share(entry: dict, bytes_: dict, ceiling: float) -> float:
-    """Measured tokens/s over what the bandwidth ceiling allows for this step's reads."""
-    batch = entry["batch"]
-    step_bytes = bytes_["weights"] + batch * entry["context"] * bytes_["kv_per_token"]
-    return entry["tokens_per_s"] / (batch * ceiling * GB / step_bytes)
-
-
-def impl_bytes(result: dict, bytes_: dict, itemsize: int) -> dict:
-    """Bytes a decode step of this implementation reads: its own weights as loaded (quantized, or in
-    the dtype its policy holds them in) where it reported them, else the run's dtype."""
-    if "weight_bytes" not in result:
-        return bytes_
-    kv = bytes_["kv_per_token"] // itemsize * result["kv_itemsize"]
-    return {"weights": result["weight_bytes"], "kv_per_token": kv}
-
-
-# Ratios printed under the table: (name, numerator, denominator or a tuple whose best is taken)
-POLICY_VS_FORCED = ("ours", ("ours-bf16", "ours-f32"))
-SAME_PRECISION = (
-    ("ours-bf16", "llama.cpp-BF16"), ("ours-int8", "llama.cpp-Q8_0"), ("ours-w8a8", "llama.cpp-Q8_0"),
-    ("ours-int4", "llama.cpp-Q4_0"),
-)
-QUANT_VS_BF16 = (("ours-int8", "ours-bf16"), ("ours-w8a8", "ours-bf16"), ("ours-int4", "ours-bf16"))
-
-
-def report_rows(results: dict, bw: dict, bytes_: dict, itemsize: int = 2) -> tuple[list, dict]:
-    """Table rows: each metric per implementation; for ours and ours compiled their ratio to the
-    best transformers run; for decode each of ours' share of the bandwidth ceiling (and of the GEMV
-    rate); the default policy over the better of forced bfloat16 and float32. Also the ratios by name:
-    those, quantized over bfloat16, and ours beside llama.cpp at each precision."""
-    impls = list(results)
-    ours = [i for i in impls if i.startswith("ours")]
-    main = [i for i in ours if i in ("ours", "ours-compile")]
-    hf_impls = [i for i in impls if i.startswith("hf-")]
-    policy, forced = POLICY_VS_FORCED[0], [i for i in POLICY_VS_FORCED[1] if i in results]
-    rows, ratios = [], {}
-
-    def add(
-        metric: str, values: dict, higher_better: bool = True, share: Optional[Callable] = None, speed: bool = False
-    ) -> None:
-        row = {"metric": metric, **values}
-        better = max if higher_better else min
-        hf_values = [values[i] for i in hf_impls if i in values]
-        if hf_values:
-            ref = better(hf_values)
-            for o in main:
-                if o in values:
-                    row[f"{o} / hf"] = ratios[f"{metric}: {o} / best hf"] = (
-                        values[o] / ref if higher_better else ref / values[o]
-                    )
-        if speed and policy in values and len(forced) == 2 and all(f in values for f in forced):
-            ref = better(values[f] for f in forced)
-            row["ours / best forced"] = ratios[f"{metric}: ours / best of forced bf16, f32"] = (
-                values[policy] / ref if higher_better else ref / values[policy]
-            )
-        for num, den in (*QUANT_VS_BF16, *SAME_PRECISION):
-            if num in values and den in values:
-                ratios[f"{metric}: {num} / {den}"] = values[num] / values[den]  # as measured: speed-up or fraction
-        if share:  # of the ceiling, and of the best one-row GEMV seen (the kernel's own limit)
-            for o in ours:
-                if o in values:
-                    row[f"{o} / ceiling"] = ratios[f"{metric}: {o} / ceiling"] = share(o, bw["ceiling"])
-            if hf_values:
-                row["hf / ceiling"] = max(share(i, bw["ceiling"]) for i in hf_impls if i in values)
-            for o in main:
-                if o in values:
-                    row[f"{o} / gemv"] = ratios[f"{metric}: {o} / gemv"] = share(o, bw["gemv"])
-        rows.append(row)
-
-    def having(*keys: str) -> dict:
-        out = {}
-        for i, r in results.items():
-            for k in keys:
-                r = r.get(k) if isinstance(r, dict) else None
-            if r is not None:
-                out[i] = r
-        return out
-
-    decode_keys = list(dict.fromkeys(k for r in results.values() for k in r.get("decode", {})))
-    for key in decode_keys:
-        entries = having("decode", key)
-        e = next(iter(entries.values()))
-        add(
-            f"decode tok/s, batch {e['batch']}, context {round(e['context'])}",
-            {i: x["tokens_per_s"] for i, x in entries.items()},
-            speed=True,
-            share=lambda i, bw_gb_s, entries=entries: decode_share(
-                entries[i], impl_bytes(results[i], bytes_, itemsize), bw_gb_s
-            ),
-        )
-    prefill = having("prefill")
-    n_prefill = next(iter(prefill.values()))["tokens"]
-    add(f"prefill tok/s, {n_prefill}-token prompt", {i: r["tokens_per_s"] for i, r in prefill.items()}, speed=True)
-    add("time to first token, s", {i: r["ttft_s"] for i, r in prefill.items()}, higher_better=False)
-    mixed = having("mixed")
-    if mixed:
-        lens = next(iter(mixed.values()))["lens"]
-        add(f"batch of 8, {lens[0]}..{lens[-1]} tokens, end-to-end tok/s", {i: r["tokens_per_s"] for i, r in mixed.items()})
-    if "original_loop" in results.get("ours", {}):
-        base = results["ours"]["original_loop"]["tokens_per_s"]
-        rows.append({"metric": "  the same, original one-token-per-step feeding", "ours": base})
-        ratios["batch of 8: ours / original loop"] = results["ours"]["mixed"]["tokens_per_s"] / base
-    for metric, key in (("load time, s", "load_s"), ("peak resident memory after loading, GB", "load_peak_rss_gb"),
-                        ("peak resident memory, GB", "peak_rss_gb"), ("model file, GB", "file_gb")):
-        values = having(key)
-        if values:
-            add(metric, values, higher_better=False)
-    gpu = having("peak_gpu_gb")
-    if gpu and len(gpu) == len(having("load_s")):
-        add("peak GPU memory, GB", gpu, higher_better=False)
-    return rows, ratios
 
 
 # ---------------------------------------------------------------- the command
@@ -357,42 +239,6 @@ def run_worker(impl: str, spec: dict, tmp: Path) -> Optional[dict]:
         return None
     print(f"[{impl}] done in {time.perf_counter() - start:.0f}s", flush=True)
     return json.loads(out_path.read_text())
-
-
-def summarize(run: dict, out: Optional[str], itemsize: Optional[int] = None) -> None:
-    """Print the table, the ratios and the notes of a run (results, bandwidth_gb_s, bytes, skipped);
-    with `out`, write the run there with its table and ratios."""
-    results, skipped = run["results"], run.get("skipped", {})
-    itemsize = itemsize or getattr(torch, run.get("dtype", "bfloat16")).itemsize
-    rows, ratios = report_rows(results, run["bandwidth_gb_s"], run["bytes"], itemsize)
-    print()
-    print_table(rows)
-    print()
-    if "batch of 8: ours / original loop" in ratios:
-        print(f"batch of 8 of mixed lengths: ours is {ratios['batch of 8: ours / original loop']:.2f}x the original's "
-              "one-token-per-step prompt feeding on the same model")
-    if "hf-eager" in results and "ours" in results:
-        same = sum(a == b for a, b in zip(results["ours"]["greedy_tokens"], results["hf-eager"]["greedy_tokens"]))
-        print(f"greedy tokens of ours and hf-eager agree on {same}/{len(results['ours']['greedy_tokens'])} (short decode, batch 1)")
-    for name, value in ratios.items():
-        if "best of forced" in name or any(f"{a} / {b}" in name for a, b in (*QUANT_VS_BF16, *SAME_PRECISION)):
-            print(f"{name}: {value:.2f}")
-    for impl, r in results.items():
-        if "policy" in r:
-            print(f"{impl}: {r['policy']}")
-    for impl, why in skipped.items():
-        print(f"{impl} skipped: {why}")
-    if out:
-        own = {k: v for k, v in run.items() if k not in ("benchmark", "machine", "date", "command", "torch", "headline")}
-        write_json(out, envelope("generate", {**own, "table": rows, "ratios": ratios}, headline=headline(rows)))
-        print(f"wrote {out}")
-
-
-def headline(rows: list) -> list:
-    """The README's numbers from a run: ours' batch-1 decode and prefill speed and its peak memory."""
-    wanted = ("decode tok/s, batch 1", "prefill tok/s", "peak resident memory")
-    return [{"metric": f"{r['metric']} (ours)", "value": r["ours"]} for r in rows
-            if r.get("ours") is not None and r["metric"].startswith(wanted)]
 
 
 if __name__ == "__main__":
