@@ -13,23 +13,20 @@ The shipped 8-head model was made from an earlier 5-head one (the CUDA line abov
 heads and 1 KV head), with --init_from, --transfer_steps and a short
 fine-tune: the README's "The bundled demo model" has the commands.
 """
-import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from llama import ModelArgs, Tokenizer, Transformer, cli, distributed
 from llama.runtime import probes
-from llama.weights.checkpoint import read_params
-from llama.weights.loader import load_model
 from llama.weights.save import save_checkpoint
-from llama.tokenizer import ChatFormat
-
-REPO = Path(__file__).resolve().parent.parent
+from train_data import batch_for_step, load_data, windows
+from warm_start import load_trained, warm_start
 
 # The shipped shape: grouped-query attention (8 query heads share 2 KV heads, so it shards on 1, 2
 # and 4 processes), ~11.7M parameters. The README says how it was made from the earlier 5-head demo.
@@ -43,61 +40,6 @@ DEMO_PARAMS = {
     "norm_eps": 1e-5,
     "rope_theta": 500000.0,
 }
-
-
-def encode_corpus(tokenizer: Tokenizer, text_path: Path) -> torch.Tensor:
-    """Documents (separated by blank-line-free form feeds or double newlines as the corpus writes them)
-    encoded as one stream: <|begin_of_text|> doc <|end_of_text|> ..."""
-    text = text_path.read_text(encoding="utf-8")
-    docs = [d for d in text.split("\n\n\n") if d.strip()]
-    ids: list[int] = []
-    for d in docs:
-        ids += tokenizer.encode(d.strip(), bos=True, eos=True)
-    return torch.tensor(ids, dtype=torch.int32)
-
-
-def encode_dialogs(tokenizer: Tokenizer, path: Path) -> torch.Tensor:
-    """Dialogs in the Llama 3 chat format, each ending with the assistant's <|eot_id|>."""
-    fmt = ChatFormat(tokenizer)
-    ids: list[int] = []
-    if not path.is_file():
-        return torch.tensor(ids, dtype=torch.int32)
-    for line in path.read_text(encoding="utf-8").splitlines():
-        dialog = json.loads(line)["dialog"]
-        ids += fmt.encode_dialog_prompt(dialog[:-1])
-        ids += tokenizer.encode(dialog[-1]["content"].strip(), bos=False, eos=False) + [tokenizer.eot_id]
-    return torch.tensor(ids, dtype=torch.int32)
-
-
-def load_data(tokenizer: Tokenizer, data_dir: Path, cache: Path) -> dict:
-    if cache.is_file():
-        return torch.load(cache)
-    data = {
-        "train": encode_corpus(tokenizer, data_dir / "corpus_train.txt"),
-        "heldout": encode_corpus(tokenizer, data_dir / "corpus_heldout.txt"),
-        "chat_train": encode_dialogs(tokenizer, data_dir / "dialogs_train.jsonl"),
-        "chat_heldout": encode_dialogs(tokenizer, data_dir / "dialogs_heldout.jsonl"),
-    }
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(data, cache)
-    return data
-
-
-def windows(stream: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """(batch, seq_len + 1) token windows of `stream` beginning at `starts`."""
-    return torch.stack([stream[s : s + seq_len + 1] for s in starts.tolist()]).long()
-
-
-def batch_for_step(data: dict, step: int, batch_size: int, seq_len: int, chat_fraction: float, seed: int):
-    """The batch of a step depends only on (seed, step): training resumes deterministically."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    n_chat = int(round(batch_size * chat_fraction)) if len(data["chat_train"]) > seq_len + 1 else 0
-    parts = []
-    for key, n in (("train", batch_size - n_chat), ("chat_train", n_chat)):
-        if n:
-            starts = torch.randint(0, len(data[key]) - seq_len - 1, (n,), generator=g)
-            parts.append(windows(data[key], starts, seq_len))
-    return torch.cat(parts)
 
 
 def lr_at(step: int, max_steps: int, warmup: int, lr: float, min_lr: float) -> float:
@@ -187,93 +129,177 @@ def train(
             draft model is judged by its agreement with its model, which the corpus's loss does not
             measure).
     """
+    check_options(transfer_steps, keep, init_from)
+    dev, data, shape = set_up(seed, device, tokenizer_path, Path(data_dir), Path(work_dir), params)
+    autocast, use_bf16 = autocast_for(dev)
+    model = Transformer(ModelArgs(**shape, max_seq_len=seq_len, max_batch_size=batch_size)).to(dev)
+    model.init_weights(generator=torch.Generator().manual_seed(seed))
+    work = Path(work_dir)
+    if init_from and not (work / "state.pt").is_file():
+        start_from(init_from, model, data, dev, autocast, transfer_steps, transfer_lr, batch_size, seq_len,
+                   chat_fraction, seed)
+    teacher = load_trained(distill_from, dev, seq_len).requires_grad_(False) if distill_from else None
+    if teacher is not None:
+        print(f"distilling from {distill_from}")
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = make_optimizer(model, lr, weight_decay)
+    step, best = resume(work / "state.pt", model, opt, dev)
+    print(
+        f"{n_params / 1e6:.2f}M parameters, {len(data['train']) / 1e6:.2f}M train tokens, "
+        f"{len(data['heldout']) / 1e6:.2f}M held-out tokens, {len(data['chat_train']) / 1e6:.2f}M chat tokens, "
+        f"device {dev}, bf16 autocast {use_bf16}"
+    )
+    trainer = Trainer(
+        model=model, opt=opt, fwd=torch.compile(model.forward_train) if compile else model.forward_train,
+        teacher=teacher, data=data, device=dev, autocast=autocast, work=work, out_dir=out_dir, keep=keep,
+        params_json={k: v for k, v in shape.items() if v is not None}, max_steps=max_steps, batch_size=batch_size,
+        seq_len=seq_len, lr=lr, min_lr=min_lr, warmup=warmup, grad_clip=grad_clip, chat_fraction=chat_fraction,
+        eval_every=eval_every, save_every=save_every, seed=seed,
+    )
+    losses, best = trainer.run(step, best)
+    print(f"done: best held-out loss {best:.3f} (perplexity {math.exp(best):.1f}); {out_dir} holds the {keep} weights")
+    distributed.shutdown()
+    return {"losses": losses, "best_heldout": best}
+
+
+def check_options(transfer_steps: int, keep: str, init_from: Optional[str]) -> None:
+    """Refuse contradictory or unknown flags before any data is read or model built."""
     if transfer_steps < 0:
         raise ValueError(f"--transfer_steps {transfer_steps} is negative: pass 0 (no transfer) or more")
     if keep not in ("best", "last"):
         raise ValueError(f"--keep {keep!r}: pass best or last")
     if transfer_steps and not init_from:
         raise ValueError("--transfer_steps fits a new attention to --init_from's: pass --init_from DIR too")
+
+
+def set_up(
+    seed: int, device: Optional[str], tokenizer_path: str, data_dir: Path, work: Path, params: Optional[dict]
+) -> tuple[torch.device, dict, dict]:
+    """Seed this process, take the device (and the process group of one), encode the data (cached in
+    `work`): (device, data, the model's shape: the demo's with `params` over it, the tokenizer's
+    vocabulary)."""
     torch.manual_seed(seed)
     dev = distributed.resolve_device(device)
     distributed.setup(dev)
     tokenizer = Tokenizer(tokenizer_path)
-    work = Path(work_dir)
-    data = load_data(tokenizer, Path(data_dir), work / "data.pt")
-    shape = {**DEMO_PARAMS, **(params or {}), "vocab_size": tokenizer.n_words}
-    args = ModelArgs(**shape, max_seq_len=seq_len, max_batch_size=batch_size)
+    data = load_data(tokenizer, data_dir, work / "data.pt")
+    return dev, data, {**DEMO_PARAMS, **(params or {}), "vocab_size": tokenizer.n_words}
 
-    # bfloat16 autocast where the device's policy computes large products (as training's are) in
-    # bfloat16; master weights stay float32
+
+def autocast_for(dev: torch.device) -> tuple[Callable[[], torch.autocast], bool]:
+    """The forward passes' autocast context and whether it casts: to bfloat16 where the device's policy
+    computes large products (as training's are) in bfloat16; master weights stay float32."""
     use_bf16 = probes.policy_for(dev).prefill.dtype == torch.bfloat16
 
-    def autocast():
+    def autocast() -> torch.autocast:
         return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    model = Transformer(args).to(dev)
-    model.init_weights(generator=torch.Generator().manual_seed(seed))
-    if init_from and not (work / "state.pt").is_file():
-        print(f"warm start from {init_from}")
-        source = load_trained(init_from, dev, seq_len)
-        warm_start(model, source)
-        if transfer_steps:
-            transfer_attention(model, source, data, transfer_steps, batch_size, seq_len, chat_fraction, seed, transfer_lr)
-            val = evaluate(model, data["heldout"], seq_len, batch_size, dev, autocast)
-            print(f"after the transfer: held-out loss {val:.3f}  perplexity {math.exp(val):.1f}", flush=True)
-        del source
-    teacher = load_trained(distill_from, dev, seq_len).requires_grad_(False) if distill_from else None
-    if teacher is not None:
-        print(f"distilling from {distill_from}")
-    n_params = sum(p.numel() for p in model.parameters())
-    opt = make_optimizer(model, lr, weight_decay)
-    params_json = {k: v for k, v in shape.items() if v is not None}
-    state_path = work / "state.pt"
-    step, best = resume(state_path, model, opt, dev)
-    fwd = torch.compile(model.forward_train) if compile else model.forward_train
-    print(
-        f"{n_params / 1e6:.2f}M parameters, {len(data['train']) / 1e6:.2f}M train tokens, "
-        f"{len(data['heldout']) / 1e6:.2f}M held-out tokens, {len(data['chat_train']) / 1e6:.2f}M chat tokens, "
-        f"device {dev}, bf16 autocast {use_bf16}"
-    )
-    model.train()
-    t0, tokens_done, log_loss, losses = time.perf_counter(), 0, 0.0, []
-    while step < max_steps:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, max_steps, warmup, lr, min_lr)
-        batch = batch_for_step(data, step, batch_size, seq_len, chat_fraction, seed).to(dev)
-        loss = step_loss(fwd, teacher, batch, autocast)
-        opt.zero_grad(set_to_none=True)
+    return autocast, use_bf16
+
+
+def start_from(
+    init_from: str, model: Transformer, data: dict, dev: torch.device, autocast: Callable[[], torch.autocast],
+    transfer_steps: int, transfer_lr: float, batch_size: int, seq_len: int, chat_fraction: float, seed: int,
+) -> None:
+    """--init_from: the trained checkpoint's tensors where they fit (warm_start), then with
+    transfer_steps the model's attention fitted to the checkpoint's (transfer_attention)."""
+    print(f"warm start from {init_from}")
+    source = load_trained(init_from, dev, seq_len)
+    warm_start(model, source)
+    if transfer_steps:
+        transfer_attention(model, source, data, transfer_steps, batch_size, seq_len, chat_fraction, seed, transfer_lr)
+        val = evaluate(model, data["heldout"], seq_len, batch_size, dev, autocast)
+        print(f"after the transfer: held-out loss {val:.3f}  perplexity {math.exp(val):.1f}", flush=True)
+
+
+@dataclass
+class Trainer:
+    """The training loop and what it works on: the model, its optimizer and forward (compiled or not),
+    the teacher when distilling, the data, where it writes, and train's settings of the loop."""
+
+    model: Transformer
+    opt: torch.optim.Optimizer
+    fwd: Callable[[torch.Tensor], torch.Tensor]
+    teacher: Optional[Transformer]
+    data: dict
+    device: torch.device
+    autocast: Callable[[], torch.autocast]
+    work: Path
+    out_dir: str
+    keep: str
+    params_json: dict
+    max_steps: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    min_lr: float
+    warmup: int
+    grad_clip: float
+    chat_fraction: float
+    eval_every: int
+    save_every: int
+    seed: int
+
+    def run(self, step: int, best: float) -> tuple[list[float], float]:
+        """Train from `step` (0, or where the saved state stopped) to max_steps, logging every 50 steps,
+        evaluating every eval_every and saving every save_every: (each step's loss, best held-out loss)."""
+        self.model.train()
+        t0, tokens_done, log_loss, losses = time.perf_counter(), 0, 0.0, []
+        while step < self.max_steps:
+            batch = batch_for_step(self.data, step, self.batch_size, self.seq_len, self.chat_fraction, self.seed)
+            batch = batch.to(self.device)
+            losses.append(self.train_step(step, batch))
+            step += 1
+            tokens_done += batch[:, 1:].numel()
+            log_loss += losses[-1]
+            if step % 50 == 0 or step == self.max_steps:
+                self.log_progress(step, log_loss / 50, tokens_done / (time.perf_counter() - t0))
+                log_loss = 0.0
+            if step % self.eval_every == 0 or step == self.max_steps:
+                best = self.evaluate_and_keep(step, best)
+            if step % self.save_every == 0 or step == self.max_steps:
+                self.save_state(step, best)
+        return losses, best
+
+    def train_step(self, step: int, batch: torch.Tensor) -> float:
+        """One optimizer step on `batch` at the schedule's learning rate for `step`: the batch's loss."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(step, self.max_steps, self.warmup, self.lr, self.min_lr)
+        loss = step_loss(self.fwd, self.teacher, batch, self.autocast)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        step += 1
-        tokens_done += batch[:, 1:].numel()
-        losses.append(loss.item())
-        log_loss += losses[-1]
-        if step % 50 == 0 or step == max_steps:
-            elapsed = time.perf_counter() - t0
-            tps = tokens_done / elapsed
-            eta = (max_steps - step) * batch_size * seq_len / tps
-            print(
-                f"step {step}/{max_steps}  loss {log_loss / 50:.3f}  lr {opt.param_groups[0]['lr']:.2e}  "
-                f"{tps:,.0f} tok/s  eta {eta / 60:.1f} min",
-                flush=True,
-            )
-            log_loss = 0.0
-        if step % eval_every == 0 or step == max_steps:
-            val = evaluate(model, data["heldout"], seq_len, batch_size, dev, autocast)
-            print(f"step {step}  held-out loss {val:.3f}  perplexity {math.exp(val):.1f}", flush=True)
-            if val < best or keep == "last":
-                best = min(best, val)
-                export(model, params_json, out_dir)
-                print(f"  {'best so far' if val == best else 'last'}: wrote {out_dir}/params.json and consolidated.00.pth (bfloat16)")
-        if step % save_every == 0 or step == max_steps:
-            work.mkdir(parents=True, exist_ok=True)
-            state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best}
-            torch.save(state, work / "state.tmp")
-            (work / "state.tmp").replace(state_path)
-    print(f"done: best held-out loss {best:.3f} (perplexity {math.exp(best):.1f}); {out_dir} holds the {keep} weights")
-    distributed.shutdown()
-    return {"losses": losses, "best_heldout": best}
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.opt.step()
+        return loss.item()
+
+    def log_progress(self, step: int, mean_loss: float, tokens_per_s: float) -> None:
+        """The progress line: the loss over the last 50 steps, learning rate, speed and time left."""
+        eta = (self.max_steps - step) * self.batch_size * self.seq_len / tokens_per_s
+        print(
+            f"step {step}/{self.max_steps}  loss {mean_loss:.3f}  lr {self.opt.param_groups[0]['lr']:.2e}  "
+            f"{tokens_per_s:,.0f} tok/s  eta {eta / 60:.1f} min",
+            flush=True,
+        )
+
+    def evaluate_and_keep(self, step: int, best: float) -> float:
+        """The held-out loss now; the weights written to out_dir when it is the best so far (or at every
+        evaluation with keep="last"). Returns the best held-out loss."""
+        val = evaluate(self.model, self.data["heldout"], self.seq_len, self.batch_size, self.device, self.autocast)
+        print(f"step {step}  held-out loss {val:.3f}  perplexity {math.exp(val):.1f}", flush=True)
+        if val < best or self.keep == "last":
+            best = min(best, val)
+            export(self.model, self.params_json, self.out_dir)
+            kept = "best so far" if val == best else "last"
+            print(f"  {kept}: wrote {self.out_dir}/params.json and consolidated.00.pth (bfloat16)")
+        return best
+
+    def save_state(self, step: int, best: float) -> None:
+        """The resumable state (model, optimizer, step, best) for `resume`, written beside and then moved
+        over the last one, so that a run killed while saving still has a whole state."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": step, "best": best}
+        torch.save(state, self.work / "state.tmp")
+        (self.work / "state.tmp").replace(self.work / "state.pt")
 
 
 def make_optimizer(model: Transformer, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -309,34 +335,6 @@ def step_loss(fwd, teacher: Optional[Transformer], batch: torch.Tensor, autocast
         target = F.log_softmax(teacher.forward_train(batch[:, :-1]).float(), dim=-1).flatten(0, 1)
     student = F.log_softmax(logits.float(), dim=-1).flatten(0, 1)
     return F.kl_div(student, target, log_target=True, reduction="batchmean")
-
-
-def load_trained(ckpt_dir: str, device: torch.device, seq_len: int) -> Transformer:
-    """A trained Meta checkpoint (any shard count, tied or not) in float32 on this process, through
-    the package's one checkpoint loader: the teacher of --distill_from, the source of --init_from."""
-    args = ModelArgs(**{**read_params(ckpt_dir), "max_seq_len": seq_len})
-    return load_model(ckpt_dir, args, 0, 1, device, torch.float32)
-
-
-def warm_start(model: Transformer, source: Transformer) -> None:
-    """Copy from `source` every tensor with the same name and shape as the model's. Attention weights
-    are copied only when the head split (n_heads, n_kv_heads) is the same too: otherwise their rows
-    belong to other heads, with other RoPE frequencies, and are left at their random initialisation."""
-    ours, theirs = model.params, source.params
-    same_heads = (theirs.n_heads, theirs.n_kv_heads or theirs.n_heads) == (ours.n_heads, ours.n_kv_heads or ours.n_heads)
-    src = source.state_dict()
-    copied, fresh = 0, []
-    with torch.no_grad():
-        for name, p in model.state_dict().items():
-            t = src.get(name)
-            if t is not None and t.shape == p.shape and (same_heads or ".attention." not in name):
-                p.copy_(t.to(p.dtype))
-                copied += p.numel()
-            else:
-                fresh.append(name)
-    total = sum(p.numel() for p in model.parameters())
-    print(f"  {copied / 1e6:.2f}M of {total / 1e6:.2f}M parameters copied, "
-          f"{len(fresh)} tensors initialised afresh ({', '.join(sorted({n.split('.')[-2] for n in fresh}))})")
 
 
 def transfer_attention(
