@@ -10,7 +10,7 @@
 (`python scripts/benchmark.py ...` runs this, and bench_speculative.py with --speculate.)
 
 A model of a published shape (llama.registry) gets random weights, saved once as a Meta checkpoint
-and once as a Hugging Face directory (converted with llama/hf.py). Each implementation then runs in
+and once as a Hugging Face directory (converted with llama/weights/hf.py). Each implementation then runs in
 its own process (so load time and peak memory are its own) on the same prompts, device and dtype:
 ours (Llama.build), ours compiled (--compile), and transformers with eager and sdpa attention. By
 name (--impls): ours under forced bfloat16 and float32 beside its measured dtype policy, ours with

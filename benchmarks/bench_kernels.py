@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Matrix-product speed of this machine per dtype and kernel: the measurements behind the dtype
-and kernel policy of llama/kernels.py (README, "Choosing a dtype").
+and kernel policy of llama/runtime/ (docs/usage.md, "Choosing a dtype").
 
     python benchmarks/bench_kernels.py                         # 8192x2048 weight, 1..256 rows
     python benchmarks/bench_kernels.py --rows 1,8 --shape 2048,8192 --threads 1

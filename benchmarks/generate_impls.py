@@ -19,7 +19,7 @@ from llama.runtime import policy as kernel_policy
 from llama.engine.runner import call_model
 
 # ours under each dtype policy and each weight quantization: the keyword arguments of Llama.build
-# beside the run's own (--dtype, None by default: the measured policy of llama/kernels.py)
+# beside the run's own (--dtype, None by default: the measured policy of llama/runtime/)
 OURS = {
     "ours": {},
     "ours-bf16": {"dtype": "bfloat16"},
@@ -32,7 +32,7 @@ OURS = {
 IMPLS = (*OURS, "hf-eager", "hf-sdpa", "llama.cpp")
 DEFAULT_IMPLS = ("ours", "hf-eager", "hf-sdpa")  # and ours-compile with --compile
 # llama.cpp: the precisions compared with ours (bfloat16 weights, int8, int4), and the directory of
-# a llama.cpp source tree built with cmake (build/bin/llama-bench); see the README, "Speed"
+# a llama.cpp source tree built with cmake (build/bin/llama-bench); see docs/benchmarks.md
 LLAMA_CPP_TYPES = ("BF16", "Q8_0", "Q4_0")
 LLAMA_CPP_ENV = "LLAMA_CPP_DIR"
 SKIP_STEPS = 2  # decode steps left out of the steady-state rate (compilation, first-call set-up)

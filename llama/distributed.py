@@ -1,4 +1,4 @@
-# Process groups: devices per rank, setup, ranks, broadcast. (Dtypes and kernels: llama/kernels.py.)
+# Process groups: devices per rank, setup, ranks, broadcast. (Dtypes and kernels: llama/runtime/.)
 import atexit
 import contextlib
 import logging

@@ -107,7 +107,7 @@ class Llama:
                 (two more after a step whose proposals were all accepted, else one fewer; 1 to 8).
             draft_parallel: under torchrun, "replicated" (the default: the draft whole on every rank,
                 its steps talk to no one) or "sharded" (split over the model-parallel ranks like the
-                model, one all-reduce per projection pair); the README's measurement says which is faster.
+                model, one all-reduce per projection pair); docs/benchmarks.md says which is faster.
 
         Works under torchrun (one process per model-parallel rank) and as a plain `python` call.
         """

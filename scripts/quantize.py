@@ -5,7 +5,7 @@
 
 DST gets params.json with a `quantization` block ({"mode": ..., "group_size": ..., "output": ...}),
 consolidated.NN.pth shards holding each projection's stored quantized tensors (keys and layout:
-llama/quantize.py and the README's "Quantization" section), the embedding and norms as stored, and
+llama/weights/quant_formats.py and docs/quantization.md), the embedding and norms as stored, and
 tokenizer.model when SRC has one. Llama.build loads DST directly; quantizing SRC on load gives the
 same tensors bit for bit. One full-precision tensor at a time is read (memory-mapped) and quantized;
 the quantized model is held whole until it is written. DST appears whole or not at all

@@ -121,7 +121,7 @@ def test_failed_compilation_warns_and_decodes_eagerly(tiny_ckpt, byte_tokenizer,
 
 def test_benchmark_compares_the_policy_with_forced_dtypes_and_notes_what_it_skips(tmp_path):
     """ours (the measured policy) beside forced bfloat16 and float32 in one run, with the ratio the
-    README quotes; the quantized and llama.cpp implementations run when available, else are noted."""
+    benchmark pages quote; the quantized and llama.cpp implementations run when available, else are noted."""
     import inspect
 
     out = tmp_path / "bench.json"

@@ -1,4 +1,4 @@
-"""llama/convert.py (scripts/convert.py, llama-convert): Meta <-> Hugging Face round trips, parity with transformers on converted
+"""llama/weights/convert.py (scripts/convert.py, llama-convert): Meta <-> Hugging Face round trips, parity with transformers on converted
 checkpoints (both directions), and clear refusals."""
 
 import json

@@ -118,7 +118,7 @@ def test_every_task_matches_lm_eval_hf_model(tmp_path, in_process):
 def test_local_completions_on_the_server_matches_in_process(tmp_path, in_process, monkeypatch):
     """lm-eval's `local-completions` model pointed at scripts/serve.py (demo model, float32) gives, on
     every task, the per-sample log-likelihoods (1e-4), greedy flags, generations and metrics of the
-    in-process evaluation: the model_args README.md "Evaluation" gives for a server.
+    in-process evaluation: the model_args docs/evaluation.md ("Against the server") gives for a server.
 
     Token-id prompts (tokenized_requests, lm-eval's default) are scored as sent; the converted HF
     tokenizer (a local directory: nothing downloaded) with add_bos_token=True tokenizes as LlamaLM

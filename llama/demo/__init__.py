@@ -1,4 +1,4 @@
-"""The bundled demo model: a small Llama 3 trained by scripts/train_demo.py (see the README)."""
+"""The bundled demo model: a small Llama 3 trained by recipes/demo/train_demo.py (see docs/demo-model.md)."""
 import logging
 from pathlib import Path
 from typing import Optional

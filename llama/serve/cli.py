@@ -104,7 +104,7 @@ def serve(
             Llama.build (default: none; a checkpoint from scripts/quantize.py loads as stored).
         model_name: the model's id in the API (default: the checkpoint directory's name).
         draft_ckpt_dir, speculate, speculate_k: speculative decoding with a draft model, as the
-            example scripts (the README, "Speculative decoding").
+            example scripts (docs/speculative.md).
         max_request_bytes: the largest request body (default 4 MiB); a larger one is answered 413
             without being read.
         max_connections: open connections at most (default 512); more are answered 503 and closed.

@@ -4,7 +4,7 @@ same files, byte for byte.
 
     python recipes/demo/demo_corpus.py               # writes data/demo/corpus_heldout.txt (fetches the pinned .deb)
     python recipes/demo/build_eval_tasks.py build    # writes llama/eval/tasks/*.jsonl
-    python recipes/demo/build_eval_tasks.py chance   # what chance scores on them (the README's baseline)
+    python recipes/demo/build_eval_tasks.py chance   # what chance scores on them (the baseline in docs/evaluation.md)
 
 Three tasks (see llama/eval/tasks/*.yaml):
   next_sentence.jsonl  multiple choice: the sentence that follows a passage, against three

@@ -11,7 +11,7 @@ generator seeded by step), resumable from work_dir/state.pt, and the same script
 
 The shipped 8-head model was made from an earlier 5-head one (the CUDA line above, with 5 query
 heads and 1 KV head), with --init_from, --transfer_steps and a short
-fine-tune: the README's "The bundled demo model" has the commands.
+fine-tune: docs/demo-model.md has the commands.
 """
 import math
 import time
@@ -29,7 +29,7 @@ from train_data import batch_for_step, load_data, windows
 from warm_start import load_trained, warm_start
 
 # The shipped shape: grouped-query attention (8 query heads share 2 KV heads, so it shards on 1, 2
-# and 4 processes), ~11.7M parameters. The README says how it was made from the earlier 5-head demo.
+# and 4 processes), ~11.7M parameters. docs/demo-model.md says how it was made from the earlier 5-head demo.
 DEMO_PARAMS = {
     "dim": 320,
     "n_layers": 8,
