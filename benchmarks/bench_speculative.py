@@ -117,7 +117,7 @@ def profile_passes(spec, prompt: list, ks: list, compile: bool, temperature: flo
     """Where a speculative step's time goes, ms: k draft steps and one verify pass of k + 1 tokens,
     against one decode step; compiled, the passes the engine ran (over the cache it has: a new one
     recompiles). `spec`: the Llama with the draft; `prompt`: tokens to run the passes on."""
-    from llama import speculative as spec_module
+    from llama.engine import speculative as spec_module
 
     def forward_ms(forward: Callable[[torch.Tensor], object], n: int) -> float:
         """One forward pass of n tokens at position 64 of cache row 0 (past every live position), ms;

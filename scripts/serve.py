@@ -4,14 +4,7 @@
     python scripts/serve.py --ckpt_dir ~/llama3.1-8b --max_batch_size 16 --api_key secret
     torchrun --nproc_per_node 2 scripts/serve.py --ckpt_dir ~/llama3-70b   # tensor-parallel
 """
-import sys
-from pathlib import Path
-
-# Run from a checkout without installing: this checkout's `llama`, not another one installed in the
-# environment (an editable install of a different worktree would otherwise serve its own code).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from llama.serve.cli import main  # noqa: E402
+from llama.serve.cli import main
 
 if __name__ == "__main__":
     main()
