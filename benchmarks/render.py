@@ -11,6 +11,7 @@ The tables sit between `<!-- bench:tables:start -->` and `<!-- bench:tables:end 
 around the tables stays as written.
 """
 import json
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -51,7 +52,7 @@ def section(name: str, run_: dict) -> str:
     """One benchmark file's table, under its name, with machine, date, command and torch version."""
     where = f"{describe_machine(run_.get('machine', {}))}; {run_.get('date', 'no date')}; torch {run_.get('torch', '?')}"
     body = markdown_table(run_["table"]) if run_.get("table") else "(no table in this file)"
-    return f"## {name}\n\n{where}\n\n`{run_.get('command', '')}`\n\n{body}\n"
+    return f"### {name}\n\n{where}\n\n`{run_.get('command', '')}`\n\n{body}\n"
 
 
 def headline_table(runs: dict) -> str:
@@ -69,12 +70,12 @@ def headline_table(runs: dict) -> str:
 
 
 def replace_between(text: str, markers: tuple[str, str], content: str) -> Optional[str]:
-    """`text` with what lies between the two markers replaced; None when they are not both there."""
-    start, end = markers
-    if start not in text or end not in text or text.index(start) > text.index(end):
+    """`text` with what lies between the two markers replaced; None when they are not both there.
+    A marker counts only on a line of its own, so prose that names it (in backticks) is left alone."""
+    start, end = (re.search(rf"^{re.escape(m)}[ \t]*$", text, re.MULTILINE) for m in markers)
+    if start is None or end is None or start.start() > end.start():
         return None
-    head, rest = text.split(start, 1)
-    return f"{head}{start}\n{content.strip()}\n{end}{rest.split(end, 1)[1]}"
+    return f"{text[:start.start()]}{markers[0]}\n{content.strip()}\n{markers[1]}{text[end.end():]}"
 
 
 def render(*files: str, out: Optional[str] = None, readme: Optional[str] = None) -> None:

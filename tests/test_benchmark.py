@@ -205,7 +205,7 @@ def test_render_writes_one_table_per_run_with_its_machine_date_and_command(tmp_p
     """benchmarks/render.py: the page gets each JSON file's table (a new run replaces it, the prose
     around stays), and the README's headline table is filled between its markers."""
     stored, page, readme = tmp_path / "cpu-generate.json", tmp_path / "benchmarks.md", tmp_path / "README.md"
-    page.write_text("# Benchmarks\n\nProse a person wrote.\n")
+    page.write_text("# Benchmarks\n\nProse a person wrote, naming `<!-- bench:tables:start -->`.\n")
     readme.write_text("intro\n<!-- bench:start -->\nold numbers\n<!-- bench:end -->\nthe rest\n")
 
     def render() -> str:
@@ -216,7 +216,7 @@ def test_render_writes_one_table_per_run_with_its_machine_date_and_command(tmp_p
 
     stored.write_text(json.dumps(_stored_run("2026-12-01 10:00 UTC", 123.456)))
     text = render()
-    assert text.startswith("# Benchmarks\n\nProse a person wrote.\n")
+    assert text.startswith("# Benchmarks\n\nProse a person wrote, naming `<!-- bench:tables:start -->`.\n")
     assert "## cpu-generate" in text and "Some CPU 9000, 2 cores; 2026-12-01 10:00 UTC; torch 2.13.0" in text
     assert "`python scripts/benchmark.py --shape tiny --quick --out bench.json`" in text
     assert "| metric | ours | hf-sdpa | ours / hf |\n|---|---|---|---|\n| decode tok/s, batch 1 | 123 | 10 | 12.3 |" in text
@@ -230,4 +230,5 @@ def test_render_writes_one_table_per_run_with_its_machine_date_and_command(tmp_p
     stored.write_text(json.dumps(_stored_run("2026-12-07 09:00 UTC", 150.0)))  # a new run replaces the table
     text = render()
     assert text.count("## cpu-generate") == 1 and "2026-12-01" not in text and "| decode tok/s, batch 1 | 150 |" in text
-    assert text.startswith("# Benchmarks\n\nProse a person wrote.\n") and "| 150 |" in readme.read_text()
+    assert text.startswith("# Benchmarks\n\nProse a person wrote, naming `<!-- bench:tables:start -->`.\n")
+    assert "| 150 |" in readme.read_text()
