@@ -105,12 +105,38 @@ def test_a_tool_message_needs_its_tool_call_id():
 
 def test_other_fields_that_cannot_be_served():
     cases = [(chat(tool_choice={"type": "function"}), "tool_choice"), (chat(tool_choice=3), "tool_choice"),
+             (chat(tool_choice="always"), "tool_choice"),
              (chat(tools=[{}] * (protocol.MAX_TOOLS + 1)), "tools"), (chat(stream_options=[]), "stream_options"),
              (chat(stream_options={"include_usage": "yes"}), "include_usage"), (completion(n=10**30), "n"),
              (completion(temperature=float("nan")), "temperature"), (completion(top_p=float("inf")), "top_p"),
              (completion(prompt=[[1, True]]), "prompt"), (completion(prompt=[[VOCAB]]), "prompt")]
     for body, param in cases:
         assert refused(body, "messages" in body).param == param, body
+
+
+def test_a_field_the_endpoint_does_not_read_is_refused_by_name():
+    for name in ("frobnicate_level", "top_k", "min_p", "repetition_penalty", "max_tokns"):
+        e = refused(chat(**{name: 3}), True)
+        assert (e.param, e.code) == (name, "unknown_parameter") and name in e.message
+        assert refused(completion(**{name: 3}), False).param == name
+    # each endpoint's own fields are not the other's
+    assert refused(completion(messages=[]), False).param == "messages"
+    assert refused(chat(echo=True), True).param == "echo"
+    assert "(and 1 more)" in refused(chat(top_k=1, min_p=0.1), True).message
+
+
+def test_what_is_not_enforced_yet_is_refused_not_ignored():
+    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}):
+        e = refused(chat(response_format=fmt), True)
+        assert (e.param, e.code) == ("response_format", "unsupported_value")
+    assert refused(chat(response_format={"type": "xml"}), True).param == "response_format"
+    check(chat(response_format={"type": "text"}), True)
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    for choice in ("required", {"type": "function", "function": {"name": "f"}}):
+        e = refused(chat(tools=tools, tool_choice=choice), True)
+        assert (e.param, e.code) == ("tool_choice", "unsupported_value")
+    for choice in ("auto", "none", None):
+        check(chat(tools=tools, tool_choice=choice), True)
 
 
 def test_401_is_openais_invalid_request_error():

@@ -161,6 +161,21 @@ def test_errors_are_openai_errors(server):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=m, messages=[{"role": "wizard", "content": "x"}])
     assert e.value.body["param"] == "messages[0]"
+    # what the server would not honour is refused, not dropped: through the official client as a user sends it
+    refused = [(client.chat.completions.create, dict(messages=[{"role": "user", "content": "x"}],
+                                                     extra_body={"frobnicate_level": 3}), "frobnicate_level"),
+               (client.completions.create, dict(prompt="x", extra_body={"top_k": 40}), "top_k"),
+               (client.chat.completions.create, dict(messages=[{"role": "user", "content": "x"}],
+                                                     response_format={"type": "json_object"}), "response_format"),
+               (client.chat.completions.create, dict(messages=[{"role": "user", "content": "x"}], tool_choice="required",
+                                                     tools=[{"type": "function", "function": {"name": "f"}}]), "tool_choice")]
+    for create, kwargs, param in refused:
+        with pytest.raises(openai.BadRequestError) as e:
+            create(model=m, max_tokens=2, **kwargs)
+        assert e.value.body["param"] == param and param in e.value.body["message"], e.value.body
+    text = client.chat.completions.create(model=m, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                          response_format={"type": "text"})
+    assert text.choices[0].finish_reason == "length"
     r = httpx.post(server.base + "/v1/completions", content=b'{"model": "x", "prompt": ',
                    headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"

@@ -20,7 +20,13 @@ MAX_NAME_CHARS = 256  # the model, names, ids and other short strings
 MAX_TOOLS = 128  # OpenAI's limit
 MAX_DEPTH = 64  # nesting of the body, and of a tool call's arguments
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
-TOOL_CHOICES = ("auto", "none", "required")
+TOOL_CHOICES = ("auto", "none")  # "required" and a named function are not enforced yet: refused
+# the fields each endpoint reads; any other is refused as OpenAI's API refuses it, not dropped
+COMMON_FIELDS = frozenset({"model", "temperature", "top_p", "n", "seed", "stream", "stream_options", "stop",
+                           "presence_penalty", "frequency_penalty", "logit_bias", "user"})
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
+                               "tool_choice", "response_format"}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "max_tokens", "logprobs", "echo", "best_of", "suffix"}
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -138,6 +144,7 @@ def check_request(body: Any, chat: bool, model_name: str, vocab_size: int, max_s
     if model != model_name:
         raise APIError(404, f"the model {show(model)} does not exist: this server serves {show(model_name)}",
                        param="model", code="model_not_found")
+    check_known_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS)
     out = _sampling(body)
     if not 1 <= out["n"] <= max_sequences:
         raise bad("n", f"'n' must be between 1 and {max_sequences}, got {show(out['n'])}")
@@ -159,6 +166,16 @@ def check_request(body: Any, chat: bool, model_name: str, vocab_size: int, max_s
     except (TypeError, ValueError) as e:
         raise APIError(400, str(e)) from None
     return out
+
+
+def check_known_fields(body: dict, known: frozenset) -> None:
+    """400 naming the first field this endpoint does not read: a field the server would drop
+    (top_k, min_p, a typo) must not change nothing silently."""
+    unknown = sorted(str(k) for k in body if k not in known)
+    if unknown:
+        raise bad(unknown[0], f"unrecognized request argument supplied: {show(unknown[0])}"
+                  + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+                  + f"; this endpoint reads {', '.join(sorted(known))}", code="unknown_parameter")
 
 
 def _sampling(body: dict) -> dict:
@@ -199,10 +216,25 @@ def _chat_fields(body: dict, out: dict) -> None:
     choice = body.get("tool_choice", "auto")
     if choice is None:
         choice = "auto"
-    if not (choice in TOOL_CHOICES if isinstance(choice, str) else _is_named_function(choice)):
-        raise bad("tool_choice", "'tool_choice' must be 'auto', 'none', 'required' or "
-                  "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+    if choice == "required" or _is_named_function(choice):  # accepted by OpenAI; here not enforced yet
+        raise bad("tool_choice", f"'tool_choice' {show(choice)} is not supported: the server cannot yet force "
+                  "a tool call; use 'auto' (the model decides) or 'none'", code="unsupported_value")
+    if choice not in TOOL_CHOICES:
+        raise bad("tool_choice", "'tool_choice' must be 'auto' or 'none'")
+    check_response_format(body.get("response_format"))
     out["tool_choice"] = choice
+
+
+def check_response_format(value: Any) -> None:
+    """Only plain text is produced: a JSON mode or schema the answer would not follow is a 400."""
+    if value is None or (isinstance(value, dict) and value.get("type") == "text" and set(value) == {"type"}):
+        return
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind in ("json_object", "json_schema"):
+        raise bad("response_format", f"'response_format' {show(kind)} is not supported yet: answers are not "
+                  "constrained to JSON; leave response_format out or pass {\"type\": \"text\"}",
+                  code="unsupported_value")
+    raise bad("response_format", "'response_format' must be {\"type\": \"text\"}")
 
 
 def _is_named_function(choice: Any) -> bool:
