@@ -9,9 +9,7 @@ import torch
 from llama import distributed, kv_cache, validation
 from llama.engine import Engine, NonFiniteLogitsError, Request, SequenceState, speculative  # noqa: F401 (re-exported)
 from llama.model import Transformer
-from llama.runtime.compiled import CompiledStep
-from llama.runtime.compiled import mark_static as _mark_static
-from llama.runtime.compiled import static_cache_len as _static_cache_len
+from llama.runtime.compiled import CompiledStep, mark_static, static_cache_len
 from llama.runtime.policy import Policy
 from llama.sampling import sample_top_p  # noqa: F401 (Meta's API: llama.generation.sample_top_p)
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
@@ -198,7 +196,7 @@ class Llama:
         `rows` sequences of `seq_len` tokens (reused when the current one is large enough; with
         compile=True its length is rounded up to a power of two)."""
         compiled = self._compiled is not None
-        cache_len = _static_cache_len(seq_len, self.model.params.max_seq_len) if compiled else seq_len
+        cache_len = static_cache_len(seq_len, self.model.params.max_seq_len) if compiled else seq_len
         have_rows, have_len = kv_cache.shape(self.model) or (0, 0)
         if have_rows < rows or have_len < cache_len:
             self.model.setup_cache(rows, cache_len)
@@ -207,7 +205,7 @@ class Llama:
         )
         if compiled:  # after the engine has fitted the draft's cache to the model's
             for model in [self.model] + ([self.speculator.draft] if self.speculator else []):
-                _mark_static(model)
+                mark_static(model)
         return engine
 
     def generate(

@@ -34,7 +34,7 @@ class Engine:
         speculator: Optional[Speculator] = None,
         policy: Optional[kernel_policy.Policy] = None,
     ):
-        """compiled: a compiled decode pass over all cache rows (llama.generation.CompiledStep).
+        """compiled: a compiled decode pass over all cache rows (llama.runtime.compiled.CompiledStep).
         static_shapes: decode all cache rows every step with per-row positions (one shape for a
         compiled decode step). speculator: a draft model that proposes tokens for the model to
         verify (llama.engine.speculative); its KV cache rows are prefilled and moved with the

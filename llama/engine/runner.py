@@ -13,7 +13,7 @@ from llama.model import Transformer
 from llama.sampling import check_finite, draw_token, top_logprobs
 from llama.tokenizer import Tokenizer
 
-# a compiled forward pass (llama.generation.CompiledStep): (rows, t) tokens at (rows,) positions ->
+# a compiled forward pass (llama.runtime.compiled.CompiledStep): (rows, t) tokens at (rows,) positions ->
 # (rows, t, vocab) logits over the whole KV cache, or None once compilation has failed
 StepFn = Callable[..., Optional[torch.Tensor]]
 
