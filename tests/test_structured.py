@@ -92,10 +92,10 @@ def test_unconstrained_rows_are_unchanged_and_max_tokens_cuts_first(llama):
     check_answer(mixed[3], "json_object", llama.tokenizer)
 
 
-def test_draft_model_gives_the_same_greedy_tokens():
+def test_draft_model_gives_the_same_greedy_tokens(llama):
     """Speculative decoding with the bundled draft: the grammar walks and rolls back the proposals,
     and greedy answers are the tokens of decoding without the draft."""
-    plain = worker.build()
+    plain = llama
     spec = worker.build(draft_ckpt_dir=str(demo.DRAFT_DIR), speculate_k=4)
     prompts = [plain.formatter.encode_dialog_prompt([{"role": "user", "content": p}]) for p in worker.PROMPTS]
     for name in ("nested_enum_range", "anyof_pattern"):
@@ -181,3 +181,60 @@ def test_top_k_and_min_p():
     # min_p 0.3 at temperature 1: p_i / p_max = e^(l_i - 3) >= 0.3 keeps logits within 1.2 of the top
     assert torch.isinf(filter_logits(logits, 1.0, min_p=0.3)).tolist() == [[False, False, True, True]]
     assert filter_logits(logits, 1.0) is logits
+
+
+# ---------------------------------------------------------------- the server, in process, through the openai client
+
+
+@pytest.fixture(scope="module")
+def openai_client(llama):
+    from fastapi.testclient import TestClient
+    import openai
+
+    from llama.serve.app import Service, create_app
+    from llama.serve.loop import EngineLoop
+    from llama.serve.responses import Shaper
+
+    loop = EngineLoop(llama.engine(4, 384), 16)
+    loop.start()
+    service = Service(Shaper(llama.tokenizer, llama.formatter, "demo"), loop, None, 384, 16, 1 << 20)
+    with TestClient(create_app(service)) as http:
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0)
+    loop.stop()
+
+
+def test_server_answers_follow_the_schema(openai_client):
+    messages = [{"role": "user", "content": "Describe a pet."}]
+    fmt = response_format("nested_enum_range")
+    r = openai_client.chat.completions.create(model="demo", messages=messages, response_format=fmt, n=3, temperature=1.0,
+                                              seed=11, max_tokens=64)
+    for c in r.choices:
+        assert c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.message.content), SCHEMAS["nested_enum_range"])
+    chunks = openai_client.chat.completions.create(model="demo", messages=messages, response_format=fmt, temperature=0,
+                                                   max_tokens=64, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    jsonschema.validate(json.loads(streamed), SCHEMAS["nested_enum_range"])
+    text = openai_client.completions.create(model="demo", prompt="JSON:", max_tokens=48, temperature=0.9, seed=2,
+                                            extra_body={"top_k": 50, "min_p": 0.02, "response_format": {"type": "json_object"}})
+    assert isinstance(json.loads(text.choices[0].text), dict)
+
+
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {
+             "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+             "required": ["city", "days"], "additionalProperties": False}}},
+         {"type": "function", "function": {"name": "time", "parameters": {
+             "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False}}}]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "time"}}], ids=["required", "named"])
+def test_tool_choice_always_returns_a_valid_call(openai_client, choice):
+    messages = [{"role": "user", "content": "What now?"}]
+    r = openai_client.chat.completions.create(model="demo", messages=messages, tools=TOOLS, tool_choice=choice, n=3,
+                                              temperature=1.0, seed=4, max_tokens=64)
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1, c.message
+        call = c.message.tool_calls[0].function
+        assert call.name in schemas and (choice == "required" or call.name == "time")
+        jsonschema.validate(json.loads(call.arguments), schemas[call.name])

@@ -17,7 +17,7 @@ FORMAT = {"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA
 
 
 def build(**kwargs) -> Llama:
-    return Llama.build(str(demo.DEMO_DIR), str(demo.TOKENIZER_PATH), max_seq_len=160, max_batch_size=4, device="cpu",
+    return Llama.build(str(demo.DEMO_DIR), str(demo.TOKENIZER_PATH), max_seq_len=384, max_batch_size=4, device="cpu",
                        dtype="float32", **kwargs)
 
 
