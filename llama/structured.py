@@ -28,7 +28,7 @@ TYPES = ("text", "json_object", "json_schema")
 # what the compiler is told beyond the schema: compact JSON, and no silent skipping of keywords it
 # does not implement (`lenient` false: those are an error naming them)
 _OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":", "lenient": False}
-_BITS = torch.tensor([1 << i for i in range(31)] + [-(2**31)], dtype=torch.int32)  # bit i of an int32 word
+_BYTE_BITS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-mask")
 _LL_TOKENIZERS: "weakref.WeakKeyDictionary[Tokenizer, Any]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
@@ -123,9 +123,12 @@ def _ll_tokenizer(tokenizer: Tokenizer):
         return ll
 
 
-def _fill(m: Any, bitmask: torch.Tensor) -> None:
-    # the task holds the tensor it writes into: a matcher dropped meanwhile cannot free it
+def _fill(m: Any, bitmask: torch.Tensor) -> torch.Tensor:
+    """The next mask as (words * 32,) bool, True where blocked; the task holds the tensor it writes
+    into, so a matcher dropped meanwhile cannot free it."""
     m.unsafe_compute_mask_ptr(bitmask.data_ptr(), bitmask.numel() * 4)
+    # bit i of int32 word w is bit i % 8 of byte 4w + i // 8 (little-endian): unpacked bytewise
+    return (bitmask.view(torch.uint8)[:, None] & _BYTE_BITS).eq(0).flatten()
 
 
 class Matcher:
@@ -146,37 +149,45 @@ class Matcher:
 
     def _prefetch(self) -> None:
         """Start computing the next mask in a worker thread (llguidance releases the GIL)."""
+        self._mask = None  # (words * 32,) bool, True where blocked; None: only the stop token
         if not self._past_end and not self._m.is_error():
             self._pending = _POOL.submit(_fill, self._m, self._bitmask)
 
     def _wait(self) -> None:
+        """Take the prefetched mask (`_fill`) once it is there."""
         if self._pending is not None:
-            self._pending.result()
-            self._pending = None
+            self._mask, self._pending = self._pending.result(), None
 
     @property
     def finished(self) -> bool:
         """The JSON is complete and cannot go on: only the stop token is allowed."""
         return bool(self._past_end) or self._m.is_stopped()
 
-    def allowed(self, vocab: int) -> torch.Tensor:
-        """(vocab,) bool: the tokens the grammar allows next (`vocab`: the logits' width)."""
+    def blocked(self, vocab: int) -> torch.Tensor:
+        """(vocab,) bool: True for the tokens the grammar does not allow next (`vocab`: the logits' width)."""
         self._wait()
-        out = torch.zeros(vocab, dtype=torch.bool)
-        if self._past_end or self._m.is_error():
-            out[self.stop_token] = True
+        out = self._mask
+        if out is None:  # the JSON ended, or the matcher refused a token: only the stop token
+            out = torch.ones(vocab, dtype=torch.bool)
+            out[self.stop_token] = False
             return out
-        bits = ((self._bitmask[:, None] & _BITS) != 0).flatten()[: self._n_words]
-        out[: len(bits)] = bits
-        if self.stop_token != self._eos and bool(out[self._eos]):  # the JSON may end here: with this sequence's stop
-            out[self._eos], out[self.stop_token] = False, True
+        if vocab > len(out):
+            out = torch.cat([out, torch.ones(vocab - len(out), dtype=torch.bool)])
+        out = out[:vocab]
+        if self.stop_token != self._eos and not bool(out[self._eos]):  # the JSON may end here: with this sequence's stop
+            out = out.clone()
+            out[self._eos], out[self.stop_token] = True, False
         return out
+
+    def allowed(self, vocab: int) -> torch.Tensor:
+        """(vocab,) bool: the tokens the grammar allows next."""
+        return ~self.blocked(vocab)
 
     def consume(self, token: int) -> bool:
         """Advance past `token`; False (and from then on only the stop token) when the grammar refuses it."""
         self._wait()
         if token == self.stop_token or self._past_end:
-            self._past_end += 1
+            self._past_end, self._mask = self._past_end + 1, None
             return self._past_end == 1 and bool(self._m.is_accepting())
         ok = self._m.consume_token(token)
         self._prefetch()
@@ -204,6 +215,5 @@ def matcher(tokenizer: Tokenizer, response_format: Optional[dict], stop_tokens: 
 
 def apply(logits: torch.Tensor, rows: List[int], matchers: List[Matcher]) -> None:
     """Set to -inf, in place, the logits (n, vocab) of `rows` outside their matchers' masks."""
-    allowed = torch.stack([m.allowed(logits.shape[-1]) for m in matchers]).to(logits.device)
-    index = torch.tensor(rows, device=logits.device)
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    for row, m in zip(rows, matchers):
+        logits[row].masked_fill_(m.blocked(logits.shape[-1]).to(logits.device), float("-inf"))

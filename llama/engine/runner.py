@@ -253,9 +253,9 @@ def restrict(seqs: List[SequenceState], target: torch.Tensor, proposals: List[Li
         if s.matcher is not None:
             walked = 0
             for j in range(target.shape[1]):
-                allowed = s.matcher.allowed(target.shape[-1]).to(target.device)
-                target[i, j].masked_fill_(~allowed, float("-inf"))
-                if j == len(proposals[i]) or not bool(allowed[proposals[i][j]]):
+                blocked = s.matcher.blocked(target.shape[-1])
+                target[i, j].masked_fill_(blocked.to(target.device), float("-inf"))
+                if j == len(proposals[i]) or bool(blocked[proposals[i][j]]):
                     break
                 s.matcher.consume(proposals[i][j])
                 walked += 1
