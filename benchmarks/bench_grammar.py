@@ -148,7 +148,8 @@ def bench_ours(tok: Tokenizer, schema: str, tokens: List[int]) -> dict:
             **walk(lambda: structured.apply(logits, [0], [state["m"]]), lambda t: state["m"].consume(t), reset, tokens)}
 
 
-ENGINES = {"llguidance": bench_llguidance, "llguidance in llama.structured": bench_ours, "xgrammar": bench_xgrammar, "outlines-core": bench_outlines}
+ENGINES = {"llguidance": bench_llguidance, "llguidance in llama.structured": bench_ours, "xgrammar": bench_xgrammar,
+           "outlines-core": bench_outlines}
 
 
 def install_weight(dist: str) -> dict:

@@ -52,7 +52,8 @@ def schema_of(response_format: Optional[dict]) -> Optional[dict]:
     kind = response_format["type"]
     extra = set(response_format) - {"type", "json_schema"}
     if extra or (kind != "json_schema" and "json_schema" in response_format):
-        raise ValueError(f"response_format holds {sorted(extra or {'json_schema'})[0]!r}, which a {kind!r} response_format does not take")
+        field = sorted(extra or {"json_schema"})[0]
+        raise ValueError(f"response_format holds {field!r}, which a {kind!r} response_format does not take")
     if kind == "text":
         return None
     if kind == "json_object":
@@ -96,10 +97,10 @@ def _grammar(schema_json: str) -> str:
     try:
         grammar = llg.LLMatcher.grammar_from_json_schema(schema_json, overrides=_OPTIONS)
     except ValueError as e:
-        raise ValueError(f"response_format's schema cannot be compiled: {e}") from None
+        raise ValueError(f"the schema cannot be compiled: {e}") from None
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
-        raise ValueError(f"response_format's schema cannot be followed: {' '.join(messages)[:300]}")
+        raise ValueError(f"the schema cannot be followed: {' '.join(messages)[:300]}")
     return grammar
 
 
@@ -111,7 +112,7 @@ def check_response_format(response_format: Optional[dict]) -> None:
 
 
 def _ll_tokenizer(tokenizer: Tokenizer):
-    """llguidance's view of our tokenizer (built once per tokenizer: a second on the 128K vocabulary)."""
+    """llguidance's view of our tokenizer (built once per tokenizer: it walks the whole vocabulary)."""
     with _LOCK:
         ll = _LL_TOKENIZERS.get(tokenizer)
         if ll is None:
@@ -139,7 +140,7 @@ class Matcher:
     def __init__(self, tokenizer: Tokenizer, grammar: str, stop_token: int):
         self._m = _llguidance().LLMatcher(_ll_tokenizer(tokenizer), grammar, log_level=0)
         if self._m.is_error():
-            raise ValueError(f"response_format's schema cannot be followed: {self._m.get_error()[:300]}")
+            raise ValueError(f"the schema cannot be followed: {self._m.get_error()[:300]}")
         self.stop_token, self._eos, self._n_words = stop_token, tokenizer.eot_id, tokenizer.n_words
         # tokens consumed from the stop token on: kept out of llguidance (whose rollback of its end differs)
         self._past_end = 0

@@ -101,7 +101,8 @@ def test_draft_model_gives_the_same_greedy_tokens(llama):
     want, _ = plain.generate(prompts, 48, temperature=0, response_format=response_format("nested_enum_range"))
     got, _ = spec.generate(prompts, 48, temperature=0, response_format=response_format("nested_enum_range"))
     assert got == want and spec.speculator.accepted > 0
-    sampled = run(spec, [Request(prompts[0], 48, temperature=1.0, top_p=1.0, seed=1, response_format=response_format("array_bounds"))])
+    fmt = response_format("array_bounds")
+    sampled = run(spec, [Request(prompts[0], 48, temperature=1.0, top_p=1.0, seed=1, response_format=fmt)])
     check_answer(sampled[0], "array_bounds", spec.tokenizer)
 
 
@@ -216,11 +217,12 @@ def test_server_answers_follow_the_schema(openai_client):
     assert isinstance(json.loads(text.choices[0].text), dict)
 
 
-TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {
-             "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-             "required": ["city", "days"], "additionalProperties": False}}},
-         {"type": "function", "function": {"name": "time", "parameters": {
-             "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False}}}]
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                            "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+           "required": ["city", "days"], "additionalProperties": False}
+TIME = {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "time", "parameters": TIME}}]
 
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "time"}}], ids=["required", "named"])
