@@ -7,6 +7,10 @@ For each concurrency level, the same `requests` streaming completions (greedy, m
 with that many clients at once; level 1 is the requests one after another. Reported per level:
 throughput (generated tokens/s over the wall time), time to first token and inter-token latency
 (p50, p99), and the throughput relative to level 1. Loopback only; bounded request counts.
+With --structured each level runs twice, the second time with every answer held to SCHEMA
+(response_format json_schema), so the constraint's cost shows beside the free run of the same level:
+
+    python benchmarks/bench_serve.py --clients 8 --requests 16 --structured --repeats 3 --out docs/benchmarks/serve_structured.json
 """
 import concurrent.futures
 import json
@@ -23,6 +27,13 @@ PROMPTS = [
     "Once upon a time", "The history of the city", "In mathematics, a prime number", "def fibonacci(n):",
     "The weather today", "A short story about a robot", "How to cook rice:", "The list of rivers",
 ]
+# --structured: answers that run to max_tokens (at least 12 short records), so both runs generate as many tokens
+SCHEMA = {"type": "object", "properties": {"title": {"type": "string", "maxLength": 40}, "items": {"minItems": 12,
+    "type": "array", "items": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                                                "count": {"type": "integer", "minimum": 0}},
+                               "required": ["name", "count"], "additionalProperties": False}}},
+          "required": ["title", "items"], "additionalProperties": False}
+FORMAT = {"type": "json_schema", "json_schema": {"name": "records", "schema": SCHEMA, "strict": True}}
 
 
 def percentile(values: list, q: float) -> float:
@@ -32,11 +43,12 @@ def percentile(values: list, q: float) -> float:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-def one_request(base_url: str, model: str, prompt: str, max_tokens: int, api_key: str) -> dict:
-    """Stream one completion; the time of each token's chunk."""
+def one_request(base_url: str, model: str, prompt: str, max_tokens: int, api_key: str, schema: bool = False) -> dict:
+    """Stream one completion (held to SCHEMA with `schema`); the time of each token's chunk."""
     import httpx
 
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            **({"response_format": FORMAT} if schema else {})}
     start, times, text = time.perf_counter(), [], ""
     with httpx.stream("POST", base_url + "/completions", json=body, timeout=600,
                       headers={"Authorization": f"Bearer {api_key}"}) as r:
@@ -51,17 +63,17 @@ def one_request(base_url: str, model: str, prompt: str, max_tokens: int, api_key
     return {"start": start, "times": times, "text": text}
 
 
-def level(base_url: str, model: str, clients: int, requests: int, max_tokens: int, api_key: str) -> dict:
+def level(base_url: str, model: str, clients: int, requests: int, max_tokens: int, api_key: str, schema: bool = False) -> dict:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(requests)]
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda p: one_request(base_url, model, p, max_tokens, api_key), prompts))
+        results = list(pool.map(lambda p: one_request(base_url, model, p, max_tokens, api_key, schema), prompts))
     wall = time.perf_counter() - t0
     tokens = sum(len(r["times"]) for r in results)
     ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
     itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
     return {
-        "clients": clients, "requests": requests, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+        "clients": clients, "schema": schema, "requests": requests, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
         "ttft_p50_ms": 1e3 * percentile(ttft, 50), "ttft_p99_ms": 1e3 * percentile(ttft, 99),
         "itl_p50_ms": 1e3 * percentile(itl, 50), "itl_p99_ms": 1e3 * percentile(itl, 99),
         "texts": [r["text"] for r in results],
@@ -99,6 +111,8 @@ def main(
     max_seq_len: int = 512,
     dtype: Optional[str] = "float32",
     server_args: str = "",
+    structured: bool = False,
+    repeats: int = 1,
     out: Optional[str] = None,
 ):
     """Measure the server under concurrent streaming clients.
@@ -117,6 +131,8 @@ def main(
         max_tokens: tokens each completion asks for (greedy).
         server_args: more flags for the started server, written with an equals sign so that fire
             keeps them a string: --server_args="--quantize int8".
+        structured: run each level again with every answer held to a JSON schema (response_format).
+        repeats: run each level (and its structured run, alternately) this many times; the fastest is kept.
         out: also write the results as JSON here.
     """
     if not isinstance(server_args, str):  # fire read `--server_args --flag` as a bare boolean flag
@@ -125,8 +141,8 @@ def main(
     from llama.cli import int_list  # here: importing this module stays light
 
     levels = int_list(clients)
-    if requests < 1 or max_tokens < 1 or min(levels) < 1:
-        raise ValueError("--requests, --max_tokens and every --clients level must be at least 1")
+    if requests < 1 or max_tokens < 1 or repeats < 1 or min(levels) < 1:
+        raise ValueError("--requests, --max_tokens, --repeats and every --clients level must be at least 1")
     proc = None
     if base_url is None:
         import socket
@@ -139,28 +155,45 @@ def main(
     elif not base_url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
         raise ValueError(f"--base_url {base_url} is not a loopback address: this benchmark only loads this machine")
     try:
-        level(base_url, model, 1, 1, 4, api_key)  # warm-up
-        rows = [level(base_url, model, c, requests, max_tokens, api_key) for c in levels]
+        level(base_url, model, 1, 1, 4, api_key, structured)  # warm-up
+        rows = []
+        for c in levels:
+            runs = [[level(base_url, model, c, requests, max_tokens, api_key, schema)
+                     for schema in ((False, True) if structured else (False,))] for _ in range(repeats)]
+            rows += [max(column, key=lambda r: r["tokens_per_s"]) for column in zip(*runs)]  # alternated, the fastest
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=60)
     base = next((r for r in rows if r["clients"] == 1), rows[0])
+    free = {r["clients"]: r for r in rows if not r["schema"]}
     print(f"{requests} streaming completions of up to {max_tokens} tokens per level, greedy, against {base_url}")
     print(f"{'clients':>7} {'tokens':>7} {'wall s':>7} {'tok/s':>8} {'vs 1':>6} {'TTFT p50':>9} {'TTFT p99':>9} "
           f"{'ITL p50':>8} {'ITL p99':>8}")
     for r in rows:
         same = "" if r["texts"] == base["texts"] else "  (texts differ from level 1!)"
+        if r["schema"]:
+            json_ok = sum(_parses(t) for t in r["texts"])
+            same = f"  JSON schema: {r['tokens_per_s'] / free[r['clients']]['tokens_per_s']:.2f}x the free run, {json_ok} of {len(r['texts'])} whole JSON"
         print(f"{r['clients']:>7} {r['tokens']:>7} {r['wall_s']:>7.2f} {r['tokens_per_s']:>8.1f} "
               f"{r['tokens_per_s'] / base['tokens_per_s']:>5.2f}x {r['ttft_p50_ms']:>7.0f}ms {r['ttft_p99_ms']:>7.0f}ms "
               f"{r['itl_p50_ms']:>6.1f}ms {r['itl_p99_ms']:>6.1f}ms{same}")
     levels_out = [{k: v for k, v in r.items() if k != "texts"} for r in rows]
-    table = [{"metric": f"{r['clients']} clients", "tok/s": r["tokens_per_s"], "TTFT p50 ms": r["ttft_p50_ms"],
+    table = [{"metric": f"{r['clients']} clients" + (", JSON schema" if r["schema"] else ""), "tokens": r["tokens"], "tok/s": r["tokens_per_s"], "TTFT p50 ms": r["ttft_p50_ms"],
               "TTFT p99 ms": r["ttft_p99_ms"], "ITL p50 ms": r["itl_p50_ms"], "ITL p99 ms": r["itl_p99_ms"]} for r in rows]
-    headline = [{"metric": f"server throughput, {r['clients']} streaming clients, tok/s", "value": r["tokens_per_s"]}
-                for r in rows if r is rows[-1]]
-    write_json(out, envelope("serve", {"base_url": base_url, "requests": requests, "max_tokens": max_tokens,
+    last = rows[-1]  # a --structured run compares two runs of one level: no headline of its own
+    headline = [] if structured else [{"metric": f"server throughput, {last['clients']} streaming clients, tok/s",
+                                       "value": last["tokens_per_s"]}]
+    write_json(out, envelope("serve", {"base_url": base_url, "requests": requests, "max_tokens": max_tokens, "repeats": repeats,
                                        "levels": levels_out}, table, headline))
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from typing import Iterator, List, Optional, TypedDict, Union
 
 import torch
 
-from llama import distributed, kv_cache, validation
+from llama import distributed, kv_cache, structured, validation
 from llama.engine import Engine, NonFiniteLogitsError, Request, SequenceState, speculative  # noqa: F401 (re-exported)
 from llama.model import Transformer
 from llama.runtime.compiled import CompiledStep, mark_static, static_cache_len
@@ -150,7 +150,7 @@ class Llama:
         # the verify pass; the draft's steps get their own, and greedy steps one of both models
         self._compiled = CompiledStep(model, policy=policy) if compile else None
         if self._compiled is not None and speculator is not None:
-            speculator.compiled = _speculative_passes(model, speculator, self._compiled, policy)
+            speculator.compiled = speculative.compiled_passes(model, speculator, self._compiled, policy)
 
     @property
     def device(self) -> torch.device:
@@ -177,16 +177,19 @@ class Llama:
         logprobs: bool,
         prompt_logprobs: bool,
         seed: Optional[int],
+        options: dict,
     ) -> tuple[Engine, List[int]]:
         """An engine over a KV cache large enough for this request, with one sequence per prompt
-        (each with its own generator from `seed`, so a row's tokens do not depend on its batch)."""
+        (each with its own generator from `seed`, so a row's tokens do not depend on its batch);
+        `options`: more Request fields (`sampling_options`)."""
         self._check_request(prompt_tokens)
         params = self.model.params
         # each row gets max_gen_len new tokens within max_seq_len (the original's total_len)
         total_len = max(min(params.max_seq_len, len(t) + max(0, max_gen_len)) for t in prompt_tokens)
         engine = self.engine(len(prompt_tokens), total_len)
         ids = [
-            engine.add(Request(t, max_gen_len, temperature, top_p, seed=seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs))
+            engine.add(Request(t, max_gen_len, temperature, top_p, seed=seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                               **options))
             for t in prompt_tokens
         ]
         return engine, ids
@@ -217,6 +220,7 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
         seed: Optional[int] = None,
+        top_k: int = 0, min_p: float = 0.0, response_format: Optional[dict] = None,
     ) -> tuple[List[List[int]], Optional[List[List[float]]]]:
         """Generate from token prompts; temperature 0 is greedy, otherwise nucleus (top_p) sampling.
 
@@ -224,13 +228,15 @@ class Llama:
         first stop token (not returned); `echo` includes the prompt. `seed` makes this request's
         sampling reproducible on its own (the same on every rank): each row draws from its own
         generator seeded with it, so a row's tokens do not depend on the rest of the batch. None
-        uses the global RNG.
+        uses the global RNG. `top_k`, `min_p` and `response_format` (an answer held to JSON): see
+        `sampling_options`.
         """
         validation.check_request(
             self.model.params.vocab_size, prompt_tokens=prompt_tokens, temperature=temperature, top_p=top_p,
             max_gen_len=max_gen_len, seed=seed, logprobs=logprobs, echo=echo, max_gen_len_optional=False,
         )
-        tokens, lps, _ = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed)
+        options = sampling_options(top_k, min_p, response_format)
+        tokens, lps, _ = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed, options)
         return tokens, (lps if logprobs else None)
 
     def _generate(
@@ -242,9 +248,10 @@ class Llama:
         logprobs: bool,
         echo: bool,
         seed: Optional[int],
+        options: dict,
     ) -> tuple[List[List[int]], List[List[float]], List[Optional[int]]]:
         """generate(), plus the stop token that ended each sequence (None: it ran out of tokens)."""
-        engine, ids = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs, logprobs and echo, seed)
+        engine, ids = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs, logprobs and echo, seed, options)
         for _ in engine.run():
             pass
         out_tokens, out_logprobs, out_stops = [], [], []
@@ -279,6 +286,7 @@ class Llama:
         top_p: float = 0.9,
         logprobs: bool = False,
         seed: Optional[int] = None,
+        top_k: int = 0, min_p: float = 0.0, response_format: Optional[dict] = None,
     ) -> Iterator[List[StreamToken]]:
         """Generate like `generate`, yielding each step's new token of every unfinished sequence.
 
@@ -289,7 +297,8 @@ class Llama:
             self.model.params.vocab_size, prompt_tokens=prompt_tokens, temperature=temperature, top_p=top_p,
             max_gen_len=max_gen_len, seed=seed, logprobs=logprobs, max_gen_len_optional=False,
         )
-        engine, ids = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, seed)
+        options = sampling_options(top_k, min_p, response_format)
+        engine, ids = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, seed, options)
         index = {seq_id: i for i, seq_id in enumerate(ids)}
         for events in engine.run():
             out = [StreamToken(index[e.seq_id], e.token, e.text, e.logprob, e.finished) for e in events if e.token is not None]
@@ -308,8 +317,10 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
         seed: Optional[int] = None,
+        top_k: int = 0, min_p: float = 0.0, response_format: Optional[dict] = None,
     ) -> List[CompletionPrediction]:
-        """Complete each prompt (bos is added). max_gen_len defaults to max_seq_len - 1."""
+        """Complete each prompt (bos is added). max_gen_len defaults to max_seq_len - 1. `top_k`,
+        `min_p`, `response_format`: see `sampling_options`."""
         validation.check_request(
             self.model.params.vocab_size, prompts=prompts, temperature=temperature, top_p=top_p,
             max_gen_len=max_gen_len, seed=seed, logprobs=logprobs, echo=echo,
@@ -317,7 +328,7 @@ class Llama:
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed)
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed, top_k, min_p, response_format)
         if logprobs:
             return [
                 {"generation": self.tokenizer.decode(t), "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}
@@ -333,11 +344,13 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         seed: Optional[int] = None,
+        top_k: int = 0, min_p: float = 0.0, response_format: Optional[dict] = None,
     ) -> List[ChatPrediction]:
         """Answer each dialog in the Llama 3 chat format. max_gen_len defaults to max_seq_len - 1.
 
         A Llama 3.1 answer that calls a tool comes back with `tool_calls` (llama.tokenizer.ToolCall)
         and `stop_reason` ("end_of_message" when it waits for the tool's result, as `ipython` turn).
+        `top_k`, `min_p`, `response_format` (e.g. {"type": "json_object"}): see `sampling_options`.
         """
         validation.check_request(
             self.model.params.vocab_size, dialogs=dialogs, temperature=temperature, top_p=top_p,
@@ -346,7 +359,8 @@ class Llama:
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.formatter.encode_dialog_prompt(dialog) for dialog in dialogs]
-        tokens, lps, stops = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, seed)
+        options = sampling_options(top_k, min_p, response_format)
+        tokens, lps, stops = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, seed, options)
         results: List[ChatPrediction] = []
         for i, t in enumerate(tokens):
             result: ChatPrediction = {"generation": self._assistant_message(t, stops[i])}
@@ -365,24 +379,15 @@ class Llama:
         return message
 
 
-def _speculative_passes(
-    model: Transformer, speculator: speculative.Speculator, compiled: "CompiledStep", policy: Optional[Policy]
-) -> speculative.CompiledPasses:
-    """The compiled passes of a speculative step: the model's (`compiled`), the draft's, and on one
-    process each whole step in one call (a sharded model's step cannot hold the replicated draft's
-    group switch)."""
-    draft = speculator.draft
-    greedy = sampling = None
-    if distributed.model_parallel_size() == 1:
-        greedy = CompiledStep(
-            model, lambda tokens, start_pos: speculative.greedy_pass(model, draft, speculator.k, tokens, start_pos),
-            also=[draft], policy=policy,
-        )
-        sampling = CompiledStep(
-            model, lambda tokens, start_pos, *rows: speculative.sampling_pass(model, draft, speculator.k, tokens, start_pos, *rows),
-            also=[draft], policy=policy,
-        )
-    return speculative.CompiledPasses(compiled, CompiledStep(draft, policy=speculator.policy), greedy, sampling)
+def sampling_options(top_k: int = 0, min_p: float = 0.0, response_format: Optional[dict] = None) -> dict:
+    """Checked Request fields beyond temperature and top_p: top_k (sample among the k most likely
+    tokens; 0: all), min_p (among those at least min_p times as likely as the most likely one) and
+    response_format (OpenAI's {"type": "json_object"} or {"type": "json_schema", "json_schema":
+    {"name", "schema"}}: every answer parses as JSON and follows the schema; llama.structured)."""
+    validation.check_int("top_k", top_k, minimum=0)
+    validation.check_real("min_p", min_p, minimum=0, maximum=1)
+    structured.check_response_format(response_format)
+    return {"top_k": top_k, "min_p": float(min_p), "response_format": response_format}
 
 
 def _log_draft(draft_dir: str, k: Union[int, str], parallel: str) -> None:

@@ -1,6 +1,7 @@
 """The sampling math: from logits to tokens (greedy, temperature, nucleus), the distributions
 speculative decoding compares, and the check that logits can be sampled at all. Pure functions of
 tensors; nothing here knows about sequences or the model."""
+import math
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -55,10 +56,28 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     return torch.gather(probs_idx, -1, next_token)
 
 
-def draw_token(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """(bsz, vocab) logits -> (bsz,) tokens: greedy at temperature 0, else nucleus sampling."""
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int = 0, min_p: float = 0.0) -> torch.Tensor:
+    """(..., vocab) logits with -inf for the tokens that top-k (only the k most likely; 0: all) and
+    min-p (only those whose probability at `temperature` is at least min_p times the most likely
+    one's) leave out; the most likely token always stays. The logits themselves when both are off."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if min_p > 0:
+        # p_i >= min_p * p_max  <=>  logit_i >= logit_max + temperature * log(min_p)
+        floor = logits.amax(dim=-1, keepdim=True) + temperature * math.log(min_p)
+        logits = logits.masked_fill(logits < floor, float("-inf"))
+    return logits
+
+
+def draw_token(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator], top_k: int = 0,
+    min_p: float = 0.0,
+) -> torch.Tensor:
+    """(bsz, vocab) logits -> (bsz,) tokens: greedy at temperature 0, else nucleus sampling after
+    top-k and min-p (`filter_logits`)."""
     if temperature > 0:
-        probs = torch.softmax(logits / temperature, dim=-1)
+        probs = torch.softmax(filter_logits(logits, temperature, top_k, min_p) / temperature, dim=-1)
         return sample_top_p(probs, top_p, generator)[:, 0]
     return torch.argmax(logits, dim=-1)
 

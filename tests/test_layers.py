@@ -21,7 +21,7 @@ LAYERS: List[List[str]] = [
     # the model and what it reads and writes
     ["llama.model", "llama.kv_cache", "llama.tokenizer"],
     # what is built on tokens and logits alone
-    ["llama.chat_format", "llama.sampling"],
+    ["llama.chat_format", "llama.sampling", "llama.structured"],
     # how the model is run on this device: dtype and kernel policy, probes, compiled graphs
     ["llama.runtime"],
     # what is stored: sharding rules, quantized formats and modules, checkpoints, conversion, the loader

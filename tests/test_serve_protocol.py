@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import helpers
 from llama.chat_format import openai_tool_calls, to_dialog, tool_prompt
 from llama.serve import protocol
 from llama.serve.protocol import MAX_DEPTH, SEED_MAX, SEED_MIN, APIError
@@ -115,28 +116,90 @@ def test_other_fields_that_cannot_be_served():
 
 
 def test_a_field_the_endpoint_does_not_read_is_refused_by_name():
-    for name in ("frobnicate_level", "top_k", "min_p", "repetition_penalty", "max_tokns"):
+    for name in ("frobnicate_level", "repetition_penalty", "max_tokns", "reasoning_effort"):
         e = refused(chat(**{name: 3}), True)
         assert (e.param, e.code) == (name, "unknown_parameter") and name in e.message
         assert refused(completion(**{name: 3}), False).param == name
     # each endpoint's own fields are not the other's
     assert refused(completion(messages=[]), False).param == "messages"
     assert refused(chat(echo=True), True).param == "echo"
-    assert "(and 1 more)" in refused(chat(top_k=1, min_p=0.1), True).message
+    assert "(and 1 more)" in refused(chat(top_a=1, min_q=0.1), True).message
 
 
-def test_what_is_not_enforced_yet_is_refused_not_ignored():
-    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}):
+def openai_fields(module) -> set:
+    """Every field of an OpenAI request, from the installed `openai` package's own TypedDicts."""
+    names = set()
+    for value in vars(module).values():
+        if isinstance(value, type) and value.__name__.startswith("CompletionCreateParams"):
+            names |= set(value.__annotations__) | getattr(value, "__optional_keys__", set())
+    return names
+
+
+@pytest.mark.parametrize("is_chat", [True, False], ids=["chat", "completions"])
+def test_every_openai_field_is_served_documented_as_without_behaviour_or_refused(is_chat):
+    """OpenAI's list of fields (not ours): each is read by the endpoint, accepted as carrying no behaviour
+    (listed in docs/serving.md) or answered 400 naming it."""
+    openai = pytest.importorskip("openai")
+    from openai.types import completion_create_params
+    from openai.types.chat import completion_create_params as chat_create_params
+
+    fields = openai_fields(chat_create_params if is_chat else completion_create_params)
+    assert {"model", "temperature", "stream"} <= fields, openai.__version__
+    known = protocol.CHAT_FIELDS if is_chat else protocol.COMPLETION_FIELDS
+    docs = (helpers.REPO / "docs" / "serving.md").read_text()
+    base = chat() if is_chat else completion()
+    for name in sorted(fields):
+        if name in protocol.NO_BEHAVIOUR or name in protocol.NEUTRAL:
+            assert f"`{name}`" in docs, name
+            check({**base, name: protocol.NEUTRAL.get(name, "x")}, is_chat)
+        elif name not in known:
+            e = refused({**base, name: "x"}, is_chat)
+            assert e.param == name and name in e.message
+
+
+def test_neutral_values_only_and_sampling_fields():
+    check(chat(store=False, modalities=["text"], metadata={"a": "b"}, parallel_tool_calls=False, service_tier="auto"), True)
+    for name, value in (("store", True), ("modalities", ["text", "audio"])):
+        e = refused(chat(**{name: value}), True)
+        assert (e.param, e.code) == (name, "unsupported_value")
+    out = check(completion(top_k=-1, min_p=0.05), False)
+    assert (out["top_k"], out["min_p"]) == (0, 0.05)
+    assert check(chat(top_k=40), True)["top_k"] == 40
+    for name, value in (("top_k", -2), ("top_k", 1.5), ("min_p", 1.5), ("min_p", "x")):
+        assert refused(chat(**{name: value}), True).param == name
+
+
+SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
+    "a": {"type": "integer"}}, "required": ["a"]}}}
+
+
+def test_response_format_is_compiled_and_what_cannot_be_followed_is_named():
+    for fmt in ({"type": "json_object"}, SCHEMA_FORMAT):
+        assert check(chat(response_format=fmt), True)["response_format"] == fmt
+        assert check(completion(response_format=fmt), False)["response_format"] == fmt
+    assert check(chat(response_format={"type": "text"}), True)["response_format"] is None
+    for fmt, part in (({"type": "xml"}, "response_format.type"),
+                      ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}, "not"),
+                      ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}, "strin"),
+                      ({"type": "json_schema", "json_schema": {"schema": {}}}, "json_schema.name")):
         e = refused(chat(response_format=fmt), True)
-        assert (e.param, e.code) == ("response_format", "unsupported_value")
-    assert refused(chat(response_format={"type": "xml"}), True).param == "response_format"
-    check(chat(response_format={"type": "text"}), True)
-    tools = [{"type": "function", "function": {"name": "f"}}]
-    for choice in ("required", {"type": "function", "function": {"name": "f"}}):
-        e = refused(chat(tools=tools, tool_choice=choice), True)
-        assert (e.param, e.code) == ("tool_choice", "unsupported_value")
+        assert e.param == "response_format" and part in e.message, e.message
+
+
+def test_tool_choice_required_or_named_constrains_to_a_call():
+    tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in ("f", "g")]
+    schema = check(chat(tools=tools, tool_choice="required"), True)["response_format"]["json_schema"]["schema"]
+    assert [c["properties"]["name"]["const"] for c in schema["anyOf"]] == ["f", "g"]
+    named = check(chat(tools=tools, tool_choice={"type": "function", "function": {"name": "g"}}), True)
+    assert named["response_format"]["json_schema"]["schema"]["properties"]["name"] == {"const": "g"}
     for choice in ("auto", "none", None):
-        check(chat(tools=tools, tool_choice=choice), True)
+        assert check(chat(tools=tools, tool_choice=choice), True)["response_format"] is None
+    cases = [chat(tools=tools, tool_choice={"type": "function", "function": {"name": "h"}}), chat(tool_choice="required"),
+             chat(tools=tools, tool_choice="required", response_format={"type": "json_object"})]
+    for body in cases:
+        assert refused(body, True).param == "tool_choice"
+    bad_params = [{"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}]
+    assert refused(chat(tools=bad_params, tool_choice="required"), True).param == "tools"
 
 
 def test_401_is_openais_invalid_request_error():

@@ -164,11 +164,12 @@ def test_errors_are_openai_errors(server):
     # what the server would not honour is refused, not dropped: through the official client as a user sends it
     refused = [(client.chat.completions.create, dict(messages=[{"role": "user", "content": "x"}],
                                                      extra_body={"frobnicate_level": 3}), "frobnicate_level"),
-               (client.completions.create, dict(prompt="x", extra_body={"top_k": 40}), "top_k"),
+               (client.completions.create, dict(prompt="x", extra_body={"repetition_penalty": 1.1}), "repetition_penalty"),
                (client.chat.completions.create, dict(messages=[{"role": "user", "content": "x"}],
-                                                     response_format={"type": "json_object"}), "response_format"),
-               (client.chat.completions.create, dict(messages=[{"role": "user", "content": "x"}], tool_choice="required",
-                                                     tools=[{"type": "function", "function": {"name": "f"}}]), "tool_choice")]
+                                                     reasoning_effort="low"), "reasoning_effort"),
+               (client.chat.completions.create, dict(messages=[{"role": "user", "content": "x"}], store=True), "store"),
+               (client.chat.completions.create, dict(messages=[{"role": "user", "content": "x"}], tool_choice="required"),
+                "tool_choice")]
     for create, kwargs, param in refused:
         with pytest.raises(openai.BadRequestError) as e:
             create(model=m, max_tokens=2, **kwargs)

@@ -5,12 +5,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from llama import kv_cache
+from llama import kv_cache, structured
 from llama.runtime import compute
 from llama.runtime import policy as kernel_policy
 from llama.engine.types import Event, Request, SequenceState
 from llama.model import Transformer
-from llama.sampling import check_finite, draw_token, top_logprobs
+from llama.sampling import check_finite, draw_token, filter_logits, top_logprobs
 from llama.tokenizer import Tokenizer
 
 # a compiled forward pass (llama.runtime.compiled.CompiledStep): (rows, t) tokens at (rows,) positions ->
@@ -84,7 +84,9 @@ class Runner:
         """The state of a new sequence: its limit is its request's, cut by the model's context."""
         limit = max(0, min(request.max_new_tokens, self.model.params.max_seq_len - len(request.prompt)))
         stops = self.tokenizer.stop_tokens if request.stop_tokens is None else request.stop_tokens
-        return SequenceState(seq_id, request, limit, stops, self.device)
+        s = SequenceState(seq_id, request, limit, stops, self.device)
+        s.matcher = structured.matcher(self.tokenizer, request.response_format, list(stops))
+        return s
 
     def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor], **kwargs) -> torch.Tensor:
         """The model's logits of `tokens` (bsz, seqlen) under this runner's policy (`Transformer.forward`)."""
@@ -165,12 +167,16 @@ class Runner:
 
     def sample(self, seqs: List[SequenceState], logits: torch.Tensor) -> List[Event]:
         """Each sequence's next token from its logits row (len(seqs), vocab), with its own sampling
-        parameters and generator; then the stop rule (`emit`)."""
+        parameters and generator; then the stop rule (`emit`). The rows of sequences held to JSON
+        get -inf outside their grammar's mask first (`constrain`), so greedy and sampling alike
+        choose among the tokens it allows."""
         check_finite(logits)
+        constrain(seqs, logits)
         tokens = torch.argmax(logits, dim=-1)  # (len(seqs),)
         for i, s in enumerate(seqs):
-            if s.request.temperature > 0:
-                tokens[i] = draw_token(logits[i : i + 1], s.request.temperature, s.request.top_p, s.generator)[0]
+            r = s.request
+            if r.temperature > 0:
+                tokens[i] = draw_token(logits[i : i + 1], r.temperature, r.top_p, s.generator, r.top_k, r.min_p)[0]
         return self.emit(seqs, logits, tokens)
 
     # ---------------------------------------------------------------- emit: the stop rules
@@ -205,6 +211,8 @@ class Runner:
 
     def _advance(self, s: SequenceState, token: int, logprob: Optional[float], top: Optional[list]) -> Event:
         """Append a sampled token; decide whether the sequence has finished, and why."""
+        if s.matcher is not None:  # a JSON answer ends on the stop token its grammar allows once complete
+            s.matcher.consume(token)
         s.tokens.append(token)
         if logprob is not None:
             s.logprobs.append(logprob)
@@ -226,6 +234,35 @@ class Runner:
             end = len(s.text)
         text, s.emitted = s.text[s.emitted : end], max(s.emitted, end)
         return Event(s.id, token, text, logprob, top, s.finished, s.finish_reason)
+
+
+def constrain(seqs: List[SequenceState], logits: torch.Tensor) -> None:
+    """Set to -inf, in place, the logits (len(seqs), vocab) that the grammars of the sequences held
+    to JSON do not allow next; the other rows are not touched."""
+    rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
+    if rows:
+        structured.apply(logits, rows, [seqs[i].matcher for i in rows])
+
+
+def restrict(seqs: List[SequenceState], target: torch.Tensor, proposals: List[List[int]]) -> None:
+    """Hold the model's logits of a verify pass (rows, k + 1, vocab) to what each row may choose, in
+    place: at each position, for a row held to JSON, its grammar's mask after the proposals before
+    it (its matcher walks them up to the first one it refuses, which is then rejected, and is rolled
+    back: the stop rule consumes what is emitted); for a sampling row, top-k and min-p."""
+    for i, s in enumerate(seqs):
+        if s.matcher is not None:
+            walked = 0
+            for j in range(target.shape[1]):
+                blocked = s.matcher.blocked(target.shape[-1])
+                target[i, j].masked_fill_(blocked.to(target.device), float("-inf"))
+                if j == len(proposals[i]) or bool(blocked[proposals[i][j]]):
+                    break
+                s.matcher.consume(proposals[i][j])
+                walked += 1
+            s.matcher.rollback(walked)
+        r = s.request
+        if r.temperature > 0 and (r.top_k or r.min_p):
+            target[i] = filter_logits(target[i], r.temperature, r.top_k, r.min_p)
 
 
 def find_stop(text: str, stops: Sequence[str], emitted: int) -> Optional[int]:

@@ -20,8 +20,10 @@ from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from llama import kv_cache
+from llama import distributed, kv_cache
 from llama.runtime import policy as kernel_policy
+from llama.runtime.compiled import CompiledStep
+from llama.runtime.policy import Policy
 from llama.engine.acceptance import (  # noqa: F401 (re-exported: the speculative API)
     NUCLEUS_TOP,
     accept,
@@ -33,7 +35,7 @@ from llama.engine.acceptance import (  # noqa: F401 (re-exported: the speculativ
     sampling_dist,
     sampling_pass,
 )
-from llama.engine.runner import Runner, StepFn, call_model, prefill_rows, step_positions
+from llama.engine.runner import Runner, StepFn, call_model, prefill_rows, restrict, step_positions
 from llama.engine.types import Event, SequenceState
 from llama.model import Transformer
 from llama.sampling import check_finite
@@ -213,7 +215,9 @@ class Speculator:
         greedy = all(s.request.temperature == 0 for s in seqs)
         sampling = None if greedy else self._sampling(seqs, k)  # (temperature, top_p, uniforms) per row
         fused = None  # every pass of the step in one call
-        if k == self.k and self.compiled is not None:
+        # rows held to a grammar or sampling with top-k / min-p: the logits are restricted between passes
+        restricted = any(s.matcher is not None or s.request.top_k or s.request.min_p for s in seqs)
+        if k == self.k and self.compiled is not None and not restricted:
             fused = self.compiled.greedy if greedy else self._fused_sampling(seqs)
         first, first_pos = self._first_tokens(seqs, runner.device, both=bool(fused))
         rows = runner.rows if runner.static_shapes else None  # compiled passes: all cache rows
@@ -271,6 +275,7 @@ class Speculator:
         verify = torch.cat([last, draft], dim=1)  # (n, k + 1)
         target = self._verify(runner, verify, pos, rows)  # (n, k + 1, vocab)
         check_finite(target.flatten(0, 1))
+        restrict(seqs, target, draft.tolist())
         if sampling is None:
             n, nxt = accept_greedy(target, draft)
         else:
@@ -348,3 +353,23 @@ class Speculator:
                 proposals.append(token)
                 qs.append(q)
         return torch.stack(proposals, dim=1), torch.stack(qs, dim=1) if qs else None
+
+
+def compiled_passes(
+    model: Transformer, speculator: Speculator, compiled: CompiledStep, policy: Optional[Policy]
+) -> CompiledPasses:
+    """The compiled passes of a speculative step (Llama with compile=True): the model's
+    (`compiled`), the draft's, and on one process each whole step in one call (a sharded model's
+    step cannot hold the replicated draft's group switch)."""
+    draft = speculator.draft
+    greedy = sampling = None
+    if distributed.model_parallel_size() == 1:
+        greedy = CompiledStep(
+            model, lambda tokens, start_pos: greedy_pass(model, draft, speculator.k, tokens, start_pos),
+            also=[draft], policy=policy,
+        )
+        sampling = CompiledStep(
+            model, lambda tokens, start_pos, *rows: sampling_pass(model, draft, speculator.k, tokens, start_pos, *rows),
+            also=[draft], policy=policy,
+        )
+    return CompiledPasses(compiled, CompiledStep(draft, policy=speculator.policy), greedy, sampling)

@@ -21,6 +21,10 @@ class Request:
     logprobs: bool = False  # log-prob of each new token
     top_logprobs: int = 0  # and the k most likely alternatives at each step
     prompt_logprobs: bool = False  # log-probs (and top_logprobs alternatives) of the prompt's tokens
+    top_k: int = 0  # sampling: only the k most likely tokens (0: all)
+    min_p: float = 0.0  # sampling: only tokens at least min_p times as likely as the most likely one
+    # the answer held to JSON (llama.structured: {"type": "json_object"} or "json_schema"); None: free text
+    response_format: Optional[dict] = None
 
     @property
     def wants_logprobs(self) -> bool:
@@ -80,6 +84,7 @@ class SequenceState:
         self.row = -1  # KV cache row while running
         self.error: Optional[Exception] = None  # why it ended with finish_reason "error"
         self.pos = 0  # tokens in its KV cache row
+        self.matcher = None  # its llama.structured.Matcher when its request asks for JSON
 
     @property
     def finished(self) -> bool:

@@ -10,7 +10,7 @@ import json
 import re
 from typing import Any, List, Optional
 
-from llama import validation
+from llama import structured, validation
 from llama.chat_format import ROLES
 
 MAX_TOP_LOGPROBS = 20
@@ -20,12 +20,18 @@ MAX_NAME_CHARS = 256  # the model, names, ids and other short strings
 MAX_TOOLS = 128  # OpenAI's limit
 MAX_DEPTH = 64  # nesting of the body, and of a tool call's arguments
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
-TOOL_CHOICES = ("auto", "none")  # "required" and a named function are not enforced yet: refused
+TOOL_CHOICES = ("auto", "none", "required")  # or a named function: {"type": "function", "function": {"name"}}
+# OpenAI fields that change nothing an answer holds (ids, tags, hints to a cache or tier this server does not
+# have): accepted with any value, listed in docs/serving.md
+NO_BEHAVIOUR = frozenset({"user", "metadata", "parallel_tool_calls", "service_tier", "safety_identifier",
+                          "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options"})
+NEUTRAL = {"store": False, "modalities": ["text"]}  # accepted at this value (or null) only
 # the fields each endpoint reads; any other is refused as OpenAI's API refuses it, not dropped
 COMMON_FIELDS = frozenset({"model", "temperature", "top_p", "n", "seed", "stream", "stream_options", "stop",
-                           "presence_penalty", "frequency_penalty", "logit_bias", "user"})
+                           "presence_penalty", "frequency_penalty", "logit_bias", "top_k", "min_p",
+                           "response_format"}) | NO_BEHAVIOUR | set(NEUTRAL)
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
-                               "tool_choice", "response_format"}
+                               "tool_choice"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "max_tokens", "logprobs", "echo", "best_of", "suffix"}
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -195,6 +201,14 @@ def _sampling(body: dict) -> dict:
         field(body, name, (int, float), 0, lambda v: v == 0, "is not supported (only 0)")
     field(body, "logit_bias", (dict,), {}, lambda v: not v, "is not supported (only empty)")
     short_string(body.get("user"), "user", required=False)
+    for name, neutral in NEUTRAL.items():
+        if body.get(name) not in (None, neutral):
+            raise bad(name, f"'{name}' is supported only as {json.dumps(neutral)}, got {show(body[name])}",
+                      code="unsupported_value")
+    top_k = field(body, "top_k", (int,), 0, lambda v: v >= -1, "must be -1 or 0 (off) or a positive integer")
+    out["top_k"] = max(top_k, 0)
+    out["min_p"] = float(field(body, "min_p", (int, float), 0.0, lambda v: 0 <= v <= 1, "must be between 0 and 1"))
+    out["response_format"] = check_response_format(body.get("response_format"))
     options = field(body, "stream_options", (dict,), {})
     out["include_usage"] = field(options, "include_usage", (bool,), False) if options else False
     return out
@@ -216,25 +230,32 @@ def _chat_fields(body: dict, out: dict) -> None:
     choice = body.get("tool_choice", "auto")
     if choice is None:
         choice = "auto"
-    if choice == "required" or _is_named_function(choice):  # accepted by OpenAI; here not enforced yet
-        raise bad("tool_choice", f"'tool_choice' {show(choice)} is not supported: the server cannot yet force "
-                  "a tool call; use 'auto' (the model decides) or 'none'", code="unsupported_value")
-    if choice not in TOOL_CHOICES:
-        raise bad("tool_choice", "'tool_choice' must be 'auto' or 'none'")
-    check_response_format(body.get("response_format"))
+    named = _is_named_function(choice)
+    if not named and choice not in TOOL_CHOICES:
+        raise bad("tool_choice", "'tool_choice' must be 'auto', 'none', 'required' or {\"type\": \"function\", "
+                  "\"function\": {\"name\": ...}}")
+    if named or choice == "required":  # the answer is held to a call of one of the tools (or the named one)
+        if out["response_format"] is not None:
+            raise bad("tool_choice", f"'tool_choice' {show(choice)} and 'response_format' both constrain the answer: "
+                      "pass one of them", code="unsupported_value")
+        try:
+            out["response_format"] = structured.tool_call_format(out["tools"], choice["function"]["name"] if named else None)
+        except ValueError as e:
+            raise bad("tool_choice", f"'tool_choice' {show(choice)} needs the function among 'tools': {e}") from None
+        out["response_format"] = check_response_format(out["response_format"], "tools")
     out["tool_choice"] = choice
 
 
-def check_response_format(value: Any) -> None:
-    """Only plain text is produced: a JSON mode or schema the answer would not follow is a 400."""
-    if value is None or (isinstance(value, dict) and value.get("type") == "text" and set(value) == {"type"}):
-        return
-    kind = value.get("type") if isinstance(value, dict) else None
-    if kind in ("json_object", "json_schema"):
-        raise bad("response_format", f"'response_format' {show(kind)} is not supported yet: answers are not "
-                  "constrained to JSON; leave response_format out or pass {\"type\": \"text\"}",
-                  code="unsupported_value")
-    raise bad("response_format", "'response_format' must be {\"type\": \"text\"}")
+def check_response_format(value: Any, where: str = "response_format") -> Optional[dict]:
+    """The answer's constraint (None: plain text): {"type": "text" | "json_object" | "json_schema"}, its schema
+    compiled (llama.structured); what cannot be followed is a 400 naming the part."""
+    try:
+        structured.check_response_format(value)
+    except ValueError as e:
+        raise bad(where, f"'{where}' cannot be followed: {e}") from None
+    except ImportError as e:
+        raise bad(where, f"this server cannot constrain answers to JSON ({e})", code="unsupported_value") from None
+    return None if value is None or value.get("type") == "text" else value
 
 
 def _is_named_function(choice: Any) -> bool:

@@ -63,6 +63,7 @@ class Shaper:
                     p, f["max_tokens"], f["temperature"], f["top_p"], stop=tuple(f["stop"]),
                     seed=None if seed is None else seed + len(reqs), logprobs=f["logprobs"],
                     top_logprobs=f["top_logprobs"], prompt_logprobs=prompt_logprobs,
+                    top_k=f["top_k"], min_p=f["min_p"], response_format=f["response_format"],
                 ))
         return reqs
 
