@@ -1,3 +1,4 @@
+import hashlib
 import sys
 from pathlib import Path
 
@@ -6,6 +7,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import helpers  # noqa: E402
+
+from llama.runtime import stored  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,3 +35,19 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 def tiny_ckpt_2shards(tmp_path_factory) -> Path:
     """The same weights as tiny_ckpt, split into two shards."""
     return helpers.make_checkpoint(tmp_path_factory.mktemp("tiny2"), n_shards=2)
+
+
+@pytest.fixture(scope="session")
+def _measurement_caches(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("xdg-cache")
+
+
+@pytest.fixture(autouse=True)
+def _own_measurement_cache(monkeypatch, request, _measurement_caches):
+    """Every test (and the processes it starts) keeps what it measures (llama.runtime.stored) in a
+    cache directory of its own: never the user's, never one holding another test's faked timings.
+    (Created only when something is written there.)"""
+    name = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:16]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(_measurement_caches / name))
+    monkeypatch.delenv(stored.REMEASURE_ENV, raising=False)
+    monkeypatch.setattr(stored, "_remeasure", [False])

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 
 from llama import distributed
-from llama.runtime import cpu, quant_kernels
+from llama.runtime import cpu, quant_kernels, stored
 from llama.runtime.policy import SMALL_ROWS, dtype_name
 
 logger = logging.getLogger(__name__)
@@ -153,7 +153,13 @@ def quantized_kernel(mode: str, step: str, compute_dtype: Optional[torch.dtype] 
 @functools.lru_cache(maxsize=None)
 def _measured_quantized_policy(threads: int) -> QuantizedPolicy:
     start = time.perf_counter()
-    policy = choose_quantized(measure_quantized(), reason=cpu.measured_here(threads)) if distributed.is_rank0() else None
+    policy = None
+    if distributed.is_rank0():  # kept from an earlier process on this machine (stored), as the dtype policy
+        timings, kept = stored.kept_or_measured(
+            "quantized-kernels", {"threads": threads, "paths": list(QUANT_PATHS)}, measure_quantized,
+            stored.encode_timings, lambda rows: stored.checked_timings(rows, choose_quantized),
+        )
+        policy = choose_quantized(timings, reason=cpu.measured_here(threads) + stored.kept_note(kept))
     return cpu.rank0s(policy, "Quantized kernels", start, lambda p: format_quantized_timings(p.timings), logger)
 
 
