@@ -41,7 +41,8 @@ def check_device(mode: str, device: torch.device) -> None:
         raise ValueError(f"quantize='int8' has no kernel on {device}: use a CPU or CUDA device")
     elif mode == "w8a8" and (device.type != "cpu" or not w8a8.w8a8_available()):
         raise ValueError(
-            f"quantize='w8a8' runs on x86 CPUs (PyTorch's fbgemm), not on {device} here: use quantize='int8'"
+            f"quantize='w8a8' cannot run here: {w8a8.why_unavailable(device)}; use quantize='int8' (the same "
+            "int8 weights, activations not rounded)"
         )
 
 
