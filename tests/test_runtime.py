@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.runtime import compute, probes, quant_choice, quant_kernels
+from llama.runtime import compute, native, probes, quant_choice, quant_kernels
 from llama.runtime import cpu as cpu_info
 from llama.runtime import policy as kernel_policy
 from llama.weights import quant_formats, quant_modules
@@ -329,7 +329,8 @@ def test_the_quantized_kernels_are_measured_once_and_the_fastest_is_taken(fresh_
     def fake_best_time(fn, repeats, give_up=float("inf")):
         # the probe: one of quant_kernels' products, its first argument x in the compute dtype
         dequant = fn.func in (quant_kernels.int8_dequant_mm, quant_kernels.int4_dequant_mm)
-        kernel = ("dequant" if dequant else "pack", fn.args[0].dtype)
+        own = fn.func in (native.int8_mm, native.int4_mm)
+        kernel = ("dequant" if dequant else "native" if own else "pack", fn.args[0].dtype)
         calls.append(kernel)
         return 1e-3 if kernel == ("dequant", F32) else 2e-3
 
@@ -341,7 +342,9 @@ def test_the_quantized_kernels_are_measured_once_and_the_fastest_is_taken(fresh_
             assert lin.kernels == {"decode": ("dequant", F32), "small": ("dequant", F32), "prefill": ("dequant", F32)}
             forced = quant_modules.QuantizedLinear(mode, *stored, 32, BF16, compute_dtype=BF16)
             assert {dt for _, dt in forced.kernels.values()} == {BF16}
-    assert len(calls) == len(quant_choice.QUANT_MODES) * len(quant_choice.QUANT_STEPS) * len(quant_choice.QUANT_PATHS) * len(quant_choice.QUANT_COMPUTES)
+    # pack and dequant in each compute dtype, and the native kernels (float32 activations) where they build
+    per_step = 2 * len(quant_choice.QUANT_COMPUTES) + (native.kernels() is not None)
+    assert len(calls) == len(quant_choice.QUANT_MODES) * len(quant_choice.QUANT_STEPS) * per_step
     lines = [r.getMessage() for r in caplog.records if "Quantized kernels" in r.getMessage() and r.levelno == logging.INFO]
     assert len(lines) == 1 and "int8 decode dequant in float32" in lines[0] and "ms)" not in lines[0]
     timings = [r.getMessage() for r in caplog.records if "Quantized kernels" in r.getMessage() and r.levelno == logging.DEBUG]
@@ -353,7 +356,8 @@ def test_measure_quantized_times_every_candidate_on_this_cpu():
     t = quant_choice.measure_quantized(repeats=1)
     assert time.perf_counter() - start < 10  # about half a second on the 2 shared cores
     want = {(m, s, p, str(dt).removeprefix("torch."))
-            for m in quant_choice.QUANT_MODES for s in quant_choice.QUANT_STEPS for p in quant_choice.QUANT_PATHS for dt in quant_choice.QUANT_COMPUTES}
+            for m in quant_choice.QUANT_MODES for s in quant_choice.QUANT_STEPS for p in quant_choice.QUANT_PATHS for dt in quant_choice.QUANT_COMPUTES
+            if p != "native" or dt == F32 and native.kernels() is not None}
     assert set(t) == want and all(s > 0 for s in t.values())
     assert quant_choice.choose_quantized(t).kernel("int8", "decode")[0] in quant_choice.QUANT_PATHS
 

@@ -59,11 +59,14 @@ def machine() -> dict:
     return {"torch": torch.__version__, "cpu": model, "flags": hashlib.sha256(flags.encode()).hexdigest()[:16]}
 
 
+def digest(key: dict) -> str:
+    """A short hash of a JSON-able `key`, for a file name."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def path_for(what: str, key: dict) -> Path:
     """The file that keeps the measurement `what` for `key` on this machine."""
-    full = {"what": what, **machine(), **key}
-    digest = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:20]
-    return cache_root() / "policy" / f"{what}-{digest}" / FILE
+    return cache_root() / "policy" / f"{what}-{digest({'what': what, **machine(), **key})}" / FILE
 
 
 def kept_or_measured(
