@@ -271,7 +271,10 @@ def test_bench_kernels_reports_every_case(tmp_path):
     for rows in (1, 4):
         for case in ("bfloat16, oneDNN", "bfloat16, own", "float32, own", "float32 over upcast bfloat16, oneDNN"):
             assert (rows, case) in cases
-    assert all(r["ms"] > 0 and r["weight_gb_s"] > 0 and r["gflop_s"] > 0 for r in report["results"])
+    if native.kernels() is not None:  # this package's own, at each instruction set the CPU has
+        for case in ("bfloat16", "int8", "int4"):
+            assert {(1, f"{case}, native {isa}") for isa in native.available_isas()} <= cases
+    assert all(r["ms"] > 0 and r["weight_gb_s"] > 0 and r["gflop_s"] > 0 and r["share_of_read"] > 0 for r in report["results"])
     assert report["read_gb_s"] > 0 and report["policy"].startswith("weights in ")
     bad = subprocess.run([sys.executable, "scripts/bench_kernels.py", "--rows", "0"], cwd=helpers.REPO,
                          env=helpers.child_env(), capture_output=True, text=True, timeout=60)
