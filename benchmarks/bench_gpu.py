@@ -36,6 +36,14 @@ def card_peak_tb_s(name: str) -> Optional[float]:
     return next((tb for key, tb in PEAK_TB_S if key.lower() in name.lower()), None)
 
 
+def reset_peak_rss() -> None:
+    """Start this process's peak resident memory (VmHWM) afresh (Linux), so each precision's is its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def decode_one(ckpt: Path, tokenizer: Path, precision: str, device: torch.device, compile: bool,
                prompt_len: int, new_tokens: int, params: dict) -> dict:
     """Build `precision` from the checkpoint and time a greedy batch-1 decode of `new_tokens`."""
@@ -44,6 +52,8 @@ def decode_one(ckpt: Path, tokenizer: Path, precision: str, device: torch.device
     quantize = None if precision == "bfloat16" else precision
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
     start = time.perf_counter()
     llama = Llama.build(str(ckpt), str(tokenizer), max_seq_len=prompt_len + new_tokens, max_batch_size=1,
                         device=str(device), dtype="bfloat16", quantize=quantize, compile=compile)
