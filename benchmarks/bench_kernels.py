@@ -100,9 +100,9 @@ def main(
     Args:
         rows: token rows of the activations, comma-separated (1 is one-row decode).
         shape: the weight, out_features,in_features (default: the Llama 3.2 1B's feed-forward w1).
-        repeats: timed calls per case (the fastest is kept), after one warm-up.
+        repeats: timed rounds per case after one warm-up (their median from memory, else the fastest).
         threads: CPU threads (default: torch's default).
-        quantized: also time PyTorch's int8 and int4 weight-only kernels.
+        quantized: also time the int8 and int4 weight-only kernels (PyTorch's and this package's).
         bandwidth_mb: size of the buffer the read bandwidth is measured on.
         from_memory: cycle each case through copies of its weight twice the last-level cache, so
             that every call reads it from memory, as decode of a model larger than the cache does
