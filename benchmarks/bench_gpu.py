@@ -110,6 +110,8 @@ def main(
     if n_layers:
         params["n_layers"] = int(n_layers)
     peak = peak_tb_s or (card_peak_tb_s(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else None)
+    header = {"shape": shape, "params": params, "device": str(dev), "compile": compile, "peak_tb_s": peak,
+              "prompt_len": prompt_len, "new_tokens": new_tokens}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "meta"
@@ -123,16 +125,16 @@ def main(
                          "GB/s": gb_s, "share of peak bandwidth": gb_s / (1000 * peak) if gb_s and peak else None,
                          "peak memory GB": r["peak_memory_gb"], "load s": r["load_s"]})
             print_table(rows[-1:])
+            # kept after each precision: a run cut short by its time limit still leaves what it measured
+            write_json(out, envelope("gpu", {**header, "complete": False}, table=rows))
     base = next((r["tokens/s"] for r in rows if r["precision"] == "bfloat16"), None)
     for r in rows:
         r["x bfloat16"] = r["tokens/s"] / base if base and r["tokens/s"] else None
     print_table(rows)
-    header = {"shape": shape, "params": params, "device": str(dev), "compile": compile, "peak_tb_s": peak,
-              "prompt_len": prompt_len, "new_tokens": new_tokens}
     headline = [{"metric": f"{shape} batch-1 decode, {r['precision']}, tokens/s (share of peak bandwidth)",
                  "value": f"{r['tokens/s']:.1f}" + (f" ({r['share of peak bandwidth']:.0%})" if r["share of peak bandwidth"] else "")}
                 for r in rows if r["tokens/s"]]
-    write_json(out, envelope("gpu", header, table=rows, headline=headline if dev.type == "cuda" else []))
+    write_json(out, envelope("gpu", {**header, "complete": True}, table=rows, headline=headline if dev.type == "cuda" else []))
 
 
 if __name__ == "__main__":

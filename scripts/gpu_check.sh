@@ -12,7 +12,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device here: run this on a GPU machine')"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 echo "== CUDA tests"
-timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py tests/test_quantize.py tests/test_checkpoint.py
+tests=0  # a failing test does not stop the benchmark: both results are wanted from one visit
+timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py tests/test_quantize.py tests/test_checkpoint.py || tests=$?
 echo "== ${GPU_CHECK_SHAPE:-llama3-8b} batch-1 decode, compile=True"
-timeout 330 python benchmarks/bench_gpu.py --shape "${GPU_CHECK_SHAPE:-llama3-8b}" --out docs/benchmarks/gpu.json
-python benchmarks/render.py
+status=0
+timeout 330 python benchmarks/bench_gpu.py --shape "${GPU_CHECK_SHAPE:-llama3-8b}" --out docs/benchmarks/gpu.json || status=$?
+# a run cut short keeps the precisions it finished (marked "complete": false) and still renders them
+[ -f docs/benchmarks/gpu.json ] && python benchmarks/render.py
+echo "== CUDA tests exit $tests, benchmark exit $status"
+exit $(( tests != 0 ? tests : status ))

@@ -16,6 +16,7 @@ def test_the_gpu_benchmark_runs_on_cpu_and_renders(tmp_path):
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())
+    assert data["complete"] is True
     assert [row["precision"] for row in data["table"]] == ["bfloat16", "int8", "int4"]
     for row in data["table"]:
         assert row["tokens/s"] > 0 and row["GB read per token"] > 0 and row["peak memory GB"] > 0
