@@ -308,9 +308,15 @@ def test_quantized_kernels_follow_the_timings():
     p = quant_choice.choose_quantized(t)
     assert p.kernel("int8", "decode") == ("pack", BF16) and p.kernel("int8", "prefill") == ("dequant", F32)
     assert p.kernel("int4", "decode") == ("pack", F32) and p.kernel("int4", "prefill") == ("pack", BF16)
-    assert p.kernel("int8", "small") == ("pack", BF16) and p.kernel("int4", "small") == ("dequant", BF16)
-    # a forced dtype: the fastest path in it
+    # int4 keeps one form of its weights, its decode's: the small batch takes the fastest packed path
+    assert p.kernel("int8", "small") == ("pack", BF16) and p.kernel("int4", "small") == ("pack", BF16)
+    # a forced dtype: the fastest path in it (for int4, of its decode's form)
     assert p.kernel("int8", "prefill", BF16)[1] == BF16 and p.kernel("int8", "decode", F32)[1] == F32
+    assert p.kernel("int8", "prefill", F32) == ("dequant", F32)
+    assert p.kernel("int4", "prefill", F32) == ("pack", F32)
+    t[("int4", "decode", "dequant", "float32")] = 0.5e-3  # the stored form decodes fastest: every step reads it
+    p = quant_choice.choose_quantized(t)
+    assert {p.kernel("int4", s)[0] for s in quant_choice.QUANT_STEPS} == {"dequant"}
     assert p.kernel("int4", "prefill", F32) == ("dequant", F32)
     assert p.kernel("int8", "decode", torch.float16) == ("dequant", torch.float16)  # no packed kernel timed in it
     with pytest.raises(ValueError, match="quantize='fp8' has no CPU kernel: use one of int8, int4"):

@@ -58,6 +58,8 @@ def _kernels() -> Optional[ModuleType]:
 
     path = build_dir()
     path.mkdir(parents=True, exist_ok=True)
+    if not any(path.glob("*.so")):  # the first use on this machine and PyTorch: say why it takes a while
+        logger.info("CPU kernels: building %s into %s (once per machine and PyTorch version)", SOURCE.name, path)
     start = time.perf_counter()
     try:
         module = cpp_extension.load(

@@ -77,22 +77,23 @@ def choose_quantized(timings: dict, reason: str = "measured") -> QuantizedPolicy
     """The quantized kernels the timings call for: `timings` maps (mode, step, path, compute name)
     -> seconds for each mode in QUANT_MODES, step in QUANT_STEPS, path in QUANT_PATHS and compute
     in QUANT_COMPUTES (a missing one is no candidate). Each (mode, step) takes the fastest of all; each
-    forced dtype the fastest in it. An int4 weight is held in one form: where the native kernels win
-    its decode, its other steps choose among the paths that read the stored form (STORED_FORM)."""
+    forced dtype the fastest in it. An int4 weight is held in one form only (two would undo what int4
+    saves): its decode step, which reads the weights at every token, takes the fastest path, and the
+    other steps the fastest of the paths that read the same form (STORED_FORM, or PyTorch's packed one)."""
     chosen = {}
     for mode in QUANT_MODES:
-        for step in QUANT_STEPS:
-            cells = [
-                (timings[(mode, step, p, dtype_name(dt))], p, dt)
-                for p in QUANT_PATHS
-                for dt in QUANT_COMPUTES
-                if (mode, step, p, dtype_name(dt)) in timings
-            ]
-            if mode == "int4" and step != "decode" and chosen[(mode, "decode", None)][0] == "native":
-                cells = [c for c in cells if c[1] in STORED_FORM]
-            chosen[(mode, step, None)] = min(cells, key=lambda c: c[0])[1:]
-            for forced in QUANT_COMPUTES:
-                chosen[(mode, step, forced)] = min((c for c in cells if c[2] == forced), key=lambda c: c[0])[1:]
+        for choice in (None, *QUANT_COMPUTES):
+            for step in QUANT_STEPS:
+                cells = [
+                    (timings[(mode, step, p, dtype_name(dt))], p, dt)
+                    for p in QUANT_PATHS
+                    for dt in QUANT_COMPUTES
+                    if (mode, step, p, dtype_name(dt)) in timings and choice in (None, dt)
+                ]
+                if mode == "int4" and step != "decode":
+                    stored = chosen[(mode, "decode", choice)][0] in STORED_FORM
+                    cells = [c for c in cells if (c[1] in STORED_FORM) == stored] or cells
+                chosen[(mode, step, choice)] = min(cells, key=lambda c: c[0])[1:]
     return QuantizedPolicy(chosen, reason=reason, timings=dict(timings))
 
 
