@@ -10,11 +10,16 @@ For each number of rows (1: one-row decode, a few: a small batch, many: prefill)
 `F.linear(x, w)` in bfloat16 and in float32, and in float32 over a bfloat16 weight upcast block by
 block for each product (`compute.upcast_linear`: how the policy prefills in float32 without a
 second copy of any weight), each through oneDNN and through
-PyTorch's own kernels; where the PyTorch build has them, also its int8 and int4 weight-only kernels
-(`torch._weight_int8pack_mm`, `torch._weight_int4pack_mm_for_cpu`) with bfloat16 and float32
-activations. Reported: milliseconds (fastest of --repeats), the weight's bytes read per second, and
-GFLOP/s, beside this machine's read bandwidth measured in the same run; then what the policy picks.
+PyTorch's own kernels; PyTorch's int8 and int4 weight-only kernels (`torch._weight_int8pack_mm`,
+`torch._weight_int4pack_mm_for_cpu`) with bfloat16 and float32 activations; and this package's own
+bfloat16, int8 and int4 products (llama.runtime.native) at each instruction set the CPU has, where
+they build. Each case cycles through copies of its weight twice the last-level cache, so every call
+reads its weight from memory as decode does (--nofrom_memory: one weight, again and again).
+Reported: milliseconds (median of --repeats rounds), the weight's bytes read per second and their
+share of this machine's read bandwidth measured in the same run, GFLOP/s; then what the policy picks.
 """
+import itertools
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -22,36 +27,62 @@ import torch.nn.functional as F
 
 from common import GB, envelope, read_bandwidth, write_json
 from llama import cli
-from llama.runtime import compute, cpu, probes
+from llama.runtime import compute, cpu, native, probes, quant_kernels
+from llama.weights import quant_formats
 from llama.runtime import policy as kernel_policy
 
-def quantized_cases(w: torch.Tensor, x32: torch.Tensor) -> dict:
-    """PyTorch's weight-only int8 (per-channel scales) and int4 (groups of 32) products of `w`,
-    with bfloat16 and float32 activations, where this build has the kernels: name -> (fn, weight bytes)."""
+MAX_COPIES = 64  # a weight of less than a 32nd of the cache is not what decode reads anyway
+
+
+def quantized_cases(w: torch.Tensor, x32: torch.Tensor, copies: int) -> dict:
+    """Weight-only int8 (per-channel scales) and int4 (groups of 32) products of `w` in the stored
+    forms of llama.weights.quant_formats: PyTorch's kernels with bfloat16 and float32 activations,
+    and this package's own (llama.runtime.native, float32 activations) at each instruction set the
+    CPU has, where they build. name -> (calls, each over its own copy of the weight; weight bytes)."""
     cases = {}
     n, k = w.shape
-    if hasattr(torch, "_weight_int8pack_mm"):
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
-        q8 = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
-        for name, dt in (("int8, bfloat16 act.", torch.bfloat16), ("int8, float32 act.", torch.float32)):
-            x, s = x32.to(dt), scale.to(dt)
-            cases[name] = ((lambda x=x, s=s: torch._weight_int8pack_mm(x, q8, s)), q8.nbytes + scale.nbytes)
-    if hasattr(torch, "_weight_int4pack_mm_for_cpu") and k % 32 == 0:
-        group = 32
-        g = w.float().reshape(n, k // group, group)
-        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-        scale = ((hi - lo) / 15).clamp(min=1e-8)
-        q4 = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(n, k)
-        try:
-            packed = torch._convert_weight_to_int4pack_for_cpu(q4, 1)
-        except (RuntimeError, AttributeError):
-            return cases
-        zero = lo + 8 * scale  # the kernel takes (q - 8) * scale + zero
-        for name, dt in (("int4, bfloat16 act.", torch.bfloat16), ("int4, float32 act.", torch.float32)):
-            x = x32.to(dt)
-            sz = torch.stack([scale.t(), zero.t()], dim=-1).to(dt).contiguous()  # (k / group, n, 2)
-            cases[name] = ((lambda x=x, sz=sz: torch._weight_int4pack_mm_for_cpu(x, packed, group, sz)), n * k // 2 + sz.nbytes)
+    q8, s8 = quant_formats.quantize_int8(w)
+    q8s = [q8.clone() for _ in range(copies)]
+    for name, dt in (("int8, PyTorch, bfloat16 act.", torch.bfloat16), ("int8, PyTorch, float32 act.", torch.float32)):
+        x, s = x32.to(dt), s8.to(dt)
+        cases[name] = ([lambda q=q, x=x, s=s: quant_kernels.int8_pack_mm(x, q, s) for q in q8s], q8.nbytes + s.nbytes)
+    q4, s4, z4 = quant_formats.quantize_int4(w, 32)
+    q4s = [q4.clone() for _ in range(copies)]
+    packed = [quant_kernels.int4_kernel_layout(q) for q in q4s]
+    int4_bytes = q4.nbytes + s4.nbytes + z4.nbytes
+    for name, dt in (("int4, PyTorch, bfloat16 act.", torch.bfloat16), ("int4, PyTorch, float32 act.", torch.float32)):
+        x, sz = x32.to(dt), quant_kernels.scales_and_zeros(s4, z4, dt)
+        cases[name] = ([lambda p=p, x=x, sz=sz: quant_kernels.int4_pack_mm(x, p, 32, sz) for p in packed], int4_bytes)
+    if native.kernels() is not None:
+        s32 = s8.float()
+        for isa in reversed(native.available_isas()):
+            cases[f"int8, native {isa}"] = ([lambda q=q, isa=isa: native.int8_mm(x32, q, s32, isa) for q in q8s],
+                                            q8.nbytes + s32.nbytes)
+            cases[f"int4, native {isa}"] = ([lambda q=q, isa=isa: native.int4_mm(x32, q, s4, z4, 32, isa) for q in q4s],
+                                            int4_bytes)
     return cases
+
+
+def cpu_flags() -> str:
+    """The CPU's vector-extension flags (Linux /proc/cpuinfo), the ones the kernels can use."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return ""
+    return " ".join(f for f in flags if f.startswith(("avx", "fma", "f16c", "amx")))
+
+
+def copies_for(n_bytes: int, from_memory: bool) -> int:
+    """How many copies of a weight of `n_bytes` to cycle through: enough to miss the last-level cache
+    at every call (from memory, as decode reads a model larger than the cache), else one."""
+    return min(MAX_COPIES, max(2, -(-2 * cpu.last_level_cache_bytes() // n_bytes))) if from_memory else 1
+
+
+def timed_cycle(fns: list, repeats: int, from_memory: bool) -> float:
+    """Seconds of one call, the calls cycling through `fns` (each over its own weight): the median
+    of `repeats` rounds from memory (a call that finds its bytes cached is an outlier), else the fastest."""
+    calls = itertools.cycle(fns)
+    return cpu.best_time(lambda: next(calls)(), repeats * len(fns), median=from_memory)
 
 
 def main(
@@ -61,6 +92,7 @@ def main(
     threads: Optional[int] = None,
     quantized: bool = True,
     bandwidth_mb: int = 1024,
+    from_memory: bool = True,
     out: Optional[str] = None,
 ) -> dict:
     """Time one linear layer's product per dtype and kernel on this machine's CPU.
@@ -68,10 +100,13 @@ def main(
     Args:
         rows: token rows of the activations, comma-separated (1 is one-row decode).
         shape: the weight, out_features,in_features (default: the Llama 3.2 1B's feed-forward w1).
-        repeats: timed calls per case (the fastest is kept), after one warm-up.
+        repeats: timed rounds per case after one warm-up (their median from memory, else the fastest).
         threads: CPU threads (default: torch's default).
-        quantized: also time PyTorch's int8 and int4 weight-only kernels.
+        quantized: also time the int8 and int4 weight-only kernels (PyTorch's and this package's).
         bandwidth_mb: size of the buffer the read bandwidth is measured on.
+        from_memory: cycle each case through copies of its weight twice the last-level cache, so
+            that every call reads it from memory, as decode of a model larger than the cache does
+            (--nofrom_memory: one weight, read again and again, from the cache where it fits).
         out: write every measurement as JSON here.
     """
     if threads:
@@ -83,11 +118,14 @@ def main(
     torch.manual_seed(0)
     w32 = torch.randn(n, k) / k**0.5
     w16 = w32.bfloat16()
+    w32s = [w32] + [w32.clone() for _ in range(copies_for(w32.nbytes, from_memory) - 1)]
+    w16s = [w16] + [w16.clone() for _ in range(copies_for(w16.nbytes, from_memory) - 1)]
     bw = read_bandwidth(torch.device("cpu"), int(bandwidth_mb) * 2**20)
     scratch = torch.empty(compute.UPCAST_CHUNK)
     print(f"CPU {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"weight {n}x{k}; read bandwidth {bw:.1f} GB/s", flush=True)
-    print(f"{'rows':>4} | {'case':<28} | {'ms':>8} | {'weight GB/s':>11} | {'GFLOP/s':>8}")
+    print(f"{'rows':>4} | {'case':<28} | {'ms':>8} | {'weight GB/s':>11} | {'GFLOP/s':>8}  (weights read from "
+          f"{'memory' if from_memory else 'the cache where they fit'})")
     results = []
     was = torch.backends.mkldnn.enabled
     try:
@@ -95,22 +133,26 @@ def main(
             x32 = torch.randn(m, k)
             x16 = x32.bfloat16()
             cases = {
-                "bfloat16": ((lambda: F.linear(x16, w16)), w16.nbytes),
-                "float32": ((lambda: F.linear(x32, w32)), w32.nbytes),
-                "float32 over upcast bfloat16": ((lambda: compute.upcast_linear(x32, w16, scratch)), w16.nbytes),
+                "bfloat16": ([lambda w=w: F.linear(x16, w) for w in w16s], w16.nbytes),
+                "float32": ([lambda w=w: F.linear(x32, w) for w in w32s], w32.nbytes),
+                "float32 over upcast bfloat16": ([lambda w=w: compute.upcast_linear(x32, w, scratch) for w in w16s], w16.nbytes),
             }
             timed = []
-            for name, (fn, n_bytes) in cases.items():
+            for name, (fns, n_bytes) in cases.items():
                 for onednn in (True, False):
                     torch.backends.mkldnn.enabled = onednn
-                    timed.append((f"{name}, {'oneDNN' if onednn else 'own'}", cpu.best_time(fn, repeats), n_bytes))
+                    timed.append((f"{name}, {'oneDNN' if onednn else 'own'}", timed_cycle(fns, repeats, from_memory), n_bytes))
             torch.backends.mkldnn.enabled = was
+            if native.kernels() is not None:
+                for isa in reversed(native.available_isas()):
+                    fns = [lambda w=w, isa=isa: native.bf16_mm(x32, w, isa) for w in w16s]
+                    timed.append((f"bfloat16, native {isa}", timed_cycle(fns, repeats, from_memory), w16.nbytes))
             if quantized:
-                for name, (fn, n_bytes) in quantized_cases(w32, x32).items():
-                    timed.append((name, cpu.best_time(fn, repeats), n_bytes))
+                for name, (fns, n_bytes) in quantized_cases(w32, x32, copies_for(n * k // 2, from_memory)).items():
+                    timed.append((name, timed_cycle(fns, repeats, from_memory), n_bytes))
             for name, seconds, n_bytes in timed:
                 entry = {"rows": m, "case": name, "ms": seconds * 1e3, "weight_gb_s": n_bytes / seconds / GB,
-                         "gflop_s": 2 * m * n * k / seconds / GB}
+                         "share_of_read": n_bytes / seconds / GB / bw, "gflop_s": 2 * m * n * k / seconds / GB}
                 results.append(entry)
                 print(f"{m:>4} | {name:<28} | {entry['ms']:>8.3f} | {entry['weight_gb_s']:>11.1f} | {entry['gflop_s']:>8.1f}",
                       flush=True)
@@ -118,10 +160,11 @@ def main(
         torch.backends.mkldnn.enabled = was
     policy = kernel_policy.choose(probes.measure(), reason="measured now")
     print(f"policy: {policy.describe()}")
-    summary = {"cpu": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+    summary = {"cpu": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(), "from_memory": from_memory,
+               "cpu_flags": cpu_flags(), "native_isa": native.best_isa() if native.kernels() is not None else None,
                "shape": [n, k], "read_gb_s": bw, "results": results, "policy": policy.describe()}
     rows = [{"metric": f"{r['rows']} rows, {r['case']}", "ms": r["ms"], "weight GB/s": r["weight_gb_s"],
-             "GFLOP/s": r["gflop_s"]} for r in results]
+             "share of read bandwidth": r["share_of_read"], "GFLOP/s": r["gflop_s"]} for r in results]
     if out:
         write_json(out, envelope("kernels", summary, rows))
         print(f"wrote {out}")

@@ -52,6 +52,20 @@ class Skip(Exception):
     """An implementation that cannot run here (not built, not on this branch): a note, not a failure."""
 
 
+def weight_bytes(model: torch.nn.Module) -> int:
+    """The bytes of weights a decode step of `model` reads: its parameters and buffers as held
+    (quantized weights and scales are buffers), each tensor once, but the KV cache and the
+    embedding table (one row is looked up)."""
+    from llama.kv_cache import KVCache
+
+    held = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, KVCache) and not name.startswith("tok_embeddings"):
+            for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                held[t.data_ptr()] = t.nbytes
+    return sum(held.values()) + sum(getattr(m, "packed_bytes", 0) for m in model.modules())  # w8a8's prepacked
+
+
 class Ours:
     """Llama.build from the Meta checkpoint; greedy through its public generate/stream."""
 
@@ -75,16 +89,10 @@ class Ours:
 
         model = self.llama.model
         policy = self.llama.policy
-        held = {}  # parameters and buffers (quantized weights and scales are buffers), each tensor once
-        for name, module in model.named_modules():
-            if not isinstance(module, KVCache) and not name.startswith("tok_embeddings"):
-                for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-                    held[t.data_ptr()] = t.nbytes
-        packed = sum(getattr(m, "packed_bytes", 0) for m in model.modules())  # w8a8's prepacked int8 weights
         wk = model.layers[0].attention.wk
         return {
             "weights_dtype": "int8" if hasattr(wk, "packed") else kernel_policy.dtype_name(wk.weight.dtype),
-            "weight_bytes": sum(held.values()) + packed,
+            "weight_bytes": weight_bytes(model),
             "kv_itemsize": model.layers[0].attention.kv_cache.k.dtype.itemsize,
             **({"policy": policy.describe()} if policy is not None else {}),
         }

@@ -182,6 +182,7 @@ def chat(
     seed: Optional[int] = None,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    remeasure: bool = False,
     verify: bool = False,
     quantize: Optional[str] = None,
     group_size: int = 32,
@@ -208,6 +209,8 @@ def chat(
             before it; default: the random stream seeded at start-up (the same on every rank).
         device: cuda or cpu (default: cuda when available).
         dtype: bfloat16, float16 or float32 (default: the device's best).
+        remeasure: time this machine's kernels again instead of reading the choice an earlier run kept
+            (also LLAMA_REMEASURE=1).
         verify: check the checkpoint's files against its checklist.chk (md5) before loading.
         quantize: int8, int4 (or fp8 on CUDA sm89+) weight-only quantization on load, or w8a8 (int8
             weights and activations, x86 CPUs); none by default;
@@ -225,6 +228,7 @@ def chat(
         max_batch_size=1,
         device=device,
         dtype=dtype,
+        remeasure=remeasure,
         verify=verify,
         quantize=quantize,
         group_size=group_size,

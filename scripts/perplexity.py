@@ -32,6 +32,7 @@ def main(
     batch_size: int = 4,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    remeasure: bool = False,
     quantize: Optional[str] = None,
     output_path: Optional[str] = None,
 ):
@@ -45,6 +46,8 @@ def main(
             its last tokens that no earlier window scored.
         batch_size: windows per forward pass.
         device, dtype: where and in what precision to run the model (logits are float32 in any case).
+        remeasure: time this machine's kernels again instead of reading the choice an earlier run kept
+            (also LLAMA_REMEASURE=1).
         quantize: int8 | int4 | fp8 weights, passed to Llama.build only when given.
         output_path: also write the numbers to this JSON file (rank 0).
     """
@@ -59,7 +62,7 @@ def main(
         texts.append(Path(f).read_text(encoding="utf-8"))
     build = {"quantize": quantize} if quantize is not None else {}
     llama = build_generator(
-        ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=batch_size, device=device, dtype=dtype, **build
+        ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=batch_size, device=device, dtype=dtype, remeasure=remeasure, **build
     )
     rank0 = distributed.is_rank0()
     report, all_nll, all_tokens = {"files": {}}, 0.0, 0

@@ -171,8 +171,19 @@ def test_w8a8_runs_int8_weights_with_int8_activations_in_the_blocks(fp_ckpt, q_c
 
 def test_w8a8_without_its_kernel_is_a_one_line_error(fp_ckpt, monkeypatch):
     monkeypatch.setattr(w8a8_kernels, "w8a8_available", lambda: False)
-    with pytest.raises(ValueError, match="quantize='w8a8' runs on x86 CPUs .* use quantize='int8'"):
+    with pytest.raises(ValueError, match="quantize='w8a8' cannot run here: .*; use quantize='int8'"):
         build(fp_ckpt, "w8a8")
+
+
+def test_w8a8_on_a_cpu_where_fbgemm_saturates_names_the_reason_and_int8(fp_ckpt, monkeypatch):
+    """An x86 CPU whose fbgemm product the start-up check found inexact (AVX2 without VNNI)."""
+    monkeypatch.setattr(w8a8_kernels, "w8a8_levels", lambda: 0)
+    with pytest.raises(ValueError) as refused:
+        build(fp_ckpt, "w8a8")
+    message = str(refused.value)
+    assert "\n" not in message and "not exact on this CPU" in message and "127 and at 63" in message
+    assert message.endswith("use quantize='int8' (the same int8 weights, activations not rounded)")
+    assert "not on cuda" in w8a8_kernels.why_unavailable(torch.device("cuda"))
 
 
 def test_quantize_none_is_the_unquantized_model_and_output_can_stay_full_precision(fp_ckpt):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.runtime import compute, probes, quant_choice, quant_kernels
+from llama.runtime import compute, native, probes, quant_choice, quant_kernels
 from llama.runtime import cpu as cpu_info
 from llama.runtime import policy as kernel_policy
 from llama.weights import quant_formats, quant_modules
@@ -271,7 +271,10 @@ def test_bench_kernels_reports_every_case(tmp_path):
     for rows in (1, 4):
         for case in ("bfloat16, oneDNN", "bfloat16, own", "float32, own", "float32 over upcast bfloat16, oneDNN"):
             assert (rows, case) in cases
-    assert all(r["ms"] > 0 and r["weight_gb_s"] > 0 and r["gflop_s"] > 0 for r in report["results"])
+    if native.kernels() is not None:  # this package's own, at each instruction set the CPU has
+        for case in ("bfloat16", "int8", "int4"):
+            assert {(1, f"{case}, native {isa}") for isa in native.available_isas()} <= cases
+    assert all(r["ms"] > 0 and r["weight_gb_s"] > 0 and r["gflop_s"] > 0 and r["share_of_read"] > 0 for r in report["results"])
     assert report["read_gb_s"] > 0 and report["policy"].startswith("weights in ")
     bad = subprocess.run([sys.executable, "scripts/bench_kernels.py", "--rows", "0"], cwd=helpers.REPO,
                          env=helpers.child_env(), capture_output=True, text=True, timeout=60)
@@ -305,9 +308,15 @@ def test_quantized_kernels_follow_the_timings():
     p = quant_choice.choose_quantized(t)
     assert p.kernel("int8", "decode") == ("pack", BF16) and p.kernel("int8", "prefill") == ("dequant", F32)
     assert p.kernel("int4", "decode") == ("pack", F32) and p.kernel("int4", "prefill") == ("pack", BF16)
-    assert p.kernel("int8", "small") == ("pack", BF16) and p.kernel("int4", "small") == ("dequant", BF16)
-    # a forced dtype: the fastest path in it
+    # int4 keeps one form of its weights, its decode's: the small batch takes the fastest packed path
+    assert p.kernel("int8", "small") == ("pack", BF16) and p.kernel("int4", "small") == ("pack", BF16)
+    # a forced dtype: the fastest path in it (for int4, of its decode's form)
     assert p.kernel("int8", "prefill", BF16)[1] == BF16 and p.kernel("int8", "decode", F32)[1] == F32
+    assert p.kernel("int8", "prefill", F32) == ("dequant", F32)
+    assert p.kernel("int4", "prefill", F32) == ("pack", F32)
+    t[("int4", "decode", "dequant", "float32")] = 0.5e-3  # the stored form decodes fastest: every step reads it
+    p = quant_choice.choose_quantized(t)
+    assert {p.kernel("int4", s)[0] for s in quant_choice.QUANT_STEPS} == {"dequant"}
     assert p.kernel("int4", "prefill", F32) == ("dequant", F32)
     assert p.kernel("int8", "decode", torch.float16) == ("dequant", torch.float16)  # no packed kernel timed in it
     with pytest.raises(ValueError, match="quantize='fp8' has no CPU kernel: use one of int8, int4"):
@@ -329,7 +338,8 @@ def test_the_quantized_kernels_are_measured_once_and_the_fastest_is_taken(fresh_
     def fake_best_time(fn, repeats, give_up=float("inf")):
         # the probe: one of quant_kernels' products, its first argument x in the compute dtype
         dequant = fn.func in (quant_kernels.int8_dequant_mm, quant_kernels.int4_dequant_mm)
-        kernel = ("dequant" if dequant else "pack", fn.args[0].dtype)
+        own = fn.func in (native.int8_mm, native.int4_mm)
+        kernel = ("dequant" if dequant else "native" if own else "pack", fn.args[0].dtype)
         calls.append(kernel)
         return 1e-3 if kernel == ("dequant", F32) else 2e-3
 
@@ -341,7 +351,9 @@ def test_the_quantized_kernels_are_measured_once_and_the_fastest_is_taken(fresh_
             assert lin.kernels == {"decode": ("dequant", F32), "small": ("dequant", F32), "prefill": ("dequant", F32)}
             forced = quant_modules.QuantizedLinear(mode, *stored, 32, BF16, compute_dtype=BF16)
             assert {dt for _, dt in forced.kernels.values()} == {BF16}
-    assert len(calls) == len(quant_choice.QUANT_MODES) * len(quant_choice.QUANT_STEPS) * len(quant_choice.QUANT_PATHS) * len(quant_choice.QUANT_COMPUTES)
+    # pack and dequant in each compute dtype, and the native kernels (float32 activations) where they build
+    per_step = 2 * len(quant_choice.QUANT_COMPUTES) + (native.kernels() is not None)
+    assert len(calls) == len(quant_choice.QUANT_MODES) * len(quant_choice.QUANT_STEPS) * per_step
     lines = [r.getMessage() for r in caplog.records if "Quantized kernels" in r.getMessage() and r.levelno == logging.INFO]
     assert len(lines) == 1 and "int8 decode dequant in float32" in lines[0] and "ms)" not in lines[0]
     timings = [r.getMessage() for r in caplog.records if "Quantized kernels" in r.getMessage() and r.levelno == logging.DEBUG]
@@ -353,7 +365,8 @@ def test_measure_quantized_times_every_candidate_on_this_cpu():
     t = quant_choice.measure_quantized(repeats=1)
     assert time.perf_counter() - start < 10  # about half a second on the 2 shared cores
     want = {(m, s, p, str(dt).removeprefix("torch."))
-            for m in quant_choice.QUANT_MODES for s in quant_choice.QUANT_STEPS for p in quant_choice.QUANT_PATHS for dt in quant_choice.QUANT_COMPUTES}
+            for m in quant_choice.QUANT_MODES for s in quant_choice.QUANT_STEPS for p in quant_choice.QUANT_PATHS for dt in quant_choice.QUANT_COMPUTES
+            if p != "native" or dt == F32 and native.kernels() is not None}
     assert set(t) == want and all(s > 0 for s in t.values())
     assert quant_choice.choose_quantized(t).kernel("int8", "decode")[0] in quant_choice.QUANT_PATHS
 

@@ -37,6 +37,7 @@ def cli(
     max_gen_toks: int = 256,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    remeasure: bool = False,
     quantize: Optional[str] = None,
     output_path: Optional[str] = None,
     log_samples: bool = False,
@@ -56,6 +57,8 @@ def cli(
         max_seq_len: the longest window in tokens (longer requests keep their last tokens).
         max_gen_toks: new tokens for generation tasks that do not set their own.
         device, dtype: where and in what precision to run (see Llama.build).
+        remeasure: time this machine's kernels again instead of reading the choice an earlier run kept
+            (also LLAMA_REMEASURE=1).
         quantize: int8 | int4 | fp8 weights, passed to Llama.build only when given.
         output_path: directory (or .json file) for lm-eval's results file, and samples files with
             --log_samples, in lm-eval's own format.
@@ -78,7 +81,7 @@ def cli(
     prepared = prepare_tasks(tasks, include_path)
     build = {"quantize": quantize} if quantize is not None else {}
     llama = build_generator(
-        ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=batch_size, device=device, dtype=dtype, **build
+        ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=batch_size, device=device, dtype=dtype, remeasure=remeasure, **build
     )
     lm = LlamaLM(llama, batch_size=batch_size, max_gen_toks=max_gen_toks, seed=seed)
     results = evaluate(

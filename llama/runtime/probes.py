@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import distributed
-from llama.runtime import cpu
+from llama.runtime import cpu, stored
 from llama.runtime.compute import upcast_linear, upcast_scratch
 from llama.runtime.policy import COMPUTES, KINDS, Policy, StepKernels, choose, fastest, parse_dtype, uniform
 
@@ -156,7 +156,14 @@ def _measured_cpu_policy(threads: int, from_memory: bool = True, cached: Optiona
     # rank 0 alone measures: the other ranks' probes would share its cores and memory bandwidth
     policy = None
     if distributed.is_rank0():
-        policy = choose(measure(from_memory=from_memory, cached=cached), reason=cpu.measured_here(threads, where))
+        # kept from an earlier process on this machine, for this thread count and shape: a restart
+        # makes the same choice (stored); --remeasure measures again
+        key = {"threads": threads, "from_memory": from_memory, "cached": cached}
+        timings, kept = stored.kept_or_measured(
+            "dtype-policy", key, lambda: measure(from_memory=from_memory, cached=cached),
+            stored.encode_timings, lambda rows: stored.checked_timings(rows, choose),
+        )
+        policy = choose(timings, reason=cpu.measured_here(threads, where) + stored.kept_note(kept))
     return cpu.rank0s(policy, "Kernel policy", start, lambda p: format_timings(p.timings), logger)
 
 

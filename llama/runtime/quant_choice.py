@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 
 from llama import distributed
-from llama.runtime import cpu, quant_kernels
+from llama.runtime import cpu, native, quant_kernels, stored
 from llama.runtime.policy import SMALL_ROWS, dtype_name
 
 logger = logging.getLogger(__name__)
@@ -19,12 +19,15 @@ logger = logging.getLogger(__name__)
 # most DECODE_ROWS rows), a "small" batch (at most SMALL_ROWS, as a batch of decode rows or a
 # speculative verify pass) or a "prefill"; each can run through PyTorch's packed kernel ("pack":
 # torch._weight_int8pack_mm / torch._weight_int4pack_mm_for_cpu) or as dequantize-then-F.linear
-# ("dequant"), with bfloat16 or float32 activations. (torch._int_mm with dynamically quantized int8
+# ("dequant"), with bfloat16 or float32 activations, or through this package's own kernels ("native",
+# llama.runtime.native: float32 activations, the stored form read once per call; a candidate only where
+# they could be built). (torch._int_mm with dynamically quantized int8
 # activations is not a candidate: it is not weight-only, its results are not those of the weights.)
 QUANT_MODES = ("int8", "int4")
 QUANT_STEPS = ("decode", "small", "prefill")
-QUANT_PATHS = ("pack", "dequant")
+QUANT_PATHS = ("pack", "dequant", "native")
 QUANT_COMPUTES = (torch.bfloat16, torch.float32)
+STORED_FORM = ("dequant", "native")  # the paths that read int4's stored form (pack reads PyTorch's layout)
 DECODE_ROWS = 4
 # The probe of each step: its rows times a weight with the 1B's input width (2048, the kernels'
 # inner loop). The slow candidates (float32 activations into the packed kernels, int4 dequantized at
@@ -73,19 +76,24 @@ class QuantizedPolicy:
 def choose_quantized(timings: dict, reason: str = "measured") -> QuantizedPolicy:
     """The quantized kernels the timings call for: `timings` maps (mode, step, path, compute name)
     -> seconds for each mode in QUANT_MODES, step in QUANT_STEPS, path in QUANT_PATHS and compute
-    in QUANT_COMPUTES. Each (mode, step) takes the fastest of all; each forced dtype the fastest in it."""
+    in QUANT_COMPUTES (a missing one is no candidate). Each (mode, step) takes the fastest of all; each
+    forced dtype the fastest in it. An int4 weight is held in one form only (two would undo what int4
+    saves): its decode step, which reads the weights at every token, takes the fastest path, and the
+    other steps the fastest of the paths that read the same form (STORED_FORM, or PyTorch's packed one)."""
     chosen = {}
     for mode in QUANT_MODES:
-        for step in QUANT_STEPS:
-            cells = [
-                (timings[(mode, step, p, dtype_name(dt))], p, dt)
-                for p in QUANT_PATHS
-                for dt in QUANT_COMPUTES
-                if (mode, step, p, dtype_name(dt)) in timings
-            ]
-            chosen[(mode, step, None)] = min(cells, key=lambda c: c[0])[1:]
-            for forced in QUANT_COMPUTES:
-                chosen[(mode, step, forced)] = min((c for c in cells if c[2] == forced), key=lambda c: c[0])[1:]
+        for choice in (None, *QUANT_COMPUTES):
+            for step in QUANT_STEPS:
+                cells = [
+                    (timings[(mode, step, p, dtype_name(dt))], p, dt)
+                    for p in QUANT_PATHS
+                    for dt in QUANT_COMPUTES
+                    if (mode, step, p, dtype_name(dt)) in timings and choice in (None, dt)
+                ]
+                if mode == "int4" and step != "decode":
+                    stored = chosen[(mode, "decode", choice)][0] in STORED_FORM
+                    cells = [c for c in cells if (c[1] in STORED_FORM) == stored] or cells
+                chosen[(mode, step, choice)] = min(cells, key=lambda c: c[0])[1:]
     return QuantizedPolicy(chosen, reason=reason, timings=dict(timings))
 
 
@@ -127,6 +135,12 @@ def _probes(mode: str, shape: tuple[int, int], x: torch.Tensor, gen: torch.Gener
         scales, zeros = torch.rand(groups, generator=gen).bfloat16(), torch.randn(groups, generator=gen).bfloat16()
         packed = quant_kernels.int4_kernel_layout(q)
     probes: dict[tuple[str, torch.dtype], Callable[[], torch.Tensor]] = {}
+    if native.kernels() is not None:  # float32 activations; the stored form as it is
+        x32 = x.float()
+        if mode == "int8":
+            probes["native", torch.float32] = functools.partial(native.int8_mm, x32, q, scales.float())
+        else:
+            probes["native", torch.float32] = functools.partial(native.int4_mm, x32, q, scales, zeros, QUANT_PROBE_GROUP)
     for dt in QUANT_COMPUTES:
         xd = x.to(dt)
         if mode == "int8":
@@ -137,7 +151,7 @@ def _probes(mode: str, shape: tuple[int, int], x: torch.Tensor, gen: torch.Gener
             sz = quant_kernels.scales_and_zeros(scales, zeros, dt)
             probes["pack", dt] = functools.partial(quant_kernels.int4_pack_mm, xd, packed, QUANT_PROBE_GROUP, sz)
             probes["dequant", dt] = functools.partial(quant_kernels.int4_dequant_mm, xd, q, scales, zeros, QUANT_PROBE_GROUP)
-    ordered = {(path, dt): probes[path, dt] for path in QUANT_PATHS for dt in QUANT_COMPUTES}
+    ordered = {(path, dt): probes[path, dt] for path in QUANT_PATHS for dt in QUANT_COMPUTES if (path, dt) in probes}
     for probe in ordered.values():
         probe()
     return ordered
@@ -153,7 +167,14 @@ def quantized_kernel(mode: str, step: str, compute_dtype: Optional[torch.dtype] 
 @functools.lru_cache(maxsize=None)
 def _measured_quantized_policy(threads: int) -> QuantizedPolicy:
     start = time.perf_counter()
-    policy = choose_quantized(measure_quantized(), reason=cpu.measured_here(threads)) if distributed.is_rank0() else None
+    policy = None
+    if distributed.is_rank0():  # kept from an earlier process on this machine (stored), as the dtype policy
+        timings, kept = stored.kept_or_measured(
+            "quantized-kernels", {"threads": threads, "paths": list(QUANT_PATHS), "native": native.kernels() is not None},
+            measure_quantized,
+            stored.encode_timings, lambda rows: stored.checked_timings(rows, choose_quantized),
+        )
+        policy = choose_quantized(timings, reason=cpu.measured_here(threads) + stored.kept_note(kept))
     return cpu.rank0s(policy, "Quantized kernels", start, lambda p: format_quantized_timings(p.timings), logger)
 
 

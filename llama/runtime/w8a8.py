@@ -23,6 +23,21 @@ def w8a8_available() -> bool:
     return w8a8_levels() > 0
 
 
+def why_unavailable(device: torch.device) -> str:
+    """Why quantize='w8a8' cannot run on `device`, in words (the start of a refusal)."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return f"it runs on x86 CPUs (PyTorch's fbgemm), not on {device}"
+    if "fbgemm" not in torch.backends.quantized.supported_engines or not hasattr(torch.ops.quantized, W8A8_OP):
+        return "it runs on x86 CPUs through PyTorch's fbgemm, which this PyTorch on this CPU does not have"
+    if w8a8_levels() == 0:
+        return (
+            "fbgemm's 8-bit product is not exact on this CPU (the start-up check found it wrong at 127 and at 63 "
+            "input levels: its integer sums saturate)"
+        )
+    return "its kernel is unavailable here"
+
+
 @contextlib.contextmanager
 def _fbgemm() -> Iterator[None]:
     engine = torch.backends.quantized.engine

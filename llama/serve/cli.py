@@ -76,6 +76,7 @@ def serve(
     max_queue: int = 256,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    remeasure: bool = False,
     compile: bool = False,
     quantize: Optional[str] = None,
     group_size: int = 32,
@@ -100,6 +101,8 @@ def serve(
         max_seq_len: the context: prompt plus answer, in tokens.
         max_queue: sequences queued or running at most; more are answered 429.
         device, dtype, compile: as Llama.build.
+        remeasure: time this machine's kernels again instead of reading the choice an earlier run kept
+            (also LLAMA_REMEASURE=1).
         quantize, group_size: int8 or int4 (fp8 on CUDA sm89+) weight-only quantization on load (or w8a8), as
             Llama.build (default: none; a checkpoint from scripts/quantize.py loads as stored).
         model_name: the model's id in the API (default: the checkpoint directory's name).
@@ -127,7 +130,7 @@ def serve(
                  request_timeout=request_timeout, keep_alive_timeout=keep_alive_timeout, drain_timeout=drain_timeout)
     api_key = api_key or os.environ.get("LLAMA_API_KEY") or None
     llama = build_generator(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                            device=device, dtype=dtype, compile=compile, quantize=quantize, group_size=group_size,
+                            device=device, dtype=dtype, remeasure=remeasure, compile=compile, quantize=quantize, group_size=group_size,
                             speculate=speculate, draft_ckpt_dir=draft_ckpt_dir, speculate_k=speculate_k)
     loop = EngineLoop(llama.engine(max_batch_size, max_seq_len), max_queue)
     if not distributed.is_rank0():

@@ -11,7 +11,7 @@ from torch import nn
 
 from llama import memory
 from llama.distributed import gather_from_model_parallel_region, reduce_from_model_parallel_region
-from llama.runtime import quant_choice, w8a8
+from llama.runtime import native, quant_choice, w8a8
 from llama.runtime import quant_kernels as qk
 from llama.runtime.policy import dtype_name
 from llama.runtime.quant_choice import QUANT_PATHS, QUANT_STEPS, step_for
@@ -41,7 +41,8 @@ def check_device(mode: str, device: torch.device) -> None:
         raise ValueError(f"quantize='int8' has no kernel on {device}: use a CPU or CUDA device")
     elif mode == "w8a8" and (device.type != "cpu" or not w8a8.w8a8_available()):
         raise ValueError(
-            f"quantize='w8a8' runs on x86 CPUs (PyTorch's fbgemm), not on {device} here: use quantize='int8'"
+            f"quantize='w8a8' cannot run here: {w8a8.why_unavailable(device)}; use quantize='int8' (the same "
+            "int8 weights, activations not rounded)"
         )
 
 
@@ -54,7 +55,7 @@ def check_device(mode: str, device: torch.device) -> None:
 # (mode, step) takes on CPU is measured on the machine at hand, once per process
 # (quant_choice.quantized_kernel); a forced dtype (dtype="float32") runs in that dtype, exactly.
 CPU_PATHS = QUANT_PATHS
-PATH_MODES = {"pack": ("int8", "int4"), "dequant": ("int8", "int4")}
+PATH_MODES = {"pack": ("int8", "int4"), "dequant": ("int8", "int4"), "native": ("int8", "int4")}
 STEPS = QUANT_STEPS
 
 
@@ -96,7 +97,8 @@ class QuantizedLinear(nn.Module):
         elif path == "dynamic":  # w8a8: float32 into fbgemm's int8 product
             self.kernels = {step: (path, torch.float32) for step in STEPS}
         elif path is not None:  # one path for every step (benchmarks, tests)
-            self.kernels = {step: (path, compute_dtype or act_dtype) for step in STEPS}
+            dt = torch.float32 if path == "native" else compute_dtype or act_dtype  # native: float32 activations
+            self.kernels = {step: (path, dt) for step in STEPS}
         else:
             self.kernels = {step: quant_choice.quantized_kernel(mode, step, compute_dtype) for step in STEPS}
         if mode == "int4" and device.type == "cpu" and self.out_features % 16:
@@ -116,14 +118,14 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("weight", q, persistent=False)
             self.register_buffer("scales", scales.float()[None, :], persistent=False)  # (1, out)
         else:
-            if "dequant" in paths:
+            if "dequant" in paths or "native" in paths:  # the stored form
                 self.register_buffer("weight", q, persistent=False)
                 self.register_buffer("scales", scales, persistent=False)
                 self.register_buffer("zeros", zeros, persistent=False)
             if "pack" in paths:
-                packed = _int4_kernel_layout(q, in_place=consume and "dequant" not in paths)
+                packed = _int4_kernel_layout(q, in_place=consume and not {"dequant", "native"} & paths)
                 self.packed_in_place = packed.data_ptr() == q.data_ptr()
-                self.register_buffer("weight" if "dequant" not in paths else "packed", packed, persistent=False)
+                self.register_buffer("packed" if {"dequant", "native"} & paths else "weight", packed, persistent=False)
                 for dt in compute:
                     sz = qk.scales_and_zeros(scales, zeros, dt)  # (in/g, out, 2)
                     self.register_buffer(_name("scales_and_zeros", dt), sz, persistent=False)
@@ -163,11 +165,15 @@ class QuantizedLinear(nn.Module):
         rows = x.numel() // x.shape[-1]
         path, dt = self.kernels[step_for(rows)]
         dt = dt or x.dtype
+        if path == "native" and torch.compiler.is_compiling():
+            path = "dequant"  # the native kernels read raw memory, which a traced graph cannot call
         x2 = x.reshape(rows, x.shape[-1]).to(dt)  # (rows, in)
         if path == "pack":
             out = self._int8_pack(x2, dt) if self.mode == "int8" else self._int4_pack(x2, dt)
         elif path == "scaled_mm":
             out = self._fp8(x2)
+        elif path == "native":
+            out = self._native(x2)
         elif path == "dynamic":
             amax = x2.abs().amax(dim=1, keepdim=True)
             if self.row_max is not None:  # a row-parallel slice: this rank holds some of each row's columns
@@ -185,6 +191,11 @@ class QuantizedLinear(nn.Module):
     def _int4_pack(self, x2: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         w = self.packed if hasattr(self, "packed") else self.weight
         return qk.int4_pack_mm(x2, w, self.group_size, getattr(self, _name("scales_and_zeros", dt)))
+
+    def _native(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.mode == "int8":
+            return native.int8_mm(x2, self.weight, getattr(self, _name("scales", torch.float32)))
+        return native.int4_mm(x2, self.weight, self.scales, self.zeros, self.group_size)
 
     def _fp8(self, x2: torch.Tensor) -> torch.Tensor:
         return qk.fp8_mm(x2, self.weight, self.scales)

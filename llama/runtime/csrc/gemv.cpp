@@ -1,0 +1,410 @@
+// Products of a few float32 activation rows with int8, int4 or bfloat16 weights, reading each weight
+// byte once per call (the weights of a decode step stream from memory, so the bytes read, not the
+// arithmetic, bound them). Built on first use by llama/runtime/native.py; the instruction set is
+// chosen at run time from what the CPU has (AVX-512, AVX2 + FMA, or plain C++), and can be forced.
+//
+// Weights are in the forms llama/weights/quant_formats.py stores:
+//   int8: q (N, K) int8, scales (N,) float32:          W[n, k] = q[n, k] * scales[n]
+//   int4: q (N, K / 2) uint8, column 2j in the low nibble of byte j and 2j + 1 in the high one;
+//         scales, zeros (N, K / group) bfloat16:    W[n, k] = (v - 8) * scales[n, k / group] + zeros[n, k / group]
+//   bf16: w (N, K) bfloat16.
+// out (rows, N) float32 = x (rows, K) float32 @ W^T. Threads split the output columns (weight rows).
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+namespace {
+
+enum Isa { AUTO = 0, GENERIC = 1, AVX2 = 2, AVX512 = 3 };
+constexpr int64_t MAX_ROWS = 4;  // activation rows per pass over the weights
+constexpr int64_t NB = 4;        // weight rows per inner step (independent accumulators)
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+int best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return AVX2;
+  return GENERIC;
+}
+
+// ------------------------------------------------------------------ plain C++ (any CPU)
+
+void int8_generic(const float* x, int64_t R, int64_t K, const int8_t* q, const float* s, float* out, int64_t N,
+                  int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t r = 0; r < R; ++r) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += x[r * K + k] * static_cast<float>(q[n * K + k]);
+      out[r * N + n] = acc * s[n];
+    }
+}
+
+void bf16_generic(const float* x, int64_t R, int64_t K, const uint16_t* w, float* out, int64_t N, int64_t n0,
+                  int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t r = 0; r < R; ++r) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += x[r * K + k] * bf16_to_float(w[n * K + k]);
+      out[r * N + n] = acc;
+    }
+}
+
+// xe, xo: (R, K / 2) the even and odd columns of x; xs: (R, G) each group's sum of x
+void int4_generic(const float* xe, const float* xo, const float* xs, int64_t R, int64_t K, const uint8_t* q,
+                  const uint16_t* sc, const uint16_t* ze, int64_t group, float* out, int64_t N, int64_t n0,
+                  int64_t n1) {
+  const int64_t half = K / 2, G = K / group, gb = group / 2;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t r = 0; r < R; ++r) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        float dot = 0.f;
+        for (int64_t j = g * gb; j < (g + 1) * gb; ++j) {
+          uint8_t b = q[n * half + j];
+          dot += static_cast<float>(b & 15) * xe[r * half + j] + static_cast<float>(b >> 4) * xo[r * half + j];
+        }
+        float s = bf16_to_float(sc[n * G + g]), z = bf16_to_float(ze[n * G + g]);
+        acc += s * dot + (z - 8.f * s) * xs[r * G + g];  // sum (v - 8) s x + z x
+      }
+      out[r * N + n] = acc;
+    }
+}
+
+// ------------------------------------------------------------------ AVX2 + FMA
+
+__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) void int8_avx2(const float* x, int64_t K, const int8_t* q, const float* s,
+                                                   float* out, int64_t N, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    __m256 acc[NB][R];
+    for (int i = 0; i < NB; ++i)
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+      __m256 xv[R];
+      for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(x + r * K + k);
+      for (int i = 0; i < NB; ++i) {
+        __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + (n + i) * K + k));
+        __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+        for (int r = 0; r < R; ++r) acc[i][r] = _mm256_fmadd_ps(w, xv[r], acc[i][r]);
+      }
+    }
+    for (int i = 0; i < NB; ++i)
+      for (int r = 0; r < R; ++r) out[r * N + n + i] = hsum256(acc[i][r]) * s[n + i];
+  }
+  if (n < n1) int8_generic(x, R, K, q, s, out, N, n, n1);
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) void bf16_avx2(const float* x, int64_t K, const uint16_t* w, float* out,
+                                                   int64_t N, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    __m256 acc[NB][R];
+    for (int i = 0; i < NB; ++i)
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+      __m256 xv[R];
+      for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(x + r * K + k);
+      for (int i = 0; i < NB; ++i) {
+        __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n + i) * K + k));
+        __m256 wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        for (int r = 0; r < R; ++r) acc[i][r] = _mm256_fmadd_ps(wv, xv[r], acc[i][r]);
+      }
+    }
+    for (int i = 0; i < NB; ++i)
+      for (int r = 0; r < R; ++r) out[r * N + n + i] = hsum256(acc[i][r]);
+  }
+  if (n < n1) bf16_generic(x, R, K, w, out, N, n, n1);
+}
+
+// Each weight row's group scales as float32 into `sbuf` (G,), and the part of its product that the
+// zero points and the -8 offset make, sum over groups of (zeros - 8 scales) * (the group's sum of x),
+// into corr[r]: the inner loop then only multiplies the 4-bit values.
+__attribute__((target("avx2,fma"))) void int4_prep_avx2(const uint16_t* sc, const uint16_t* ze, const float* xs,
+                                                        int64_t R, int64_t G, float* sbuf, float* corr) {
+  __m256 cv[MAX_ROWS];
+  for (int64_t r = 0; r < R; ++r) cv[r] = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) {
+    __m256 sv = _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g))), 16));
+    __m256 zv = _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ze + g))), 16));
+    _mm256_storeu_ps(sbuf + g, sv);
+    __m256 zc = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), sv, zv);
+    for (int64_t r = 0; r < R; ++r) cv[r] = _mm256_fmadd_ps(zc, _mm256_loadu_ps(xs + r * G + g), cv[r]);
+  }
+  for (int64_t r = 0; r < R; ++r) corr[r] = hsum256(cv[r]);
+  for (; g < G; ++g) {
+    float s = bf16_to_float(sc[g]), z = bf16_to_float(ze[g]);
+    sbuf[g] = s;
+    for (int64_t r = 0; r < R; ++r) corr[r] += (z - 8.f * s) * xs[r * G + g];
+  }
+}
+
+template <int R>
+__attribute__((target("avx2,fma"))) void int4_avx2(const float* xe, const float* xo, const float* xs, int64_t K,
+                                                   const uint8_t* q, const uint16_t* sc, const uint16_t* ze,
+                                                   int64_t group, float* out, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t half = K / 2, G = K / group, gb = group / 2;
+  const __m256i low = _mm256_set1_epi32(15);
+  std::vector<float> sbuf(NB * G);
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    __m256 acc[NB][R];
+    float corr[NB][MAX_ROWS];
+    for (int i = 0; i < NB; ++i) {
+      int4_prep_avx2(sc + (n + i) * G, ze + (n + i) * G, xs, R, G, sbuf.data() + i * G, corr[i]);
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      __m256 dot[NB][R];
+      for (int64_t j = g * gb; j < (g + 1) * gb; j += 8) {
+        __m256 ev[R], ov[R];
+        for (int r = 0; r < R; ++r) {
+          ev[r] = _mm256_loadu_ps(xe + r * half + j);
+          ov[r] = _mm256_loadu_ps(xo + r * half + j);
+        }
+        for (int i = 0; i < NB; ++i) {
+          __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + (n + i) * half + j)));
+          __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, low));
+          __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+          for (int r = 0; r < R; ++r)
+            dot[i][r] = _mm256_fmadd_ps(hi, ov[r], j == g * gb ? _mm256_mul_ps(lo, ev[r]) : _mm256_fmadd_ps(lo, ev[r], dot[i][r]));
+        }
+      }
+      for (int i = 0; i < NB; ++i) {
+        __m256 sv = _mm256_broadcast_ss(sbuf.data() + i * G + g);
+        for (int r = 0; r < R; ++r) acc[i][r] = _mm256_fmadd_ps(dot[i][r], sv, acc[i][r]);
+      }
+    }
+    for (int i = 0; i < NB; ++i)
+      for (int r = 0; r < R; ++r) out[r * N + n + i] = hsum256(acc[i][r]) + corr[i][r];
+  }
+  if (n < n1) int4_generic(xe, xo, xs, R, K, q, sc, ze, group, out, N, n, n1);
+}
+
+// ------------------------------------------------------------------ AVX-512
+
+template <int R>
+__attribute__((target("avx512f,avx512bw"))) void int8_avx512(const float* x, int64_t K, const int8_t* q,
+                                                             const float* s, float* out, int64_t N, int64_t n0,
+                                                             int64_t n1) {
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    __m512 acc[NB][R];
+    for (int i = 0; i < NB; ++i)
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      __m512 xv[R];
+      for (int r = 0; r < R; ++r) xv[r] = _mm512_loadu_ps(x + r * K + k);
+      for (int i = 0; i < NB; ++i) {
+        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (n + i) * K + k));
+        __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+        for (int r = 0; r < R; ++r) acc[i][r] = _mm512_fmadd_ps(w, xv[r], acc[i][r]);
+      }
+    }
+    for (int i = 0; i < NB; ++i)
+      for (int r = 0; r < R; ++r) out[r * N + n + i] = _mm512_reduce_add_ps(acc[i][r]) * s[n + i];
+  }
+  if (n < n1) int8_generic(x, R, K, q, s, out, N, n, n1);
+}
+
+template <int R>
+__attribute__((target("avx512f,avx512bw"))) void bf16_avx512(const float* x, int64_t K, const uint16_t* w,
+                                                             float* out, int64_t N, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    __m512 acc[NB][R];
+    for (int i = 0; i < NB; ++i)
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      __m512 xv[R];
+      for (int r = 0; r < R; ++r) xv[r] = _mm512_loadu_ps(x + r * K + k);
+      for (int i = 0; i < NB; ++i) {
+        __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n + i) * K + k));
+        __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        for (int r = 0; r < R; ++r) acc[i][r] = _mm512_fmadd_ps(wv, xv[r], acc[i][r]);
+      }
+    }
+    for (int i = 0; i < NB; ++i)
+      for (int r = 0; r < R; ++r) out[r * N + n + i] = _mm512_reduce_add_ps(acc[i][r]);
+  }
+  if (n < n1) bf16_generic(x, R, K, w, out, N, n, n1);
+}
+
+__attribute__((target("avx512f,avx512bw"))) void int4_prep_avx512(const uint16_t* sc, const uint16_t* ze,
+                                                                  const float* xs, int64_t R, int64_t G, float* sbuf,
+                                                                  float* corr) {
+  __m512 cv[MAX_ROWS];
+  for (int64_t r = 0; r < R; ++r) cv[r] = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 16 <= G; g += 16) {
+    __m512 sv = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + g))), 16));
+    __m512 zv = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ze + g))), 16));
+    _mm512_storeu_ps(sbuf + g, sv);
+    __m512 zc = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sv, zv);
+    for (int64_t r = 0; r < R; ++r) cv[r] = _mm512_fmadd_ps(zc, _mm512_loadu_ps(xs + r * G + g), cv[r]);
+  }
+  for (int64_t r = 0; r < R; ++r) corr[r] = _mm512_reduce_add_ps(cv[r]);
+  for (; g < G; ++g) {
+    float s = bf16_to_float(sc[g]), z = bf16_to_float(ze[g]);
+    sbuf[g] = s;
+    for (int64_t r = 0; r < R; ++r) corr[r] += (z - 8.f * s) * xs[r * G + g];
+  }
+}
+
+template <int R>
+__attribute__((target("avx512f,avx512bw"))) void int4_avx512(const float* xe, const float* xo, const float* xs,
+                                                             int64_t K, const uint8_t* q, const uint16_t* sc,
+                                                             const uint16_t* ze, int64_t group, float* out, int64_t N,
+                                                             int64_t n0, int64_t n1) {
+  const int64_t half = K / 2, G = K / group, gb = group / 2;
+  const __m512i low = _mm512_set1_epi32(15);
+  std::vector<float> sbuf(NB * G);
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    __m512 acc[NB][R];
+    float corr[NB][MAX_ROWS];
+    for (int i = 0; i < NB; ++i) {
+      int4_prep_avx512(sc + (n + i) * G, ze + (n + i) * G, xs, R, G, sbuf.data() + i * G, corr[i]);
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 dot[NB][R];
+      for (int64_t j = g * gb; j < (g + 1) * gb; j += 16) {
+        __m512 ev[R], ov[R];
+        for (int r = 0; r < R; ++r) {
+          ev[r] = _mm512_loadu_ps(xe + r * half + j);
+          ov[r] = _mm512_loadu_ps(xo + r * half + j);
+        }
+        for (int i = 0; i < NB; ++i) {
+          __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (n + i) * half + j)));
+          __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, low));
+          __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+          for (int r = 0; r < R; ++r)
+            dot[i][r] = _mm512_fmadd_ps(hi, ov[r], j == g * gb ? _mm512_mul_ps(lo, ev[r]) : _mm512_fmadd_ps(lo, ev[r], dot[i][r]));
+        }
+      }
+      for (int i = 0; i < NB; ++i) {
+        __m512 sv = _mm512_set1_ps(sbuf[i * G + g]);
+        for (int r = 0; r < R; ++r) acc[i][r] = _mm512_fmadd_ps(dot[i][r], sv, acc[i][r]);
+      }
+    }
+    for (int i = 0; i < NB; ++i)
+      for (int r = 0; r < R; ++r) out[r * N + n + i] = _mm512_reduce_add_ps(acc[i][r]) + corr[i][r];
+  }
+  if (n < n1) int4_generic(xe, xo, xs, R, K, q, sc, ze, group, out, N, n, n1);
+}
+
+// ------------------------------------------------------------------ dispatch
+
+int resolve(int64_t isa, int64_t width) {
+  int chosen = isa == AUTO ? best_isa() : static_cast<int>(isa);
+  if (chosen > best_isa()) throw std::invalid_argument("this CPU lacks the instruction set asked for");
+  if (chosen == AVX512 && width % 16) chosen = AVX2;
+  if (chosen == AVX2 && width % 8) chosen = GENERIC;
+  return chosen;
+}
+
+// Runs body(first row, rows, n0, n1) over chunks of MAX_ROWS rows, the weight rows split among threads.
+template <typename F>
+void over_rows_and_columns(int64_t rows, int64_t N, const F& body) {
+  for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) {
+    int64_t R = std::min(MAX_ROWS, rows - r0);
+    at::parallel_for(0, (N + NB - 1) / NB, 16, [&](int64_t b0, int64_t b1) {
+      body(r0, R, b0 * NB, std::min(N, b1 * NB));
+    });
+  }
+}
+
+#define BY_ROWS(fn, R, ...)                    \
+  switch (R) {                                 \
+    case 1: fn<1>(__VA_ARGS__); break;         \
+    case 2: fn<2>(__VA_ARGS__); break;         \
+    case 3: fn<3>(__VA_ARGS__); break;         \
+    default: fn<4>(__VA_ARGS__); break;        \
+  }
+
+template <typename T>
+T* ptr(int64_t address) { return reinterpret_cast<T*>(static_cast<uintptr_t>(address)); }
+
+// The entry points take the addresses of contiguous tensors whose dtypes and shapes the caller
+// (llama/runtime/native.py) has checked: without ATen's tensor headers the build takes seconds.
+void int8_mm(int64_t x, int64_t rows, int64_t K, int64_t q, int64_t scales, int64_t out, int64_t N, int64_t isa) {
+  const int which = resolve(isa, K);
+  const float* xp = ptr<const float>(x);
+  const int8_t* qp = ptr<const int8_t>(q);
+  const float* sp = ptr<const float>(scales);
+  float* op = ptr<float>(out);
+  over_rows_and_columns(rows, N, [&](int64_t r0, int64_t R, int64_t n0, int64_t n1) {
+    const float* xr = xp + r0 * K;
+    float* orow = op + r0 * N;
+    if (which == AVX512) { BY_ROWS(int8_avx512, R, xr, K, qp, sp, orow, N, n0, n1) }
+    else if (which == AVX2) { BY_ROWS(int8_avx2, R, xr, K, qp, sp, orow, N, n0, n1) }
+    else int8_generic(xr, R, K, qp, sp, orow, N, n0, n1);
+  });
+}
+
+void bf16_mm(int64_t x, int64_t rows, int64_t K, int64_t w, int64_t out, int64_t N, int64_t isa) {
+  const int which = resolve(isa, K);
+  const float* xp = ptr<const float>(x);
+  const uint16_t* wp = ptr<const uint16_t>(w);
+  float* op = ptr<float>(out);
+  over_rows_and_columns(rows, N, [&](int64_t r0, int64_t R, int64_t n0, int64_t n1) {
+    const float* xr = xp + r0 * K;
+    float* orow = op + r0 * N;
+    if (which == AVX512) { BY_ROWS(bf16_avx512, R, xr, K, wp, orow, N, n0, n1) }
+    else if (which == AVX2) { BY_ROWS(bf16_avx2, R, xr, K, wp, orow, N, n0, n1) }
+    else bf16_generic(xr, R, K, wp, orow, N, n0, n1);
+  });
+}
+
+// xe, xo: (rows, K / 2) float32, the even and odd columns of x (a byte holds one of each);
+// xs: (rows, K / group) float32, each group's sum of x
+void int4_mm(int64_t xe, int64_t xo, int64_t xs, int64_t rows, int64_t K, int64_t q, int64_t scales, int64_t zeros,
+             int64_t group, int64_t out, int64_t N, int64_t isa) {
+  const int64_t G = K / group;
+  const int which = resolve(isa, group / 2);
+  const float *ep = ptr<const float>(xe), *opd = ptr<const float>(xo), *sp = ptr<const float>(xs);
+  const uint8_t* qp = ptr<const uint8_t>(q);
+  const uint16_t* scp = ptr<const uint16_t>(scales);
+  const uint16_t* zp = ptr<const uint16_t>(zeros);
+  float* op = ptr<float>(out);
+  over_rows_and_columns(rows, N, [&](int64_t r0, int64_t R, int64_t n0, int64_t n1) {
+    const float *e = ep + r0 * K / 2, *o = opd + r0 * K / 2, *s = sp + r0 * G;
+    float* orow = op + r0 * N;
+    if (which == AVX512) { BY_ROWS(int4_avx512, R, e, o, s, K, qp, scp, zp, group, orow, N, n0, n1) }
+    else if (which == AVX2) { BY_ROWS(int4_avx2, R, e, o, s, K, qp, scp, zp, group, orow, N, n0, n1) }
+    else int4_generic(e, o, s, R, K, qp, scp, zp, group, orow, N, n0, n1);
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_mm", &int8_mm, "out (rows, N) = x (rows, K) @ (q int8 (N, K) * scales (N,))^T, float32");
+  m.def("int4_mm", &int4_mm, "out (rows, N) = x @ W^T, W the stored int4 form, x given as its even and odd columns");
+  m.def("bf16_mm", &bf16_mm, "out (rows, N) = x (rows, K) @ w^T, w bfloat16 (N, K)");
+  m.def("best_isa", &best_isa, "the widest instruction set this CPU has: 1 plain C++, 2 AVX2 + FMA, 3 AVX-512");
+}

@@ -1,0 +1,142 @@
+# This package's own CPU kernels (csrc/gemv.cpp): products of a few activation rows with int8, int4
+# and bfloat16 weights that read each weight byte once, at the instruction set the CPU has (AVX-512,
+# AVX2 + FMA, or plain C++), chosen at run time. Compiled on first use with the machine's C++
+# compiler (torch.utils.cpp_extension with ninja) into a build directory under the user's cache,
+# one per PyTorch version and CPU, so later processes only load it. Where nothing can compile it,
+# `kernels()` is None (logged once) and the quantized products keep PyTorch's own paths.
+import functools
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from llama.runtime import stored
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "gemv.cpp"
+ISAS = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3}
+NAMES = {v: k for k, v in ISAS.items()}
+KERNELS_DIR_ENV = "LLAMA_KERNELS_DIR"
+DISABLE_ENV = "LLAMA_NO_NATIVE"
+
+
+def compiler() -> Optional[str]:
+    """The C++ compiler a build would use ($CXX, else c++), if it exists."""
+    cxx = os.environ.get("CXX", "c++")
+    return shutil.which(cxx)
+
+
+def build_dir() -> Path:
+    """Where the extension is built: per PyTorch version and CPU (its model and flags) and source,
+    under $LLAMA_KERNELS_DIR if set (the tests share one build), else the user's cache."""
+    m = stored.machine()
+    digest = stored.digest({**m, "source": SOURCE.read_text()})
+    root = Path(os.environ[KERNELS_DIR_ENV]) if os.environ.get(KERNELS_DIR_ENV) else stored.cache_root() / "kernels"
+    return root / f"torch{m['torch']}-{digest}"
+
+
+def kernels() -> Optional[ModuleType]:
+    """The compiled extension (built on first use, then loaded), or None where it cannot be built."""
+    return _kernels()
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels() -> Optional[ModuleType]:
+    if os.environ.get(DISABLE_ENV):
+        logger.info("CPU kernels: %s is set: PyTorch's own products run", DISABLE_ENV)
+        return None
+    if compiler() is None or shutil.which("ninja") is None and not _has_ninja_module():
+        logger.info("CPU kernels: no C++ compiler (%s) or ninja here: PyTorch's own products run", os.environ.get("CXX", "c++"))
+        return None
+    from torch.utils import cpp_extension
+
+    path = build_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    if not any(path.glob("*.so")):  # the first use on this machine and PyTorch: say why it takes a while
+        logger.info("CPU kernels: building %s into %s (once per machine and PyTorch version)", SOURCE.name, path)
+    start = time.perf_counter()
+    try:
+        module = cpp_extension.load(
+            name="llama_gemv", sources=[str(SOURCE)], build_directory=str(path),
+            extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
+        )
+    except Exception as e:  # a compiler that fails is as good as none: the products still run
+        logger.info("CPU kernels: could not build %s (%s): PyTorch's own products run", SOURCE.name, str(e).splitlines()[0][:200])
+        return None
+    logger.debug("CPU kernels ready in %.1f s (%s, %s)", time.perf_counter() - start, path, NAMES[module.best_isa()])
+    return module
+
+
+def _has_ninja_module() -> bool:
+    try:
+        from torch.utils.cpp_extension import is_ninja_available
+
+        return is_ninja_available()
+    except Exception:
+        return False
+
+
+def best_isa() -> str:
+    """The widest instruction set the kernels use on this CPU ("avx512", "avx2" or "generic")."""
+    return NAMES[kernels().best_isa()]
+
+
+def available_isas() -> list[str]:
+    """Every instruction set this CPU can run the kernels at, narrowest first (tests force each)."""
+    best = kernels().best_isa()
+    return [NAMES[i] for i in range(1, best + 1)]
+
+
+def _check(x2: torch.Tensor, in_features: int, *tensors: tuple[torch.Tensor, torch.dtype, tuple]) -> torch.Tensor:
+    """x2 as contiguous float32 (rows, in_features); each (tensor, dtype, shape) checked: the kernels
+    read raw memory, so a wrong dtype or layout must stop here."""
+    x2 = x2.float().contiguous()
+    if x2.dim() != 2 or x2.shape[1] != in_features:
+        raise ValueError(f"activations {tuple(x2.shape)} do not match the weight's {in_features} inputs")
+    for t, dtype, shape in tensors:
+        if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"kernel input {t.dtype} {tuple(t.shape)} is not contiguous {dtype} {shape} on the CPU")
+    return x2
+
+
+def int8_mm(x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, isa: str = "auto") -> torch.Tensor:
+    """x2 (rows, in) @ (q * scales[:, None])^T in float32, q int8 (out, in), scales float32 (out,)."""
+    n, k = q.shape
+    x2 = _check(x2, k, (q, torch.int8, (n, k)), (scales, torch.float32, (n,)))
+    out = torch.empty(x2.shape[0], n)
+    kernels().int8_mm(x2.data_ptr(), x2.shape[0], k, q.data_ptr(), scales.data_ptr(), out.data_ptr(), n, ISAS[isa])
+    return out
+
+
+def int4_mm(x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+            isa: str = "auto") -> torch.Tensor:
+    """x2 (rows, in) @ W^T in float32 for the stored int4 form (llama.runtime.quant_kernels): q uint8
+    (out, in / 2), scales and zeros bfloat16 (out, in / group_size)."""
+    n, k = q.shape[0], q.shape[1] * 2
+    if group_size % 32 or k % group_size:
+        raise ValueError(f"int4 group size {group_size} must divide {k} and be a multiple of 32")
+    groups = (n, k // group_size)
+    x2 = _check(x2, k, (q, torch.uint8, (n, k // 2)), (scales, torch.bfloat16, groups), (zeros, torch.bfloat16, groups))
+    rows = x2.shape[0]
+    pairs = x2.view(rows, k // 2, 2)
+    xe, xo = pairs[..., 0].contiguous(), pairs[..., 1].contiguous()  # a byte holds one even and one odd column
+    xs = x2.view(rows, groups[1], group_size).sum(2)
+    out = torch.empty(rows, n)
+    kernels().int4_mm(xe.data_ptr(), xo.data_ptr(), xs.data_ptr(), rows, k, q.data_ptr(), scales.data_ptr(),
+                      zeros.data_ptr(), group_size, out.data_ptr(), n, ISAS[isa])
+    return out
+
+
+def bf16_mm(x2: torch.Tensor, w: torch.Tensor, isa: str = "auto") -> torch.Tensor:
+    """x2 (rows, in) @ w^T in float32 for bfloat16 w (out, in), without a float32 copy of w."""
+    n, k = w.shape
+    x2 = _check(x2, k, (w, torch.bfloat16, (n, k)))
+    out = torch.empty(x2.shape[0], n)
+    kernels().bf16_mm(x2.data_ptr(), x2.shape[0], k, w.data_ptr(), out.data_ptr(), n, ISAS[isa])
+    return out
