@@ -46,7 +46,7 @@ def test_lora_linear_equals_peft(rslora):
     x = torch.randn(3, 5, 24)
     torch.testing.assert_close(ours(x), model(x), atol=1e-6, rtol=1e-6)
     merged = model.merge_and_unload().proj.weight
-    w = ours.proj.weight + adapter.delta()
+    w = lora.merged_state_dict(ours)["proj.weight"]
     torch.testing.assert_close(w, merged, atol=1e-6, rtol=1e-6)
 
 

@@ -83,10 +83,6 @@ class LoRA(nn.Module):
         y = F.linear(F.linear(x, self.A), self.B) * self.scale
         return fs_mappings.gather_from_model_parallel_region(y) if self.kind == "gather" else y
 
-    def delta(self) -> torch.Tensor:
-        """The update of this rank's weight: scale * B @ A, float32."""
-        return (self.B.float() @ self.A.float()) * self.scale
-
 
 def _add_lora(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
     lora = module.lora
@@ -154,15 +150,22 @@ def disabled(model: nn.Module) -> Iterator[None]:
             lora.enabled = True
 
 
+def merge(state: dict, scale: float) -> dict:
+    """A state dict holding adapters (full or one rank's) with each folded into its projection's
+    weight (W + scale B A, added in float32, stored in the weight's dtype) and the adapter keys left out."""
+    out = {k: v for k, v in state.items() if ".lora." not in k}
+    for name in {k.rsplit(".lora.", 1)[0] for k in state if ".lora." in k}:
+        w = out[name + ".weight"]
+        delta = (state[name + ".lora.B"].float() @ state[name + ".lora.A"].float()) * scale
+        out[name + ".weight"] = (w.float() + delta.to(w.device)).to(w.dtype)
+    return out
+
+
 @torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict:
-    """The model's state dict with every adapter folded into its projection's weight (W + scale B A,
-    added in float32, stored in the weight's dtype) and the adapter keys left out."""
-    state = {k: v for k, v in model.state_dict().items() if ".lora." not in k}
-    for name, lora in adapters(model).items():
-        w = state[name + ".weight"]
-        state[name + ".weight"] = (w.float() + lora.delta().to(w.device)).to(w.dtype)
-    return state
+    """The model's state dict with its adapters merged (`merge`)."""
+    found = list(adapters(model).values())
+    return merge(model.state_dict(), found[0].scale if found else 1.0)
 
 
 def base_shape(args: ModelArgs) -> dict:
