@@ -61,6 +61,7 @@ class Llama:
         draft_ckpt_dir: Optional[str] = None,
         speculate_k: Union[int, str] = speculative.DEFAULT_K,
         draft_parallel: str = speculative.REPLICATED,
+        adapter: Optional[str] = None,
     ) -> "Llama":
         """Load a Meta-format checkpoint and its tokenizer.
 
@@ -106,6 +107,7 @@ class Llama:
             draft_parallel: under torchrun, "replicated" (the default: the draft whole on every rank,
                 its steps talk to no one) or "sharded" (split over the model-parallel ranks like the
                 model, one all-reduce per projection pair); docs/benchmarks.md says which is faster.
+            adapter: a LoRA adapter directory (llama-finetune's OUT_DIR/adapter) applied unmerged.
 
         Works under torchrun (one process per model-parallel rank) and as a plain `python` call.
         """
@@ -116,7 +118,7 @@ class Llama:
         loaded = loader.load(
             ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, model_parallel_size, seed, device, dtype,
             rope_scale_factor, verify, quantize, group_size, quantize_output, draft_ckpt_dir,
-            draft_sharded=draft_parallel == speculative.SHARDED,
+            draft_sharded=draft_parallel == speculative.SHARDED, adapter=adapter,
         )
         speculator = None
         if loaded.draft is not None:

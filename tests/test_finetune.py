@@ -104,3 +104,22 @@ def test_resume_after_sigterm_ends_with_the_uninterrupted_weights(tmp_path, tiny
         torch.testing.assert_close(cut[k], whole[k], atol=0, rtol=0, msg=k)
     steps = [json.loads(l)["step"] for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_adapter_applies_unmerged_and_matches_the_merged_checkpoint(tmp_path, tiny_ckpt, byte_tokenizer, sft_file):
+    from llama.generation import Llama
+
+    run(tmp_path, "lora", tiny_ckpt, byte_tokenizer, sft_file, lora_rank=4, lora_targets="wq,wk,w1,output")
+    out = tmp_path / "lora"
+    common = dict(tokenizer_path=str(byte_tokenizer), max_seq_len=32, max_batch_size=1, device="cpu", dtype="float32")
+    merged = Llama.build(ckpt_dir=str(out / "model"), **common)
+    adapted = Llama.build(ckpt_dir=str(tiny_ckpt), adapter=str(out / "adapter"), **common)
+    tokens = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    want = merged.model.forward_train(tokens)
+    got = adapted.model.forward_train(tokens)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    base = Llama.build(ckpt_dir=str(tiny_ckpt), **common).model.forward_train(tokens)
+    assert (got - base).abs().max() > 1e-3
+    other = helpers.make_checkpoint(tmp_path / "other", params={**helpers.TINY_PARAMS, "dim": 128})
+    with pytest.raises(ValueError, match=r"was made for another model shape \(dim 64 \(model: 128\)"):
+        Llama.build(ckpt_dir=str(other), adapter=str(out / "adapter"), **common)

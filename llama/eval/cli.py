@@ -38,6 +38,7 @@ def cli(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     quantize: Optional[str] = None,
+    adapter: Optional[str] = None,
     output_path: Optional[str] = None,
     log_samples: bool = False,
     seed: int = 1234,
@@ -57,6 +58,7 @@ def cli(
         max_gen_toks: new tokens for generation tasks that do not set their own.
         device, dtype: where and in what precision to run (see Llama.build).
         quantize: int8 | int4 | fp8 weights, passed to Llama.build only when given.
+        adapter: a LoRA adapter directory (llama-finetune's OUT_DIR/adapter), applied unmerged.
         output_path: directory (or .json file) for lm-eval's results file, and samples files with
             --log_samples, in lm-eval's own format.
         log_samples: also write every request, response and per-sample score.
@@ -77,6 +79,7 @@ def cli(
     check_tokenizer(ckpt_dir, tokenizer_path)
     prepared = prepare_tasks(tasks, include_path)
     build = {"quantize": quantize} if quantize is not None else {}
+    build.update({"adapter": adapter} if adapter is not None else {})
     llama = build_generator(
         ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=batch_size, device=device, dtype=dtype, **build
     )

@@ -34,6 +34,7 @@ BLOCK_TARGETS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": 
 TARGETS = (*BLOCK_TARGETS, "output")
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo")
 CONFIG_FILE, WEIGHTS_FILE = "adapter.json", "adapter.pth"
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim")
 
 
@@ -200,7 +201,10 @@ def apply_adapter(model: nn.Module, adapter_dir: PathLike, mp_rank: int = 0, mp_
     the dtype of the model's weights; frozen and in eval mode."""
     args = model.params
     config, state = read_adapter(adapter_dir, args)
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    if any(p.weight.dtype not in FLOAT_DTYPES for _, p in projections(model, config.targets)):
+        raise ValueError(f"the adapter {adapter_dir} targets quantized projections: load the merged checkpoint "
+                         "(the fine-tune's model/) and quantize that, or load without --quantize")
+    dtype = next(p.weight.dtype for _, p in projections(model, config.targets))
     for name, lora in attach(model, config).items():
         a, b = state[name + ".lora.A"], state[name + ".lora.B"]
         if lora.kind == "row":
