@@ -195,11 +195,12 @@ def build_model(ckpt: str, settings: dict, dev: torch.device, dtype: torch.dtype
 
 def shard(model: nn.Module) -> None:
     """FSDP2 over every process: each block its own unit, then the rest (embedding, norm, output)."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for block in model.layers:
         fully_shard(block)
     fully_shard(model)
+    register_fsdp_forward_method(model, "forward_train")  # training calls it, not forward
 
 
 def main() -> None:
