@@ -78,3 +78,37 @@ def test_merge_disable_and_refusals():
         lora.attach(tiny_model(), lora.LoRAConfig(rank=65, alpha=1.0))
     with pytest.raises(ValueError, match="unknown LoRA target"):
         lora.parse_targets(["wq", "w4"])
+
+
+def test_exported_adapter_gives_our_loglikelihoods_in_peft(tmp_path, tiny_ckpt):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    from llama.weights import adapter_hf, convert, hf
+
+    model = tiny_model()
+    config = lora.LoRAConfig(rank=4, alpha=8.0, targets=lora.TARGETS, rslora=True)
+    with torch.no_grad():
+        for a in lora.attach(model, config).values():
+            a.B.normal_(std=0.05)
+    state = {k: v for k, v in model.state_dict().items() if ".lora." in k}
+    lora.save_adapter(state, config, model.params, tmp_path / "adapter")
+    convert.to_hf(str(tiny_ckpt), str(tmp_path / "hf"))
+    adapter_hf.adapter_to_peft(str(tmp_path / "adapter"), str(tmp_path / "peft"))
+    base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32, attn_implementation="eager")
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+
+    tokens = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(2))
+
+    def loglik(logits):
+        return torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+
+    with torch.no_grad():
+        ours = loglik(model.forward_train(tokens))
+        with lora.disabled(model):
+            assert (loglik(model.forward_train(tokens)) - ours).abs().max() > 1e-2  # the adapter matters
+        torch.testing.assert_close(loglik(theirs(tokens).logits), ours, atol=1e-4, rtol=0)
+        merged = theirs.merge_and_unload().state_dict()
+    params = helpers.TINY_PARAMS
+    for k, v in lora.merged_state_dict(model).items():
+        hf_key, want = hf.tensor_to_hf(k, v, params)
+        torch.testing.assert_close(merged[hf_key], want, atol=1e-6, rtol=1e-5, msg=k)

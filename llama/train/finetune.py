@@ -114,7 +114,9 @@ def finetune(
     tokenizer = Tokenizer(tok_path)
     items, eval_items = load_data(settings, tokenizer)
     weights_dtype = torch.float32 if dtype is None else parse_dtype(dtype)
-    autocast = autocast_for(dev)[0] if dtype is None else contextlib.nullcontext
+    autocast, use_bf16 = autocast_for(dev) if dtype is None else (contextlib.nullcontext, False)
+    if distributed.is_rank0():
+        logger.info("%d process(es) on %s: %s weights, bfloat16 autocast %s", world, dev, dtype_name(weights_dtype), "on" if use_bf16 else "off")
     model, adapter = build_model(ckpt, settings, dev, weights_dtype)
     ref = eval_ref = None
     if method == "dpo":

@@ -182,18 +182,24 @@ def save_adapter(state: dict, config: LoRAConfig, args: ModelArgs, out_dir: Path
         torch.save({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, tmp / WEIGHTS_FILE)
 
 
-def read_adapter(adapter_dir: PathLike, args: ModelArgs) -> tuple[LoRAConfig, dict]:
-    """(config, full state) of an adapter directory, checked against the base's shape `args`."""
+def read_adapter_files(adapter_dir: PathLike) -> tuple[dict, LoRAConfig, dict]:
+    """(adapter.json as written, config, full state) of an adapter directory, unchecked."""
     path = Path(adapter_dir)
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{path} is not an adapter directory ({CONFIG_FILE} and {WEIGHTS_FILE}): pass the adapter/ a fine-tune wrote")
     meta = json.loads((path / CONFIG_FILE).read_text())
-    want = base_shape(args)
-    if meta.get("base") != want:
-        diff = ", ".join(f"{k} {meta.get('base', {}).get(k)} (model: {want[k]})" for k in want if meta.get("base", {}).get(k) != want[k])
-        raise ValueError(f"the adapter {path} was made for another model shape ({diff}): pass the checkpoint it was trained on")
     config = LoRAConfig(int(meta["rank"]), float(meta["alpha"]), parse_targets(meta["targets"]), 0.0, bool(meta.get("rslora", False)))
-    return config, torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    return meta, config, torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+
+
+def read_adapter(adapter_dir: PathLike, args: ModelArgs) -> tuple[LoRAConfig, dict]:
+    """(config, full state) of an adapter directory, checked against the base's shape `args`."""
+    meta, config, state = read_adapter_files(adapter_dir)
+    want, have = base_shape(args), meta.get("base", {})
+    if have != want:
+        diff = ", ".join(f"{k} {have.get(k)} (model: {want[k]})" for k in want if have.get(k) != want[k])
+        raise ValueError(f"the adapter {adapter_dir} was made for another model shape ({diff}): pass the checkpoint it was trained on")
+    return config, state
 
 
 def apply_adapter(model: nn.Module, adapter_dir: PathLike, mp_rank: int = 0, mp_size: int = 1) -> LoRAConfig:
