@@ -1,6 +1,7 @@
 """`llama-finetune`: SFT or DPO of a Meta-format checkpoint, every weight or LoRA, on one process or
 several (torchrun: FSDP2), writing a Meta checkpoint that Llama.build and every script load."""
 import contextlib
+import copy
 import logging
 import os
 from functools import partial
@@ -118,16 +119,15 @@ def finetune(
     if distributed.is_rank0():
         logger.info("%d process(es) on %s: %s weights, bfloat16 autocast %s", world, dev, dtype_name(weights_dtype), "on" if use_bf16 else "off")
     model, adapter = build_model(ckpt, settings, dev, weights_dtype)
-    ref = eval_ref = None
-    if method == "dpo":
-        rows = max(1, batch_size // (world * grad_accum))
-        ref = loop.reference_logprobs(model, items, rows, dev, autocast)
-        eval_ref = loop.reference_logprobs(model, eval_items, rows, dev, autocast) if eval_items else None
+    frozen = copy.deepcopy(model).requires_grad_(False) if method == "dpo" and adapter is None else None
     if world > 1:
         shard(model)
+        if frozen is not None:
+            shard(frozen)
     opt = make_optimizer(model, lr, weight_decay)
     step = state.load_state(out, model, opt, settings, adapter is not None) if resume else 0
-    run = loop.Loop(model, opt, items, eval_items, settings, out, dev, autocast, adapter is not None, ref, eval_ref)
+    reference = loop.Reference(model, frozen, autocast) if method == "dpo" else None
+    run = loop.Loop(model, opt, items, eval_items, settings, out, dev, autocast, adapter is not None, reference)
     last = run.run(step)
     if run.stop_asked:
         return last

@@ -7,6 +7,7 @@ Every process reads the whole data set and takes its slice of each step, so a st
 only on (seed, step) and the same global batch gives the same update on any process count.
 FSDP2 averages gradients over the processes, so each one's loss is scaled by the process count.
 """
+import contextlib
 import logging
 import signal
 import time
@@ -21,6 +22,7 @@ from torch import nn
 from llama import distributed
 from llama.train import data, losses, state
 from llama.train.optim import lr_at
+from llama.weights import lora
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +41,7 @@ class Loop:
     device: torch.device
     autocast: Callable[[], torch.autocast]
     trainable_only: bool
-    ref: Optional[torch.Tensor] = None  # DPO: (n_pairs, 2) reference log-probs of chosen, rejected
-    eval_ref: Optional[torch.Tensor] = None
+    reference: Optional["Reference"] = None  # DPO's frozen reference
     stop_asked: bool = field(default=False, init=False)
 
     @property
@@ -148,21 +149,21 @@ class Loop:
                 "reward_chosen": torch.zeros(()), "reward_rejected": torch.zeros(())}
         tokens = 0
         for micro in self.micro_batches(indices):
-            terms, n_tokens = self._dpo_terms([self.items[i] for i in micro], self.ref[micro])
+            terms, n_tokens = self._dpo_terms([self.items[i] for i in micro])
             (terms["loss"].sum() / n_pairs * self.world).backward()
             for k, v in _dpo_summary(terms).items():
                 sums[k] += v.detach().cpu() / n_pairs
             tokens += n_tokens
         return {k: self._sum_over_processes(v) for k, v in sums.items()}, tokens
 
-    def _dpo_terms(self, pairs: list, ref: torch.Tensor) -> tuple[dict, int]:
+    def _dpo_terms(self, pairs: list) -> tuple[dict, int]:
         batch = data.collate(data.preference_rows(pairs), self.device)
         with self.autocast():
             logits = self.model.forward_train(batch["inputs"])
         logps = losses.sequence_logprobs(logits, batch["targets"])
+        ref = self.reference(batch)
         n = len(pairs)
-        ref = ref.to(logps.device)
-        return losses.dpo_terms(logps[:n], logps[n:], ref[:, 0], ref[:, 1], self.settings["beta"]), batch["inputs"].numel()
+        return losses.dpo_terms(logps[:n], logps[n:], ref[:n], ref[n:], self.settings["beta"]), batch["inputs"].numel()
 
     def _sum_over_processes(self, x: torch.Tensor) -> float:
         if self.world > 1:
@@ -182,7 +183,7 @@ class Loop:
             chunk = chunk or [start]  # every process runs each pass (FSDP2 gathers weights in step); weight 0 below
             weight = 1.0 if start + self.rank * per < n else 0.0
             if self.settings["method"] == "dpo":
-                terms, _ = self._dpo_terms([self.eval_items[i] for i in chunk], self.eval_ref[chunk])
+                terms, _ = self._dpo_terms([self.eval_items[i] for i in chunk])
                 summary = _dpo_summary(terms)
                 sums += weight * torch.stack([summary["loss"], torch.tensor(float(len(chunk))),
                                               summary["reward_accuracy"], summary["reward_margin"]]).cpu()
@@ -232,26 +233,23 @@ def distributed_cpu_group():
     return _cpu_group
 
 
-@torch.no_grad()
-def reference_logprobs(model: nn.Module, pairs: list, rows: int, device: torch.device, autocast) -> torch.Tensor:
-    """DPO's frozen reference, computed once before training: (n_pairs, 2) summed completion
-    log-probs of chosen and rejected under the model as loaded (adapters still zero, dropout off).
-    Every process computes its share; the sum over processes fills the table."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    out = torch.zeros(len(pairs), 2)
-    model.eval()
-    for start in range(0, len(pairs), rows * world):
-        chunk = list(range(start + rank * rows, min(start + (rank + 1) * rows, len(pairs)))) or [start]
-        batch = data.collate(data.preference_rows([pairs[i] for i in chunk]), device)
-        with autocast():
-            logps = losses.sequence_logprobs(model.forward_train(batch["inputs"]), batch["targets"]).float().cpu()
-        if start + rank * rows < len(pairs):
-            out[chunk, 0], out[chunk, 1] = logps[: len(chunk)], logps[len(chunk):]
-    if world > 1:
-        dist.all_reduce(out, group=distributed_cpu_group())
-    model.train()
-    return out
+class Reference:
+    """DPO's frozen reference: the summed completion log-probs of a batch's rows under the model as
+    loaded: the model itself with its adapters switched off (LoRA: the base is frozen), or a frozen
+    copy of it made before training (every weight trains). Computed with each batch, dropout off."""
+
+    def __init__(self, model: nn.Module, frozen: Optional[nn.Module], autocast: Callable[[], torch.autocast]):
+        self.model, self.frozen, self.autocast = model, frozen, autocast
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> torch.Tensor:
+        model = self.frozen if self.frozen is not None else self.model
+        was_training = model.training
+        model.eval()
+        with (lora.disabled(model) if self.frozen is None else contextlib.nullcontext()), self.autocast():
+            logps = losses.sequence_logprobs(model.forward_train(batch["inputs"]), batch["targets"])
+        model.train(was_training)
+        return logps
 
 
 def check_batch(batch_size: int, grad_accum: int, world: int) -> None:
