@@ -138,9 +138,9 @@ class Loop:
         return {"loss": self._sum_over_processes(total)}, tokens
 
     def _loss_sum(self, batch: dict) -> torch.Tensor:
-        positions = batch["positions"] if self.settings["packing"] else None
+        positions = batch["positions"] if self.settings["packing"] else None  # padded rows: plain causal attention
         with self.autocast():
-            logits = self.model.forward_train(batch["inputs"], positions) if positions is not None else self.model.forward_train(batch["inputs"])
+            logits = self.model.forward_train(batch["inputs"], positions)
         return losses.token_loss_sum(logits, batch["targets"])
 
     def _dpo_step(self, indices: list[int]) -> tuple[dict, int]:
