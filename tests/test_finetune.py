@@ -1,9 +1,13 @@
 """llama-finetune (llama/train/): one SFT step against a plain PyTorch loop written here, gradient
-accumulation against one larger batch, resuming after SIGTERM against an uninterrupted run, and the
-refusals."""
+accumulation against one larger batch, resuming after SIGTERM and after SIGKILL at a random moment
+against an uninterrupted run, adapters applied by Llama.build, and the refusals."""
 import json
 import os
+import random
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -104,6 +108,25 @@ def test_resume_after_sigterm_ends_with_the_uninterrupted_weights(tmp_path, tiny
         torch.testing.assert_close(cut[k], whole[k], atol=0, rtol=0, msg=k)
     steps = [json.loads(l)["step"] for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+    # SIGKILL at a random moment after training has started (while stepping, saving, or done), then resume
+    flags = [f"--data={sft_file}", f"--out_dir={tmp_path / 'killed'}", f"--ckpt_dir={tiny_ckpt}", f"--tokenizer_path={byte_tokenizer}",
+             "--max_steps=4", "--batch_size=4", "--lr=0.01", "--warmup=1", "--max_seq_len=64", "--dtype=float32", "--seed=3",
+             "--lora_rank=2", "--lora_dropout=0.1", "--save_every=1"]
+    proc = subprocess.Popen([sys.executable, "scripts/finetune.py", *flags], cwd=helpers.REPO, env=helpers.child_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 60
+    while proc.poll() is None and not (metrics.is_file() and metrics.read_text()) and time.time() < deadline:
+        time.sleep(0.02)
+    delay = random.SystemRandom().uniform(0, 0.3)
+    time.sleep(delay)
+    proc.kill()
+    proc.wait()
+    run(tmp_path, "killed", tiny_ckpt, byte_tokenizer, sft_file, resume=True, **common)
+    killed = weights(tmp_path / "killed")
+    for k in whole:
+        torch.testing.assert_close(killed[k], whole[k], atol=0, rtol=0, msg=f"{k} (killed {delay:.2f} s after the first step)")
 
 
 def test_adapter_applies_unmerged_and_matches_the_merged_checkpoint(tmp_path, tiny_ckpt, byte_tokenizer, sft_file):
