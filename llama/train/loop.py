@@ -106,7 +106,8 @@ class Loop:
         return [mine[i : i + n] for i in range(0, per_rank, n)]
 
     def train_step(self, step: int) -> dict:
-        """One optimizer step: {loss, lr, grad_norm, tokens (this process's inputs), and DPO's rewards}."""
+        """One optimizer step: {loss, lr, grad_norm, DPO's rewards, and tokens: the real (unpadded)
+        input tokens of the whole step, every process's}."""
         s = self.settings
         lr = lr_at(step, s["max_steps"], s["warmup"], s["lr"], s["min_lr"])
         for group in self.opt.param_groups:
@@ -120,22 +121,20 @@ class Loop:
         grad_norm = nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], s["max_grad_norm"])
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        record = {"loss": sums["loss"], "lr": lr, "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)}
-        record.update({k: v for k, v in sums.items() if k != "loss"})
-        record["tokens"] = tokens
-        return record
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        return {**sums, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens}
 
     def _sft_step(self, indices: list[int]) -> tuple[dict, int]:
         rows = [self.items[i] for i in indices]
         n_trained = sum(sum(t != data.IGNORE for t in r.targets) for r in rows)  # the whole step's, every process's
-        total, tokens = torch.zeros(()), 0
+        total = torch.zeros(())
         for micro in self.micro_batches(indices):
             batch = data.collate([self.items[i] for i in micro], self.device)
             loss = self._loss_sum(batch) / n_trained
             (loss * self.world).backward()
             total += loss.detach().cpu()
-            tokens += batch["inputs"].numel()
-        return {"loss": self._sum_over_processes(total)}, tokens
+        return {"loss": self._sum_over_processes(total)}, sum(len(r.inputs) for r in rows)
 
     def _loss_sum(self, batch: dict) -> torch.Tensor:
         positions = batch["positions"] if self.settings["packing"] else None  # padded rows: plain causal attention
@@ -147,23 +146,22 @@ class Loop:
         n_pairs = len(indices)
         sums = {"loss": torch.zeros(()), "reward_accuracy": torch.zeros(()), "reward_margin": torch.zeros(()),
                 "reward_chosen": torch.zeros(()), "reward_rejected": torch.zeros(())}
-        tokens = 0
         for micro in self.micro_batches(indices):
-            terms, n_tokens = self._dpo_terms([self.items[i] for i in micro])
+            terms = self._dpo_terms([self.items[i] for i in micro])
             (terms["loss"].sum() / n_pairs * self.world).backward()
             for k, v in _dpo_summary(terms).items():
                 sums[k] += v.detach().cpu() / n_pairs
-            tokens += n_tokens
+        tokens = sum(c.n_inputs + r.n_inputs for c, r in (self.items[i] for i in indices))
         return {k: self._sum_over_processes(v) for k, v in sums.items()}, tokens
 
-    def _dpo_terms(self, pairs: list) -> tuple[dict, int]:
+    def _dpo_terms(self, pairs: list) -> dict:
         batch = data.collate(data.preference_rows(pairs), self.device)
         with self.autocast():
             logits = self.model.forward_train(batch["inputs"])
         logps = losses.sequence_logprobs(logits, batch["targets"])
         ref = self.reference(batch)
         n = len(pairs)
-        return losses.dpo_terms(logps[:n], logps[n:], ref[:n], ref[n:], self.settings["beta"]), batch["inputs"].numel()
+        return losses.dpo_terms(logps[:n], logps[n:], ref[:n], ref[n:], self.settings["beta"])
 
     def _sum_over_processes(self, x: torch.Tensor) -> float:
         if self.world > 1:
@@ -183,7 +181,7 @@ class Loop:
             chunk = chunk or [start]  # every process runs each pass (FSDP2 gathers weights in step); weight 0 below
             weight = 1.0 if start + self.rank * per < n else 0.0
             if self.settings["method"] == "dpo":
-                terms, _ = self._dpo_terms([self.eval_items[i] for i in chunk])
+                terms = self._dpo_terms([self.eval_items[i] for i in chunk])
                 summary = _dpo_summary(terms)
                 sums += weight * torch.stack([summary["loss"], torch.tensor(float(len(chunk))),
                                               summary["reward_accuracy"], summary["reward_margin"]]).cpu()
