@@ -54,6 +54,7 @@ def main(
     draft_ckpt_dir: Optional[str] = None,
     speculate: bool = False,
     speculate_k: Union[int, str] = 4,
+    adapter: Optional[str] = None,
 ):
     """Complete a few example prompts.
 
@@ -79,6 +80,7 @@ def main(
             speculate_k tokens per step, the model verifies them in one pass (greedy output unchanged).
         speculate: decode speculatively; with the demo model and no draft_ckpt_dir, its bundled draft.
         speculate_k: draft tokens proposed per step, 1 to 16, or auto (adapted after each step).
+        adapter: a LoRA adapter directory (llama-finetune's OUT_DIR/adapter), applied unmerged.
     """
     demo = ckpt_dir is None and tokenizer_path is None
     generator = build_generator(
@@ -96,6 +98,7 @@ def main(
         speculate=speculate,
         draft_ckpt_dir=draft_ckpt_dir,
         speculate_k=speculate_k,
+        adapter=adapter,
     )
     prompts = DEMO_PROMPTS if demo else PROMPTS
     results = generator.text_completion(prompts, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)

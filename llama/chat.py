@@ -189,6 +189,7 @@ def chat(
     draft_ckpt_dir: Optional[str] = None,
     speculate: bool = False,
     speculate_k: Union[int, str] = 4,
+    adapter: Optional[str] = None,
 ):
     """Chat with a Llama 3 instruct checkpoint, or with no arguments the bundled demo model.
 
@@ -220,6 +221,7 @@ def chat(
             speculate_k tokens per step, the model verifies them in one pass (greedy output unchanged).
         speculate: decode speculatively; with the demo model and no draft_ckpt_dir, its bundled draft.
         speculate_k: draft tokens proposed per step, 1 to 16, or auto (adapted after each step).
+        adapter: a LoRA adapter directory (llama-finetune's OUT_DIR/adapter), applied unmerged.
     """
     generator = launch.build_generator(
         ckpt_dir,
@@ -235,6 +237,7 @@ def chat(
         speculate=speculate,
         draft_ckpt_dir=draft_ckpt_dir,
         speculate_k=speculate_k,
+        adapter=adapter,
     )
     tty = sys.stdin.isatty()
     if tty:

@@ -6,12 +6,12 @@ from typing import Iterator, List, Optional, TypedDict, Union
 
 import torch
 
-from llama import distributed, kv_cache, structured, validation
+from llama import distributed, kv_cache, validation
 from llama.engine import Engine, NonFiniteLogitsError, Request, SequenceState, speculative  # noqa: F401 (re-exported)
 from llama.model import Transformer
 from llama.runtime.compiled import CompiledStep, mark_static, static_cache_len
 from llama.runtime.policy import Policy
-from llama.sampling import sample_top_p  # noqa: F401 (Meta's API: llama.generation.sample_top_p)
+from llama.sampling import sample_top_p, sampling_options  # noqa: F401 (Meta's API: llama.generation.sample_top_p)
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
 from llama.weights import loader
 
@@ -61,6 +61,7 @@ class Llama:
         draft_ckpt_dir: Optional[str] = None,
         speculate_k: Union[int, str] = speculative.DEFAULT_K,
         draft_parallel: str = speculative.REPLICATED,
+        adapter: Optional[str] = None,
     ) -> "Llama":
         """Load a Meta-format checkpoint and its tokenizer.
 
@@ -106,6 +107,7 @@ class Llama:
             draft_parallel: under torchrun, "replicated" (the default: the draft whole on every rank,
                 its steps talk to no one) or "sharded" (split over the model-parallel ranks like the
                 model, one all-reduce per projection pair); docs/benchmarks.md says which is faster.
+            adapter: a LoRA adapter directory (llama-finetune's OUT_DIR/adapter) applied unmerged.
 
         Works under torchrun (one process per model-parallel rank) and as a plain `python` call.
         """
@@ -116,7 +118,7 @@ class Llama:
         loaded = loader.load(
             ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, model_parallel_size, seed, device, dtype,
             rope_scale_factor, verify, quantize, group_size, quantize_output, draft_ckpt_dir,
-            draft_sharded=draft_parallel == speculative.SHARDED,
+            draft_sharded=draft_parallel == speculative.SHARDED, adapter=adapter,
         )
         speculator = None
         if loaded.draft is not None:
@@ -377,17 +379,6 @@ class Llama:
         if "tool_calls" not in message:
             return {"role": "assistant", "content": message["content"]}
         return message
-
-
-def sampling_options(top_k: int = 0, min_p: float = 0.0, response_format: Optional[dict] = None) -> dict:
-    """Checked Request fields beyond temperature and top_p: top_k (sample among the k most likely
-    tokens; 0: all), min_p (among those at least min_p times as likely as the most likely one) and
-    response_format (OpenAI's {"type": "json_object"} or {"type": "json_schema", "json_schema":
-    {"name", "schema"}}: every answer parses as JSON and follows the schema; llama.structured)."""
-    validation.check_int("top_k", top_k, minimum=0)
-    validation.check_real("min_p", min_p, minimum=0, maximum=1)
-    structured.check_response_format(response_format)
-    return {"top_k": top_k, "min_p": float(min_p), "response_format": response_format}
 
 
 def _log_draft(draft_dir: str, k: Union[int, str], parallel: str) -> None:

@@ -272,9 +272,15 @@ class Transformer(nn.Module):
             self.setup_cache(self.params.max_batch_size, self.params.max_seq_len)
         return self._forward(tokens, start_pos, output_index, use_cache=True, row0=row0, kv_len=kv_len)
 
-    def forward_train(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (float32) of a whole causal sequence from position 0, without the KV cache, with autograd."""
-        return self._forward(tokens, 0, None, use_cache=False)
+    def forward_train(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (float32) of a whole causal sequence from position 0, without the KV cache, with autograd.
+
+        `positions` (bsz, seqlen): several sequences packed in each row, each numbered from 0 where
+        it starts; a token then attends only to the earlier tokens of its own sequence.
+        """
+        if positions is None:
+            return self._forward(tokens, 0, None, use_cache=False)
+        return self._forward(tokens, positions, None, use_cache=False, packed=True)
 
     def _forward(
         self,
@@ -284,6 +290,7 @@ class Transformer(nn.Module):
         use_cache: bool,
         row0: int = 0,
         kv_len: Optional[int] = None,
+        packed: bool = False,
     ) -> torch.Tensor:
         bsz, seqlen = tokens.shape
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
@@ -298,6 +305,11 @@ class Transformer(nn.Module):
                 # new tokens see every cached one and causally each other: (1, 1, seqlen, start_pos + seqlen)
                 mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=h.device)
                 mask = mask.tril(diagonal=start_pos)[None, None]
+        elif packed:  # start_pos holds each token's position: sequence k of a row = tokens after its k-th 0
+            freqs_cis = rope[start_pos]
+            seq = (start_pos == 0).cumsum(dim=1)  # (bsz, seqlen)
+            causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=h.device).tril()
+            mask = ((seq[:, :, None] == seq[:, None, :]) & causal)[:, None]  # (bsz, 1, seqlen, seqlen)
         else:
             pos = start_pos[:, None] + torch.arange(seqlen, device=h.device)  # (bsz, seqlen)
             freqs_cis = rope[pos]

@@ -1,10 +1,13 @@
 """The sampling math: from logits to tokens (greedy, temperature, nucleus), the distributions
 speculative decoding compares, and the check that logits can be sampled at all. Pure functions of
-tensors; nothing here knows about sequences or the model."""
+tensors; nothing here knows about sequences or the model. Also the one check of the sampling options
+beyond temperature and top_p that the library takes (`sampling_options`)."""
 import math
 from typing import List, Optional, Tuple, Union
 
 import torch
+
+from llama import structured, validation
 
 
 class NonFiniteLogitsError(ValueError):
@@ -135,3 +138,14 @@ def top_logprobs(lsm: torch.Tensor, k: int) -> List[List[Tuple[int, float]]]:
     """The k most likely tokens of each row of log-probs (rows, vocab): [(token, logprob), ...]."""
     values, indices = torch.topk(lsm, min(k, lsm.shape[-1]), dim=-1)  # (rows, k) each
     return [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+
+
+def sampling_options(top_k: int = 0, min_p: float = 0.0, response_format: Optional[dict] = None) -> dict:
+    """Checked Request fields beyond temperature and top_p: top_k (sample among the k most likely
+    tokens; 0: all), min_p (among those at least min_p times as likely as the most likely one) and
+    response_format (OpenAI's {"type": "json_object"} or {"type": "json_schema", "json_schema":
+    {"name", "schema"}}: every answer parses as JSON and follows the schema; llama.structured)."""
+    validation.check_int("top_k", top_k, minimum=0)
+    validation.check_real("min_p", min_p, minimum=0, maximum=1)
+    structured.check_response_format(response_format)
+    return {"top_k": top_k, "min_p": float(min_p), "response_format": response_format}

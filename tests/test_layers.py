@@ -31,7 +31,7 @@ LAYERS: List[List[str]] = [
     # the Llama facade
     ["llama.generation"],
     # what users run: the server, evaluation, the interactive chat, the commands' shared start-up
-    ["llama.serve", "llama.eval", "llama.chat", "llama.launch"],
+    ["llama.serve", "llama.eval", "llama.chat", "llama.launch", "llama.train"],
     # the package's public names
     ["llama"],
 ]

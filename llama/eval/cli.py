@@ -39,6 +39,7 @@ def cli(
     dtype: Optional[str] = None,
     remeasure: bool = False,
     quantize: Optional[str] = None,
+    adapter: Optional[str] = None,
     output_path: Optional[str] = None,
     log_samples: bool = False,
     seed: int = 1234,
@@ -60,6 +61,7 @@ def cli(
         remeasure: time this machine's kernels again instead of reading the choice an earlier run kept
             (also LLAMA_REMEASURE=1).
         quantize: int8 | int4 | fp8 weights, passed to Llama.build only when given.
+        adapter: a LoRA adapter directory (llama-finetune's OUT_DIR/adapter), applied unmerged.
         output_path: directory (or .json file) for lm-eval's results file, and samples files with
             --log_samples, in lm-eval's own format.
         log_samples: also write every request, response and per-sample score.
@@ -80,6 +82,7 @@ def cli(
     check_tokenizer(ckpt_dir, tokenizer_path)
     prepared = prepare_tasks(tasks, include_path)
     build = {"quantize": quantize} if quantize is not None else {}
+    build.update({"adapter": adapter} if adapter is not None else {})
     llama = build_generator(
         ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=batch_size, device=device, dtype=dtype, remeasure=remeasure, **build
     )

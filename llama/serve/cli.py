@@ -84,6 +84,7 @@ def serve(
     draft_ckpt_dir: Optional[str] = None,
     speculate: bool = False,
     speculate_k: Union[int, str] = 4,
+    adapter: Optional[str] = None,
     max_request_bytes: int = 4 * 2**20,
     max_connections: int = 512,
     request_timeout: float = 30.0,
@@ -108,6 +109,7 @@ def serve(
         model_name: the model's id in the API (default: the checkpoint directory's name).
         draft_ckpt_dir, speculate, speculate_k: speculative decoding with a draft model, as the
             example scripts (docs/speculative.md).
+        adapter: a LoRA adapter directory (llama-finetune's OUT_DIR/adapter), applied unmerged.
         max_request_bytes: the largest request body (default 4 MiB); a larger one is answered 413
             without being read.
         max_connections: open connections at most (default 512); more are answered 503 and closed.
@@ -131,7 +133,8 @@ def serve(
     api_key = api_key or os.environ.get("LLAMA_API_KEY") or None
     llama = build_generator(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                             device=device, dtype=dtype, remeasure=remeasure, compile=compile, quantize=quantize, group_size=group_size,
-                            speculate=speculate, draft_ckpt_dir=draft_ckpt_dir, speculate_k=speculate_k)
+                            speculate=speculate, draft_ckpt_dir=draft_ckpt_dir, speculate_k=speculate_k,
+                            adapter=adapter)
     loop = EngineLoop(llama.engine(max_batch_size, max_seq_len), max_queue)
     if not distributed.is_rank0():
         _follow(loop)

@@ -346,7 +346,9 @@ def main() -> None:
     """Console entry point (llama-convert)."""
     from llama.cli import run
 
-    run({"to_hf": to_hf, "from_hf": from_hf}, errors=(KeyError,))
+    from llama.weights.adapter_hf import adapter_to_peft
+
+    run({"to_hf": to_hf, "from_hf": from_hf, "adapter_to_peft": adapter_to_peft}, errors=(KeyError,))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from llama.model import Transformer
 from llama.runtime import policy as policies
 from llama.runtime import probes
 from llama.tokenizer import Tokenizer
-from llama.weights import sharding
+from llama.weights import lora, sharding
 from llama.weights.checklist import verify_checklist
 from llama.weights.checkpoint import TIED_KEY, PathLike, inspect_checkpoint, read_params, shard_paths
 from llama.weights.quant_formats import QuantConfig, model_parallel_max, resolve
@@ -60,9 +60,10 @@ def load(
     quantize_output: bool = True,
     draft_ckpt_dir: Optional[PathLike] = None,
     draft_sharded: bool = False,
+    adapter: Optional[PathLike] = None,
 ) -> Loaded:
     """Set up the device and the model-parallel group and load the checkpoint, its tokenizer and
-    (with `draft_ckpt_dir`) a draft model; the arguments are Llama.build's (`draft_sharded`: its
+    (with `draft_ckpt_dir`) a draft model, and an `adapter` (LoRA, unmerged); the arguments are Llama.build's (`draft_sharded`: its
     draft_parallel is "sharded"). Raises ValueError / FileNotFoundError with one line saying what
     is wrong."""
     device = distributed.resolve_device(device)
@@ -95,6 +96,8 @@ def load(
     model = load_model(
         ckpt_dir, args, distributed.model_parallel_rank(), mp_size, device, policy.weights, quant, compute_dtype=forced_dtype
     )
+    if adapter is not None:
+        lora.apply_adapter(model, adapter, distributed.model_parallel_rank(), mp_size)
     # quantized products pick their own kernel and compute dtype (llama.runtime.quant_choice)
     reason = f"{quant.name} weights: quant_choice.quantized_kernel picks theirs" if quant is not None else ""
     model_policy = policy if quant is None else policies.uniform(policy.weights, reason=reason)

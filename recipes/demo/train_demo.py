@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import ModelArgs, Tokenizer, Transformer, cli, distributed
-from llama.runtime import probes
+from llama.train.optim import autocast_for, lr_at, make_optimizer
 from llama.weights.save import save_checkpoint
 from train_data import batch_for_step, load_data, windows
 from warm_start import load_trained, warm_start
@@ -40,13 +40,6 @@ DEMO_PARAMS = {
     "norm_eps": 1e-5,
     "rope_theta": 500000.0,
 }
-
-
-def lr_at(step: int, max_steps: int, warmup: int, lr: float, min_lr: float) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
@@ -186,17 +179,6 @@ def set_up(
     return dev, data, {**DEMO_PARAMS, **(params or {}), "vocab_size": tokenizer.n_words}
 
 
-def autocast_for(dev: torch.device) -> tuple[Callable[[], torch.autocast], bool]:
-    """The forward passes' autocast context and whether it casts: to bfloat16 where the device's policy
-    computes large products (as training's are) in bfloat16; master weights stay float32."""
-    use_bf16 = probes.policy_for(dev).prefill.dtype == torch.bfloat16
-
-    def autocast() -> torch.autocast:
-        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-    return autocast, use_bf16
-
-
 def start_from(
     init_from: str, model: Transformer, data: dict, dev: torch.device, autocast: Callable[[], torch.autocast],
     transfer_steps: int, transfer_lr: float, batch_size: int, seq_len: int, chat_fraction: float, seed: int,
@@ -300,16 +282,6 @@ class Trainer:
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": step, "best": best}
         torch.save(state, self.work / "state.tmp")
         (self.work / "state.tmp").replace(self.work / "state.pt")
-
-
-def make_optimizer(model: Transformer, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW (betas 0.9, 0.95) with weight decay on the weight matrices only, not the norms."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.95), eps=1e-8,
-    )
 
 
 def resume(state_path: Path, model: Transformer, opt: torch.optim.Optimizer, device: torch.device) -> tuple[int, float]:
