@@ -93,6 +93,10 @@ class Engine:
     def n_running(self) -> int:
         return len(self.scheduler.running)
 
+    def stats(self) -> Dict[str, int]:
+        """The engine's gauges and counters (the server's /metrics): running and waiting sequences."""
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting)}
+
     def run(self) -> Iterator[List[Event]]:
         """Step until every sequence has finished; yield each step's events."""
         while self.busy:

@@ -39,6 +39,8 @@ class Service:
     max_queue: int
     max_request_bytes: int
     draining: bool = False  # shutting down: new requests get 503
+    metrics: Optional[Any] = None  # llama.serve.metrics.Metrics: GET /metrics (None: no such route)
+    metrics_key: Optional[str] = None  # the key GET /metrics asks for (None: none)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -60,6 +62,11 @@ def create_app(service: Service) -> FastAPI:
     app.add_api_route("/v1/models/{name:path}", model, methods=["GET"])
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    if service.metrics is not None:
+        app.add_api_route("/metrics", metrics, methods=["GET"])
+        from llama.serve.metrics import CountRequests
+
+        app.add_middleware(CountRequests, metrics=service.metrics)
     return app
 
 
@@ -310,3 +317,13 @@ async def chat_chunks(service: Service, handle: Handle, f: dict, prompt: List[in
 
 def _head(rid: str, obj: str, created: int, model_name: str, choices: list) -> dict:
     return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": choices}
+
+
+@guarded
+async def metrics(request: HTTPRequest) -> Any:
+    """The Prometheus metrics; behind --metrics_key when one is set, never behind --api_key."""
+    service = service_of(request)
+    protocol.check_key(service.metrics_key, request.headers.get("authorization"))
+    from llama.serve.metrics import CONTENT_TYPE
+
+    return Response(service.metrics.render(), media_type=CONTENT_TYPE)

@@ -88,6 +88,7 @@ def serve(
     request_timeout: float = 30.0,
     keep_alive_timeout: float = 5.0,
     drain_timeout: float = 20.0,
+    metrics_key: Optional[str] = None,
 ) -> None:
     """Serve a Llama 3 model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models).
 
@@ -116,6 +117,9 @@ def serve(
             20: within the 30 s that torchrun and Kubernetes wait before they kill; new requests get
             503 meanwhile); the rest then end with finish_reason "length", every stream with [DONE],
             and the process exits 0. A second signal ends them at once.
+        metrics_key: the key GET /metrics (Prometheus' text format; needs prometheus_client, in the
+            serve extra) asks for as 'Authorization: Bearer <key>'; default: none (the metrics are
+            not behind --api_key).
 
     Under torchrun, every rank loads its part; rank 0 serves HTTP and leads the steps (and the
     shutdown: the other ranks ignore the signals and stop when it does).
@@ -129,7 +133,9 @@ def serve(
     llama = build_generator(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                             device=device, dtype=dtype, compile=compile, quantize=quantize, group_size=group_size,
                             speculate=speculate, draft_ckpt_dir=draft_ckpt_dir, speculate_k=speculate_k)
-    loop = EngineLoop(llama.engine(max_batch_size, max_seq_len), max_queue)
+    engine = llama.engine(max_batch_size, max_seq_len)
+    metrics = _metrics(engine, llama.tokenizer.stop_tokens) if distributed.is_rank0() else None
+    loop = EngineLoop(engine, max_queue, metrics)
     if not distributed.is_rank0():
         _follow(loop)
         return
@@ -137,10 +143,20 @@ def serve(
         model_name = os.path.basename(os.path.normpath(ckpt_dir)) if ckpt_dir else "llama3-demo"
     warn_if_open(host, api_key)
     service = Service(Shaper(llama.tokenizer, llama.formatter, model_name), loop, api_key, max_seq_len, max_queue,
-                      max_request_bytes)
+                      max_request_bytes, metrics=metrics, metrics_key=metrics_key)
     logger.info("Serving %s on http://%s:%d/v1 (%d rows of %d tokens, queue %d)", model_name, host, port,
                 max_batch_size, max_seq_len, max_queue)
     _lead(service, host, port, max_connections, request_timeout, keep_alive_timeout, drain_timeout)
+
+
+def _metrics(engine, stop_tokens):
+    """The server's metrics over `engine`, or None (and a warning) without prometheus_client."""
+    from llama.serve import metrics
+
+    if not metrics.available():
+        logger.warning("GET /metrics is off: install prometheus_client (pip install 'llama3-ref[serve]')")
+        return None
+    return metrics.Metrics(engine.stats, stop_tokens)
 
 
 def _follow(loop: EngineLoop) -> None:

@@ -1,0 +1,75 @@
+"""GET /metrics: Prometheus' text format, read back with prometheus_client's own parser, its counters
+matching the requests sent; and the serving engine's KV cache as the server reports it."""
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import helpers
+
+METRICS_KEY = "metrics-key"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt, byte_tokenizer, tmp_path_factory):
+    served = helpers.start_server(tmp_path_factory.mktemp("metrics"), tiny_ckpt, byte_tokenizer,
+                                  extra=("--metrics_key", METRICS_KEY))
+    yield served
+    helpers.stop_server(served)
+
+
+def scrape(served: helpers.Served) -> dict:
+    """{(sample name, sorted labels): value} of the server's /metrics."""
+    r = httpx.get(served.base + "/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"}, timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def test_metrics_count_the_requests_sent(server):
+    client = server.client()
+    before = scrape(server)
+    answers = [client.completions.create(model=server.model, prompt=p, max_tokens=n, temperature=0)
+               for p, n in [("Hello", 7), ("Count me", 3), ("x", 5)]]
+    answers.append(client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=4, temperature=0))
+    stream = list(client.completions.create(model=server.model, prompt="Stream", max_tokens=6, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    answers.append(stream[-1])
+    reasons = [a.choices[0].finish_reason for a in answers[:4]] + [stream[-2].choices[0].finish_reason]
+    assert httpx.post(server.base + "/v1/completions", json={"prompt": "x"}, timeout=10).status_code == 401  # no key
+    after = scrape(server)
+
+    def grew(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew("llama_requests_total", endpoint="/v1/completions", status="200") == 4
+    assert grew("llama_requests_total", endpoint="/v1/chat/completions", status="200") == 1
+    assert grew("llama_requests_total", endpoint="/v1/completions", status="401") == 1
+    assert grew("llama_prompt_tokens_total") == sum(a.usage.prompt_tokens for a in answers)
+    assert grew("llama_generation_tokens_total") == sum(a.usage.completion_tokens for a in answers)
+    for name in ("llama_time_to_first_token_seconds_count", "llama_e2e_request_latency_seconds_count"):
+        assert grew(name) == 5
+    token_events = sum(a.usage.completion_tokens for a in answers) + reasons.count("stop")  # a stop token is timed
+    assert grew("llama_inter_token_latency_seconds_count") == token_events - 5
+    assert after[("llama_running", ())] == 0 and after[("llama_waiting", ())] == 0
+
+
+def test_metrics_ask_their_own_key_not_the_api_key(server):
+    url = server.base + "/metrics"
+    assert httpx.get(url, timeout=10).status_code == 401
+    assert httpx.get(url, headers={"Authorization": f"Bearer {helpers.SERVER_KEY}"}, timeout=10).status_code == 401
+
+
+def test_metrics_are_open_without_a_metrics_key():
+    from starlette.testclient import TestClient
+
+    from llama.serve.app import Service, create_app
+    from llama.serve.metrics import Metrics
+
+    service = Service(None, None, "api-key", 64, 4, 1024, metrics=Metrics(lambda: {"running": 2, "waiting": 1}))
+    with TestClient(create_app(service)) as client:
+        r = client.get("/metrics")
+    assert r.status_code == 200
+    samples = {s.name: s.value for f in text_string_to_metric_families(r.text) for s in f.samples}
+    assert samples["llama_running"] == 2 and samples["llama_waiting"] == 1
