@@ -5,14 +5,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import helpers
+from llama import Llama
 
 METRICS_KEY = "metrics-key"
+KV_TOKENS = 64  # 4 blocks of 16 for 4 sequences of up to 64 tokens: they preempt each other
 
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt, byte_tokenizer, tmp_path_factory):
     served = helpers.start_server(tmp_path_factory.mktemp("metrics"), tiny_ckpt, byte_tokenizer,
-                                  extra=("--metrics_key", METRICS_KEY))
+                                  extra=("--metrics_key", METRICS_KEY, "--kv_cache_tokens", str(KV_TOKENS)))
     yield served
     helpers.stop_server(served)
 
@@ -53,6 +55,35 @@ def test_metrics_count_the_requests_sent(server):
     token_events = sum(a.usage.completion_tokens for a in answers) + reasons.count("stop")  # a stop token is timed
     assert grew("llama_inter_token_latency_seconds_count") == token_events - 5
     assert after[("llama_running", ())] == 0 and after[("llama_waiting", ())] == 0
+
+
+def test_a_small_kv_cache_preempts_and_answers_what_generate_gives(server, tiny_ckpt, byte_tokenizer):
+    llama = Llama.build(str(tiny_ckpt), str(byte_tokenizer), max_seq_len=96, max_batch_size=4, device="cpu",
+                        dtype="float32")
+    prompts, lengths = ["Hello there", "Preempt me", "Another one", "And the last"], [40, 45, 38, 42]
+    before = scrape(server)
+    results = helpers.concurrent_completions(server, prompts, lengths, stagger=0.02)
+    helpers.check_against_generate(llama, results, prompts, lengths)
+    after = scrape(server)
+    assert after[("llama_preemptions_total", ())] > before.get(("llama_preemptions_total", ()), 0)
+    assert after[("llama_kv_blocks_used", ())] == 0 and after[("llama_kv_blocks_free", ())] == KV_TOKENS // 16
+    client = server.client()
+    with pytest.raises(Exception, match="exceed the KV cache's 64 tokens") as e:  # never fits: 400 at once
+        client.completions.create(model=server.model, prompt="Too long", max_tokens=60, temperature=0)
+    assert e.value.status_code == 400
+
+
+def test_usage_says_how_many_prompt_tokens_came_from_the_prefix_cache(server):
+    client, prompt = server.client(), "A prompt of forty bytes, more or less..."  # 41 tokens: 2 full blocks
+    before = scrape(server)
+    first, second = [client.completions.create(model=server.model, prompt=prompt, max_tokens=5, temperature=0)
+                     for _ in range(2)]
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == 32
+    assert second.choices[0].text == first.choices[0].text
+    after = scrape(server)
+    assert after[("llama_prefix_cache_hits_total", ())] - before[("llama_prefix_cache_hits_total", ())] == 32
+    assert after[("llama_prefix_cache_queries_total", ())] - before[("llama_prefix_cache_queries_total", ())] == 82
 
 
 def test_metrics_ask_their_own_key_not_the_api_key(server):

@@ -4,10 +4,11 @@ from typing import Deque, Dict, Iterator, List, Optional
 
 import torch
 
-from llama import validation
+from llama import kv_cache, validation
 from llama.runtime import policy as kernel_policy
+from llama.engine.blocks import BlockManager
 from llama.engine.runner import Runner, StepFn
-from llama.engine.scheduler import Scheduler
+from llama.engine.scheduler import BlockScheduler, Scheduler
 from llama.engine.speculative import Speculator
 from llama.engine.types import Event, Plan, Request, SequenceState
 from llama.model import Transformer
@@ -33,17 +34,26 @@ class Engine:
         static_shapes: bool = False,
         speculator: Optional[Speculator] = None,
         policy: Optional[kernel_policy.Policy] = None,
+        prefix_cache: bool = True,
     ):
         """compiled: a compiled decode pass over all cache rows (llama.runtime.compiled.CompiledStep).
         static_shapes: decode all cache rows every step with per-row positions (one shape for a
         compiled decode step). speculator: a draft model that proposes tokens for the model to
         verify (llama.engine.speculative); its KV cache rows are prefilled and moved with the
-        model's. policy: the kernel policy every model call runs under (llama.runtime)."""
+        model's. policy: the kernel policy every model call runs under (llama.runtime).
+        prefix_cache: with a block KV cache, reuse cached blocks of equal context prefixes
+        (llama.engine.blocks)."""
         self.runner = Runner(model, tokenizer, policy, compiled, static_shapes)
-        self.scheduler = Scheduler(self.runner.rows)
         self.speculator = speculator
+        pool = kv_cache.pool(model)  # (blocks, block_size) of a block cache, else None
+        self.blocks = BlockManager(*pool, prefix_cache=prefix_cache) if pool else None
+        if self.blocks is not None:
+            self.scheduler: Scheduler = BlockScheduler(self.runner.rows, self.blocks)
+        else:
+            self.scheduler = Scheduler(self.runner.rows)
         if speculator:
-            speculator.fit(self.runner.rows, self.runner.seq_len)
+            speculator.fit(self.runner.rows, self.runner.seq_len, pool)
+        self.models = [model] + ([speculator.draft] if speculator else [])  # those whose caches the tables index
 
     @property
     def waiting(self) -> Deque[SequenceState]:
@@ -65,9 +75,16 @@ class Engine:
         validation.check_prompt_length(
             len(request.prompt), self.runner.seq_len, limit="the KV cache's length", fix="allocate a longer KV cache"
         )
-        seq_id = self.scheduler.new_id(seq_id)
-        self.scheduler.add(self.runner.new_sequence(seq_id, request))
-        return seq_id
+        seq = self.runner.new_sequence(-1 if seq_id is None else seq_id, request)
+        total = len(request.prompt) + seq.limit
+        if self.blocks is not None and not self.blocks.fits(total):
+            raise ValueError(
+                f"{total} tokens (prompt and new tokens) cannot fit the KV cache's {self.blocks.capacity} blocks of "
+                f"{self.blocks.block_size} tokens: ask fewer new tokens or give the cache more (--kv_cache_tokens)"
+            )
+        seq.id = self.scheduler.new_id(seq_id)
+        self.scheduler.add(seq)
+        return seq.id
 
     def cancel(self, seq_id: int) -> None:
         """Drop a sequence, waiting or running; its row is free for the next admission."""
@@ -95,7 +112,12 @@ class Engine:
 
     def stats(self) -> Dict[str, int]:
         """The engine's gauges and counters (the server's /metrics): running and waiting sequences."""
-        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting)}
+        out = {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting)}
+        if self.blocks is not None:
+            b = self.blocks
+            out.update(kv_blocks_used=b.n_used, kv_blocks_free=b.n_free, kv_blocks_cached=len(b.key_of),
+                       prefix_cache_queries=b.queries, prefix_cache_hits=b.hits, preemptions=self.scheduler.preemptions)
+        return out
 
     def run(self) -> Iterator[List[Event]]:
         """Step until every sequence has finished; yield each step's events."""
@@ -107,6 +129,8 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> List[Event]:
         """Decode the running sequences, then admit waiting ones; the events of this step."""
+        if self.blocks is not None:
+            return self._step_blocks()
         events: List[Event] = []
         running = self.scheduler.running
         if running:
@@ -118,6 +142,32 @@ class Engine:
             events += self.runner.prefill(admitted.prefill)
             if self.speculator:  # the draft's cache rows hold the same prompts
                 self.speculator.prefill(admitted.prefill)
+        self._retire()
+        return events
+
+    def _step_blocks(self) -> List[Event]:
+        """`step` over a block KV cache: blocks for the running sequences' next tokens first (the
+        newest preempted while none are free), each pass through their block tables."""
+        events: List[Event] = []
+        if self.scheduler.running:
+            lookahead = self.speculator.k + 1 if self.speculator else 1  # a verify pass writes k + 1
+            for s in self.scheduler.reserve(lookahead):
+                if self.speculator:
+                    self.speculator.forget(s.id)
+            running = self.scheduler.running
+            if running:
+                with kv_cache.using_tables(self.models, [s.blocks for s in running]):
+                    events += self.speculator.step(self.runner, running) if self.speculator else self.runner.decode(running)
+                self.scheduler.register()
+                self._retire()
+        admitted = self.scheduler.admit()
+        events += self.runner.finish_unrun(admitted.done)
+        if admitted.prefill:
+            starts = [s.pos for s in admitted.prefill]
+            events += self.runner.prefill_blocks(admitted.prefill)
+            if self.speculator:  # the draft's blocks hold the same contexts
+                self.speculator.prefill_blocks(admitted.prefill, starts)
+            self.scheduler.register()
         self._retire()
         return events
 

@@ -57,6 +57,16 @@ def prefill_rows(model: Transformer, policy: Optional[kernel_policy.Policy], seq
     return torch.cat(ends[::-1])  # longest first, as `seqs`
 
 
+def prefill_context(model: Transformer, policy: Optional[kernel_policy.Policy], s: SequenceState, start: int) -> torch.Tensor:
+    """Fill a block cache with the context of `s` (`SequenceState.context`) from position `start`
+    (what its blocks already hold), in one pass through the block table in effect (row 0);
+    return the last position's logits (vocab,)."""
+    context = s.context()
+    tokens = torch.tensor(context[start:], device=model.tok_embeddings.weight.device)[None]  # (1, n)
+    last = torch.tensor([tokens.shape[1] - 1], device=tokens.device)
+    return call_model(model, policy, tokens, start, output_index=last)[0, 0]
+
+
 class Runner:
     """Runs steps of sequences on a model with an allocated KV cache (llama.kv_cache.allocate).
 
@@ -106,9 +116,35 @@ class Runner:
         first: Dict[int, dict] = {}
         for s in seqs:
             if s.request.prompt_logprobs:
-                logits[s.id], first[s.id] = self._prefill_with_logprobs(s)
+                logits[s.id], first[s.id] = self._prefill_with_logprobs(s, s.row)
         for s in seqs:
             s.pos = len(s.request.prompt)
+        return self._first_events(seqs, logits, first)
+
+    def prefill_blocks(self, seqs: List[SequenceState]) -> List[Event]:
+        """With a block KV cache: prefill each admitted sequence's context from its `pos` (what its
+        blocks already hold) through its block table, one pass each, and sample the first tokens of
+        the new ones (a sequence resuming after a preemption has its next token already)."""
+        logits: Dict[int, torch.Tensor] = {}
+        first: Dict[int, dict] = {}
+        for s in seqs:
+            fresh = not s.tokens
+            with kv_cache.using_tables([self.model], [s.blocks]):
+                if fresh and s.request.prompt_logprobs:
+                    logits[s.id], first[s.id] = self._prefill_with_logprobs(s, 0)
+                else:
+                    last = prefill_context(self.model, self.policy, s, s.pos)
+                    if fresh:
+                        logits[s.id] = last
+        for s in seqs:
+            s.pos = len(s.context())
+            first.setdefault(s.id, {})["cached_tokens"] = s.cached_tokens
+        return self._first_events([s for s in seqs if s.id in logits], logits, first)
+
+    def _first_events(self, seqs: List[SequenceState], logits: Dict[int, torch.Tensor], first: Dict[int, dict]) -> List[Event]:
+        """The first events of newly prefilled sequences from their last logits: a first token
+        sampled, or the end of one that asked only for its prompt's log-probs (`first`: fields of
+        those events)."""
         events = []
         for s in seqs:
             if s.limit == 0:  # asked only for its prompt's log-probs
@@ -123,10 +159,10 @@ class Runner:
             events += new
         return events
 
-    def _prefill_with_logprobs(self, s: SequenceState) -> Tuple[torch.Tensor, dict]:
-        """Prefill one row with the full logits of its prompt: (last logits (vocab,), event fields)."""
+    def _prefill_with_logprobs(self, s: SequenceState, row0: int) -> Tuple[torch.Tensor, dict]:
+        """Prefill one row (row0) with the full logits of its prompt: (last logits (vocab,), event fields)."""
         prompt = torch.tensor(s.request.prompt, device=self.device)
-        logits = self.forward(prompt[None], 0, row0=s.row)[0]  # (len, vocab)
+        logits = self.forward(prompt[None], 0, row0=row0)[0]  # (len, vocab)
         lsm = torch.log_softmax(logits[:-1], dim=-1)  # position i predicts token i + 1
         lps = [None] + lsm.gather(1, prompt[1:, None])[:, 0].tolist()
         tops = None
