@@ -63,11 +63,15 @@ def mixed(llama: Llama) -> dict:
     return {0: reqs[:3], 2: reqs[3:5], 6: reqs[5:]}
 
 
+def generated(seq) -> list:
+    """A finished sequence's tokens as Llama.generate returns them: without the stop token."""
+    return seq.tokens[: len(seq.tokens) - (seq.stop_token is not None)]
+
+
 def check_tokens(llama: Llama, results: dict, names=PROMPTS) -> None:
     for name in names:
         n = LENGTHS[PROMPTS.index(name)]
-        seq = results[name]
-        assert seq.tokens[: len(seq.tokens) - (seq.stop_token is not None)] == alone(llama, encode(llama, name), n), name
+        assert generated(results[name]) == alone(llama, encode(llama, name), n), name
 
 
 @pytest.mark.parametrize("prefix_cache", [True, False])
@@ -100,6 +104,32 @@ def test_speculative_steps_through_block_tables(llama, self_draft):
     assert engine.blocks.n_used == 0
 
 
+@pytest.mark.parametrize("draft", [False, True])
+def test_chunked_prefill_changes_no_token(llama, self_draft, draft):
+    model = self_draft if draft else llama
+    engine = block_engine(model, blocks=8, max_prefill_tokens=7)  # and preemptions
+    results = run(engine, mixed(model))
+    assert engine.scheduler.preemptions > 0
+    check_tokens(llama, results)
+    engine.blocks.check()
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(llama):
+    engine = block_engine(llama, blocks=40, max_prefill_tokens=8)
+    short = engine.add(Request(encode(llama, "Hi"), 30, temperature=0))
+    engine.step()
+    long_prompt = encode(llama, PROMPTS[1])
+    late = engine.add(Request(long_prompt, 5, temperature=0))
+    steps = []
+    while not steps or late not in [e.seq_id for e in steps[-1]]:
+        steps.append(engine.step())
+    assert len(steps) == -(-len(long_prompt) // 8)  # 8 prompt tokens a step
+    assert all(short in [e.seq_id for e in events] for events in steps)  # a token every step meanwhile
+    while engine.busy:
+        engine.step()
+    assert generated(engine.pop(late)) == alone(llama, long_prompt, 5)
+
+
 SYSTEM = "You are a helpful assistant. Answer briefly and politely, in English. "  # 3 blocks and more
 
 
@@ -111,8 +141,7 @@ def test_prefix_cache_shares_a_system_prompt_and_changes_no_token(llama):
         engine = block_engine(llama, blocks=40, prefix_cache=prefix_cache)
         results = run(engine, arrivals)
         for p in prompts:
-            seq = results[p]
-            assert seq.tokens[: len(seq.tokens) - (seq.stop_token is not None)] == alone(llama, encode(llama, p), 20), p
+            assert generated(results[p]) == alone(llama, encode(llama, p), 20), p
         engine.blocks.check()
         cached = [results[p].cached_tokens for p in prompts]
         assert cached == ([0] + [len(encode(llama, SYSTEM)) // BLOCK * BLOCK] * 3 if prefix_cache else [0] * 4)

@@ -86,6 +86,21 @@ def test_usage_says_how_many_prompt_tokens_came_from_the_prefix_cache(server):
     assert after[("llama_prefix_cache_queries_total", ())] - before[("llama_prefix_cache_queries_total", ())] == 82
 
 
+def test_two_processes_keep_the_same_block_books_as_one(tmp_path, tiny_ckpt_2shards, byte_tokenizer, tiny_ckpt):
+    """Under torchrun every rank runs the same scheduler on rank 0's plans: the same block tables,
+    prefix-cache hits, chunks and preemptions, so two processes answer what one process generates."""
+    llama = Llama.build(str(tiny_ckpt), str(byte_tokenizer), max_seq_len=96, max_batch_size=4, device="cpu",
+                        dtype="float32")
+    served = helpers.start_server(tmp_path, tiny_ckpt_2shards, byte_tokenizer, nproc=2,
+                                  extra=("--kv_cache_tokens", str(KV_TOKENS), "--max_prefill_tokens", "8"))
+    try:
+        prompts = ["A shared beginning, then one", "A shared beginning, then two", "Something else", "A shared beginning"]
+        results = helpers.concurrent_completions(served, prompts, [30, 25, 35, 28], stagger=0.02)
+        helpers.check_against_generate(llama, results, prompts, [30, 25, 35, 28])
+    finally:
+        helpers.stop_server(served)
+
+
 def test_metrics_ask_their_own_key_not_the_api_key(server):
     url = server.base + "/metrics"
     assert httpx.get(url, timeout=10).status_code == 401

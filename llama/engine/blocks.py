@@ -27,7 +27,7 @@ def chain_keys(tokens: Sequence[int], block_size: int, n: int, keys: Optional[Li
     """The keys of the first `n` full blocks of `tokens`, extending `keys` (those of the first blocks)."""
     keys = [] if keys is None else keys
     for i in range(len(keys), n):
-        keys.append(hash((keys[-1] if keys else None, tuple(tokens[i * block_size : (i + 1) * block_size]))))
+        keys.append(hash((keys[-1] if keys else -1, tuple(tokens[i * block_size : (i + 1) * block_size]))))
     return keys
 
 

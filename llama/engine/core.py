@@ -35,6 +35,7 @@ class Engine:
         speculator: Optional[Speculator] = None,
         policy: Optional[kernel_policy.Policy] = None,
         prefix_cache: bool = True,
+        max_prefill_tokens: Optional[int] = None,
     ):
         """compiled: a compiled decode pass over all cache rows (llama.runtime.compiled.CompiledStep).
         static_shapes: decode all cache rows every step with per-row positions (one shape for a
@@ -42,11 +43,16 @@ class Engine:
         verify (llama.engine.speculative); its KV cache rows are prefilled and moved with the
         model's. policy: the kernel policy every model call runs under (llama.runtime).
         prefix_cache: with a block KV cache, reuse cached blocks of equal context prefixes
-        (llama.engine.blocks)."""
+        (llama.engine.blocks). max_prefill_tokens: with a block KV cache, prompt tokens prefilled
+        per step at most (a longer prompt over several steps, while the running sequences go on
+        decoding; None: every admitted prompt whole)."""
         self.runner = Runner(model, tokenizer, policy, compiled, static_shapes)
         self.speculator = speculator
         pool = kv_cache.pool(model)  # (blocks, block_size) of a block cache, else None
         self.blocks = BlockManager(*pool, prefix_cache=prefix_cache) if pool else None
+        if max_prefill_tokens is not None and max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be a positive number of tokens, got {max_prefill_tokens}")
+        self.max_prefill_tokens = max_prefill_tokens
         if self.blocks is not None:
             self.scheduler: Scheduler = BlockScheduler(self.runner.rows, self.blocks)
         else:
@@ -146,29 +152,50 @@ class Engine:
         return events
 
     def _step_blocks(self) -> List[Event]:
-        """`step` over a block KV cache: blocks for the running sequences' next tokens first (the
-        newest preempted while none are free), each pass through their block tables."""
+        """`step` over a block KV cache: blocks for the decoding sequences' next tokens first (the
+        newest running sequence preempted while none are free), a decode step through their block
+        tables, then a prefill of at most max_prefill_tokens: the contexts under way first, then
+        those of newly admitted sequences."""
         events: List[Event] = []
-        if self.scheduler.running:
+        decoding = [s for s in self.scheduler.running if s.pos >= s.context_len]
+        if decoding:
             lookahead = self.speculator.k + 1 if self.speculator else 1  # a verify pass writes k + 1
-            for s in self.scheduler.reserve(lookahead):
+            for s in self.scheduler.reserve(decoding, lookahead):
                 if self.speculator:
                     self.speculator.forget(s.id)
-            running = self.scheduler.running
-            if running:
-                with kv_cache.using_tables(self.models, [s.blocks for s in running]):
-                    events += self.speculator.step(self.runner, running) if self.speculator else self.runner.decode(running)
+            decoding = [s for s in decoding if s.row >= 0]  # not preempted
+            if decoding:
+                with kv_cache.using_tables(self.models, [s.blocks for s in decoding]):
+                    events += self.speculator.step(self.runner, decoding) if self.speculator else self.runner.decode(decoding)
                 self.scheduler.register()
                 self._retire()
-        admitted = self.scheduler.admit()
-        events += self.runner.finish_unrun(admitted.done)
-        if admitted.prefill:
-            starts = [s.pos for s in admitted.prefill]
-            events += self.runner.prefill_blocks(admitted.prefill)
-            if self.speculator:  # the draft's blocks hold the same contexts
-                self.speculator.prefill_blocks(admitted.prefill, starts)
-            self.scheduler.register()
+        events += self._prefill_chunks()
         self._retire()
+        return events
+
+    def _prefill_chunks(self) -> List[Event]:
+        """This step's prefill: chunks of contexts, at most max_prefill_tokens in all (a prompt whose
+        log-probs are asked goes whole)."""
+        budget = self.max_prefill_tokens
+        chunks = []
+        for s in self.scheduler.running:  # contexts under way first, oldest first
+            if s.pos < s.context_len and (budget is None or budget > 0):
+                end = s.context_len if budget is None or s.request.prompt_logprobs else min(s.context_len, s.pos + budget)
+                chunks.append((s, end))
+                budget = None if budget is None else budget - (end - s.pos)
+        admitted = self.scheduler.admit(budget)
+        events = self.runner.finish_unrun(admitted.done)
+        for s in admitted.prefill:
+            end = s.context_len if budget is None or s.request.prompt_logprobs else min(s.context_len, s.pos + max(budget, 0))
+            chunks.append((s, end))
+            budget = None if budget is None else budget - (end - s.pos)
+        chunks = [(s, end) for s, end in chunks if end > s.pos or s.request.prompt_logprobs]
+        if chunks:
+            starts = [s.pos for s, _ in chunks]
+            events += self.runner.prefill_blocks(chunks)
+            if self.speculator:  # the draft's blocks hold the same contexts
+                self.speculator.prefill_blocks(chunks, starts)
+            self.scheduler.register()
         return events
 
     def _retire(self) -> None:

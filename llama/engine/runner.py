@@ -57,12 +57,13 @@ def prefill_rows(model: Transformer, policy: Optional[kernel_policy.Policy], seq
     return torch.cat(ends[::-1])  # longest first, as `seqs`
 
 
-def prefill_context(model: Transformer, policy: Optional[kernel_policy.Policy], s: SequenceState, start: int) -> torch.Tensor:
-    """Fill a block cache with the context of `s` (`SequenceState.context`) from position `start`
-    (what its blocks already hold), in one pass through the block table in effect (row 0);
+def prefill_context(model: Transformer, policy: Optional[kernel_policy.Policy], s: SequenceState, start: int,
+                    end: int) -> torch.Tensor:
+    """Fill a block cache with positions start..end-1 of the context of `s` (`SequenceState.context`;
+    its blocks hold what is before `start`), in one pass through the block table in effect (row 0);
     return the last position's logits (vocab,)."""
     context = s.context()
-    tokens = torch.tensor(context[start:], device=model.tok_embeddings.weight.device)[None]  # (1, n)
+    tokens = torch.tensor(context[start:end], device=model.tok_embeddings.weight.device)[None]  # (1, n)
     last = torch.tensor([tokens.shape[1] - 1], device=tokens.device)
     return call_model(model, policy, tokens, start, output_index=last)[0, 0]
 
@@ -121,25 +122,27 @@ class Runner:
             s.pos = len(s.request.prompt)
         return self._first_events(seqs, logits, first)
 
-    def prefill_blocks(self, seqs: List[SequenceState]) -> List[Event]:
-        """With a block KV cache: prefill each admitted sequence's context from its `pos` (what its
-        blocks already hold) through its block table, one pass each, and sample the first tokens of
-        the new ones (a sequence resuming after a preemption has its next token already)."""
+    def prefill_blocks(self, chunks: List[Tuple[SequenceState, int]]) -> List[Event]:
+        """With a block KV cache: prefill each sequence's context from its `pos` (what its blocks
+        already hold) to `end` (a chunk: the whole context, or a part of it this step), one pass
+        each through its block table, and sample the first tokens of the new ones whose context is
+        complete (a sequence resuming after a preemption has its next token already). A prompt
+        whose log-probs are asked is prefilled whole, from its start."""
         logits: Dict[int, torch.Tensor] = {}
         first: Dict[int, dict] = {}
-        for s in seqs:
+        for s, end in chunks:
             fresh = not s.tokens
             with kv_cache.using_tables([self.model], [s.blocks]):
                 if fresh and s.request.prompt_logprobs:
                     logits[s.id], first[s.id] = self._prefill_with_logprobs(s, 0)
                 else:
-                    last = prefill_context(self.model, self.policy, s, s.pos)
-                    if fresh:
+                    last = prefill_context(self.model, self.policy, s, s.pos, end)
+                    if fresh and end == s.context_len:
                         logits[s.id] = last
-        for s in seqs:
-            s.pos = len(s.context())
-            first.setdefault(s.id, {})["cached_tokens"] = s.cached_tokens
-        return self._first_events([s for s in seqs if s.id in logits], logits, first)
+            s.pos = end
+            if s.id in logits:
+                first.setdefault(s.id, {})["cached_tokens"] = s.cached_tokens
+        return self._first_events([s for s, _ in chunks if s.id in logits], logits, first)
 
     def _first_events(self, seqs: List[SequenceState], logits: Dict[int, torch.Tensor], first: Dict[int, dict]) -> List[Event]:
         """The first events of newly prefilled sequences from their last logits: a first token

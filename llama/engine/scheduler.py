@@ -118,18 +118,20 @@ class BlockScheduler(Scheduler):
         self.blocks = blocks
         self.preemptions = 0
 
-    def admit(self) -> Admission:
+    def admit(self, budget: Optional[int] = None) -> Admission:
         """Take waiting sequences, in arrival order, while a row and their context's blocks are free
         (the longest cached prefix of a context taken from the prefix cache: `pos` starts past it;
-        not for a prompt whose log-probs are asked, which needs every position's logits)."""
+        not for a prompt whose log-probs are asked, which needs every position's logits), and
+        until their contexts left to compute reach `budget` tokens (None: no bound)."""
         out = Admission()
-        while self.waiting and len(self.running) + len(out.prefill) < self.rows:
+        while self.waiting and len(self.running) + len(out.prefill) < self.rows and (budget is None or budget > 0):
             s = self.waiting[0]
             if s.needs_row and not self._take_blocks(s):
                 break
             self.waiting.popleft()
             if s.needs_row:
                 out.prefill.append(s)
+                budget = None if budget is None else budget - (s.context_len - s.pos)
             else:
                 self.results[s.id] = s
                 out.done.append(s)
@@ -160,11 +162,12 @@ class BlockScheduler(Scheduler):
         for s in self.running:
             self.blocks.register(s.request.prompt + s.tokens, s.blocks, s.pos - 1, s.block_keys)
 
-    def reserve(self, lookahead: int) -> List[SequenceState]:
-        """Blocks for each running sequence's next `lookahead` tokens (cut at its last token),
-        oldest first, preempting the newest while none are free; returns those preempted."""
+    def reserve(self, seqs: List[SequenceState], lookahead: int) -> List[SequenceState]:
+        """Blocks for the next `lookahead` tokens of each of `seqs` (running, oldest first; cut at
+        its last token), preempting the newest running sequence while none are free; returns those
+        preempted."""
         preempted = []
-        for s in list(self.running):
+        for s in seqs:
             if s not in self.running:  # preempted for an older one
                 continue
             need = min(s.pos + lookahead, len(s.request.prompt) + s.limit)

@@ -150,13 +150,13 @@ class Speculator:
         elif kv_cache.shape(self.draft) != (rows, seq_len) or kv_cache.pool(self.draft) is not None:
             kv_cache.allocate(self.draft, rows, seq_len)
 
-    def prefill_blocks(self, seqs: List[SequenceState], starts: List[int]) -> None:
-        """With block caches: fill the draft's blocks of newly admitted sequences with their
-        contexts from `starts` (what their blocks held before), as the runner did the model's."""
+    def prefill_blocks(self, chunks: List[Tuple[SequenceState, int]], starts: List[int]) -> None:
+        """With block caches: fill the draft's blocks of the sequences prefilled this step with the
+        same positions of their contexts, from `starts` to each chunk's end, as the runner did the model's."""
         with self.context():
-            for s, start in zip(seqs, starts):
+            for (s, end), start in zip(chunks, starts):
                 with kv_cache.using_tables([self.draft], [s.blocks]):
-                    prefill_context(self.draft, self.policy, s, start)
+                    prefill_context(self.draft, self.policy, s, start, end)
 
     def forget(self, seq_id: int) -> None:
         """A sequence preempted: prefilled again from its tokens, its draft will not lag."""

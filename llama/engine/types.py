@@ -90,6 +90,11 @@ class SequenceState:
         return self.finish_reason is not None
 
 
+    @property
+    def context_len(self) -> int:
+        """len(self.context())."""
+        return len(self.request.prompt) + max(0, len(self.tokens) - 1)
+
     def context(self) -> List[int]:
         """The tokens its KV cache holds once prefilled: the prompt, and when it resumes after a
         preemption every generated token but the last (which the next decode step feeds)."""

@@ -91,6 +91,7 @@ def serve(
     metrics_key: Optional[str] = None,
     kv_cache_tokens: Optional[int] = None,
     prefix_cache: bool = True,
+    max_prefill_tokens: Optional[int] = 512,
 ) -> None:
     """Serve a Llama 3 model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models).
 
@@ -127,6 +128,9 @@ def serve(
         prefix_cache: reuse the KV cache blocks of a prompt's longest cached prefix (a shared system
             prompt is computed once; usage.prompt_tokens_details.cached_tokens says how many
             tokens came from the cache); False turns it off. Not with --compile.
+        max_prefill_tokens: prompt tokens prefilled per step at most (default 512): a longer prompt
+            is prefilled over several steps while the running sequences go on decoding, so that it
+            does not stall them; None: every admitted prompt whole. Not with --compile.
         metrics_key: the key GET /metrics (Prometheus' text format; needs prometheus_client, in the
             serve extra) asks for as 'Authorization: Bearer <key>'; default: none (the metrics are
             not behind --api_key).
@@ -139,12 +143,14 @@ def serve(
     _check_flags(max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_queue=max_queue,
                  max_request_bytes=max_request_bytes, max_connections=max_connections, port=port,
                  request_timeout=request_timeout, keep_alive_timeout=keep_alive_timeout, drain_timeout=drain_timeout,
-                 **({} if kv_cache_tokens is None else {"kv_cache_tokens": kv_cache_tokens}))
+                 **{k: v for k, v in (("kv_cache_tokens", kv_cache_tokens), ("max_prefill_tokens", max_prefill_tokens))
+                    if v is not None})
     api_key = api_key or os.environ.get("LLAMA_API_KEY") or None
     llama = build_generator(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                             device=device, dtype=dtype, compile=compile, quantize=quantize, group_size=group_size,
                             speculate=speculate, draft_ckpt_dir=draft_ckpt_dir, speculate_k=speculate_k)
-    engine = llama.engine(max_batch_size, max_seq_len, kv_cache_tokens, prefix_cache=prefix_cache)
+    engine = llama.engine(max_batch_size, max_seq_len, kv_cache_tokens, prefix_cache=prefix_cache,
+                          max_prefill_tokens=max_prefill_tokens)
     kv_tokens = engine.blocks.capacity * engine.blocks.block_size if engine.blocks is not None else None
     metrics = _metrics(engine, llama.tokenizer.stop_tokens) if distributed.is_rank0() else None
     loop = EngineLoop(engine, max_queue, metrics)
@@ -185,7 +191,8 @@ def _check_flags(port: int, **values) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ValueError(f"--{name} must be a positive number, got {value!r}")
-    for name in ("max_batch_size", "max_seq_len", "max_queue", "max_request_bytes", "max_connections", "kv_cache_tokens"):
+    for name in ("max_batch_size", "max_seq_len", "max_queue", "max_request_bytes", "max_connections", "kv_cache_tokens",
+                 "max_prefill_tokens"):
         if name in values and not isinstance(values[name], int):
             raise ValueError(f"--{name} must be a positive integer, got {values[name]!r}")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
