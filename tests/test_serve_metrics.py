@@ -1,5 +1,7 @@
 """GET /metrics: Prometheus' text format, read back with prometheus_client's own parser, its counters
 matching the requests sent; and the serving engine's KV cache as the server reports it."""
+import time
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -71,6 +73,20 @@ def test_a_small_kv_cache_preempts_and_answers_what_generate_gives(server, tiny_
     with pytest.raises(Exception, match="exceed the KV cache's 64 tokens") as e:  # never fits: 400 at once
         client.completions.create(model=server.model, prompt="Too long", max_tokens=60, temperature=0)
     assert e.value.status_code == 400
+
+
+def test_clients_that_leave_free_their_blocks(server):
+    body = {"model": server.model, "prompt": "Leave early", "max_tokens": 50, "temperature": 0, "stream": True}
+    headers = {"Authorization": f"Bearer {helpers.SERVER_KEY}"}
+    for _ in range(3):  # each stream dropped after its first chunks, mid-decode
+        with httpx.stream("POST", server.base + "/v1/completions", json=body, headers=headers, timeout=30) as r:
+            next(r.iter_lines())
+    deadline = time.time() + 30
+    while time.time() < deadline and scrape(server)[("llama_running", ())] > 0:
+        time.sleep(0.1)
+    after = scrape(server)
+    assert after[("llama_running", ())] == 0 and after[("llama_kv_blocks_used", ())] == 0
+    assert after[("llama_kv_blocks_free", ())] == KV_TOKENS // 16
 
 
 def test_usage_says_how_many_prompt_tokens_came_from_the_prefix_cache(server):

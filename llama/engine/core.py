@@ -16,9 +16,14 @@ from llama.tokenizer import Tokenizer
 
 
 class Engine:
-    """Continuous batching over the model's KV cache (allocate it first: llama.kv_cache.allocate).
+    """Continuous batching over the model's KV cache (allocate it first: llama.kv_cache.allocate,
+    or allocate_blocks for a block cache).
 
-    Running sequences occupy cache rows 0..n-1. Each `step` decodes every running row, retires the
+    Over a block cache (the library's and the server's, unless compiled) sequences hold blocks
+    through block tables (`BlockScheduler`, llama.engine.blocks): admission by free blocks, the
+    prefix cache, preemption of the newest sequence when the blocks run out, chunked prefill
+    (`_step_blocks`). Over rows (compiled passes with static shapes):
+    running sequences occupy cache rows 0..n-1. Each `step` decodes every running row, retires the
     finished (moving the last rows into the holes, so the running rows stay a prefix), then prefills
     waiting sequences into the free rows, longest prompt first in stages (no padding computed), and
     samples their first tokens. Sampling, stop tokens, stop strings and the length limit are per
