@@ -14,7 +14,7 @@ PyTorch's own kernels; PyTorch's int8 and int4 weight-only kernels (`torch._weig
 `torch._weight_int4pack_mm_for_cpu`) with bfloat16 and float32 activations; and this package's own
 bfloat16, int8 and int4 products (llama.runtime.native) at each instruction set the CPU has, where
 they build. Each case cycles through copies of its weight twice the last-level cache, so every call
-reads its weight from memory as decode does (--nofrom_memory: one weight, again and again).
+reads its weight from memory as decode does (`--from_memory False`: one weight, again and again).
 Reported: milliseconds (median of --repeats rounds), the weight's bytes read per second and their
 share of this machine's read bandwidth measured in the same run, GFLOP/s; then what the policy picks.
 """
@@ -106,7 +106,7 @@ def main(
         bandwidth_mb: size of the buffer the read bandwidth is measured on.
         from_memory: cycle each case through copies of its weight twice the last-level cache, so
             that every call reads it from memory, as decode of a model larger than the cache does
-            (--nofrom_memory: one weight, read again and again, from the cache where it fits).
+            (`--from_memory False`: one weight, read again and again, from the cache where it fits).
         out: write every measurement as JSON here.
     """
     if threads:

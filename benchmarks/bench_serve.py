@@ -2,6 +2,10 @@
 
     python benchmarks/bench_serve.py                        # starts the demo model's server on a free loopback port
     python benchmarks/bench_serve.py --base_url http://127.0.0.1:8000/v1 --model llama3-demo
+    python benchmarks/bench_serve.py --workload prefix --out docs/benchmarks/serve_prefix.json
+
+--workload picks the KV cache's workloads instead (prefix, capacity, long_prompt, kv_layout: see
+benchmarks/serve_workloads.py), each on the demo model, started by the benchmark itself.
 
 For each concurrency level, the same `requests` streaming completions (greedy, max_tokens each) run
 with that many clients at once; level 1 is the requests one after another. Reported per level:
@@ -114,6 +118,7 @@ def main(
     structured: bool = False,
     repeats: int = 1,
     out: Optional[str] = None,
+    workload: str = "levels",
 ):
     """Measure the server under concurrent streaming clients.
 
@@ -134,7 +139,13 @@ def main(
         structured: run each level again with every answer held to a JSON schema (response_format).
         repeats: run each level (and its structured run, alternately) this many times; the fastest is kept.
         out: also write the results as JSON here.
+        workload: levels (the concurrency levels above), or one of the KV cache's workloads: prefix,
+            capacity, long_prompt, kv_layout (benchmarks/serve_workloads.py; the other flags unused).
     """
+    if workload != "levels":
+        from serve_workloads import run_workload
+
+        return run_workload(workload, out)
     if not isinstance(server_args, str):  # fire read `--server_args --flag` as a bare boolean flag
         raise SystemExit('--server_args takes one string written with "=": --server_args="--quantize int8"')
     from common import envelope, write_json

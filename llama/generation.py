@@ -8,6 +8,7 @@ import torch
 
 from llama import distributed, kv_cache, validation
 from llama.engine import Engine, NonFiniteLogitsError, Request, SequenceState, speculative  # noqa: F401 (re-exported)
+from llama.engine.blocks import DEFAULT_BLOCK_SIZE, blocks_for
 from llama.model import Transformer
 from llama.runtime.compiled import CompiledStep, mark_static, static_cache_len
 from llama.runtime.policy import Policy
@@ -196,18 +197,18 @@ class Llama:
         ]
         return engine, ids
 
-    def engine(self, rows: int, seq_len: int) -> Engine:
-        """A continuous-batching engine (llama.engine) over this model, with a KV cache of at least
-        `rows` sequences of `seq_len` tokens (reused when the current one is large enough; with
-        compile=True its length is rounded up to a power of two)."""
-        compiled = self._compiled is not None
-        cache_len = static_cache_len(seq_len, self.model.params.max_seq_len) if compiled else seq_len
-        have_rows, have_len = kv_cache.shape(self.model) or (0, 0)
-        if have_rows < rows or have_len < cache_len:
-            self.model.setup_cache(rows, cache_len)
+    def engine(self, rows: int, seq_len: int, kv_cache_tokens: Optional[int] = None, **options) -> Engine:
+        """A continuous-batching engine (llama.engine) for `rows` sequences of `seq_len` tokens together, over a block
+        KV cache of `kv_cache_tokens` (default rows x seq_len; a larger one kept), or with compile=True
+        over rows of seq_len rounded up to a power of two (the static shapes of compiled passes). options: Engine's."""
+        if compiled := self._compiled is not None:
+            kv_cache.allocate(self.model, rows, static_cache_len(seq_len, self.model.params.max_seq_len), keep=True)
+        else:  # and block 0, kept back
+            blocks = blocks_for(kv_cache_tokens or rows * seq_len, DEFAULT_BLOCK_SIZE) + 1
+            kv_cache.allocate_blocks(self.model, blocks, DEFAULT_BLOCK_SIZE, rows, seq_len, keep=True)
         engine = Engine(
-            self.model, self.tokenizer, self._compiled, static_shapes=compiled, speculator=self.speculator, policy=self.policy
-        )
+            self.model, self.tokenizer, self._compiled, static_shapes=compiled, speculator=self.speculator, policy=self.policy,
+            **options)
         if compiled:  # after the engine has fitted the draft's cache to the model's
             for model in [self.model] + ([self.speculator.draft] if self.speculator else []):
                 mark_static(model)

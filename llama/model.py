@@ -14,7 +14,7 @@ from torch import nn
 
 from llama import kv_cache
 from llama.args import MAX_SEQ_LEN_SCALED, MAX_SEQ_LEN_UNSCALED, ModelArgs, _swiglu_hidden_dim, ffn_hidden_dim  # noqa: F401 (re-exported)
-from llama.kv_cache import KVCache
+from llama.kv_cache import BlockKVCache, KVCache, Slots
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -129,8 +129,8 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(
             args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=lambda x: x
         )
-        # (rows, n_local_kv_heads, seq_len, head_dim) keys and values; None until allocated
-        self.kv_cache: Optional[KVCache] = None
+        # (rows, n_local_kv_heads, seq_len, head_dim) keys and values, or a pool of blocks; None until allocated
+        self.kv_cache: Optional[Union[KVCache, BlockKVCache]] = None
 
     def forward(
         self,
@@ -141,6 +141,7 @@ class Attention(nn.Module):
         use_cache: bool = True,
         row0: int = 0,
         kv_len: Optional[int] = None,
+        slots: Optional[Slots] = None,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
@@ -148,7 +149,9 @@ class Attention(nn.Module):
         xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
 
-        if use_cache:  # (bsz, n_local_kv_heads, kv, head_dim) of cache rows row0..row0+bsz
+        if slots is not None:  # (bsz, n_local_kv_heads, kv, head_dim) gathered through block tables
+            keys, values = self.kv_cache.update(slots, xk, xv)
+        elif use_cache:  # (bsz, n_local_kv_heads, kv, head_dim) of cache rows row0..row0+bsz
             keys, values = self.kv_cache.update(row0, start_pos, xk, xv, kv_len)
         else:
             keys, values = xk.transpose(1, 2), xv.transpose(1, 2)
@@ -206,8 +209,9 @@ class TransformerBlock(nn.Module):
         use_cache: bool = True,
         row0: int = 0,
         kv_len: Optional[int] = None,
+        slots: Optional[Slots] = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, use_cache, row0, kv_len)
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, use_cache, row0, kv_len, slots)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -227,6 +231,9 @@ class Transformer(nn.Module):
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=lambda x: x)
         # RoPE table as real [cos, sin] pairs, (max_seq_len, head_dim/2, 2); built on first use
         self.freqs_cis: Optional[torch.Tensor] = None
+        # with a block KV cache: the block tables (rows, blocks) of the rows the next passes run
+        # (llama.engine sets them around each step); a pass of rows row0.. uses rows row0.. of it
+        self.kv_tables: Optional[torch.Tensor] = None
 
     def rope_table(self, device: torch.device) -> torch.Tensor:
         p = self.params
@@ -317,9 +324,13 @@ class Transformer(nn.Module):
                 kv_len = kv_cache.shape(self)[1]
             mask = torch.arange(kv_len, device=h.device) <= pos[..., None]  # (bsz, seqlen, kv_len)
             mask = mask[:, None]
+        slots = None
+        if use_cache and self.kv_tables is not None:
+            block_size = self.layers[0].attention.kv_cache.block_size
+            slots = kv_cache.block_slots(self.kv_tables[row0 : row0 + bsz], block_size, start_pos, seqlen, kv_len)
 
         for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask, use_cache, row0, kv_len)
+            h = layer(h, start_pos, freqs_cis, mask, use_cache, row0, kv_len, slots)
         if output_index is not None:  # (bsz, seqlen, dim) -> (bsz, 1, dim)
             h = h[torch.arange(bsz, device=h.device), output_index][:, None]
         h = self.norm(h)

@@ -4,10 +4,11 @@ from typing import Deque, Dict, Iterator, List, Optional
 
 import torch
 
-from llama import validation
+from llama import kv_cache, validation
 from llama.runtime import policy as kernel_policy
+from llama.engine.blocks import BlockManager
 from llama.engine.runner import Runner, StepFn
-from llama.engine.scheduler import Scheduler
+from llama.engine.scheduler import BlockScheduler, Scheduler
 from llama.engine.speculative import Speculator
 from llama.engine.types import Event, Plan, Request, SequenceState
 from llama.model import Transformer
@@ -15,9 +16,14 @@ from llama.tokenizer import Tokenizer
 
 
 class Engine:
-    """Continuous batching over the model's KV cache (allocate it first: llama.kv_cache.allocate).
+    """Continuous batching over the model's KV cache (allocate it first: llama.kv_cache.allocate,
+    or allocate_blocks for a block cache).
 
-    Running sequences occupy cache rows 0..n-1. Each `step` decodes every running row, retires the
+    Over a block cache (the library's and the server's, unless compiled) sequences hold blocks
+    through block tables (`BlockScheduler`, llama.engine.blocks): admission by free blocks, the
+    prefix cache, preemption of the newest sequence when the blocks run out, chunked prefill
+    (`_step_blocks`). Over rows (compiled passes with static shapes):
+    running sequences occupy cache rows 0..n-1. Each `step` decodes every running row, retires the
     finished (moving the last rows into the holes, so the running rows stay a prefix), then prefills
     waiting sequences into the free rows, longest prompt first in stages (no padding computed), and
     samples their first tokens. Sampling, stop tokens, stop strings and the length limit are per
@@ -33,17 +39,32 @@ class Engine:
         static_shapes: bool = False,
         speculator: Optional[Speculator] = None,
         policy: Optional[kernel_policy.Policy] = None,
+        prefix_cache: bool = True,
+        max_prefill_tokens: Optional[int] = None,
     ):
         """compiled: a compiled decode pass over all cache rows (llama.runtime.compiled.CompiledStep).
         static_shapes: decode all cache rows every step with per-row positions (one shape for a
         compiled decode step). speculator: a draft model that proposes tokens for the model to
         verify (llama.engine.speculative); its KV cache rows are prefilled and moved with the
-        model's. policy: the kernel policy every model call runs under (llama.runtime)."""
+        model's. policy: the kernel policy every model call runs under (llama.runtime).
+        prefix_cache: with a block KV cache, reuse cached blocks of equal context prefixes
+        (llama.engine.blocks). max_prefill_tokens: with a block KV cache, prompt tokens prefilled
+        per step at most (a longer prompt over several steps, while the running sequences go on
+        decoding; None: every admitted prompt whole)."""
         self.runner = Runner(model, tokenizer, policy, compiled, static_shapes)
-        self.scheduler = Scheduler(self.runner.rows)
         self.speculator = speculator
+        pool = kv_cache.pool(model)  # (blocks, block_size) of a block cache, else None
+        self.blocks = BlockManager(*pool, prefix_cache=prefix_cache) if pool else None
+        if max_prefill_tokens is not None and max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be a positive number of tokens, got {max_prefill_tokens}")
+        self.max_prefill_tokens = max_prefill_tokens
+        if self.blocks is not None:
+            self.scheduler: Scheduler = BlockScheduler(self.runner.rows, self.blocks)
+        else:
+            self.scheduler = Scheduler(self.runner.rows)
         if speculator:
-            speculator.fit(self.runner.rows, self.runner.seq_len)
+            speculator.fit(self.runner.rows, self.runner.seq_len, pool)
+        self.models = [model] + ([speculator.draft] if speculator else [])  # those whose caches the tables index
 
     @property
     def waiting(self) -> Deque[SequenceState]:
@@ -65,9 +86,16 @@ class Engine:
         validation.check_prompt_length(
             len(request.prompt), self.runner.seq_len, limit="the KV cache's length", fix="allocate a longer KV cache"
         )
-        seq_id = self.scheduler.new_id(seq_id)
-        self.scheduler.add(self.runner.new_sequence(seq_id, request))
-        return seq_id
+        seq = self.runner.new_sequence(-1 if seq_id is None else seq_id, request)
+        total = len(request.prompt) + seq.limit
+        if self.blocks is not None and not self.blocks.fits(total):
+            raise ValueError(
+                f"{total} tokens (prompt and new tokens) cannot fit the KV cache's {self.blocks.capacity} blocks of "
+                f"{self.blocks.block_size} tokens: ask fewer new tokens or give the cache more (--kv_cache_tokens)"
+            )
+        seq.id = self.scheduler.new_id(seq_id)
+        self.scheduler.add(seq)
+        return seq.id
 
     def cancel(self, seq_id: int) -> None:
         """Drop a sequence, waiting or running; its row is free for the next admission."""
@@ -93,6 +121,15 @@ class Engine:
     def n_running(self) -> int:
         return len(self.scheduler.running)
 
+    def stats(self) -> Dict[str, int]:
+        """The engine's gauges and counters (the server's /metrics): running and waiting sequences."""
+        out = {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting)}
+        if self.blocks is not None:
+            b = self.blocks
+            out.update(kv_blocks_used=b.n_used, kv_blocks_free=b.n_free, kv_blocks_cached=len(b.key_of),
+                       prefix_cache_queries=b.queries, prefix_cache_hits=b.hits, preemptions=self.scheduler.preemptions)
+        return out
+
     def run(self) -> Iterator[List[Event]]:
         """Step until every sequence has finished; yield each step's events."""
         while self.busy:
@@ -103,6 +140,8 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> List[Event]:
         """Decode the running sequences, then admit waiting ones; the events of this step."""
+        if self.blocks is not None:
+            return self._step_blocks()
         events: List[Event] = []
         running = self.scheduler.running
         if running:
@@ -115,6 +154,53 @@ class Engine:
             if self.speculator:  # the draft's cache rows hold the same prompts
                 self.speculator.prefill(admitted.prefill)
         self._retire()
+        return events
+
+    def _step_blocks(self) -> List[Event]:
+        """`step` over a block KV cache: blocks for the decoding sequences' next tokens first (the
+        newest running sequence preempted while none are free), a decode step through their block
+        tables, then a prefill of at most max_prefill_tokens: the contexts under way first, then
+        those of newly admitted sequences."""
+        events: List[Event] = []
+        decoding = [s for s in self.scheduler.running if s.pos >= s.context_len]
+        if decoding:
+            lookahead = self.speculator.k + 1 if self.speculator else 1  # a verify pass writes k + 1
+            for s in self.scheduler.reserve(decoding, lookahead):
+                if self.speculator:
+                    self.speculator.forget(s.id)
+            decoding = [s for s in decoding if s.row >= 0]  # not preempted
+            if decoding:
+                with kv_cache.using_tables(self.models, [s.blocks for s in decoding]):
+                    events += self.speculator.step(self.runner, decoding) if self.speculator else self.runner.decode(decoding)
+                self.scheduler.register()
+                self._retire()
+        events += self._prefill_chunks()
+        self._retire()
+        return events
+
+    def _prefill_chunks(self) -> List[Event]:
+        """This step's prefill: chunks of contexts, at most max_prefill_tokens in all (a prompt whose
+        log-probs are asked goes whole)."""
+        budget = self.max_prefill_tokens
+        chunks = []
+        for s in self.scheduler.running:  # contexts under way first, oldest first
+            if s.pos < s.context_len and (budget is None or budget > 0):
+                end = s.context_len if budget is None or s.request.prompt_logprobs else min(s.context_len, s.pos + budget)
+                chunks.append((s, end))
+                budget = None if budget is None else budget - (end - s.pos)
+        admitted = self.scheduler.admit(budget)
+        events = self.runner.finish_unrun(admitted.done)
+        for s in admitted.prefill:
+            end = s.context_len if budget is None or s.request.prompt_logprobs else min(s.context_len, s.pos + max(budget, 0))
+            chunks.append((s, end))
+            budget = None if budget is None else budget - (end - s.pos)
+        chunks = [(s, end) for s, end in chunks if end > s.pos or s.request.prompt_logprobs]
+        if chunks:
+            starts = [s.pos for s, _ in chunks]
+            events += self.runner.prefill_blocks(chunks)
+            if self.speculator:  # the draft's blocks hold the same contexts
+                self.speculator.prefill_blocks(chunks, starts)
+            self.scheduler.register()
         return events
 
     def _retire(self) -> None:

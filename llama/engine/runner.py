@@ -57,6 +57,17 @@ def prefill_rows(model: Transformer, policy: Optional[kernel_policy.Policy], seq
     return torch.cat(ends[::-1])  # longest first, as `seqs`
 
 
+def prefill_context(model: Transformer, policy: Optional[kernel_policy.Policy], s: SequenceState, start: int,
+                    end: int) -> torch.Tensor:
+    """Fill a block cache with positions start..end-1 of the context of `s` (`SequenceState.context`;
+    its blocks hold what is before `start`), in one pass through the block table in effect (row 0);
+    return the last position's logits (vocab,)."""
+    context = s.context()
+    tokens = torch.tensor(context[start:end], device=model.tok_embeddings.weight.device)[None]  # (1, n)
+    last = torch.tensor([tokens.shape[1] - 1], device=tokens.device)
+    return call_model(model, policy, tokens, start, output_index=last)[0, 0]
+
+
 class Runner:
     """Runs steps of sequences on a model with an allocated KV cache (llama.kv_cache.allocate).
 
@@ -108,9 +119,37 @@ class Runner:
         first: Dict[int, dict] = {}
         for s in seqs:
             if s.request.prompt_logprobs:
-                logits[s.id], first[s.id] = self._prefill_with_logprobs(s)
+                logits[s.id], first[s.id] = self._prefill_with_logprobs(s, s.row)
         for s in seqs:
             s.pos = len(s.request.prompt)
+        return self._first_events(seqs, logits, first)
+
+    def prefill_blocks(self, chunks: List[Tuple[SequenceState, int]]) -> List[Event]:
+        """With a block KV cache: prefill each sequence's context from its `pos` (what its blocks
+        already hold) to `end` (a chunk: the whole context, or a part of it this step), one pass
+        each through its block table, and sample the first tokens of the new ones whose context is
+        complete (a sequence resuming after a preemption has its next token already). A prompt
+        whose log-probs are asked is prefilled whole, from its start."""
+        logits: Dict[int, torch.Tensor] = {}
+        first: Dict[int, dict] = {}
+        for s, end in chunks:
+            fresh = not s.tokens
+            with kv_cache.using_tables([self.model], [s.blocks]):
+                if fresh and s.request.prompt_logprobs:
+                    logits[s.id], first[s.id] = self._prefill_with_logprobs(s, 0)
+                else:
+                    last = prefill_context(self.model, self.policy, s, s.pos, end)
+                    if fresh and end == s.context_len:
+                        logits[s.id] = last
+            s.pos = end
+            if s.id in logits:
+                first.setdefault(s.id, {})["cached_tokens"] = s.cached_tokens
+        return self._first_events([s for s, _ in chunks if s.id in logits], logits, first)
+
+    def _first_events(self, seqs: List[SequenceState], logits: Dict[int, torch.Tensor], first: Dict[int, dict]) -> List[Event]:
+        """The first events of newly prefilled sequences from their last logits: a first token
+        sampled, or the end of one that asked only for its prompt's log-probs (`first`: fields of
+        those events)."""
         events = []
         for s in seqs:
             if s.limit == 0:  # asked only for its prompt's log-probs
@@ -125,10 +164,10 @@ class Runner:
             events += new
         return events
 
-    def _prefill_with_logprobs(self, s: SequenceState) -> Tuple[torch.Tensor, dict]:
-        """Prefill one row with the full logits of its prompt: (last logits (vocab,), event fields)."""
+    def _prefill_with_logprobs(self, s: SequenceState, row0: int) -> Tuple[torch.Tensor, dict]:
+        """Prefill one row (row0) with the full logits of its prompt: (last logits (vocab,), event fields)."""
         prompt = torch.tensor(s.request.prompt, device=self.device)
-        logits = self.forward(prompt[None], 0, row0=s.row)[0]  # (len, vocab)
+        logits = self.forward(prompt[None], 0, row0=row0)[0]  # (len, vocab)
         lsm = torch.log_softmax(logits[:-1], dim=-1)  # position i predicts token i + 1
         lps = [None] + lsm.gather(1, prompt[1:, None])[:, 0].tolist()
         tops = None

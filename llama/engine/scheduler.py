@@ -5,6 +5,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional
 
+from llama.engine.blocks import BlockManager
 from llama.engine.types import SequenceState
 
 
@@ -102,3 +103,97 @@ class Scheduler:
             if s.finish_reason != "cancelled":
                 self.results[s.id] = s
         return moves
+
+
+class BlockScheduler(Scheduler):
+    """Continuous batching over a block KV cache: at most `rows` sequences decoded together, their
+    tokens bounded by the blocks of `blocks` (the manager of the pool). A sequence is admitted when
+    its prompt's blocks are free; it takes a block as it grows into one (`reserve`); when none is
+    free, the newest running sequence is preempted: its blocks freed, it waits at the head of the
+    queue and is prefilled again from its tokens (`SequenceState.context`). Rows are only the order
+    of the running sequences: a finished one frees its blocks and nothing moves."""
+
+    def __init__(self, rows: int, blocks: BlockManager):
+        super().__init__(rows)
+        self.blocks = blocks
+        self.preemptions = 0
+
+    def admit(self, budget: Optional[int] = None) -> Admission:
+        """Take waiting sequences, in arrival order, while a row and their context's blocks are free
+        (the longest cached prefix of a context taken from the prefix cache: `pos` starts past it;
+        not for a prompt whose log-probs are asked, which needs every position's logits), and
+        until their contexts left to compute reach `budget` tokens (None: no bound)."""
+        out = Admission()
+        while self.waiting and len(self.running) + len(out.prefill) < self.rows and (budget is None or budget > 0):
+            s = self.waiting[0]
+            if s.needs_row and not self._take_blocks(s):
+                break
+            self.waiting.popleft()
+            if s.needs_row:
+                out.prefill.append(s)
+                budget = None if budget is None else budget - (s.context_len - s.pos)
+            else:
+                self.results[s.id] = s
+                out.done.append(s)
+        for s in out.prefill:
+            s.row = len(self.running)
+            self.running.append(s)
+        return out
+
+    def _take_blocks(self, s: SequenceState) -> bool:
+        """Blocks for the context of `s`, cached ones first; False (none taken) when too few are free."""
+        context = s.context()
+        if not s.request.prompt_logprobs:
+            s.pos = self.blocks.match(context, s.blocks, s.block_keys)
+            if not s.tokens:
+                s.cached_tokens = s.pos
+        if self.blocks.grow(s.blocks, len(context)):
+            if self.blocks.prefix_cache and not s.request.prompt_logprobs:
+                self.blocks.queries += len(context)
+                self.blocks.hits += s.pos
+            return True
+        self.blocks.release(s.blocks)
+        s.pos, s.block_keys = 0, []
+        return False
+
+    def register(self) -> None:
+        """Key the running sequences' full blocks for the prefix cache: those of positions before
+        the last one in the cache (a draft may not have written that one yet)."""
+        for s in self.running:
+            self.blocks.register(s.request.prompt + s.tokens, s.blocks, s.pos - 1, s.block_keys)
+
+    def reserve(self, seqs: List[SequenceState], lookahead: int) -> List[SequenceState]:
+        """Blocks for the next `lookahead` tokens of each of `seqs` (running, oldest first; cut at
+        its last token), preempting the newest running sequence while none are free; returns those
+        preempted."""
+        preempted = []
+        for s in seqs:
+            if s not in self.running:  # preempted for an older one
+                continue
+            need = min(s.pos + lookahead, len(s.request.prompt) + s.limit)
+            while not self.blocks.grow(s.blocks, need):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is s:
+                    break
+        return preempted
+
+    def _preempt(self, s: SequenceState) -> None:
+        self.blocks.release(s.blocks)
+        s.pos, s.row, s.block_keys = 0, -1, []
+        self.running.remove(s)
+        self.waiting.appendleft(s)
+        for i, r in enumerate(self.running):
+            r.row = i
+        self.preemptions += 1
+
+    def retire(self) -> RowMoves:
+        """Free the blocks of finished sequences; the others keep theirs (nothing to move)."""
+        for s in self.running:
+            if s.finished:
+                self.blocks.release(s.blocks)
+        super().retire()
+        for i, s in enumerate(self.running):
+            s.row = i
+        return RowMoves()

@@ -35,7 +35,7 @@ from llama.engine.acceptance import (  # noqa: F401 (re-exported: the speculativ
     sampling_dist,
     sampling_pass,
 )
-from llama.engine.runner import Runner, StepFn, call_model, prefill_rows, restrict, step_positions
+from llama.engine.runner import Runner, StepFn, call_model, prefill_context, prefill_rows, restrict, step_positions
 from llama.engine.types import Event, SequenceState
 from llama.model import Transformer
 from llama.sampling import check_finite
@@ -143,10 +143,26 @@ class Speculator:
         """Accepted proposals over proposed, since the start (0 before any proposal)."""
         return self.accepted / self.proposed if self.proposed else 0.0
 
-    def fit(self, rows: int, seq_len: int) -> None:
-        """Give the draft a KV cache of the runner's shape (kept when it already has it)."""
-        if kv_cache.shape(self.draft) != (rows, seq_len):
+    def fit(self, rows: int, seq_len: int, pool: Optional[Tuple[int, int]] = None) -> None:
+        """Give the draft a KV cache of the runner's shape (kept when it already has it): rows, or
+        with `pool` (blocks, block_size) a block cache of as many blocks, indexed by the same tables."""
+        if pool is not None:
+            if kv_cache.pool(self.draft) != pool or kv_cache.shape(self.draft) != (rows, seq_len):
+                kv_cache.allocate_blocks(self.draft, *pool, rows, seq_len)
+        elif kv_cache.shape(self.draft) != (rows, seq_len) or kv_cache.pool(self.draft) is not None:
             kv_cache.allocate(self.draft, rows, seq_len)
+
+    def prefill_blocks(self, chunks: List[Tuple[SequenceState, int]], starts: List[int]) -> None:
+        """With block caches: fill the draft's blocks of the sequences prefilled this step with the
+        same positions of their contexts, from `starts` to each chunk's end, as the runner did the model's."""
+        with self.context():
+            for (s, end), start in zip(chunks, starts):
+                with kv_cache.using_tables([self.draft], [s.blocks]):
+                    prefill_context(self.draft, self.policy, s, start, end)
+
+    def forget(self, seq_id: int) -> None:
+        """A sequence preempted: prefilled again from its tokens, its draft will not lag."""
+        self._behind.discard(seq_id)
 
     def prefill(self, seqs: List[SequenceState]) -> None:
         """Fill the draft's rows of newly admitted sequences with their prompts, as the runner did

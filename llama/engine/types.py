@@ -47,6 +47,7 @@ class Event:
     # (None for the first, which has no context), and the alternatives likewise
     prompt_logprobs: Optional[List[Optional[float]]] = None
     prompt_top_logprobs: Optional[List[Optional[List[Tuple[int, float]]]]] = None
+    cached_tokens: Optional[int] = None  # on a sequence's first event: prompt tokens found in the prefix cache
 
 
 @dataclass
@@ -85,11 +86,24 @@ class SequenceState:
         self.error: Optional[Exception] = None  # why it ended with finish_reason "error"
         self.pos = 0  # tokens in its KV cache row
         self.matcher = None  # its llama.structured.Matcher when its request asks for JSON
+        self.blocks: List[int] = []  # with a block KV cache: its block table (llama.engine.blocks)
+        self.block_keys: List[int] = []  # the prefix cache's keys of its full blocks so far
+        self.cached_tokens = 0  # prompt tokens its first prefill found in the prefix cache
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+
+    @property
+    def context_len(self) -> int:
+        """len(self.context())."""
+        return len(self.request.prompt) + max(0, len(self.tokens) - 1)
+
+    def context(self) -> List[int]:
+        """The tokens its KV cache holds once prefilled: the prompt, and when it resumes after a
+        preemption every generated token but the last (which the next decode step feeds)."""
+        return self.request.prompt + self.tokens[:-1] if self.tokens else self.request.prompt
 
     @property
     def needs_row(self) -> bool:

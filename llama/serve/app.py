@@ -39,6 +39,9 @@ class Service:
     max_queue: int
     max_request_bytes: int
     draining: bool = False  # shutting down: new requests get 503
+    metrics: Optional[Any] = None  # llama.serve.metrics.Metrics: GET /metrics (None: no such route)
+    metrics_key: Optional[str] = None  # the key GET /metrics asks for (None: none)
+    kv_tokens: Optional[int] = None  # tokens the whole block KV cache holds (None: no bound but max_seq_len)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -60,6 +63,11 @@ def create_app(service: Service) -> FastAPI:
     app.add_api_route("/v1/models/{name:path}", model, methods=["GET"])
     app.add_api_route("/v1/completions", completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    if service.metrics is not None:
+        app.add_api_route("/metrics", metrics, methods=["GET"])
+        from llama.serve.metrics import CountRequests
+
+        app.add_middleware(CountRequests, metrics=service.metrics)
     return app
 
 
@@ -156,6 +164,7 @@ def completion_inputs(service: Service, raw: bytes) -> Tuple[dict, List[List[int
     f = protocol.check_request(protocol.parse_body(raw), False, service.model_name, tok.n_words, service.max_queue)
     prompts = [tok.encode(p, bos=True, eos=False) if isinstance(p, str) else p for p in f["prompt"]]
     protocol.check_lengths(prompts, f["max_tokens"], service.max_seq_len, "prompt")
+    protocol.check_kv_budget(prompts, f["max_tokens"], service.kv_tokens, "prompt")
     echo = [tok.decode(p) if f["echo"] else "" for p in prompts]
     return f, prompts, echo
 
@@ -169,6 +178,7 @@ def chat_inputs(service: Service, raw: bytes) -> Tuple[dict, List[int], list]:
     if f["max_tokens"] is None:  # the rest of the context, at least one token
         f["max_tokens"] = max(1, service.max_seq_len - len(prompt))
     protocol.check_lengths([prompt], f["max_tokens"], service.max_seq_len, "messages")
+    protocol.check_kv_budget([prompt], f["max_tokens"], service.kv_tokens, "messages")
     f["logprobs"] = f["logprobs"] or f["top_logprobs"] > 0
     return f, prompt, tools
 
@@ -310,3 +320,13 @@ async def chat_chunks(service: Service, handle: Handle, f: dict, prompt: List[in
 
 def _head(rid: str, obj: str, created: int, model_name: str, choices: list) -> dict:
     return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": choices}
+
+
+@guarded
+async def metrics(request: HTTPRequest) -> Any:
+    """The Prometheus metrics; behind --metrics_key when one is set, never behind --api_key."""
+    service = service_of(request)
+    protocol.check_key(service.metrics_key, request.headers.get("authorization"))
+    from llama.serve.metrics import CONTENT_TYPE
+
+    return Response(service.metrics.render(), media_type=CONTENT_TYPE)

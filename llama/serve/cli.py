@@ -90,6 +90,10 @@ def serve(
     request_timeout: float = 30.0,
     keep_alive_timeout: float = 5.0,
     drain_timeout: float = 20.0,
+    metrics_key: Optional[str] = None,
+    kv_cache_tokens: Optional[int] = None,
+    prefix_cache: bool = True,
+    max_prefill_tokens: Optional[int] = 512,
 ) -> None:
     """Serve a Llama 3 model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models).
 
@@ -98,7 +102,7 @@ def serve(
         host, port: where to listen (127.0.0.1: this machine only).
         api_key: the key clients must send as 'Authorization: Bearer <key>'; default: the
             LLAMA_API_KEY environment variable; none: no key asked.
-        max_batch_size: sequences decoded together (KV cache rows).
+        max_batch_size: sequences decoded together.
         max_seq_len: the context: prompt plus answer, in tokens.
         max_queue: sequences queued or running at most; more are answered 429.
         device, dtype, compile: as Llama.build.
@@ -121,6 +125,20 @@ def serve(
             20: within the 30 s that torchrun and Kubernetes wait before they kill; new requests get
             503 meanwhile); the rest then end with finish_reason "length", every stream with [DONE],
             and the process exits 0. A second signal ends them at once.
+        kv_cache_tokens: tokens the KV cache holds, in blocks that sequences take as they grow and
+            free when they finish (default: max_batch_size x max_seq_len). A request that could
+            never fit is answered 400; when the blocks run out mid-decode the newest sequence is
+            preempted and recomputed later. With --compile the cache is max_batch_size rows of
+            max_seq_len tokens instead (the static shapes of its compiled passes).
+        prefix_cache: reuse the KV cache blocks of a prompt's longest cached prefix (a shared system
+            prompt is computed once; usage.prompt_tokens_details.cached_tokens says how many
+            tokens came from the cache); False turns it off. Not with --compile.
+        max_prefill_tokens: prompt tokens prefilled per step at most (default 512): a longer prompt
+            is prefilled over several steps while the running sequences go on decoding, so that it
+            does not stall them; None: every admitted prompt whole. Not with --compile.
+        metrics_key: the key GET /metrics (Prometheus' text format; needs prometheus_client, in the
+            serve extra) asks for as 'Authorization: Bearer <key>'; default: none (the metrics are
+            not behind --api_key).
 
     Under torchrun, every rank loads its part; rank 0 serves HTTP and leads the steps (and the
     shutdown: the other ranks ignore the signals and stop when it does).
@@ -129,13 +147,19 @@ def serve(
 
     _check_flags(max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_queue=max_queue,
                  max_request_bytes=max_request_bytes, max_connections=max_connections, port=port,
-                 request_timeout=request_timeout, keep_alive_timeout=keep_alive_timeout, drain_timeout=drain_timeout)
+                 request_timeout=request_timeout, keep_alive_timeout=keep_alive_timeout, drain_timeout=drain_timeout,
+                 **{k: v for k, v in (("kv_cache_tokens", kv_cache_tokens), ("max_prefill_tokens", max_prefill_tokens))
+                    if v is not None})
     api_key = api_key or os.environ.get("LLAMA_API_KEY") or None
     llama = build_generator(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                             device=device, dtype=dtype, remeasure=remeasure, compile=compile, quantize=quantize, group_size=group_size,
                             speculate=speculate, draft_ckpt_dir=draft_ckpt_dir, speculate_k=speculate_k,
                             adapter=adapter)
-    loop = EngineLoop(llama.engine(max_batch_size, max_seq_len), max_queue)
+    engine = llama.engine(max_batch_size, max_seq_len, kv_cache_tokens, prefix_cache=prefix_cache,
+                          max_prefill_tokens=max_prefill_tokens)
+    kv_tokens = engine.blocks.capacity * engine.blocks.block_size if engine.blocks is not None else None
+    metrics = _metrics(engine, llama.tokenizer.stop_tokens) if distributed.is_rank0() else None
+    loop = EngineLoop(engine, max_queue, metrics)
     if not distributed.is_rank0():
         _follow(loop)
         return
@@ -143,10 +167,21 @@ def serve(
         model_name = os.path.basename(os.path.normpath(ckpt_dir)) if ckpt_dir else "llama3-demo"
     warn_if_open(host, api_key)
     service = Service(Shaper(llama.tokenizer, llama.formatter, model_name), loop, api_key, max_seq_len, max_queue,
-                      max_request_bytes)
-    logger.info("Serving %s on http://%s:%d/v1 (%d rows of %d tokens, queue %d)", model_name, host, port,
-                max_batch_size, max_seq_len, max_queue)
+                      max_request_bytes, metrics=metrics, metrics_key=metrics_key, kv_tokens=kv_tokens)
+    logger.info("Serving %s on http://%s:%d/v1 (%d sequences together, %d-token context, KV cache %s, queue %d)",
+                model_name, host, port, max_batch_size, max_seq_len,
+                f"{kv_tokens} tokens in blocks" if kv_tokens else "in rows", max_queue)
     _lead(service, host, port, max_connections, request_timeout, keep_alive_timeout, drain_timeout)
+
+
+def _metrics(engine, stop_tokens):
+    """The server's metrics over `engine`, or None (and a warning) without prometheus_client."""
+    from llama.serve import metrics
+
+    if not metrics.available():
+        logger.warning("GET /metrics is off: install prometheus_client (pip install 'llama3-ref[serve]')")
+        return None
+    return metrics.Metrics(engine.stats, stop_tokens)
 
 
 def _follow(loop: EngineLoop) -> None:
@@ -162,8 +197,9 @@ def _check_flags(port: int, **values) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ValueError(f"--{name} must be a positive number, got {value!r}")
-    for name in ("max_batch_size", "max_seq_len", "max_queue", "max_request_bytes", "max_connections"):
-        if not isinstance(values[name], int):
+    for name in ("max_batch_size", "max_seq_len", "max_queue", "max_request_bytes", "max_connections", "kv_cache_tokens",
+                 "max_prefill_tokens"):
+        if name in values and not isinstance(values[name], int):
             raise ValueError(f"--{name} must be a positive integer, got {values[name]!r}")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ValueError(f"--port must be a port number (1-65535), got {port!r}")

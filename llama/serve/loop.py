@@ -11,6 +11,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -33,6 +34,7 @@ class Handle:
         self.ids, self.loop = ids, loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.error: Optional[str] = None
+        self.submitted_at = time.monotonic()  # the metrics' latencies count from here
 
     async def stream(self, on_exit) -> Any:
         """The events until every sequence has finished (later events of a finished one are
@@ -54,8 +56,9 @@ class Handle:
 class EngineLoop:
     """Runs the engine in one background thread (rank 0) or in the calling thread (other ranks)."""
 
-    def __init__(self, engine: Engine, max_queue: int):
-        self.engine, self.max_queue = engine, max_queue
+    def __init__(self, engine: Engine, max_queue: int, metrics: Optional[Any] = None):
+        """metrics: where requests' tokens and latencies are counted (llama.serve.metrics.Metrics), or None."""
+        self.engine, self.max_queue, self.metrics = engine, max_queue, metrics
         self.inbox: "queue.Queue[Tuple[str, Any]]" = queue.Queue()
         self.handles: Dict[int, Handle] = {}  # live sequences (rank 0)
         self.lock = threading.Lock()
@@ -83,6 +86,8 @@ class EngineLoop:
             handle = Handle(ids, asyncio.get_running_loop())
             for i in ids:
                 self.handles[i] = handle
+        if self.metrics is not None:
+            self.metrics.submitted([len(r.prompt) for r in requests])
         for i, r in zip(ids, requests):
             self.inbox.put(("add", (i, r)))
         return handle
@@ -91,6 +96,8 @@ class EngineLoop:
         """Drop a request's sequences (a client that went away); their rows free before the next step."""
         with self.lock:
             live = [i for i in handle.ids if self.handles.pop(i, None) is not None]
+        if self.metrics is not None:
+            self.metrics.forget(live)
         for i in live:
             self.inbox.put(("cancel", i))
 
@@ -214,6 +221,8 @@ class EngineLoop:
                 del self.handles[e.seq_id]
         if handle is None:  # another rank, or a client that went away
             return
+        if self.metrics is not None:
+            self.metrics.event(e.seq_id, e.token, e.finished, handle.submitted_at)
         if e.finish_reason == ERROR and handle.error is None:
             handle.error = "the engine ended the sequence"
         try:

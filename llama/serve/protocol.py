@@ -374,3 +374,15 @@ def check_lengths(prompts: List[List[int]], max_tokens: Optional[int], max_seq_l
                            code="context_length_exceeded") from e
         except ValueError as e:
             raise APIError(400, str(e), param=param) from e
+
+
+def check_kv_budget(prompts: List[List[int]], max_tokens: Optional[int], kv_tokens: Optional[int], param: str) -> None:
+    """400 at once for a sequence the whole KV cache could never hold (--kv_cache_tokens), rather
+    than a failure when its turn comes (None: no such bound)."""
+    if kv_tokens is None:
+        return
+    for p in prompts:
+        total = len(p) + (max_tokens or 0)
+        if total > kv_tokens:
+            raise APIError(400, f"{total} tokens (prompt and max_tokens) exceed the KV cache's {kv_tokens} tokens "
+                           "(--kv_cache_tokens): ask fewer tokens", param=param, code="context_length_exceeded")

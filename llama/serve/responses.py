@@ -19,9 +19,12 @@ class Choice:
         self.prompt_logprobs = self.prompt_tops = None
         self.stop_logprob: Optional[float] = None  # the stop token's, when it ended the answer
         self.stop_top: Optional[list] = None
+        self.cached_tokens = 0  # prompt tokens the engine found in its prefix cache
 
     def add(self, e: Event, stop_tokens: frozenset) -> None:
         self.text += e.text
+        if e.cached_tokens is not None:
+            self.cached_tokens = e.cached_tokens
         if e.prompt_logprobs is not None:
             self.prompt_logprobs, self.prompt_tops = e.prompt_logprobs, e.prompt_top_logprobs
         if e.finished:
@@ -73,7 +76,10 @@ class Shaper:
     def usage(self, prompts: List[List[int]], choices: List[Choice]) -> dict:
         p = sum(len(x) for x in prompts)
         n = sum(len(c.tokens) for c in choices)
-        return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
+        per_prompt = max(1, len(choices) // max(1, len(prompts)))  # n choices of each prompt: its first's cache hits
+        cached = sum(c.cached_tokens for c in choices[::per_prompt])
+        return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     # ---- /v1/completions
 
