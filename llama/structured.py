@@ -111,6 +111,17 @@ def check_response_format(response_format: Optional[dict]) -> None:
         _grammar(json.dumps(schema))
 
 
+def prepare(tokenizer: Tokenizer) -> bool:
+    """Build llguidance's view of `tokenizer` now (it walks the whole vocabulary: about a second for
+    Llama 3's), so that the first JSON request does not stall the engine's step; False where the
+    `structured` extra is not installed (such requests are then refused, naming the extra)."""
+    try:
+        _ll_tokenizer(tokenizer)
+    except ImportError:
+        return False
+    return True
+
+
 def _ll_tokenizer(tokenizer: Tokenizer):
     """llguidance's view of our tokenizer (built once per tokenizer: it walks the whole vocabulary)."""
     with _LOCK:
