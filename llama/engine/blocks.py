@@ -8,9 +8,12 @@ it (the previous block's key chained in), so equal keys mean equal contents. A b
 after its sequence lets go of it: it is then free to take but still cached, and a new sequence
 whose context starts with the same tokens takes it instead of computing it again. Unkeyed free
 blocks are handed out first, then cached ones, least recently used first (their keys dropped).
-Keys are Python's hashes of integer tuples: the same on every process (under torchrun every rank
-keeps the same books).
+Keys are 128-bit BLAKE2b digests of the previous key and the block's token ids: the same on every
+process (under torchrun every rank keeps the same books), and, unlike Python's hash of a tuple, not
+something a client could make collide on purpose to be served another prompt's keys and values.
 """
+import array
+import hashlib
 from collections import OrderedDict, deque
 from typing import Deque, Dict, List, Optional, Sequence
 
@@ -27,7 +30,10 @@ def chain_keys(tokens: Sequence[int], block_size: int, n: int, keys: Optional[Li
     """The keys of the first `n` full blocks of `tokens`, extending `keys` (those of the first blocks)."""
     keys = [] if keys is None else keys
     for i in range(len(keys), n):
-        keys.append(hash((keys[-1] if keys else -1, tuple(tokens[i * block_size : (i + 1) * block_size]))))
+        h = hashlib.blake2b(digest_size=16)
+        h.update((keys[-1] if keys else 0).to_bytes(16, "little"))
+        h.update(array.array("q", tokens[i * block_size : (i + 1) * block_size]).tobytes())
+        keys.append(int.from_bytes(h.digest(), "little"))
     return keys
 
 
