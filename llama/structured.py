@@ -29,6 +29,8 @@ TYPES = ("text", "json_object", "json_schema")
 # does not implement (`lenient` false: those are an error naming them)
 _OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":", "lenient": False}
 _BYTE_BITS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+# row b: which of byte b's 8 bits are clear (blocked tokens), so a mask unpacks by one lookup per byte
+_BLOCKED_BY_BYTE = (torch.arange(256, dtype=torch.uint8)[:, None] & _BYTE_BITS).eq(0)  # (256, 8)
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-mask")
 _LL_TOKENIZERS: "weakref.WeakKeyDictionary[Tokenizer, Any]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
@@ -140,7 +142,7 @@ def _fill(m: Any, bitmask: torch.Tensor) -> torch.Tensor:
     into, so a matcher dropped meanwhile cannot free it."""
     m.unsafe_compute_mask_ptr(bitmask.data_ptr(), bitmask.numel() * 4)
     # bit i of int32 word w is bit i % 8 of byte 4w + i // 8 (little-endian): unpacked bytewise
-    return (bitmask.view(torch.uint8)[:, None] & _BYTE_BITS).eq(0).flatten()
+    return _BLOCKED_BY_BYTE.index_select(0, bitmask.view(torch.uint8).int()).flatten()
 
 
 class Matcher:
