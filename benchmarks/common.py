@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from llama.atomic import atomic_write_text
 from llama.weights import checkpoint, save, sharding
 from llama.runtime.cpu import best_time as _best_time
 from llama.model import ModelArgs
@@ -227,4 +228,4 @@ def envelope(benchmark: str, results: dict, table: Optional[list] = None, headli
 def write_json(path: Optional[str], data: dict) -> None:
     """Write `data` to `path` (nothing when path is None or empty)."""
     if path:
-        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(data, indent=2) + "\n")  # a killed run leaves the last whole JSON

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence
 
+from llama.atomic import atomic_write_text
 from llama.cli import run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,13 +106,13 @@ def render(*files: str, out: Optional[str] = None, readme: Optional[str] = None)
     if new is None:
         new = f"{text.rstrip()}\n\n{TABLES[0]}\n{tables.strip()}\n{TABLES[1]}\n"
     page.parent.mkdir(parents=True, exist_ok=True)
-    page.write_text(new)
+    atomic_write_text(page, new)
     print(f"wrote {len(runs)} table(s) to {page}")
     readme = REPO / "README.md" if readme is None else readme
     if readme and Path(readme).is_file():
         filled = replace_between(Path(readme).read_text(), HEADLINE, headline_table(runs))
         if filled is not None:
-            Path(readme).write_text(filled)
+            atomic_write_text(readme, filled)
             print(f"filled the headline table of {readme}")
 
 

@@ -78,6 +78,28 @@ def atomic_output_dir(
         raise
 
 
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write one file whole or not at all: `text` goes into a hidden temporary file beside `path`,
+    flushed to disk, then renamed over it (a reader sees the old file or the new one, never a part)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{_PARTIAL}{os.getpid()}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
 def _remove_abandoned(dst: Path) -> None:
     """Delete the temporary directories of earlier runs into `dst` whose process is gone (killed)."""
     for prefix in (_PARTIAL, _OLD):

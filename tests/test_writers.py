@@ -425,3 +425,20 @@ def test_quantize_over_an_existing_checkpoint_is_refused_and_overwrite_replaces_
     reshard.quantize_checkpoint(str(meta), str(dst), mode="int8", overwrite=True)
     assert sorted(p.name for p in dst.iterdir()) == ["consolidated.00.pth", "consolidated.01.pth", "params.json", "tokenizer.model"]
     assert checkpoint.inspect_dir(dst).quant.mode == "int8"
+
+
+def test_atomic_write_text_replaces_whole_or_leaves_the_old_file(tmp_path, monkeypatch):
+    """One file written through the atomic writer: the new text whole, or (a failure before the
+    rename) the old file as it was and no temporary file left beside it."""
+    path = tmp_path / "out" / "table.json"
+    atomic.atomic_write_text(path, "old\n")
+    atomic.atomic_write_text(path, "new\n")
+    assert path.read_text() == "new\n" and os.listdir(path.parent) == ["table.json"]
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(atomic.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        atomic.atomic_write_text(path, "half\n")
+    assert path.read_text() == "new\n" and os.listdir(path.parent) == ["table.json"]

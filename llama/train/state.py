@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from llama import distributed
 from llama.args import ModelArgs
-from llama.atomic import atomic_output_dir
+from llama.atomic import atomic_output_dir, atomic_write_text
 from llama.weights import lora
 from llama.weights.save import save_checkpoint
 
@@ -116,7 +116,7 @@ class MetricsLog:
                         kept.append(line)
                 except (ValueError, KeyError, TypeError):
                     break  # a line cut by a kill, and anything after it
-        self.path.write_text("".join(k + "\n" for k in kept))
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
     def write(self, record: dict) -> None:
         if distributed.is_rank0():
