@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
-from llama.atomic import atomic_output_dir
+from llama.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +87,7 @@ def kept_or_measured(
             logger.warning("%s kept in %s is unreadable (%s): measuring again", what, path, e)
     value = measure()
     try:
-        with atomic_output_dir(path.parent, overwrite=True) as tmp:
-            (tmp / FILE).write_text(json.dumps({"key": full, "value": encode(value)}, indent=1))
+        atomic_write_text(path, json.dumps({"key": full, "value": encode(value)}, indent=1))
     except (OSError, ValueError) as e:
         logger.warning("could not keep %s in %s (%s): the next process measures again", what, path, e)
     return value, None
