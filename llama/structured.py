@@ -114,13 +114,15 @@ def check_response_format(response_format: Optional[dict]) -> None:
 
 
 def prepare(tokenizer: Tokenizer) -> bool:
-    """Build llguidance's view of `tokenizer` now (it walks the whole vocabulary: about a second for
-    Llama 3's), so that the first JSON request does not stall the engine's step; False where the
+    """Start building llguidance's view of `tokenizer` in a worker thread (it walks the whole
+    vocabulary: about a second for Llama 3's), so that neither start-up nor the first JSON request's
+    step waits for it (a request arriving sooner waits on the same lock); False where the
     `structured` extra is not installed (such requests are then refused, naming the extra)."""
     try:
-        _ll_tokenizer(tokenizer)
+        _llguidance()
     except ImportError:
         return False
+    _POOL.submit(_ll_tokenizer, tokenizer)
     return True
 
 

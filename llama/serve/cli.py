@@ -155,7 +155,7 @@ def serve(
                             device=device, dtype=dtype, remeasure=remeasure, compile=compile, quantize=quantize, group_size=group_size,
                             speculate=speculate, draft_ckpt_dir=draft_ckpt_dir, speculate_k=speculate_k,
                             adapter=adapter)
-    structured.prepare(llama.tokenizer)  # before serving: the first JSON request would build it mid-step
+    structured.prepare(llama.tokenizer)  # in the background: the first JSON request would build it mid-step
     engine = llama.engine(max_batch_size, max_seq_len, kv_cache_tokens, prefix_cache=prefix_cache,
                           max_prefill_tokens=max_prefill_tokens)
     kv_tokens = engine.blocks.capacity * engine.blocks.block_size if engine.blocks is not None else None
