@@ -1,6 +1,6 @@
 """The engine: continuous batching as a scheduler (the books) and a runner (the model's steps),
 with a speculator in place of the runner's decode step when a draft model is given."""
-from typing import Deque, Dict, Iterator, List, Optional
+from typing import Deque, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -185,15 +185,13 @@ class Engine:
         chunks = []
         for s in self.scheduler.running:  # contexts under way first, oldest first
             if s.pos < s.context_len and (budget is None or budget > 0):
-                end = s.context_len if budget is None or s.request.prompt_logprobs else min(s.context_len, s.pos + budget)
+                end, budget = _chunk(s, budget)
                 chunks.append((s, end))
-                budget = None if budget is None else budget - (end - s.pos)
         admitted = self.scheduler.admit(budget)
         events = self.runner.finish_unrun(admitted.done)
         for s in admitted.prefill:
-            end = s.context_len if budget is None or s.request.prompt_logprobs else min(s.context_len, s.pos + max(budget, 0))
+            end, budget = _chunk(s, budget)
             chunks.append((s, end))
-            budget = None if budget is None else budget - (end - s.pos)
         chunks = [(s, end) for s, end in chunks if end > s.pos or s.request.prompt_logprobs]
         if chunks:
             starts = [s.pos for s, _ in chunks]
@@ -209,3 +207,11 @@ class Engine:
         self.runner.move_rows(moves.dst, moves.src)
         if self.speculator:
             self.speculator.move_rows(moves.dst, moves.src)
+
+
+def _chunk(s: SequenceState, budget: Optional[int]) -> Tuple[int, Optional[int]]:
+    """Where this step's prefill of `s` ends, and the prompt-token budget left after it (None: no
+    bound): as far as the budget reaches, or the whole context when its log-probs are asked."""
+    whole = budget is None or s.request.prompt_logprobs
+    end = s.context_len if whole else min(s.context_len, s.pos + max(budget, 0))
+    return end, None if budget is None else budget - (end - s.pos)
