@@ -57,15 +57,39 @@ def prefill_rows(model: Transformer, policy: Optional[kernel_policy.Policy], seq
     return torch.cat(ends[::-1])  # longest first, as `seqs`
 
 
-def prefill_context(model: Transformer, policy: Optional[kernel_policy.Policy], s: SequenceState, start: int,
-                    end: int) -> torch.Tensor:
-    """Fill a block cache with positions start..end-1 of the context of `s` (`SequenceState.context`;
-    its blocks hold what is before `start`), in one pass through the block table in effect (row 0);
-    return the last position's logits (vocab,)."""
-    context = s.context()
-    tokens = torch.tensor(context[start:end], device=model.tok_embeddings.weight.device)[None]  # (1, n)
-    last = torch.tensor([tokens.shape[1] - 1], device=tokens.device)
-    return call_model(model, policy, tokens, start, output_index=last)[0, 0]
+def prefill_batch(model: Transformer, policy: Optional[kernel_policy.Policy],
+                  chunks: Sequence[Tuple[SequenceState, int, int]]) -> torch.Tensor:
+    """Fill a block cache with positions start..end-1 of each (s, start, end) context in one pass of
+    len(chunks) rows (the block tables in effect, row i for chunks[i]), each row padded to the
+    longest chunk: the padding's keys land past the row's chunk, in slots its later tokens overwrite
+    (or block 0), and no real position attends to them. Returns each row's last logits (rows, vocab)."""
+    device = model.tok_embeddings.weight.device
+    width = max(end - start for _, start, end in chunks)
+    tokens = torch.zeros(len(chunks), width, dtype=torch.long)
+    for i, (s, start, end) in enumerate(chunks):
+        tokens[i, : end - start] = torch.tensor(s.context()[start:end], dtype=torch.long)
+    last = torch.tensor([end - start - 1 for _, start, end in chunks], device=device)
+    start_pos, kv_len = step_positions([start for _, start, _ in chunks], width, device)
+    return call_model(model, policy, tokens.to(device), start_pos, output_index=last, kv_len=kv_len)[:, 0]
+
+
+def batch_chunks(chunks: Sequence[Tuple[SequenceState, int, int]], max_seq_len: int) -> List[List[int]]:
+    """Indices of `chunks` grouped into prefill passes (`prefill_batch`), longest chunk first: a chunk
+    joins a pass while at most half the pass's tokens are padding and its padded positions stay
+    below `max_seq_len` (the rotary table's length); one pass each otherwise."""
+    order = sorted(range(len(chunks)), key=lambda i: chunks[i][1] - chunks[i][2])
+    groups: List[List[int]] = []
+    real = width = 0
+    for i in order:
+        _, start, end = chunks[i]
+        n = end - start
+        if groups and start + width <= max_seq_len and (len(groups[-1]) + 1) * width <= 2 * (real + n):
+            groups[-1].append(i)
+            real += n
+        else:
+            groups.append([i])
+            real = width = n
+    return groups
 
 
 class Runner:
@@ -126,21 +150,25 @@ class Runner:
 
     def prefill_blocks(self, chunks: List[Tuple[SequenceState, int]]) -> List[Event]:
         """With a block KV cache: prefill each sequence's context from its `pos` (what its blocks
-        already hold) to `end` (a chunk: the whole context, or a part of it this step), one pass
-        each through its block table, and sample the first tokens of the new ones whose context is
-        complete (a sequence resuming after a preemption has its next token already). A prompt
-        whose log-probs are asked is prefilled whole, from its start."""
+        already hold) to `end` (a chunk: the whole context, or a part of it this step), the chunks
+        batched into as few passes as padding allows (`batch_chunks`), and sample the first tokens of
+        the new ones whose context is complete (a sequence resuming after a preemption has its next
+        token already). A prompt whose log-probs are asked is prefilled whole, from its start."""
         logits: Dict[int, torch.Tensor] = {}
         first: Dict[int, dict] = {}
+        plain = [(s, s.pos, end) for s, end in chunks if s.tokens or not s.request.prompt_logprobs]
         for s, end in chunks:
-            fresh = not s.tokens
-            with kv_cache.using_tables([self.model], [s.blocks]):
-                if fresh and s.request.prompt_logprobs:
+            if not s.tokens and s.request.prompt_logprobs:
+                with kv_cache.using_tables([self.model], [s.blocks]):
                     logits[s.id], first[s.id] = self._prefill_with_logprobs(s, 0)
-                else:
-                    last = prefill_context(self.model, self.policy, s, s.pos, end)
-                    if fresh and end == s.context_len:
-                        logits[s.id] = last
+        for group in batch_chunks(plain, self.model.params.max_seq_len):
+            batch = [plain[i] for i in group]
+            with kv_cache.using_tables([self.model], [s.blocks for s, _, _ in batch]):
+                last = prefill_batch(self.model, self.policy, batch)
+            for (s, _, end), row in zip(batch, last):
+                if not s.tokens and end == s.context_len:
+                    logits[s.id] = row
+        for s, end in chunks:
             s.pos = end
             if s.id in logits:
                 first.setdefault(s.id, {})["cached_tokens"] = s.cached_tokens

@@ -35,7 +35,7 @@ from llama.engine.acceptance import (  # noqa: F401 (re-exported: the speculativ
     sampling_dist,
     sampling_pass,
 )
-from llama.engine.runner import Runner, StepFn, call_model, prefill_context, prefill_rows, restrict, step_positions
+from llama.engine.runner import Runner, StepFn, batch_chunks, call_model, prefill_batch, prefill_rows, restrict, step_positions
 from llama.engine.types import Event, SequenceState
 from llama.model import Transformer
 from llama.sampling import check_finite
@@ -155,10 +155,11 @@ class Speculator:
     def prefill_blocks(self, chunks: List[Tuple[SequenceState, int]], starts: List[int]) -> None:
         """With block caches: fill the draft's blocks of the sequences prefilled this step with the
         same positions of their contexts, from `starts` to each chunk's end, as the runner did the model's."""
+        batch = [(s, start, end) for (s, end), start in zip(chunks, starts)]
         with self.context():
-            for (s, end), start in zip(chunks, starts):
-                with kv_cache.using_tables([self.draft], [s.blocks]):
-                    prefill_context(self.draft, self.policy, s, start, end)
+            for group in batch_chunks(batch, self.draft.params.max_seq_len):
+                with kv_cache.using_tables([self.draft], [batch[i][0].blocks for i in group]):
+                    prefill_batch(self.draft, self.policy, [batch[i] for i in group])
 
     def forget(self, seq_id: int) -> None:
         """A sequence preempted: prefilled again from its tokens, its draft will not lag."""
