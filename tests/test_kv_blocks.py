@@ -7,6 +7,7 @@ import helpers
 from llama import Llama, kv_cache
 from llama.engine import Engine, Request
 from llama.engine.blocks import BlockManager
+from llama.engine.scheduler import chunk_tokens, prefill_cost
 
 MAX_SEQ_LEN = 96
 BLOCK = 16
@@ -123,7 +124,11 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(llama):
     steps = []
     while not steps or late not in [e.seq_id for e in steps[-1]]:
         steps.append(engine.step())
-    assert len(steps) == -(-len(long_prompt) // 8)  # 8 prompt tokens a step
+    # 8 prompt tokens a step at first, fewer as the context grows (their attention over it costs)
+    ends = [0]
+    while ends[-1] < len(long_prompt):
+        ends.append(ends[-1] + max(1, chunk_tokens(ends[-1], 8, engine.span)))
+    assert len(steps) == len(ends) - 1 >= -(-len(long_prompt) // 8)
     assert all(short in [e.seq_id for e in events] for events in steps)  # a token every step meanwhile
     while engine.busy:
         engine.step()
@@ -171,6 +176,12 @@ def test_a_request_the_pool_can_never_hold_is_refused(llama):
     engine.add(Request(encode(llama, "Hi"), 20, temperature=0))  # 23 tokens fit
 
 
+def test_a_chunk_costs_its_tokens_and_their_attention_over_the_context_before_it():
+    assert prefill_cost(0, 64, 2000) == 64 and prefill_cost(2000, 64, 2000) == 128
+    assert [chunk_tokens(start, 64, 2000) for start in (0, 2000, 6000, 10**6)] == [64, 32, 16, 0]
+    assert chunk_tokens(0, 0, 2000) == 0 and chunk_tokens(0, -3, 2000) == 0
+
+
 def test_the_block_books():
     m = BlockManager(5, 4)  # blocks 1..4 of 4 tokens
     a, b = [], []
@@ -180,3 +191,25 @@ def test_the_block_books():
     m.release(a)
     assert a == [] and m.n_free == 3
     m.check()
+
+
+def test_the_default_pool_on_cuda_takes_a_fraction_of_the_free_memory(llama, self_draft, monkeypatch, caplog):
+    import torch
+
+    from llama.engine import budget
+
+    a = llama.model.layers[0].attention
+    per_token = 2 * len(llama.model.layers) * a.n_local_kv_heads * a.head_dim * 4  # keys and values, float32
+    assert budget.bytes_per_token([llama.model]) == per_token
+    assert budget.bytes_per_token([self_draft.model, self_draft.speculator.draft]) == 2 * per_token  # same shapes
+    assert budget.default_kv_tokens([llama.model], 4, MAX_SEQ_LEN) == 4 * MAX_SEQ_LEN  # on the CPU: rows x seq_len
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 80 * gib))
+    cuda = torch.device("cuda", 0)
+    with caplog.at_level("INFO", logger="llama.engine.budget"):
+        tokens = budget.default_kv_tokens([llama.model], 4, MAX_SEQ_LEN, device=cuda)
+    assert tokens == int(10 * gib * 0.9) // per_token
+    assert len(caplog.records) == 1 and f"{tokens} tokens" in caplog.records[0].getMessage()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (per_token * MAX_SEQ_LEN, 80 * gib))
+    with pytest.raises(ValueError, match="lower --max_seq_len"):
+        budget.default_kv_tokens([llama.model], 4, MAX_SEQ_LEN, device=cuda)

@@ -8,7 +8,7 @@ from llama import kv_cache, validation
 from llama.runtime import policy as kernel_policy
 from llama.engine.blocks import BlockManager
 from llama.engine.runner import Runner, StepFn
-from llama.engine.scheduler import BlockScheduler, Scheduler
+from llama.engine.scheduler import BlockScheduler, Scheduler, attention_span, chunk_tokens, prefill_cost
 from llama.engine.speculative import Speculator
 from llama.engine.types import Event, Plan, Request, SequenceState
 from llama.model import Transformer
@@ -58,6 +58,7 @@ class Engine:
         if max_prefill_tokens is not None and max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be a positive number of tokens, got {max_prefill_tokens}")
         self.max_prefill_tokens = max_prefill_tokens
+        self.span = attention_span(model.params)  # prefill chunks' cost: see _prefill_chunks
         if self.blocks is not None:
             self.scheduler: Scheduler = BlockScheduler(self.runner.rows, self.blocks)
         else:
@@ -179,18 +180,21 @@ class Engine:
         return events
 
     def _prefill_chunks(self) -> List[Event]:
-        """This step's prefill: chunks of contexts, at most max_prefill_tokens in all (a prompt whose
-        log-probs are asked goes whole)."""
+        """This step's prefill: chunks of contexts costing at most max_prefill_tokens in all (a
+        prompt whose log-probs are asked goes whole), the cost counting each chunk's attention over
+        the context before it (`prefill_cost`), so that a step with a chunk late in a long prompt
+        costs about as much as one with a chunk early in it and the decoding sequences' inter-token
+        latency stays bounded. A step prefills at least one token, whatever its cost."""
         budget = self.max_prefill_tokens
         chunks = []
         for s in self.scheduler.running:  # contexts under way first, oldest first
             if s.pos < s.context_len and (budget is None or budget > 0):
-                end, budget = _chunk(s, budget)
+                end, budget = _chunk(s, budget, self.span, first=not chunks)
                 chunks.append((s, end))
-        admitted = self.scheduler.admit(budget)
+        admitted = self.scheduler.admit(budget, self.span)
         events = self.runner.finish_unrun(admitted.done)
         for s in admitted.prefill:
-            end, budget = _chunk(s, budget)
+            end, budget = _chunk(s, budget, self.span, first=not chunks)
             chunks.append((s, end))
         chunks = [(s, end) for s, end in chunks if end > s.pos or s.request.prompt_logprobs]
         if chunks:
@@ -209,9 +213,13 @@ class Engine:
             self.speculator.move_rows(moves.dst, moves.src)
 
 
-def _chunk(s: SequenceState, budget: Optional[int]) -> Tuple[int, Optional[int]]:
-    """Where this step's prefill of `s` ends, and the prompt-token budget left after it (None: no
-    bound): as far as the budget reaches, or the whole context when its log-probs are asked."""
-    whole = budget is None or s.request.prompt_logprobs
-    end = s.context_len if whole else min(s.context_len, s.pos + max(budget, 0))
-    return end, None if budget is None else budget - (end - s.pos)
+def _chunk(s: SequenceState, budget: Optional[float], span: float, first: bool) -> Tuple[int, Optional[float]]:
+    """Where this step's prefill of `s` ends, and the budget left after it (None: no bound): as far
+    as the budget reaches (`chunk_tokens`; at least one token for a step's `first` chunk), or the
+    whole context when its log-probs are asked."""
+    if budget is None or s.request.prompt_logprobs:
+        end = s.context_len
+    else:
+        n = chunk_tokens(s.pos, budget, span)
+        end = min(s.context_len, s.pos + (max(n, 1) if first else n))
+    return end, None if budget is None else budget - prefill_cost(s.pos, end - s.pos, span)

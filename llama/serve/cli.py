@@ -8,6 +8,7 @@ import time
 from typing import Optional, Union
 
 from llama import distributed, structured
+from llama.engine import budget
 from llama.serve.app import Service, create_app
 from llama.serve.connections import bounded_protocol
 from llama.serve.loop import EngineLoop
@@ -126,7 +127,8 @@ def serve(
             503 meanwhile); the rest then end with finish_reason "length", every stream with [DONE],
             and the process exits 0. A second signal ends them at once.
         kv_cache_tokens: tokens the KV cache holds, in blocks that sequences take as they grow and
-            free when they finish (default: max_batch_size x max_seq_len). A request that could
+            free when they finish (default: on CUDA, 90% of the GPU memory free once the weights
+            are loaded, logged at start; elsewhere max_batch_size x max_seq_len). A request that could
             never fit is answered 400; when the blocks run out mid-decode the newest sequence is
             preempted and recomputed later. With --compile the cache is max_batch_size rows of
             max_seq_len tokens instead (the static shapes of its compiled passes).
@@ -135,7 +137,9 @@ def serve(
             tokens came from the cache); False turns it off. Not with --compile.
         max_prefill_tokens: prompt tokens prefilled per step at most (default 512): a longer prompt
             is prefilled over several steps while the running sequences go on decoding, so that it
-            does not stall them; None: every admitted prompt whole. Not with --compile.
+            does not stall them; fewer tokens a step as a prompt's context grows, so that a chunk's
+            attention over it keeps the step's cost (llama.engine.scheduler.prefill_cost); None:
+            every admitted prompt whole. Not with --compile.
         metrics_key: the key GET /metrics (Prometheus' text format; needs prometheus_client, in the
             serve extra) asks for as 'Authorization: Bearer <key>'; default: none (the metrics are
             not behind --api_key).
@@ -156,6 +160,9 @@ def serve(
                             speculate=speculate, draft_ckpt_dir=draft_ckpt_dir, speculate_k=speculate_k,
                             adapter=adapter)
     structured.prepare(llama.tokenizer)  # in the background: the first JSON request would build it mid-step
+    if kv_cache_tokens is None and not compile:  # on CUDA: from the memory left free by the weights
+        models = [llama.model] + ([llama.speculator.draft] if llama.speculator else [])
+        kv_cache_tokens = budget.default_kv_tokens(models, max_batch_size, max_seq_len)
     engine = llama.engine(max_batch_size, max_seq_len, kv_cache_tokens, prefix_cache=prefix_cache,
                           max_prefill_tokens=max_prefill_tokens)
     kv_tokens = engine.blocks.capacity * engine.blocks.block_size if engine.blocks is not None else None
