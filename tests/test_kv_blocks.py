@@ -135,6 +135,25 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(llama):
     assert generated(engine.pop(late)) == alone(llama, long_prompt, 5)
 
 
+def test_prompt_logprobs_go_in_chunks_beside_cached_prompts(llama):
+    import torch
+
+    prompt = encode(llama, SYSTEM + "Log-probs")
+    engine = block_engine(llama, blocks=40, max_prefill_tokens=9)
+    results = run(engine, {0: [("first", Request(prompt, 3, temperature=0))],
+                           4: [("lp", Request(prompt, 4, temperature=0, top_logprobs=2, prompt_logprobs=True))]})
+    lp = results["lp"]
+    assert generated(lp) == alone(llama, prompt, 4)
+    assert lp.cached_tokens == 0  # every position's logits computed, none taken from the cache
+    engine.blocks.check()
+    llama.model.free_cache()
+    lsm = torch.log_softmax(llama.model(torch.tensor([prompt]), 0)[0], dim=-1)
+    want = lsm[:-1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0].tolist()
+    assert lp.prompt_logprobs[0] is None and len(lp.prompt_logprobs) == len(prompt)
+    assert lp.prompt_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    assert [[t for t, _ in top] for top in lp.prompt_top_logprobs[1:]] == lsm[:-1].topk(2).indices.tolist()
+
+
 SYSTEM = "You are a helpful assistant. Answer briefly and politely, in English. "  # 3 blocks and more
 
 

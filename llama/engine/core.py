@@ -180,8 +180,7 @@ class Engine:
         return events
 
     def _prefill_chunks(self) -> List[Event]:
-        """This step's prefill: chunks of contexts costing at most max_prefill_tokens in all (a
-        prompt whose log-probs are asked goes whole), the cost counting each chunk's attention over
+        """This step's prefill: chunks of contexts costing at most max_prefill_tokens in all, the cost counting each chunk's attention over
         the context before it (`prefill_cost`), so that a step with a chunk late in a long prompt
         costs about as much as one with a chunk early in it and the decoding sequences' inter-token
         latency stays bounded. A step prefills at least one token, whatever its cost."""
@@ -196,7 +195,7 @@ class Engine:
         for s in admitted.prefill:
             end, budget = _chunk(s, budget, self.span, first=not chunks)
             chunks.append((s, end))
-        chunks = [(s, end) for s, end in chunks if end > s.pos or s.request.prompt_logprobs]
+        chunks = [(s, end) for s, end in chunks if end > s.pos]
         if chunks:
             starts = [s.pos for s, _ in chunks]
             events += self.runner.prefill_blocks(chunks)
@@ -215,9 +214,8 @@ class Engine:
 
 def _chunk(s: SequenceState, budget: Optional[float], span: float, first: bool) -> Tuple[int, Optional[float]]:
     """Where this step's prefill of `s` ends, and the budget left after it (None: no bound): as far
-    as the budget reaches (`chunk_tokens`; at least one token for a step's `first` chunk), or the
-    whole context when its log-probs are asked."""
-    if budget is None or s.request.prompt_logprobs:
+    as the budget reaches (`chunk_tokens`; at least one token for a step's `first` chunk)."""
+    if budget is None:
         end = s.context_len
     else:
         n = chunk_tokens(s.pos, budget, span)
