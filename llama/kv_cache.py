@@ -75,6 +75,7 @@ class Slots(NamedTuple):
     write: torch.Tensor
     read: torch.Tensor
     kv_len: int
+    first: Optional[int] = None  # one row whose blocks read are consecutive from this one: read as one slice
 
 
 class BlockKVCache(nn.Module):
@@ -106,6 +107,9 @@ class BlockKVCache(nn.Module):
         write = slots.write.reshape(-1)
         self.k[write] = xk.reshape(write.shape[0], *xk.shape[2:])
         self.v[write] = xv.reshape(write.shape[0], *xv.shape[2:])
+        if slots.first is not None:  # a view, no copy: a long prompt's chunks re-read its whole context
+            lo = slots.first * self.block_size
+            return self.k[lo : lo + slots.kv_len].transpose(0, 1)[None], self.v[lo : lo + slots.kv_len].transpose(0, 1)[None]
         # whole blocks gathered (block_size rows of memory each), then cut to kv_len positions
         bsz, n = slots.read.shape
         keys = self.k.view(-1, self.block_size, *self.k.shape[1:])[slots.read].view(bsz, n * self.block_size, *self.k.shape[1:])
@@ -114,10 +118,11 @@ class BlockKVCache(nn.Module):
 
 
 def block_slots(tables: torch.Tensor, block_size: int, start_pos: Union[int, torch.Tensor], seqlen: int,
-                kv_len: Optional[int]) -> Slots:
+                kv_len: Optional[int], first: Optional[int] = None) -> Slots:
     """The `Slots` of a forward pass of `seqlen` tokens per row from `start_pos` (an int, or one per
     row), through block `tables` (bsz, n) of block numbers (0 past a row's blocks); rows read
-    positions up to the last new one (int start) or the first `kv_len` (tensor start)."""
+    positions up to the last new one (int start) or the first `kv_len` (tensor start). `first`: the
+    tables are one row of consecutive blocks from this one (read as a slice where they cover kv_len)."""
     bsz, device = tables.shape[0], tables.device
     steps = torch.arange(seqlen, device=device)
     if isinstance(start_pos, int):
@@ -127,8 +132,9 @@ def block_slots(tables: torch.Tensor, block_size: int, start_pos: Union[int, tor
     n = -(-kv_len // block_size)  # every position written is below kv_len
     if n > tables.shape[1]:  # past every row's blocks: block 0
         tables = torch.cat([tables, tables.new_zeros(bsz, n - tables.shape[1])], dim=1)
+    covered = first is not None and bsz == 1 and n <= tables.shape[1]
     write = tables.gather(1, pos // block_size) * block_size + pos % block_size
-    return Slots(write, tables[:, :n], kv_len)
+    return Slots(write, tables[:, :n], kv_len, first if covered else None)
 
 
 def caches(model: nn.Module) -> list[KVCache]:
@@ -204,10 +210,13 @@ def using_tables(models: Sequence[nn.Module], tables: Sequence[Sequence[int]]) -
     device = models[0].tok_embeddings.weight.device
     width = max(1, max(len(t) for t in tables))
     t = torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device)
+    first = None
+    if len(tables) == 1 and len(tables[0]) and list(tables[0]) == list(range(tables[0][0], tables[0][0] + len(tables[0]))):
+        first = tables[0][0]
     for m in models:
-        m.kv_tables = t
+        m.kv_tables, m.kv_first = t, first
     try:
         yield
     finally:
         for m in models:
-            m.kv_tables = None
+            m.kv_tables, m.kv_first = None, None

@@ -234,6 +234,7 @@ class Transformer(nn.Module):
         # with a block KV cache: the block tables (rows, blocks) of the rows the next passes run
         # (llama.engine sets them around each step); a pass of rows row0.. uses rows row0.. of it
         self.kv_tables: Optional[torch.Tensor] = None
+        self.kv_first: Optional[int] = None  # one table of consecutive blocks: its first (kv_cache.using_tables)
 
     def rope_table(self, device: torch.device) -> torch.Tensor:
         p = self.params
@@ -327,7 +328,8 @@ class Transformer(nn.Module):
         slots = None
         if use_cache and self.kv_tables is not None:
             block_size = self.layers[0].attention.kv_cache.block_size
-            slots = kv_cache.block_slots(self.kv_tables[row0 : row0 + bsz], block_size, start_pos, seqlen, kv_len)
+            slots = kv_cache.block_slots(self.kv_tables[row0 : row0 + bsz], block_size, start_pos, seqlen, kv_len,
+                                         self.kv_first)
 
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, mask, use_cache, row0, kv_len, slots)
