@@ -78,6 +78,16 @@ class Slots(NamedTuple):
     first: Optional[int] = None  # one row whose blocks read are consecutive from this one: read as one slice
 
 
+class Group(NamedTuple):
+    """Rows of one shape in a pass of several (llama.model.Transformer.forward_groups)."""
+
+    rows: int
+    seqlen: int
+    freqs_cis: torch.Tensor
+    mask: Optional[torch.Tensor]
+    slots: Slots
+
+
 class BlockKVCache(nn.Module):
     """Keys and values of one attention layer in a pool of `blocks` blocks of `block_size` tokens,
     (blocks * block_size, n_kv_heads, head_dim) each: sequences hold blocks through block tables

@@ -14,7 +14,7 @@ from torch import nn
 
 from llama import kv_cache
 from llama.args import MAX_SEQ_LEN_SCALED, MAX_SEQ_LEN_UNSCALED, ModelArgs, _swiglu_hidden_dim, ffn_hidden_dim  # noqa: F401 (re-exported)
-from llama.kv_cache import BlockKVCache, KVCache, Slots
+from llama.kv_cache import BlockKVCache, Group, KVCache, Slots
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -141,20 +141,43 @@ class Attention(nn.Module):
         use_cache: bool = True,
         row0: int = 0,
         kv_len: Optional[int] = None,
-        slots: Optional[Slots] = None,
+        slots: Union[Slots, list, None] = None,
     ) -> torch.Tensor:
+        if isinstance(slots, list):  # `Group`s of rows packed along the tokens of x (1, T, dim)
+            return self._grouped(x, slots)
         bsz, seqlen, _ = x.shape
-        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
+        out = self._attend(self.wq(x), self.wk(x), self.wv(x), bsz, seqlen, freqs_cis, mask,
+                           lambda xk, xv: self._cached(xk, xv, start_pos, use_cache, row0, kv_len, slots))
+        return self.wo(out)
 
-        if slots is not None:  # (bsz, n_local_kv_heads, kv, head_dim) gathered through block tables
-            keys, values = self.kv_cache.update(slots, xk, xv)
-        elif use_cache:  # (bsz, n_local_kv_heads, kv, head_dim) of cache rows row0..row0+bsz
-            keys, values = self.kv_cache.update(row0, start_pos, xk, xv, kv_len)
-        else:
-            keys, values = xk.transpose(1, 2), xv.transpose(1, 2)
+    def _cached(self, xk, xv, start_pos, use_cache, row0, kv_len, slots) -> tuple:
+        """The keys and values (bsz, n_local_kv_heads, kv, head_dim) the new tokens attend to."""
+        if slots is not None:  # gathered through block tables
+            return self.kv_cache.update(slots, xk, xv)
+        if use_cache:  # of cache rows row0..row0+bsz
+            return self.kv_cache.update(row0, start_pos, xk, xv, kv_len)
+        return xk.transpose(1, 2), xv.transpose(1, 2)
+
+    def _grouped(self, x: torch.Tensor, groups: list) -> torch.Tensor:
+        """Each projection once over every group's tokens; attention group by group (each its own
+        rows, length, positions and block slots)."""
+        xq, xk, xv = self.wq(x)[0], self.wk(x)[0], self.wv(x)[0]  # (T, ...)
+        outs, off = [], 0
+        for g in groups:
+            part, off = slice(off, off + g.rows * g.seqlen), off + g.rows * g.seqlen
+            out = self._attend(xq[part], xk[part], xv[part], g.rows, g.seqlen, g.freqs_cis, g.mask,
+                               lambda k, v, g=g: self.kv_cache.update(g.slots, k, v))
+            outs.append(out.reshape(g.rows * g.seqlen, -1))
+        return self.wo(torch.cat(outs)[None])
+
+    def _attend(self, xq, xk, xv, bsz: int, seqlen: int, freqs_cis, mask, cached) -> torch.Tensor:
+        """Attention of new queries, keys and values (projections of bsz x seqlen tokens) through the
+        cache (`cached(xk, xv)` -> keys, values): (bsz, seqlen, n_local_heads * head_dim)."""
+        xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
+        keys, values = cached(xk, xv)
 
         if seqlen == 1 and self.n_rep > 1:
             # Decode: the n_rep query heads of each KV head become rows of one matrix product,
@@ -167,8 +190,7 @@ class Attention(nn.Module):
                 xq.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, enable_gqa=self.n_rep > 1
             )
             out = out.transpose(1, 2)
-        out = out.reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_local_heads * head_dim)
-        return self.wo(out)
+        return out.reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_local_heads * head_dim)
 
 
 class FeedForward(nn.Module):
@@ -304,27 +326,13 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
         rope = self.rope_table(h.device)
 
-        mask = None
-        if isinstance(start_pos, int):
-            if start_pos + seqlen > rope.shape[0]:
-                raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len {rope.shape[0]}")
-            freqs_cis = rope[start_pos : start_pos + seqlen]
-            if use_cache and start_pos > 0 and seqlen > 1:
-                # new tokens see every cached one and causally each other: (1, 1, seqlen, start_pos + seqlen)
-                mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=h.device)
-                mask = mask.tril(diagonal=start_pos)[None, None]
-        elif packed:  # start_pos holds each token's position: sequence k of a row = tokens after its k-th 0
+        if packed:  # start_pos holds each token's position: sequence k of a row = tokens after its k-th 0
             freqs_cis = rope[start_pos]
             seq = (start_pos == 0).cumsum(dim=1)  # (bsz, seqlen)
             causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=h.device).tril()
             mask = ((seq[:, :, None] == seq[:, None, :]) & causal)[:, None]  # (bsz, 1, seqlen, seqlen)
         else:
-            pos = start_pos[:, None] + torch.arange(seqlen, device=h.device)  # (bsz, seqlen)
-            freqs_cis = rope[pos]
-            if kv_len is None:
-                kv_len = kv_cache.shape(self)[1]
-            mask = torch.arange(kv_len, device=h.device) <= pos[..., None]  # (bsz, seqlen, kv_len)
-            mask = mask[:, None]
+            freqs_cis, mask, kv_len = self._positions(rope, start_pos, seqlen, kv_len, use_cache)
         slots = None
         if use_cache and self.kv_tables is not None:
             block_size = self.layers[0].attention.kv_cache.block_size
@@ -337,6 +345,47 @@ class Transformer(nn.Module):
             h = h[torch.arange(bsz, device=h.device), output_index][:, None]
         h = self.norm(h)
         return self.output(h).float()
+
+    def _positions(self, rope: torch.Tensor, start_pos: Union[int, torch.Tensor], seqlen: int, kv_len: Optional[int],
+                   use_cache: bool) -> tuple:
+        """(freqs_cis, mask, kv_len) of `seqlen` new tokens per row from `start_pos` (an int, or one per row)."""
+        mask = None
+        if isinstance(start_pos, int):
+            if start_pos + seqlen > rope.shape[0]:
+                raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len {rope.shape[0]}")
+            if use_cache and start_pos > 0 and seqlen > 1:
+                # new tokens see every cached one and causally each other: (1, 1, seqlen, start_pos + seqlen)
+                mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=rope.device)
+                mask = mask.tril(diagonal=start_pos)[None, None]
+            return rope[start_pos : start_pos + seqlen], mask, kv_len
+        pos = start_pos[:, None] + torch.arange(seqlen, device=rope.device)  # (bsz, seqlen)
+        if kv_len is None:
+            kv_len = kv_cache.shape(self)[1]
+        mask = torch.arange(kv_len, device=rope.device) <= pos[..., None]  # (bsz, seqlen, kv_len)
+        return rope[pos], mask[:, None], kv_len
+
+    @torch.inference_mode()
+    def forward_groups(self, groups: list) -> list:
+        """With a block KV cache: one pass over several groups of rows, each (tokens (rows, seqlen),
+        start_pos, kv_len, output_index (rows,)) as `forward` takes them, the block tables in effect
+        covering their rows in order: the projections run once over every group's tokens, attention
+        group by group (decode rows beside prefill chunks, none padded to another's length). Returns
+        each group's logits at its output_index, (rows, vocab) each."""
+        rope = self.rope_table(self.norm.weight.device)
+        block_size = self.layers[0].attention.kv_cache.block_size
+        packed, index, row0, off = [], [], 0, 0
+        for tokens, start_pos, kv_len, output_index in groups:
+            rows, seqlen = tokens.shape
+            freqs_cis, mask, kv_len = self._positions(rope, start_pos, seqlen, kv_len, True)
+            slots = kv_cache.block_slots(self.kv_tables[row0 : row0 + rows], block_size, start_pos, seqlen, kv_len)
+            packed.append(Group(rows, seqlen, freqs_cis, mask, slots))
+            index.append(off + torch.arange(rows, device=tokens.device) * seqlen + output_index)
+            row0, off = row0 + rows, off + rows * seqlen
+        h = self.tok_embeddings(torch.cat([g[0].reshape(-1) for g in groups])[None])  # (1, T, dim)
+        for layer in self.layers:
+            h = layer(h, 0, None, None, True, 0, None, packed)
+        h = self.norm(h[0, torch.cat(index)])
+        return list(self.output(h).float().split([g[0].shape[0] for g in groups]))
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: Optional[torch.Generator] = None) -> None:

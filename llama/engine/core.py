@@ -170,6 +170,8 @@ class Engine:
                 if self.speculator:
                     self.speculator.forget(s.id)
             decoding = [s for s in decoding if s.row >= 0]  # not preempted
+            if not self.speculator:
+                return self._step_together(decoding)
             if decoding:
                 with kv_cache.using_tables(self.models, [s.blocks for s in decoding]):
                     events += self.speculator.step(self.runner, decoding) if self.speculator else self.runner.decode(decoding)
@@ -179,23 +181,30 @@ class Engine:
         self._retire()
         return events
 
+    def _step_together(self, decoding: List[SequenceState]) -> List[Event]:
+        """`_step_blocks` without a draft, once the decoding sequences have their blocks: this step's
+        prefill chunks chosen as `_prefill_chunks` does, then one pass for both where there are both
+        (Runner.step_blocks)."""
+        chunks, done = self._chunks()
+        events = self.runner.finish_unrun(done)
+        if decoding and chunks:
+            events += self.runner.step_blocks(decoding, chunks)
+        elif decoding:
+            with kv_cache.using_tables(self.models, [s.blocks for s in decoding]):
+                events += self.runner.decode(decoding)
+        elif chunks:
+            events += self.runner.prefill_blocks(chunks)
+        self.scheduler.register()
+        self._retire()
+        return events
+
     def _prefill_chunks(self) -> List[Event]:
         """This step's prefill: chunks of contexts costing at most max_prefill_tokens in all, the cost counting each chunk's attention over
         the context before it (`prefill_cost`), so that a step with a chunk late in a long prompt
         costs about as much as one with a chunk early in it and the decoding sequences' inter-token
         latency stays bounded. A step prefills at least one token, whatever its cost."""
-        budget = self.max_prefill_tokens
-        chunks = []
-        for s in self.scheduler.running:  # contexts under way first, oldest first
-            if s.pos < s.context_len and (budget is None or budget > 0):
-                end, budget = _chunk(s, budget, self.span, first=not chunks)
-                chunks.append((s, end))
-        admitted = self.scheduler.admit(budget, self.span)
-        events = self.runner.finish_unrun(admitted.done)
-        for s in admitted.prefill:
-            end, budget = _chunk(s, budget, self.span, first=not chunks)
-            chunks.append((s, end))
-        chunks = [(s, end) for s, end in chunks if end > s.pos]
+        chunks, done = self._chunks()
+        events = self.runner.finish_unrun(done)
         if chunks:
             starts = [s.pos for s, _ in chunks]
             events += self.runner.prefill_blocks(chunks)
@@ -203,6 +212,21 @@ class Engine:
                 self.speculator.prefill_blocks(chunks, starts)
             self.scheduler.register()
         return events
+
+    def _chunks(self) -> Tuple[List[Tuple[SequenceState, int]], List[SequenceState]]:
+        """This step's prefill chunks (sequence, end) within the budget, the contexts under way first,
+        then those of newly admitted sequences; and the admitted ones with nothing to compute."""
+        budget = self.max_prefill_tokens
+        chunks = []
+        for s in self.scheduler.running:  # contexts under way first, oldest first
+            if s.pos < s.context_len and (budget is None or budget > 0):
+                end, budget = _chunk(s, budget, self.span, first=not chunks)
+                chunks.append((s, end))
+        admitted = self.scheduler.admit(budget, self.span)
+        for s in admitted.prefill:
+            end, budget = _chunk(s, budget, self.span, first=not chunks)
+            chunks.append((s, end))
+        return [(s, end) for s, end in chunks if end > s.pos], admitted.done
 
     def _retire(self) -> None:
         """Free the rows of finished sequences, in the books and in both models' caches."""

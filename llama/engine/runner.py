@@ -63,14 +63,19 @@ def prefill_batch(model: Transformer, policy: Optional[kernel_policy.Policy],
     len(chunks) rows (the block tables in effect, row i for chunks[i]), each row padded to the
     longest chunk: the padding's keys land past the row's chunk, in slots its later tokens overwrite
     (or block 0), and no real position attends to them. Returns each row's last logits (rows, vocab)."""
-    device = model.tok_embeddings.weight.device
+    tokens, start_pos, kv_len, last = chunk_inputs(chunks, model.tok_embeddings.weight.device)
+    return call_model(model, policy, tokens, start_pos, output_index=last, kv_len=kv_len)[:, 0]
+
+
+def chunk_inputs(chunks: Sequence[Tuple[SequenceState, int, int]], device: torch.device) -> tuple:
+    """(tokens (rows, longest chunk), start_pos, kv_len, output_index) of a pass of `prefill_batch`."""
     width = max(end - start for _, start, end in chunks)
     tokens = torch.zeros(len(chunks), width, dtype=torch.long)
     for i, (s, start, end) in enumerate(chunks):
         tokens[i, : end - start] = torch.tensor(s.context()[start:end], dtype=torch.long)
     last = torch.tensor([end - start - 1 for _, start, end in chunks], device=device)
     start_pos, kv_len = step_positions([start for _, start, _ in chunks], width, device)
-    return call_model(model, policy, tokens.to(device), start_pos, output_index=last, kv_len=kv_len)[:, 0]
+    return tokens.to(device), start_pos, kv_len, last
 
 
 def batch_chunks(chunks: Sequence[Tuple[SequenceState, int, int]], max_seq_len: int) -> List[List[int]]:
@@ -173,6 +178,36 @@ class Runner:
             if s.id in logits:
                 first.setdefault(s.id, {})["cached_tokens"] = s.cached_tokens
         return self._first_events([s for s, _ in chunks if s.id in logits], logits, first)
+
+    def step_blocks(self, decoding: List[SequenceState], chunks: List[Tuple[SequenceState, int]]) -> List[Event]:
+        """With a block KV cache: one pass for the decode rows and this step's prefill chunks
+        (Transformer.forward_groups: the projections once over every token, attention group by
+        group), which saves a pass's fixed cost on every step a prompt is prefilled beside decoding
+        streams; the decoding sequences' next tokens, then the first tokens of the new ones whose
+        context is complete. A prompt whose log-probs are asked has its own pass (`prefill_blocks`)."""
+        apart = [(s, end) for s, end in chunks if not s.tokens and s.request.prompt_logprobs]
+        plain = [(s, s.pos, end) for s, end in chunks if s.tokens or not s.request.prompt_logprobs]
+        batches = [[plain[i] for i in g] for g in batch_chunks(plain, self.model.params.max_seq_len)]
+        start_pos, kv_len = step_positions([s.pos for s in decoding], 1, self.device)
+        zeros = torch.zeros(len(decoding), dtype=torch.long, device=self.device)
+        groups = [(torch.tensor([s.tokens[-1] for s in decoding], device=self.device)[:, None], start_pos, kv_len, zeros)]
+        groups += [chunk_inputs(batch, self.device) for batch in batches]
+        tables = [s.blocks for s in decoding] + [s.blocks for batch in batches for s, _, _ in batch]
+        with kv_cache.using_tables([self.model], tables):
+            with compute.kernels_for(torch.cat([g[0].reshape(-1) for g in groups])[None], self.policy):
+                out = self.model.forward_groups(groups)
+        for s in decoding:
+            s.pos += 1
+        events = self.sample(decoding, out[0])
+        logits: Dict[int, torch.Tensor] = {}
+        for batch, rows in zip(batches, out[1:]):
+            for (s, _, end), row in zip(batch, rows):
+                s.pos = end
+                if not s.tokens and end == s.context_len:
+                    logits[s.id] = row
+        ready = [s for s, _, _ in plain if s.id in logits]
+        events += self._first_events(ready, logits, {s.id: {"cached_tokens": s.cached_tokens} for s in ready})
+        return events + (self.prefill_blocks(apart) if apart else [])
 
     def _first_events(self, seqs: List[SequenceState], logits: Dict[int, torch.Tensor], first: Dict[int, dict]) -> List[Event]:
         """The first events of newly prefilled sequences from their last logits: a first token
