@@ -72,7 +72,7 @@ def prefix(requests: int = 32, clients: int = 8, system_tokens: int = 1000, max_
     return {"rows": rows, "ttft_p50_ratio_off_over_on": rows[1]["ttft_p50_ms"] / rows[0]["ttft_p50_ms"]}
 
 
-def long_prompt(streams: int = 8, stream_tokens_n: int = 160, long_tokens: int = 4000, chunks: str = "64") -> dict:
+def long_prompt(streams: int = 8, stream_tokens_n: int = 160, long_tokens: int = 4000, chunks: str = "32,64") -> dict:
     """The streams' ITL while a long prompt arrives (prefill chunked by each of `chunks`, and whole)
     beside the streams alone."""
     import concurrent.futures
@@ -131,15 +131,19 @@ def _engine_run(llama, kind, prompts: List[List[int]], new: List[int], rows: int
             "ms_per_step": 1e3 * wall / steps, "tokens": out}
 
 
-def capacity(budget: int = 4096, seq_len: int = 512, sequences: int = 64, seed: int = 0, default_context: int = 2048) -> dict:
+def capacity(budget: int = 4096, seq_len: int = 512, sequences: int = 32, seed: int = 0, default_context: int = 2048) -> dict:
     """At a fixed KV budget: sequences of mixed lengths (16..512 tokens, half prompt, half answer),
     in today's rows (budget / seq_len of them) and in blocks of 16 (as many together as the blocks
-    allow: more sequences than fit, so the budget is what bounds them). Also: the rows the budget
-    makes at the server's default context, and the most sequences whose prompts alone fill the
-    budget (no scheme that keeps their keys and values runs more of them together)."""
+    allow: the prompts of all of them need more than the budget, so the budget is what bounds them).
+    Also: the rows the budget makes at the server's default context, and the most of these
+    sequences whose prompts alone fit the budget, shortest first (no scheme that keeps their keys
+    and values runs more of them together)."""
+    import torch
+
     from llama.engine.blocks import blocks_for
     from llama.launch import build_generator
 
+    torch.set_num_threads(1)  # both layouts alike; one thread holds up better on cores other jobs share
     llama = build_generator(None, None, max_seq_len=seq_len, max_batch_size=sequences, device="cpu", dtype="float32")
     rng = random.Random(seed)
     lengths = [rng.randrange(16, seq_len + 1) for _ in range(sequences)]

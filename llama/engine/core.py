@@ -58,7 +58,7 @@ class Engine:
         if max_prefill_tokens is not None and max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be a positive number of tokens, got {max_prefill_tokens}")
         self.max_prefill_tokens = max_prefill_tokens
-        self.span = attention_span(model.params)  # prefill chunks' cost: see _prefill_chunks
+        self.span = attention_span(model.params, self.runner.device.type)  # prefill chunks' cost: see _prefill_chunks
         if self.blocks is not None:
             self.scheduler: Scheduler = BlockScheduler(self.runner.rows, self.blocks)
         else:

@@ -22,11 +22,17 @@ def chunk_tokens(start: int, budget: float, span: float) -> int:
     return max(0, int(budget / (1 + start / span) + 1e-9))
 
 
-def attention_span(params) -> float:
+# how much more a flop of attention costs than a flop of the matrix products, by device: on the CPU
+# SDPA over a long context runs at about 0.4x the rate of the projections' products (docs/serving.md)
+ATTENTION_WEIGHT = {"cpu": 2.5}
+
+
+def attention_span(params, device_type: str = "cpu") -> float:
     """Positions of context at which a token's attention costs as much as its projections (the
     matrix products of every layer and the output): weights x 2 flops against 4 x dim per position
-    and layer (scores and weighted values). About 2,000 for the demo model, 27,000 for the 8B."""
-    return params.decode_weights / (2 * params.dim * params.n_layers)
+    and layer (scores and weighted values), each of those weighted by ATTENTION_WEIGHT on the
+    device. From the shape alone about 2,000 for the demo model and 27,000 for the 8B."""
+    return params.decode_weights / (2 * params.dim * params.n_layers) / ATTENTION_WEIGHT.get(device_type, 1.0)
 
 
 @dataclass
