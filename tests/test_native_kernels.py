@@ -1,7 +1,9 @@
-"""This package's own CPU kernels (llama/runtime/native.py, csrc/gemv.cpp): each product equals
-dequantize-then-F.linear within float rounding at every instruction set this CPU has (each forced),
-the quantized layers and the greedy tokens are those of the dequantized path, and a machine without
-a C++ compiler runs everything on PyTorch's own products (the fallback, logged once)."""
+"""This package's own CPU kernels (llama/runtime/native.py, csrc/gemv.cpp, csrc/q8.cpp): each product
+equals dequantize-then-F.linear within float rounding at every instruction set this CPU has (each
+forced), those with int8 activations the same of the activations rounded per block as they say; the
+quantized layers and the greedy tokens are those of the dequantized path (with int8 activations:
+perplexity within the quantization bounds), and a machine without a C++ compiler runs everything on
+PyTorch's own products (the fallback, logged once)."""
 import os
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from llama.weights import quant_formats, quant_modules
 
 REPO = Path(__file__).resolve().parent.parent
 ISAS = native.available_isas() if native.kernels() is not None else []
+A8_ISAS = native.available_isas(int8_activations=True) if native.kernels() is not None else []
 needs_kernels = pytest.mark.skipif(not ISAS, reason="no C++ compiler here (the fallback is tested below)")
 
 
@@ -44,6 +47,56 @@ def test_each_kernel_equals_dequantize_then_linear(isa, rows):
     close(native.bf16_mm(x, wb, isa), F.linear(x, wb.float()), k)
 
 
+def rounded_per_block(x: torch.Tensor, block: int = native.A8_BLOCK) -> torch.Tensor:
+    """x (rows, k) rounded as the int8-activation kernels say they round it, in float64: symmetric
+    int8 per block of `block` columns (the last one may be short), scale max|x| / 127 in float32."""
+    out = torch.empty(x.shape, dtype=torch.float64)
+    for b in range(0, x.shape[1], block):
+        xb = x[:, b : b + block].float()
+        d = xb.abs().amax(dim=1, keepdim=True) / 127
+        q = torch.where(d == 0, 0.0, torch.round(xb / d).clamp(-127, 127))
+        out[:, b : b + block] = q.double() * d.double()
+    return out
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", A8_ISAS)
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_each_int8_activation_kernel_equals_the_rounded_activations_times_the_weights(isa, rows):
+    """int8 x int8 and int8 x int4 integer products = F.linear in float64 of the activations rounded
+    per block and the dequantized weights; odd output counts, an inner size with a short last block
+    (int8) and with half a vector left over (int4, 96 columns), every int4 group size."""
+    gen = torch.Generator().manual_seed(rows)
+    for n, k in ((70, 512), (13, 100), (9, 96)):
+        w, x = torch.randn(n, k, generator=gen), torch.randn(rows, k, generator=gen)
+        x[0, :32] = 0  # an all-zero block: scale 0
+        xr = rounded_per_block(x)
+        q, s = quant_formats.quantize_int8(w)
+        close(native.int8a_mm(x, q, s.float(), isa).double(), F.linear(xr, q.double() * s.double()[:, None]), k)
+        for group in (32, 64, 128, 256):
+            if k % group == 0:
+                q4, s4, z4 = quant_formats.quantize_int4(w, group)
+                want = F.linear(xr, qk.dequantize_int4(qk.unpack_int4(q4), s4, z4, group).double())
+                close(native.int4a_mm(x, q4, s4, z4, group, isa).double(), want, k)
+
+
+@needs_kernels
+def test_int8_activations_stay_within_their_rounding_of_the_float_product():
+    """Against the float32 activations' product: each activation moves by at most half a step of
+    its block (1/254 of the block's max; for normal values a root-mean-square of about 0.5% of
+    their own), so the product moves by about that, under 1% of its size."""
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(256, 2048, generator=gen), torch.randn(4, 2048, generator=gen)
+    q, s = quant_formats.quantize_int8(w)
+    want = F.linear(x, q.float() * s.float()[:, None])
+    err = (native.int8a_mm(x, q, s.float()) - want).norm() / want.norm()
+    assert 1e-4 < err < 1e-2  # rounded (not the float product), by about its rounding
+    q4, s4, z4 = quant_formats.quantize_int4(w, 32)
+    want = F.linear(x, qk.dequantize_int4(qk.unpack_int4(q4), s4, z4, 32))
+    err = (native.int4a_mm(x, q4, s4, z4, 32) - want).norm() / want.norm()
+    assert 1e-4 < err < 1e-2
+
+
 @needs_kernels
 def test_the_kernels_refuse_what_they_cannot_read():
     q = torch.zeros(8, 64, dtype=torch.int8)
@@ -53,6 +106,8 @@ def test_the_kernels_refuse_what_they_cannot_read():
         native.int8_mm(torch.zeros(1, 32), q, torch.ones(8))
     with pytest.raises(ValueError, match="group size 48"):
         native.int4_mm(torch.zeros(1, 96), torch.zeros(8, 48, dtype=torch.uint8), torch.ones(8, 2), torch.ones(8, 2), 48)
+    with pytest.raises(ValueError, match="group size 96 must divide 192 and be a power of two"):
+        native.int4a_mm(torch.zeros(1, 192), torch.zeros(8, 96, dtype=torch.uint8), torch.ones(8, 2), torch.ones(8, 2), 96)
 
 
 @needs_kernels

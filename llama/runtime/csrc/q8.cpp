@@ -1,0 +1,365 @@
+// Products of a few activation rows QUANTIZED TO INT8 with int8 or int4 weights, by integer dot
+// products, as llama.cpp's Q8_0 x Q8_0 / Q4_0 products do: each activation row is rounded once per
+// product, in blocks of 32 columns, to int8 values q = round_half_even(x / d), d = max|x| / 127 of
+// the block (d = 0, q = 0 for an all-zero block); then each weight row's product is summed in int32
+// per block and in float32 across blocks. The result is that of the weights times the rounded
+// activations (not the float32 ones): a numeric departure from weight-only quantization, which is
+// why llama/runtime/native.py and the policy name it apart ("native_a8").
+//
+// Weights in the stored forms (llama/weights/quant_formats.py), read as they are:
+//   int8: q (N, K) int8, scales (N,) float32:  sum_k x_k W[n, k] ~ scales[n] sum_b d_b sum_{k in b} xq_k q[n, k]
+//   int4: q (N, K / 2) uint8 (column 2j low nibble, 2j + 1 high), scales, zeros (N, K / group) bfloat16:
+//         W = (v - 8) s + z, so the product is sum_g s_g sum_{b in g} d_b sum v xq + sum_g (z_g - 8 s_g) xs_g,
+//         xs_g the sum of the rounded activations of group g; the nibbles v in [0, 15] are unsigned,
+//         the activations signed: exactly the operands of VNNI's vpdpbusd and of maddubs.
+// int8 x int8 multiplies |w| (unsigned) by x with w's sign: products within 127 * 127, which
+// maddubs's saturating 16-bit pair sums hold exactly (2 * 127 * 127 < 32767).
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+constexpr int64_t QB = 32;   // activation block
+constexpr int64_t PAD = 64;  // the activation buffers are padded with zeros to whole 64-byte vectors
+
+inline int64_t padded(int64_t n) { return (n + PAD - 1) / PAD * PAD; }
+
+// The activation rows rounded to int8 per block, and what the kernels read of them.
+struct Act {
+  int64_t R, K, Kp, nb;     // rows, columns, padded columns, blocks
+  std::vector<int8_t> q;    // (R, Kp) int8, zero past K                      (int8 weights)
+  std::vector<int8_t> e, o; // (R, Kp / 2) the even and odd columns             (int4 weights)
+  std::vector<float> d;     // (R, nb) block scales
+  std::vector<float> lane;  // (R, Kp / 4): the scale of the block of each 4 int8 columns (int8),
+                            // or of each 4 bytes of int4 weights, 8 columns (int4)
+  std::vector<float> xs;    // (R, G) each int4 group's sum of the rounded activations
+};
+
+void quantize_row(const float* x, int64_t K, int8_t* q, float* d) {
+  for (int64_t b = 0; b * QB < K; ++b) {
+    const int64_t k0 = b * QB, k1 = std::min(K, k0 + QB);
+    float amax = 0.f;
+    for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[k]));
+    const float s = amax / 127.f;  // divided as the reference divides: the same rounding
+    d[b] = s;
+    for (int64_t k = k0; k < k1; ++k)
+      q[k] = s == 0.f ? 0 : static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(x[k] / s))));
+  }
+}
+
+// int4 = false: q, d, lane (4 columns per lane); true: e, o, d, lane (8 columns), xs per group.
+Act quantize(const float* x, int64_t R, int64_t K, bool int4, int64_t group) {
+  Act a;
+  a.R = R, a.K = K, a.Kp = int4 ? 2 * padded(K / 2) : padded(K), a.nb = (K + QB - 1) / QB;
+  a.q.assign(R * a.Kp, 0);
+  a.d.assign(R * a.nb, 0.f);
+  const int64_t per_lane = int4 ? 8 : 4;
+  a.lane.assign(R * a.Kp / 4, 0.f);
+  for (int64_t r = 0; r < R; ++r) {
+    quantize_row(x + r * K, K, a.q.data() + r * a.Kp, a.d.data() + r * a.nb);
+    for (int64_t l = 0; l * per_lane < K; ++l) a.lane[r * a.Kp / 4 + l] = a.d[r * a.nb + l * per_lane / QB];
+  }
+  if (!int4) return a;
+  const int64_t half = a.Kp / 2, G = K / group;
+  a.e.assign(R * half, 0), a.o.assign(R * half, 0), a.xs.assign(R * G, 0.f);
+  for (int64_t r = 0; r < R; ++r) {
+    const int8_t* q = a.q.data() + r * a.Kp;
+    for (int64_t j = 0; j < K / 2; ++j) a.e[r * half + j] = q[2 * j], a.o[r * half + j] = q[2 * j + 1];
+    for (int64_t b = 0; b < a.nb; ++b) {
+      int32_t s = 0;
+      for (int64_t k = b * QB; k < (b + 1) * QB; ++k) s += q[k];
+      a.xs[r * G + b * QB / group] += a.d[r * a.nb + b] * static_cast<float>(s);
+    }
+  }
+  return a;
+}
+
+// ------------------------------------------------------------------ plain C++ (any CPU)
+
+// Columns [k0, K) of weight row w (int8) times row r: its blocks' int32 sums times their scales.
+float int8a_columns(const Act& a, int64_t r, const int8_t* w, int64_t k0) {
+  float acc = 0.f;
+  const int8_t* x = a.q.data() + r * a.Kp;
+  for (int64_t b = k0 / QB; b < a.nb; ++b) {
+    int32_t s = 0;
+    for (int64_t k = std::max(k0, b * QB); k < std::min(a.K, (b + 1) * QB); ++k) s += int32_t(x[k]) * w[k];
+    acc += a.d[r * a.nb + b] * static_cast<float>(s);
+  }
+  return acc;
+}
+
+void int8a_generic(const Act& a, const int8_t* q, const float* s, float* out, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t r = 0; r < a.R; ++r) out[r * N + n] = int8a_columns(a, r, q + n * a.K, 0) * s[n];
+}
+
+// Bytes [j0, K / 2) of int4 weight row w times row r, without the zero points (corr), `sc` the
+// row's group scales as float32.
+float int4a_bytes(const Act& a, int64_t r, const uint8_t* w, const float* sc, int64_t group, int64_t j0) {
+  const int64_t half = a.Kp / 2;
+  const int8_t *e = a.e.data() + r * half, *o = a.o.data() + r * half;
+  float acc = 0.f;
+  for (int64_t b = j0 * 2 / QB; b < a.nb; ++b) {
+    int32_t s = 0;
+    for (int64_t j = b * QB / 2; j < (b + 1) * QB / 2; ++j) s += int32_t(w[j] & 15) * e[j] + int32_t(w[j] >> 4) * o[j];
+    acc += a.d[r * a.nb + b] * sc[b * QB / group] * static_cast<float>(s);
+  }
+  return acc;
+}
+
+// The row's group scales as float32 into sbuf (G,) and sum_g (z_g - 8 s_g) xs_g into corr (R,).
+void int4a_prep_generic(const Act& a, const uint16_t* sc, const uint16_t* ze, int64_t G, float* sbuf, float* corr) {
+  for (int64_t r = 0; r < a.R; ++r) corr[r] = 0.f;
+  for (int64_t g = 0; g < G; ++g) {
+    const float s = bf16_to_float(sc[g]), z = bf16_to_float(ze[g]);
+    sbuf[g] = s;
+    for (int64_t r = 0; r < a.R; ++r) corr[r] += (z - 8.f * s) * a.xs[r * G + g];
+  }
+}
+
+void int4a_generic(const Act& a, const uint8_t* q, const uint16_t* sc, const uint16_t* ze, int64_t group, float* out,
+                   int64_t N, int64_t n0, int64_t n1) {
+  const int64_t G = a.K / group;
+  std::vector<float> sbuf(G);
+  float corr[MAX_ROWS];
+  for (int64_t n = n0; n < n1; ++n) {
+    int4a_prep_generic(a, sc + n * G, ze + n * G, G, sbuf.data(), corr);
+    for (int64_t r = 0; r < a.R; ++r) out[r * N + n] = int4a_bytes(a, r, q + n * a.K / 2, sbuf.data(), group, 0) + corr[r];
+  }
+}
+
+// ------------------------------------------------------------------ AVX2
+
+// int8 x int8: one block (32 columns) per vector, |w| times x with w's sign (maddubs), pairs summed (madd).
+template <int R>
+__attribute__((target("avx2,fma"))) void int8a_avx2(const Act& a, const int8_t* q, const float* s, float* out,
+                                                    int64_t N, int64_t n0, int64_t n1) {
+  const int64_t K = a.K, full = K / QB * QB;
+  const __m256i ones = _mm256_set1_epi16(1);
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    __m256 acc[NB][R];
+    for (int i = 0; i < NB; ++i)
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < full; k += QB) {
+      __m256i xv[R];
+      __m256 dv[R];
+      for (int r = 0; r < R; ++r) {
+        xv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + r * a.Kp + k));
+        dv[r] = _mm256_broadcast_ss(a.d.data() + r * a.nb + k / QB);
+      }
+      for (int i = 0; i < NB; ++i) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (n + i) * K + k));
+        const __m256i aw = _mm256_abs_epi8(w);
+        for (int r = 0; r < R; ++r) {
+          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[r], w)), ones);
+          acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dv[r], acc[i][r]);
+        }
+      }
+    }
+    for (int i = 0; i < NB; ++i)
+      for (int r = 0; r < R; ++r) {
+        const float tail = full < K ? int8a_columns(a, r, q + (n + i) * K, full) : 0.f;
+        out[r * N + n + i] = (hsum256(acc[i][r]) + tail) * s[n + i];
+      }
+  }
+  if (n < n1) int8a_generic(a, q, s, out, N, n, n1);
+}
+
+// int4 x int8: 32 bytes (64 columns) per vector; each int32 lane of the pair sums covers 8 columns,
+// so a group of `group` columns is group / 8 lanes, and lane l's scale is that of group
+// (column + 8 l) / group, picked from the row's float32 scales by a permute.
+template <int R>
+__attribute__((target("avx2,fma"))) void int4a_avx2(const Act& a, const uint8_t* q, const uint16_t* sc,
+                                                    const uint16_t* ze, int64_t group, float* out, int64_t N,
+                                                    int64_t n0, int64_t n1) {
+  const int64_t K = a.K, half = K / 2, hp = a.Kp / 2, G = K / group, full = half / 32 * 32;
+  const int shift = __builtin_ctzll(group);  // group sizes are powers of two
+  const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  const __m256i lane8 = _mm256_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56);
+  std::vector<float> sbuf(NB * (G + 8));
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    __m256 acc[NB][R];
+    float corr[NB][MAX_ROWS];
+    for (int i = 0; i < NB; ++i) {
+      int4_prep_avx2(sc + (n + i) * G, ze + (n + i) * G, a.xs.data(), R, G, sbuf.data() + i * (G + 8), corr[i]);
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
+    }
+    for (int64_t j = 0; j < full; j += 32) {
+      const int64_t col = 2 * j, g0 = col >> shift;
+      const __m256i idx = _mm256_srli_epi32(_mm256_add_epi32(_mm256_set1_epi32(int(col - (g0 << shift))), lane8), shift);
+      __m256i ev[R], ov[R];
+      __m256 dv[R];
+      for (int r = 0; r < R; ++r) {
+        ev[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.e.data() + r * hp + j));
+        ov[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.o.data() + r * hp + j));
+        dv[r] = _mm256_loadu_ps(a.lane.data() + r * a.Kp / 4 + j / 4);
+      }
+      for (int i = 0; i < NB; ++i) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (n + i) * half + j));
+        const __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
+        const __m256 sv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sbuf.data() + i * (G + 8) + g0), idx);
+        for (int r = 0; r < R; ++r) {
+          const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, ev[r]), _mm256_maddubs_epi16(hi, ov[r]));
+          const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+          acc[i][r] = _mm256_fmadd_ps(p, _mm256_mul_ps(sv, dv[r]), acc[i][r]);
+        }
+      }
+    }
+    for (int i = 0; i < NB; ++i)
+      for (int r = 0; r < R; ++r) {
+        const float* s = sbuf.data() + i * (G + 8);
+        const float tail = full < half ? int4a_bytes(a, r, q + (n + i) * half, s, group, full) : 0.f;
+        out[r * N + n + i] = hsum256(acc[i][r]) + tail + corr[i][r];
+      }
+  }
+  if (n < n1) int4a_generic(a, q, sc, ze, group, out, N, n, n1);
+}
+
+// ------------------------------------------------------------------ AVX-512 (BW; VNNI where present)
+// Both instantiations are compiled for VNNI, but the VNNI = false one holds no VNNI instruction:
+// only intrinsics, no loop the compiler could vectorize into one.
+
+template <bool V>
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline __m512i dot_u8s8(__m512i u, __m512i s) {
+  if constexpr (V) return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
+  return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
+}
+
+// int8 x int8: 64 columns (two blocks) per vector, the tail of K read through a mask.
+template <int R, bool V>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8a_avx512(const Act& a, const int8_t* q,
+                                                                        const float* s, float* out, int64_t N,
+                                                                        int64_t n0, int64_t n1) {
+  const int64_t K = a.K;
+  const __m512i zero = _mm512_setzero_si512();
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    __m512 acc[NB][R];
+    for (int i = 0; i < NB; ++i)
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 64) {
+      const __mmask64 m = K - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - k)) - 1;
+      __m512i xv[R];
+      __m512 dv[R];
+      for (int r = 0; r < R; ++r) {
+        xv[r] = _mm512_loadu_si512(a.q.data() + r * a.Kp + k);
+        dv[r] = _mm512_loadu_ps(a.lane.data() + r * a.Kp / 4 + k / 4);
+      }
+      for (int i = 0; i < NB; ++i) {
+        const __m512i w = _mm512_maskz_loadu_epi8(m, q + (n + i) * K + k);
+        const __m512i aw = _mm512_abs_epi8(w);
+        const __mmask64 neg = _mm512_movepi8_mask(w);
+        for (int r = 0; r < R; ++r) {
+          const __m512i p = dot_u8s8<V>(aw, _mm512_mask_sub_epi8(xv[r], neg, zero, xv[r]));
+          acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), dv[r], acc[i][r]);
+        }
+      }
+    }
+    for (int i = 0; i < NB; ++i)
+      for (int r = 0; r < R; ++r) out[r * N + n + i] = _mm512_reduce_add_ps(acc[i][r]) * s[n + i];
+  }
+  if (n < n1) int8a_generic(a, q, s, out, N, n, n1);
+}
+
+// int4 x int8: 64 bytes (128 columns) per vector, 16 lanes of 8 columns; as int4a_avx2.
+template <int R, bool V>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void int4a_avx512(const Act& a, const uint8_t* q,
+                                                                        const uint16_t* sc, const uint16_t* ze,
+                                                                        int64_t group, float* out, int64_t N,
+                                                                        int64_t n0, int64_t n1) {
+  const int64_t K = a.K, half = K / 2, hp = a.Kp / 2, G = K / group;
+  const int shift = __builtin_ctzll(group);
+  const __m512i low = _mm512_set1_epi8(15);
+  const __m512i lane8 = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
+  std::vector<float> sbuf(NB * (G + 16));
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    __m512 acc[NB][R];
+    float corr[NB][MAX_ROWS];
+    for (int i = 0; i < NB; ++i) {
+      int4_prep_avx512(sc + (n + i) * G, ze + (n + i) * G, a.xs.data(), R, G, sbuf.data() + i * (G + 16), corr[i]);
+      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
+    }
+    for (int64_t j = 0; j < half; j += 64) {
+      const __mmask64 m = half - j >= 64 ? ~__mmask64(0) : (__mmask64(1) << (half - j)) - 1;
+      const int64_t col = 2 * j, g0 = col >> shift;
+      const __m512i idx = _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32(int(col - (g0 << shift))), lane8), shift);
+      __m512i ev[R], ov[R];
+      __m512 dv[R];
+      for (int r = 0; r < R; ++r) {
+        ev[r] = _mm512_loadu_si512(a.e.data() + r * hp + j);
+        ov[r] = _mm512_loadu_si512(a.o.data() + r * hp + j);
+        dv[r] = _mm512_loadu_ps(a.lane.data() + r * a.Kp / 4 + j / 4);
+      }
+      for (int i = 0; i < NB; ++i) {
+        const __m512i w = _mm512_maskz_loadu_epi8(m, q + (n + i) * half + j);
+        const __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+        const __m512 sv = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(sbuf.data() + i * (G + 16) + g0));
+        for (int r = 0; r < R; ++r) {
+          __m512i p;
+          if constexpr (V) p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, ev[r]), hi, ov[r]);
+          else p = _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(lo, ev[r]), _mm512_maddubs_epi16(hi, ov[r])),
+                                     _mm512_set1_epi16(1));
+          acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(sv, dv[r]), acc[i][r]);
+        }
+      }
+    }
+    for (int i = 0; i < NB; ++i)
+      for (int r = 0; r < R; ++r) out[r * N + n + i] = _mm512_reduce_add_ps(acc[i][r]) + corr[i][r];
+  }
+  if (n < n1) int4a_generic(a, q, sc, ze, group, out, N, n, n1);
+}
+
+#define BY_ROWS_V(fn, R, V, ...)                                   \
+  switch (R) {                                                     \
+    case 1: fn<1, V>(__VA_ARGS__); break;                          \
+    case 2: fn<2, V>(__VA_ARGS__); break;                          \
+    case 3: fn<3, V>(__VA_ARGS__); break;                          \
+    default: fn<4, V>(__VA_ARGS__); break;                         \
+  }
+
+}  // namespace
+
+namespace llama_q8 {
+
+// The entry points, as gemv.cpp's: addresses of contiguous tensors that llama/runtime/native.py checked.
+void int8a_mm(int64_t x, int64_t rows, int64_t K, int64_t q, int64_t scales, int64_t out, int64_t N, int64_t isa) {
+  const int which = resolve(isa, 64, VNNI);  // masked loads and scalar tails: any K
+  const int8_t* qp = ptr<const int8_t>(q);
+  const float* sp = ptr<const float>(scales);
+  for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) {
+    const Act a = quantize(ptr<const float>(x) + r0 * K, std::min(MAX_ROWS, rows - r0), K, false, 0);
+    float* op = ptr<float>(out) + r0 * N;
+    at::parallel_for(0, (N + NB - 1) / NB, 16, [&](int64_t b0, int64_t b1) {
+      const int64_t n0 = b0 * NB, n1 = std::min(N, b1 * NB);
+      if (which == VNNI) { BY_ROWS_V(int8a_avx512, a.R, true, a, qp, sp, op, N, n0, n1) }
+      else if (which == AVX512) { BY_ROWS_V(int8a_avx512, a.R, false, a, qp, sp, op, N, n0, n1) }
+      else if (which == AVX2) { BY_ROWS(int8a_avx2, a.R, a, qp, sp, op, N, n0, n1) }
+      else int8a_generic(a, qp, sp, op, N, n0, n1);
+    });
+  }
+}
+
+void int4a_mm(int64_t x, int64_t rows, int64_t K, int64_t q, int64_t scales, int64_t zeros, int64_t group,
+              int64_t out, int64_t N, int64_t isa) {
+  const int which = resolve(isa, 64, VNNI);
+  const uint8_t* qp = ptr<const uint8_t>(q);
+  const uint16_t *scp = ptr<const uint16_t>(scales), *zp = ptr<const uint16_t>(zeros);
+  for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) {
+    const Act a = quantize(ptr<const float>(x) + r0 * K, std::min(MAX_ROWS, rows - r0), K, true, group);
+    float* op = ptr<float>(out) + r0 * N;
+    at::parallel_for(0, (N + NB - 1) / NB, 16, [&](int64_t b0, int64_t b1) {
+      const int64_t n0 = b0 * NB, n1 = std::min(N, b1 * NB);
+      if (which == VNNI) { BY_ROWS_V(int4a_avx512, a.R, true, a, qp, scp, zp, group, op, N, n0, n1) }
+      else if (which == AVX512) { BY_ROWS_V(int4a_avx512, a.R, false, a, qp, scp, zp, group, op, N, n0, n1) }
+      else if (which == AVX2) { BY_ROWS(int4a_avx2, a.R, a, qp, scp, zp, group, op, N, n0, n1) }
+      else int4a_generic(a, qp, scp, zp, group, op, N, n0, n1);
+    });
+  }
+}
+
+}  // namespace llama_q8
