@@ -37,41 +37,70 @@ struct Act {
   std::vector<float> xs;    // (R, G) each int4 group's sum of the rounded activations
 };
 
-void quantize_row(const float* x, int64_t K, int8_t* q, float* d) {
-  for (int64_t b = 0; b * QB < K; ++b) {
-    const int64_t k0 = b * QB, k1 = std::min(K, k0 + QB);
-    float amax = 0.f;
-    for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x[k]));
-    const float s = amax / 127.f;  // divided as the reference divides: the same rounding
-    d[b] = s;
-    for (int64_t k = k0; k < k1; ++k)
-      q[k] = s == 0.f ? 0 : static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(x[k] / s))));
+// A block of n <= 32 values of a row: its scale into d, its values into q; returns their sum.
+int32_t quantize_block(const float* x, int64_t n, int8_t* q, float* d) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(x[k]));
+  const float s = amax / 127.f;  // divided as the reference divides: the same rounding
+  *d = s;
+  int32_t sum = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    q[k] = s == 0.f ? 0 : static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(x[k] / s))));
+    sum += q[k];
   }
+  return sum;
 }
 
-// int4 = false: q, d, lane (4 columns per lane); true: e, o, d, lane (8 columns), xs per group.
-Act quantize(const float* x, int64_t R, int64_t K, bool int4, int64_t group) {
+// The same for a whole block of 32 (AVX2: _mm256_round_ps to nearest rounds as nearbyint, ties to
+// even; |x / s| <= 127 up to a rounding, which rounds to 127: no clamp needed).
+__attribute__((target("avx2,fma"))) int32_t quantize_block_avx2(const float* x, int8_t* q, float* d) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4], m = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(x + 8 * i), m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  const float s = _mm_cvtss_f32(h) / 127.f;
+  *d = s;
+  if (s == 0.f) {
+    std::memset(q, 0, QB);
+    return 0;
+  }
+  const __m256 sv = _mm256_set1_ps(s);
+  __m256i iv[4];
+  __m256 total = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    const __m256 r = _mm256_round_ps(_mm256_div_ps(v[i], sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    total = _mm256_add_ps(total, r);  // integers below 2^24: exact
+    iv[i] = _mm256_cvtps_epi32(r);
+  }
+  // the packs interleave the two 128-bit halves: the permute puts the 32 bytes back in order
+  const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  return static_cast<int32_t>(hsum256(total));
+}
+
+// int4 = false: q, d, lane (4 columns per lane); true: also e, o, lane of 8 columns, xs per group.
+// `vector`: whole blocks through quantize_block_avx2 (the same values as quantize_block's).
+Act quantize(const float* x, int64_t R, int64_t K, bool int4, int64_t group, bool vector) {
   Act a;
   a.R = R, a.K = K, a.Kp = int4 ? 2 * padded(K / 2) : padded(K), a.nb = (K + QB - 1) / QB;
   a.q.assign(R * a.Kp, 0);
   a.d.assign(R * a.nb, 0.f);
-  const int64_t per_lane = int4 ? 8 : 4;
+  const int64_t per_lane = int4 ? 8 : 4, half = a.Kp / 2, G = int4 ? K / group : 0;
   a.lane.assign(R * a.Kp / 4, 0.f);
+  if (int4) a.e.assign(R * half, 0), a.o.assign(R * half, 0), a.xs.assign(R * G, 0.f);
   for (int64_t r = 0; r < R; ++r) {
-    quantize_row(x + r * K, K, a.q.data() + r * a.Kp, a.d.data() + r * a.nb);
-    for (int64_t l = 0; l * per_lane < K; ++l) a.lane[r * a.Kp / 4 + l] = a.d[r * a.nb + l * per_lane / QB];
-  }
-  if (!int4) return a;
-  const int64_t half = a.Kp / 2, G = K / group;
-  a.e.assign(R * half, 0), a.o.assign(R * half, 0), a.xs.assign(R * G, 0.f);
-  for (int64_t r = 0; r < R; ++r) {
-    const int8_t* q = a.q.data() + r * a.Kp;
-    for (int64_t j = 0; j < K / 2; ++j) a.e[r * half + j] = q[2 * j], a.o[r * half + j] = q[2 * j + 1];
+    int8_t* q = a.q.data() + r * a.Kp;
+    float* d = a.d.data() + r * a.nb;
     for (int64_t b = 0; b < a.nb; ++b) {
-      int32_t s = 0;
-      for (int64_t k = b * QB; k < (b + 1) * QB; ++k) s += q[k];
-      a.xs[r * G + b * QB / group] += a.d[r * a.nb + b] * static_cast<float>(s);
+      const int64_t k0 = b * QB, n = std::min(QB, K - k0);
+      const int32_t sum = vector && n == QB ? quantize_block_avx2(x + r * K + k0, q + k0, d + b)
+                                            : quantize_block(x + r * K + k0, n, q + k0, d + b);
+      if (int4) a.xs[r * G + k0 / group] += d[b] * static_cast<float>(sum);
     }
+    for (int64_t l = 0; l * per_lane < K; ++l) a.lane[r * a.Kp / 4 + l] = d[l * per_lane / QB];
+    for (int64_t j = 0; int4 && j < K / 2; ++j) a.e[r * half + j] = q[2 * j], a.o[r * half + j] = q[2 * j + 1];
   }
   return a;
 }
@@ -332,7 +361,7 @@ void int8a_mm(int64_t x, int64_t rows, int64_t K, int64_t q, int64_t scales, int
   const int8_t* qp = ptr<const int8_t>(q);
   const float* sp = ptr<const float>(scales);
   for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) {
-    const Act a = quantize(ptr<const float>(x) + r0 * K, std::min(MAX_ROWS, rows - r0), K, false, 0);
+    const Act a = quantize(ptr<const float>(x) + r0 * K, std::min(MAX_ROWS, rows - r0), K, false, 0, which >= AVX2);
     float* op = ptr<float>(out) + r0 * N;
     at::parallel_for(0, (N + NB - 1) / NB, 16, [&](int64_t b0, int64_t b1) {
       const int64_t n0 = b0 * NB, n1 = std::min(N, b1 * NB);
@@ -350,7 +379,7 @@ void int4a_mm(int64_t x, int64_t rows, int64_t K, int64_t q, int64_t scales, int
   const uint8_t* qp = ptr<const uint8_t>(q);
   const uint16_t *scp = ptr<const uint16_t>(scales), *zp = ptr<const uint16_t>(zeros);
   for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) {
-    const Act a = quantize(ptr<const float>(x) + r0 * K, std::min(MAX_ROWS, rows - r0), K, true, group);
+    const Act a = quantize(ptr<const float>(x) + r0 * K, std::min(MAX_ROWS, rows - r0), K, true, group, which >= AVX2);
     float* op = ptr<float>(out) + r0 * N;
     at::parallel_for(0, (N + NB - 1) / NB, 16, [&](int64_t b0, int64_t b1) {
       const int64_t n0 = b0 * NB, n1 = std::min(N, b1 * NB);
