@@ -4,6 +4,7 @@ forced), those with int8 activations the same of the activations rounded per blo
 quantized layers and the greedy tokens are those of the dequantized path (with int8 activations:
 perplexity within the quantization bounds), and a machine without a C++ compiler runs everything on
 PyTorch's own products (the fallback, logged once)."""
+import math
 import os
 import subprocess
 import sys
@@ -160,3 +161,92 @@ def test_without_a_compiler_the_products_run_on_pytorchs_own_kernels(tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.startswith("CPU kernels:")]
     assert len(lines) == 1 and "no C++ compiler" in lines[0] and "PyTorch's own products run" in lines[0]
     assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").rglob("*.so"))
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_layer_on_the_int8_activation_path_computes_the_rounded_product(mode):
+    w, x = torch.randn(96, 256), torch.randn(2, 5, 256)
+    stored = quant_formats.quantize_int8(w) + (None,) if mode == "int8" else quant_formats.quantize_int4(w, 32)
+    lin = quant_modules.QuantizedLinear(mode, *stored, 32, torch.bfloat16, path="native_a8")
+    assert set(lin.kernels.values()) == {("native_a8", torch.float32)}
+    got = lin(x.bfloat16())
+    want = F.linear(rounded_per_block(x.bfloat16().reshape(10, 256)), quant_formats.dequantize(mode, *stored, 32).double())
+    assert got.dtype == torch.bfloat16
+    close(got.double().reshape(10, 96), want.to(torch.bfloat16).double(), 256 * 128)  # returned in bfloat16
+
+
+@pytest.fixture
+def int8_activations_allowed(monkeypatch):
+    """The suite runs weight-only (conftest): these tests measure with the int8-activation kernels."""
+    monkeypatch.delenv(quant_choice.WEIGHT_ONLY_ENV, raising=False)
+    quant_choice._measured_quantized_policy.cache_clear()
+    yield
+    quant_choice._measured_quantized_policy.cache_clear()
+
+
+@needs_kernels
+def test_the_policy_takes_int8_activations_only_for_decode_where_they_win_and_names_them(int8_activations_allowed, monkeypatch):
+    probed = []
+
+    def fake_best_time(fn, repeats, give_up=float("inf")):
+        probed.append(fn.func)
+        return 1e-4 if fn.func in (native.int8a_mm, native.int4a_mm) else 1e-3
+
+    monkeypatch.setattr(quant_choice.cpu, "best_time", fake_best_time)
+    policy = quant_choice._measured_quantized_policy(1, True)
+    assert probed.count(native.int8a_mm) == probed.count(native.int4a_mm) == len(quant_choice.A8_STEPS)
+    for mode in quant_choice.QUANT_MODES:
+        assert policy.kernel(mode, "decode") == policy.kernel(mode, "small") == ("native_a8", torch.float32)
+        assert policy.kernel(mode, "prefill")[0] != "native_a8"  # not a candidate there
+        assert policy.kernel(mode, "decode", torch.bfloat16)[0] != "native_a8"  # float32 activations in
+    assert "native_a8 rounds the activations to int8 per block of 32 (LLAMA_WEIGHT_ONLY=1" in policy.describe()
+    # LLAMA_WEIGHT_ONLY=1: not a candidate, measured apart (not the kept choice of the other setting)
+    monkeypatch.setenv(quant_choice.WEIGHT_ONLY_ENV, "1")
+    probed.clear()
+    assert quant_choice.quantized_kernel("int8", "decode")[0] != "native_a8"
+    assert native.int8a_mm not in probed and native.int4a_mm not in probed and probed
+
+
+def _demo(monkeypatch, path: str, quantize, dtype: str = "float32"):
+    """The demo model with every quantized product on `path` (for native_a8: prefill too, to score a text)."""
+    from llama import Llama
+    from llama.demo import DEMO_DIR, TOKENIZER_PATH
+
+    monkeypatch.setattr(quant_choice, "quantized_kernel", lambda m, step, dt=None: (path, torch.float32))
+    return Llama.build(str(DEMO_DIR), str(TOKENIZER_PATH), 128, 1, device="cpu", dtype=dtype, quantize=quantize)
+
+
+def _perplexity(llama, text: str) -> float:
+    from llama.eval.scoring import windowed_nll
+
+    ids = llama.tokenizer.encode(text, bos=True, eos=False)[:257]  # two windows of 128
+    nll, n = windowed_nll(llama.model, ids, 128, 128, batch_size=2)
+    return math.exp(nll / n)
+
+
+@pytest.fixture(scope="module")
+def heldout_bf16_perplexity():
+    text = (REPO / "tests" / "data" / "demo_heldout_head.txt").read_text()[:1500]
+    with pytest.MonkeyPatch.context() as mp:
+        return text, _perplexity(_demo(mp, "dequant", None, "bfloat16"), text)
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode,bound", [("int8", 0.01), ("int4", 0.05)])
+def test_int8_activations_keep_the_demo_models_perplexity_and_mostly_its_tokens(mode, bound, monkeypatch,
+                                                                                 heldout_bf16_perplexity):
+    """Perplexity on held-out text within the quantization bound of bfloat16's (int8 1%, int4 5%);
+    the greedy tokens against the weight-only product's are counted (rounded activations may change
+    some) and the share that match is printed."""
+    text, ppl = heldout_bf16_perplexity
+    a8 = _demo(monkeypatch, "native_a8", mode)
+    assert a8.model.layers[0].feed_forward.w1.kernels["decode"] == ("native_a8", torch.float32)
+    ppl_a8 = _perplexity(a8, text)
+    assert abs(ppl_a8 / ppl - 1) <= bound, (ppl, ppl_a8)
+    prompt = a8.tokenizer.encode("Once upon a time", bos=True, eos=False)
+    tokens = a8.generate([prompt], 16, temperature=0)[0][0]
+    weight_only = _demo(monkeypatch, "dequant", mode).generate([prompt], 16, temperature=0)[0][0]
+    same = sum(a == b for a, b in zip(tokens, weight_only))
+    print(f"{mode}: perplexity {ppl_a8:.3f} with int8 activations, {ppl:.3f} bfloat16; "
+          f"greedy tokens {same}/{len(weight_only)} as the weight-only product's")
