@@ -23,6 +23,7 @@ namespace {
 
 constexpr int64_t QB = 32;   // activation block
 constexpr int64_t PAD = 64;  // the activation buffers are padded with zeros to whole 64-byte vectors
+constexpr int64_t AHEAD = 2;  // blocks of NB rows
 
 inline int64_t padded(int64_t n) { return (n + PAD - 1) / PAD * PAD; }
 
@@ -105,6 +106,13 @@ Act quantize(const float* x, int64_t R, int64_t K, bool int4, int64_t group, boo
   return a;
 }
 
+// The same place in the next block of weight rows, asked into the cache while this block is summed:
+// a block's rows are short streams (a few kilobytes each) that the hardware's prefetchers pick up
+// too late to keep the memory busy. (AVX2 steps 32 bytes, half a cache line: each line asked twice.)
+inline void ahead(const void* p, bool inside) {
+  if (inside) _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+}
+
 // ------------------------------------------------------------------ plain C++ (any CPU)
 
 // Columns [k0, K) of weight row w (int8) times row r: its blocks' int32 sums times their scales.
@@ -181,6 +189,7 @@ __attribute__((target("avx2,fma"))) void int8a_avx2(const Act& a, const int8_t* 
       }
       for (int i = 0; i < NB; ++i) {
         const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (n + i) * K + k));
+        ahead(q + (n + AHEAD * NB + i) * K + k, n + AHEAD * NB + i < n1);
         const __m256i aw = _mm256_abs_epi8(w);
         for (int r = 0; r < R; ++r) {
           const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[r], w)), ones);
@@ -229,6 +238,7 @@ __attribute__((target("avx2,fma"))) void int4a_avx2(const Act& a, const uint8_t*
       }
       for (int i = 0; i < NB; ++i) {
         const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (n + i) * half + j));
+        ahead(q + (n + AHEAD * NB + i) * half + j, n + AHEAD * NB + i < n1);
         const __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
         const __m256 sv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sbuf.data() + i * (G + 8) + g0), idx);
         for (int r = 0; r < R; ++r) {
@@ -280,6 +290,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8a_avx512(const A
       }
       for (int i = 0; i < NB; ++i) {
         const __m512i w = _mm512_maskz_loadu_epi8(m, q + (n + i) * K + k);
+        ahead(q + (n + AHEAD * NB + i) * K + k, n + AHEAD * NB + i < n1);
         const __m512i aw = _mm512_abs_epi8(w);
         const __mmask64 neg = _mm512_movepi8_mask(w);
         for (int r = 0; r < R; ++r) {
@@ -326,6 +337,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int4a_avx512(const A
       }
       for (int i = 0; i < NB; ++i) {
         const __m512i w = _mm512_maskz_loadu_epi8(m, q + (n + i) * half + j);
+        ahead(q + (n + AHEAD * NB + i) * half + j, n + AHEAD * NB + i < n1);
         const __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
         const __m512 sv = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(sbuf.data() + i * (G + 16) + g0));
         for (int r = 0; r < R; ++r) {
