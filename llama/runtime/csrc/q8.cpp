@@ -23,7 +23,6 @@ namespace {
 
 constexpr int64_t QB = 32;   // activation block
 constexpr int64_t PAD = 64;  // the activation buffers are padded with zeros to whole 64-byte vectors
-constexpr int64_t AHEAD = 2;  // blocks of NB rows
 
 inline int64_t padded(int64_t n) { return (n + PAD - 1) / PAD * PAD; }
 
@@ -106,13 +105,6 @@ Act quantize(const float* x, int64_t R, int64_t K, bool int4, int64_t group, boo
   return a;
 }
 
-// The same place in the next block of weight rows, asked into the cache while this block is summed:
-// a block's rows are short streams (a few kilobytes each) that the hardware's prefetchers pick up
-// too late to keep the memory busy. (AVX2 steps 32 bytes, half a cache line: each line asked twice.)
-inline void ahead(const void* p, bool inside) {
-  if (inside) _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
-}
-
 // ------------------------------------------------------------------ plain C++ (any CPU)
 
 // Columns [k0, K) of weight row w (int8) times row r: its blocks' int32 sums times their scales.
@@ -168,6 +160,12 @@ void int4a_generic(const Act& a, const uint8_t* q, const uint16_t* sc, const uin
 }
 
 // ------------------------------------------------------------------ AVX2
+// Every kernel reads the weights one row after the other, U vectors of a row at a time into U
+// independent sums: rows follow each other in memory, so the weights are one stream, which the
+// hardware's prefetchers keep ahead of the arithmetic (rows taken a few at a time, interleaved,
+// are short streams they pick up late: half the bytes per second). The rounded activations
+// (a few kilobytes) stay in the first-level cache for all the rows.
+constexpr int U = 4;
 
 // int8 x int8: one block (32 columns) per vector, |w| times x with w's sign (maddubs), pairs summed (madd).
 template <int R>
@@ -175,35 +173,28 @@ __attribute__((target("avx2,fma"))) void int8a_avx2(const Act& a, const int8_t* 
                                                     int64_t N, int64_t n0, int64_t n1) {
   const int64_t K = a.K, full = K / QB * QB;
   const __m256i ones = _mm256_set1_epi16(1);
-  int64_t n = n0;
-  for (; n + NB <= n1; n += NB) {
-    __m256 acc[NB][R];
-    for (int i = 0; i < NB; ++i)
-      for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < full; k += QB) {
-      __m256i xv[R];
-      __m256 dv[R];
-      for (int r = 0; r < R; ++r) {
-        xv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + r * a.Kp + k));
-        dv[r] = _mm256_broadcast_ss(a.d.data() + r * a.nb + k / QB);
-      }
-      for (int i = 0; i < NB; ++i) {
-        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (n + i) * K + k));
-        ahead(q + (n + AHEAD * NB + i) * K + k, n + AHEAD * NB + i < n1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = q + n * K;
+    __m256 acc[U][R];
+    for (int u = 0; u < U; ++u)
+      for (int r = 0; r < R; ++r) acc[u][r] = _mm256_setzero_ps();
+    for (int64_t k0 = 0; k0 < full; k0 += QB * U)
+      for (int u = 0; u < U && k0 + QB * u < full; ++u) {
+        const int64_t k = k0 + QB * u;
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
         const __m256i aw = _mm256_abs_epi8(w);
         for (int r = 0; r < R; ++r) {
-          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[r], w)), ones);
-          acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), dv[r], acc[i][r]);
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + r * a.Kp + k));
+          const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
+          acc[u][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(a.d.data() + r * a.nb + k / QB), acc[u][r]);
         }
       }
+    for (int r = 0; r < R; ++r) {
+      const float tail = full < K ? int8a_columns(a, r, row, full) : 0.f;
+      const __m256 t = _mm256_add_ps(_mm256_add_ps(acc[0][r], acc[1][r]), _mm256_add_ps(acc[2][r], acc[3][r]));
+      out[r * N + n] = (hsum256(t) + tail) * s[n];
     }
-    for (int i = 0; i < NB; ++i)
-      for (int r = 0; r < R; ++r) {
-        const float tail = full < K ? int8a_columns(a, r, q + (n + i) * K, full) : 0.f;
-        out[r * N + n + i] = (hsum256(acc[i][r]) + tail) * s[n + i];
-      }
   }
-  if (n < n1) int8a_generic(a, q, s, out, N, n, n1);
 }
 
 // int4 x int8: 32 bytes (64 columns) per vector; each int32 lane of the pair sums covers 8 columns,
@@ -217,50 +208,44 @@ __attribute__((target("avx2,fma"))) void int4a_avx2(const Act& a, const uint8_t*
   const int shift = __builtin_ctzll(group);  // group sizes are powers of two
   const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   const __m256i lane8 = _mm256_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56);
-  std::vector<float> sbuf(NB * (G + 8));
-  int64_t n = n0;
-  for (; n + NB <= n1; n += NB) {
-    __m256 acc[NB][R];
-    float corr[NB][MAX_ROWS];
-    for (int i = 0; i < NB; ++i) {
-      int4_prep_avx2(sc + (n + i) * G, ze + (n + i) * G, a.xs.data(), R, G, sbuf.data() + i * (G + 8), corr[i]);
-      for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
-    }
-    for (int64_t j = 0; j < full; j += 32) {
-      const int64_t col = 2 * j, g0 = col >> shift;
-      const __m256i idx = _mm256_srli_epi32(_mm256_add_epi32(_mm256_set1_epi32(int(col - (g0 << shift))), lane8), shift);
-      __m256i ev[R], ov[R];
-      __m256 dv[R];
-      for (int r = 0; r < R; ++r) {
-        ev[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.e.data() + r * hp + j));
-        ov[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.o.data() + r * hp + j));
-        dv[r] = _mm256_loadu_ps(a.lane.data() + r * a.Kp / 4 + j / 4);
-      }
-      for (int i = 0; i < NB; ++i) {
-        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + (n + i) * half + j));
-        ahead(q + (n + AHEAD * NB + i) * half + j, n + AHEAD * NB + i < n1);
+  // a vector starts at a multiple of 64 columns: within its group at 0, 64, 128 or 192
+  __m256i idx[4];
+  for (int i = 0; i < 4; ++i) idx[i] = _mm256_srli_epi32(_mm256_add_epi32(_mm256_set1_epi32(64 * i), lane8), shift);
+  std::vector<float> sbuf(G + 8);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = q + n * half;
+    float corr[MAX_ROWS];
+    int4_prep_avx2(sc + n * G, ze + n * G, a.xs.data(), R, G, sbuf.data(), corr);
+    __m256 acc[U][R];
+    for (int u = 0; u < U; ++u)
+      for (int r = 0; r < R; ++r) acc[u][r] = _mm256_setzero_ps();
+    for (int64_t j0 = 0; j0 < full; j0 += 32 * U)
+      for (int u = 0; u < U && j0 + 32 * u < full; ++u) {
+        const int64_t j = j0 + 32 * u, col = 2 * j, g0 = col >> shift;
+        const __m256 sv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sbuf.data() + g0), idx[(col - (g0 << shift)) >> 6]);
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
         const __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
-        const __m256 sv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sbuf.data() + i * (G + 8) + g0), idx);
         for (int r = 0; r < R; ++r) {
-          const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, ev[r]), _mm256_maddubs_epi16(hi, ov[r]));
+          const __m256i ev = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.e.data() + r * hp + j));
+          const __m256i ov = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.o.data() + r * hp + j));
+          const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, ev), _mm256_maddubs_epi16(hi, ov));
           const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-          acc[i][r] = _mm256_fmadd_ps(p, _mm256_mul_ps(sv, dv[r]), acc[i][r]);
+          const __m256 dv = _mm256_loadu_ps(a.lane.data() + r * a.Kp / 4 + j / 4);
+          acc[u][r] = _mm256_fmadd_ps(p, _mm256_mul_ps(sv, dv), acc[u][r]);
         }
       }
+    for (int r = 0; r < R; ++r) {
+      const float tail = full < half ? int4a_bytes(a, r, row, sbuf.data(), group, full) : 0.f;
+      const __m256 t = _mm256_add_ps(_mm256_add_ps(acc[0][r], acc[1][r]), _mm256_add_ps(acc[2][r], acc[3][r]));
+      out[r * N + n] = hsum256(t) + tail + corr[r];
     }
-    for (int i = 0; i < NB; ++i)
-      for (int r = 0; r < R; ++r) {
-        const float* s = sbuf.data() + i * (G + 8);
-        const float tail = full < half ? int4a_bytes(a, r, q + (n + i) * half, s, group, full) : 0.f;
-        out[r * N + n + i] = hsum256(acc[i][r]) + tail + corr[i][r];
-      }
   }
-  if (n < n1) int4a_generic(a, q, sc, ze, group, out, N, n, n1);
 }
 
 // ------------------------------------------------------------------ AVX-512 (BW; VNNI where present)
-// Both instantiations are compiled for VNNI, but the VNNI = false one holds no VNNI instruction:
-// only intrinsics, no loop the compiler could vectorize into one.
+// Both instantiations are compiled for VNNI, but the V = false one holds no VNNI instruction:
+// only intrinsics, no loop the compiler could vectorize into one. The tail of a row is read
+// through a mask (the activations past K are zeros).
 
 template <bool V>
 __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline __m512i dot_u8s8(__m512i u, __m512i s) {
@@ -268,41 +253,40 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline __m
   return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
 }
 
-// int8 x int8: 64 columns (two blocks) per vector, the tail of K read through a mask.
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline __mmask64 first(int64_t n) {
+  return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1;
+}
+
+// int8 x int8: 64 columns (two blocks) per vector.
 template <int R, bool V>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8a_avx512(const Act& a, const int8_t* q,
                                                                         const float* s, float* out, int64_t N,
                                                                         int64_t n0, int64_t n1) {
   const int64_t K = a.K;
   const __m512i zero = _mm512_setzero_si512();
-  int64_t n = n0;
-  for (; n + NB <= n1; n += NB) {
-    __m512 acc[NB][R];
-    for (int i = 0; i < NB; ++i)
-      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 64) {
-      const __mmask64 m = K - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - k)) - 1;
-      __m512i xv[R];
-      __m512 dv[R];
-      for (int r = 0; r < R; ++r) {
-        xv[r] = _mm512_loadu_si512(a.q.data() + r * a.Kp + k);
-        dv[r] = _mm512_loadu_ps(a.lane.data() + r * a.Kp / 4 + k / 4);
-      }
-      for (int i = 0; i < NB; ++i) {
-        const __m512i w = _mm512_maskz_loadu_epi8(m, q + (n + i) * K + k);
-        ahead(q + (n + AHEAD * NB + i) * K + k, n + AHEAD * NB + i < n1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = q + n * K;
+    __m512 acc[U][R];
+    for (int u = 0; u < U; ++u)
+      for (int r = 0; r < R; ++r) acc[u][r] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += 64 * U)
+      for (int u = 0; u < U && k0 + 64 * u < K; ++u) {
+        const int64_t k = k0 + 64 * u;
+        const __m512i w = _mm512_maskz_loadu_epi8(first(K - k), row + k);
         const __m512i aw = _mm512_abs_epi8(w);
         const __mmask64 neg = _mm512_movepi8_mask(w);
         for (int r = 0; r < R; ++r) {
-          const __m512i p = dot_u8s8<V>(aw, _mm512_mask_sub_epi8(xv[r], neg, zero, xv[r]));
-          acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), dv[r], acc[i][r]);
+          const __m512i xv = _mm512_loadu_si512(a.q.data() + r * a.Kp + k);
+          const __m512i p = dot_u8s8<V>(aw, _mm512_mask_sub_epi8(xv, neg, zero, xv));
+          const __m512 dv = _mm512_loadu_ps(a.lane.data() + r * a.Kp / 4 + k / 4);
+          acc[u][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), dv, acc[u][r]);
         }
       }
+    for (int r = 0; r < R; ++r) {
+      const __m512 t = _mm512_add_ps(_mm512_add_ps(acc[0][r], acc[1][r]), _mm512_add_ps(acc[2][r], acc[3][r]));
+      out[r * N + n] = _mm512_reduce_add_ps(t) * s[n];
     }
-    for (int i = 0; i < NB; ++i)
-      for (int r = 0; r < R; ++r) out[r * N + n + i] = _mm512_reduce_add_ps(acc[i][r]) * s[n + i];
   }
-  if (n < n1) int8a_generic(a, q, s, out, N, n, n1);
 }
 
 // int4 x int8: 64 bytes (128 columns) per vector, 16 lanes of 8 columns; as int4a_avx2.
@@ -315,44 +299,38 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int4a_avx512(const A
   const int shift = __builtin_ctzll(group);
   const __m512i low = _mm512_set1_epi8(15);
   const __m512i lane8 = _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120);
-  std::vector<float> sbuf(NB * (G + 16));
-  int64_t n = n0;
-  for (; n + NB <= n1; n += NB) {
-    __m512 acc[NB][R];
-    float corr[NB][MAX_ROWS];
-    for (int i = 0; i < NB; ++i) {
-      int4_prep_avx512(sc + (n + i) * G, ze + (n + i) * G, a.xs.data(), R, G, sbuf.data() + i * (G + 16), corr[i]);
-      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
-    }
-    for (int64_t j = 0; j < half; j += 64) {
-      const __mmask64 m = half - j >= 64 ? ~__mmask64(0) : (__mmask64(1) << (half - j)) - 1;
-      const int64_t col = 2 * j, g0 = col >> shift;
-      const __m512i idx = _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32(int(col - (g0 << shift))), lane8), shift);
-      __m512i ev[R], ov[R];
-      __m512 dv[R];
-      for (int r = 0; r < R; ++r) {
-        ev[r] = _mm512_loadu_si512(a.e.data() + r * hp + j);
-        ov[r] = _mm512_loadu_si512(a.o.data() + r * hp + j);
-        dv[r] = _mm512_loadu_ps(a.lane.data() + r * a.Kp / 4 + j / 4);
-      }
-      for (int i = 0; i < NB; ++i) {
-        const __m512i w = _mm512_maskz_loadu_epi8(m, q + (n + i) * half + j);
-        ahead(q + (n + AHEAD * NB + i) * half + j, n + AHEAD * NB + i < n1);
+  // a vector starts at a multiple of 128 columns: within its group at 0, or (groups of 256) at 128
+  const __m512i idx[2] = {_mm512_srli_epi32(lane8, shift),
+                          _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32(128), lane8), shift)};
+  std::vector<float> sbuf(G + 16);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = q + n * half;
+    float corr[MAX_ROWS];
+    int4_prep_avx512(sc + n * G, ze + n * G, a.xs.data(), R, G, sbuf.data(), corr);
+    __m512 acc[U][R];
+    for (int u = 0; u < U; ++u)
+      for (int r = 0; r < R; ++r) acc[u][r] = _mm512_setzero_ps();
+    for (int64_t j0 = 0; j0 < half; j0 += 64 * U)
+      for (int u = 0; u < U && j0 + 64 * u < half; ++u) {
+        const int64_t j = j0 + 64 * u, col = 2 * j, g0 = col >> shift;
+        const __m512 sv = _mm512_permutexvar_ps(idx[(col - (g0 << shift)) >> 7], _mm512_loadu_ps(sbuf.data() + g0));
+        const __m512i w = _mm512_maskz_loadu_epi8(first(half - j), row + j);
         const __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
-        const __m512 sv = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(sbuf.data() + i * (G + 16) + g0));
         for (int r = 0; r < R; ++r) {
+          const __m512i ev = _mm512_loadu_si512(a.e.data() + r * hp + j), ov = _mm512_loadu_si512(a.o.data() + r * hp + j);
           __m512i p;
-          if constexpr (V) p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, ev[r]), hi, ov[r]);
-          else p = _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(lo, ev[r]), _mm512_maddubs_epi16(hi, ov[r])),
+          if constexpr (V) p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, ev), hi, ov);
+          else p = _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(lo, ev), _mm512_maddubs_epi16(hi, ov)),
                                      _mm512_set1_epi16(1));
-          acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(sv, dv[r]), acc[i][r]);
+          const __m512 dv = _mm512_loadu_ps(a.lane.data() + r * a.Kp / 4 + j / 4);
+          acc[u][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(sv, dv), acc[u][r]);
         }
       }
+    for (int r = 0; r < R; ++r) {
+      const __m512 t = _mm512_add_ps(_mm512_add_ps(acc[0][r], acc[1][r]), _mm512_add_ps(acc[2][r], acc[3][r]));
+      out[r * N + n] = _mm512_reduce_add_ps(t) + corr[r];
     }
-    for (int i = 0; i < NB; ++i)
-      for (int r = 0; r < R; ++r) out[r * N + n + i] = _mm512_reduce_add_ps(acc[i][r]) + corr[i][r];
   }
-  if (n < n1) int4a_generic(a, q, sc, ze, group, out, N, n, n1);
 }
 
 #define BY_ROWS_V(fn, R, V, ...)                                   \
