@@ -132,6 +132,41 @@ def speedups(results: list) -> dict:
     return out
 
 
+def float_cases(x32: torch.Tensor, w16s: list, w32s: list, scratch: torch.Tensor) -> list:
+    """(name, calls over each copy of the weight, weight bytes, oneDNN on/off or None) of the float
+    products: F.linear in bfloat16 and float32 and float32 over upcast bfloat16, each through oneDNN
+    and PyTorch's own kernels, and this package's bfloat16 product at each instruction set."""
+    x16 = x32.bfloat16()
+    cases = []
+    for name, fns, n_bytes in (
+        ("bfloat16", [lambda w=w: F.linear(x16, w) for w in w16s], w16s[0].nbytes),
+        ("float32", [lambda w=w: F.linear(x32, w) for w in w32s], w32s[0].nbytes),
+        ("float32 over upcast bfloat16", [lambda w=w: compute.upcast_linear(x32, w, scratch) for w in w16s], w16s[0].nbytes),
+    ):
+        cases += [(f"{name}, {'oneDNN' if onednn else 'own'}", fns, n_bytes, onednn) for onednn in (True, False)]
+    if native.kernels() is not None:
+        for isa in reversed(native.available_isas()):
+            cases.append((f"bfloat16, native {isa}", [lambda w=w, isa=isa: native.bf16_mm(x32, w, isa) for w in w16s],
+                          w16s[0].nbytes, None))
+    return cases
+
+
+def time_cases(cases: list, repeats: int, from_memory: bool, clock: str, rounds: int) -> list:
+    """(name, seconds, bytes) of each case of `cases` (float_cases' tuples): timed_cycle, in `rounds`
+    rounds that take every case in turn, each case keeping its fastest round (on a machine others
+    load, each case gets the same chances of a quiet moment)."""
+    best = {}
+    was = torch.backends.mkldnn.enabled
+    try:
+        for _ in range(rounds):
+            for name, fns, n_bytes, onednn in cases:
+                torch.backends.mkldnn.enabled = was if onednn is None else onednn
+                best[name] = min(best.get(name, float("inf")), timed_cycle(fns, repeats, from_memory, clock))
+    finally:
+        torch.backends.mkldnn.enabled = was
+    return [(name, best[name], n_bytes) for name, _, n_bytes, _ in cases]
+
+
 def main(
     rows: Union[str, int, tuple] = (1, 8, 64, 256),
     shape: Union[str, tuple] = (8192, 2048),
@@ -141,6 +176,7 @@ def main(
     bandwidth_mb: int = 1024,
     from_memory: bool = True,
     clock: str = "wall",
+    rounds: int = 1,
     out: Optional[str] = None,
 ) -> dict:
     """Time one linear layer's product per dtype and kernel on this machine's CPU.
@@ -157,6 +193,8 @@ def main(
             (`--from_memory False`: one weight, read again and again, from the cache where it fits).
         clock: "wall" (elapsed time), or "thread": the calling thread's CPU time, with --threads 1 only
             (a machine that other processes load: the kernels' own time; the read bandwidth alike).
+        rounds: time every case this many times in turn, each keeping its fastest round (and the
+            read bandwidth its best), so that cases compare fairly on a machine others load.
         out: write every measurement as JSON here.
     """
     if threads:
@@ -172,44 +210,25 @@ def main(
     w16 = w32.bfloat16()
     w32s = [w32] + [w32.clone() for _ in range(copies_for(w32.nbytes, from_memory) - 1)]
     w16s = [w16] + [w16.clone() for _ in range(copies_for(w16.nbytes, from_memory) - 1)]
-    bw = bandwidth(int(bandwidth_mb) * 2**20, clock)
+    bw = max(bandwidth(int(bandwidth_mb) * 2**20, clock) for _ in range(max(1, int(rounds))))
     scratch = torch.empty(compute.UPCAST_CHUNK)
     print(f"CPU {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"weight {n}x{k}; read bandwidth {bw:.1f} GB/s", flush=True)
     print(f"{'rows':>4} | {'case':<28} | {'ms':>8} | {'weight GB/s':>11} | {'GFLOP/s':>8}  (weights read from "
           f"{'memory' if from_memory else 'the cache where they fit'})")
     results = []
-    was = torch.backends.mkldnn.enabled
-    try:
-        for m in row_list:
-            x32 = torch.randn(m, k)
-            x16 = x32.bfloat16()
-            cases = {
-                "bfloat16": ([lambda w=w: F.linear(x16, w) for w in w16s], w16.nbytes),
-                "float32": ([lambda w=w: F.linear(x32, w) for w in w32s], w32.nbytes),
-                "float32 over upcast bfloat16": ([lambda w=w: compute.upcast_linear(x32, w, scratch) for w in w16s], w16.nbytes),
-            }
-            timed = []
-            for name, (fns, n_bytes) in cases.items():
-                for onednn in (True, False):
-                    torch.backends.mkldnn.enabled = onednn
-                    timed.append((f"{name}, {'oneDNN' if onednn else 'own'}", timed_cycle(fns, repeats, from_memory, clock), n_bytes))
-            torch.backends.mkldnn.enabled = was
-            if native.kernels() is not None:
-                for isa in reversed(native.available_isas()):
-                    fns = [lambda w=w, isa=isa: native.bf16_mm(x32, w, isa) for w in w16s]
-                    timed.append((f"bfloat16, native {isa}", timed_cycle(fns, repeats, from_memory, clock), w16.nbytes))
-            if quantized:
-                for name, (fns, n_bytes) in quantized_cases(w32, x32, copies_for(n * k // 2, from_memory)).items():
-                    timed.append((name, timed_cycle(fns, repeats, from_memory, clock), n_bytes))
-            for name, seconds, n_bytes in timed:
-                entry = {"rows": m, "case": name, "ms": seconds * 1e3, "weight_gb_s": n_bytes / seconds / GB,
-                         "share_of_read": n_bytes / seconds / GB / bw, "gflop_s": 2 * m * n * k / seconds / GB}
-                results.append(entry)
-                print(f"{m:>4} | {name:<28} | {entry['ms']:>8.3f} | {entry['weight_gb_s']:>11.1f} | {entry['gflop_s']:>8.1f}",
-                      flush=True)
-    finally:
-        torch.backends.mkldnn.enabled = was
+    for m in row_list:
+        x32 = torch.randn(m, k)
+        cases = float_cases(x32, w16s, w32s, scratch)
+        if quantized:
+            cases += [(name, fns, n_bytes, None) for name, (fns, n_bytes) in
+                      quantized_cases(w32, x32, copies_for(n * k // 2, from_memory)).items()]
+        for name, seconds, n_bytes in time_cases(cases, repeats, from_memory, clock, rounds):
+            entry = {"rows": m, "case": name, "ms": seconds * 1e3, "weight_gb_s": n_bytes / seconds / GB,
+                     "share_of_read": n_bytes / seconds / GB / bw, "gflop_s": 2 * m * n * k / seconds / GB}
+            results.append(entry)
+            print(f"{m:>4} | {name:<28} | {entry['ms']:>8.3f} | {entry['weight_gb_s']:>11.1f} | {entry['gflop_s']:>8.1f}",
+                  flush=True)
     faster = speedups(results)
     for m, families in faster.items():
         print(f"{m} rows, times PyTorch's bfloat16: " + "; ".join(f"{f} {v['times_bfloat16']:.2f}x ({v['case']})" for f, v in families.items()))
@@ -217,7 +236,7 @@ def main(
     print(f"policy: {policy.describe()}")
     summary = {"cpu": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(), "from_memory": from_memory,
                "cpu_flags": cpu_flags(), "native_isa": native.best_isa() if native.kernels() is not None else None,
-               "shape": [n, k], "read_gb_s": bw, "clock": clock, "results": results,
+               "shape": [n, k], "read_gb_s": bw, "clock": clock, "rounds": rounds, "results": results,
                "times_bfloat16": {str(m): v for m, v in faster.items()}, "policy": policy.describe()}
     rows = [{"metric": f"{r['rows']} rows, {r['case']}", "ms": r["ms"], "weight GB/s": r["weight_gb_s"],
              "share of read bandwidth": r["share_of_read"], "GFLOP/s": r["gflop_s"]} for r in results]
