@@ -179,8 +179,10 @@ __attribute__((target("avx2,fma"))) void int8a_avx2(const Act& a, const int8_t* 
     for (int u = 0; u < U; ++u)
       for (int r = 0; r < R; ++r) acc[u][r] = _mm256_setzero_ps();
     for (int64_t k0 = 0; k0 < full; k0 += QB * U)
-      for (int u = 0; u < U && k0 + QB * u < full; ++u) {
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {  // unrolled: the sums stay in registers
         const int64_t k = k0 + QB * u;
+        if (k >= full) continue;
         const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
         const __m256i aw = _mm256_abs_epi8(w);
         for (int r = 0; r < R; ++r) {
@@ -220,8 +222,10 @@ __attribute__((target("avx2,fma"))) void int4a_avx2(const Act& a, const uint8_t*
     for (int u = 0; u < U; ++u)
       for (int r = 0; r < R; ++r) acc[u][r] = _mm256_setzero_ps();
     for (int64_t j0 = 0; j0 < full; j0 += 32 * U)
-      for (int u = 0; u < U && j0 + 32 * u < full; ++u) {
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
         const int64_t j = j0 + 32 * u, col = 2 * j, g0 = col >> shift;
+        if (j >= full) continue;
         const __m256 sv = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sbuf.data() + g0), idx[(col - (g0 << shift)) >> 6]);
         const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j));
         const __m256i lo = _mm256_and_si256(w, low), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low);
@@ -270,8 +274,10 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8a_avx512(const A
     for (int u = 0; u < U; ++u)
       for (int r = 0; r < R; ++r) acc[u][r] = _mm512_setzero_ps();
     for (int64_t k0 = 0; k0 < K; k0 += 64 * U)
-      for (int u = 0; u < U && k0 + 64 * u < K; ++u) {
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
         const int64_t k = k0 + 64 * u;
+        if (k >= K) continue;
         const __m512i w = _mm512_maskz_loadu_epi8(first(K - k), row + k);
         const __m512i aw = _mm512_abs_epi8(w);
         const __mmask64 neg = _mm512_movepi8_mask(w);
@@ -311,8 +317,10 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int4a_avx512(const A
     for (int u = 0; u < U; ++u)
       for (int r = 0; r < R; ++r) acc[u][r] = _mm512_setzero_ps();
     for (int64_t j0 = 0; j0 < half; j0 += 64 * U)
-      for (int u = 0; u < U && j0 + 64 * u < half; ++u) {
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
         const int64_t j = j0 + 64 * u, col = 2 * j, g0 = col >> shift;
+        if (j >= half) continue;
         const __m512 sv = _mm512_permutexvar_ps(idx[(col - (g0 << shift)) >> 7], _mm512_loadu_ps(sbuf.data() + g0));
         const __m512i w = _mm512_maskz_loadu_epi8(first(half - j), row + j);
         const __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
