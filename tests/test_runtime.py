@@ -364,6 +364,7 @@ def test_the_quantized_kernels_are_measured_once_and_the_fastest_is_taken(fresh_
 
 
 def test_measure_quantized_times_every_candidate_on_this_cpu():
+    native.kernels()  # built (once per test session) before the clock starts: the build is not the measurement
     start = time.perf_counter()
     t = quant_choice.measure_quantized(repeats=1)
     assert time.perf_counter() - start < 10  # about half a second on the 2 shared cores
