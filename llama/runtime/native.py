@@ -88,7 +88,8 @@ def _has_ninja_module() -> bool:
 
 
 def best_isa() -> str:
-    """The widest instruction set the kernels use on this CPU ("avx512", "avx2" or "generic")."""
+    """The widest instruction set the kernels use on this CPU ("avx512vnni", "avx512", "avx2" or
+    "generic"; VNNI only the int8-activation kernels use)."""
     return NAMES[kernels().best_isa()]
 
 
