@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import helpers  # noqa: E402
 
-from llama.runtime import native, stored  # noqa: E402
+from llama.runtime import native, quant_choice, stored  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,6 +48,9 @@ def pytest_configure(config):
     # never in the user's cache (the fixture below then gives each test a directory of its own)
     os.environ["XDG_CACHE_HOME"] = str(_SESSION_CACHE / "session")
     os.environ[native.KERNELS_DIR_ENV] = str(_SESSION_CACHE / "kernels")
+    # quantized models keep float activations in the suite (tests compare their tokens and products
+    # with the dequantized weights'); tests/test_native_kernels.py lifts it for the int8-activation kernels
+    os.environ[quant_choice.WEIGHT_ONLY_ENV] = "1"
 
 
 def pytest_unconfigure(config):

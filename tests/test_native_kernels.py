@@ -1,7 +1,10 @@
-"""This package's own CPU kernels (llama/runtime/native.py, csrc/gemv.cpp): each product equals
-dequantize-then-F.linear within float rounding at every instruction set this CPU has (each forced),
-the quantized layers and the greedy tokens are those of the dequantized path, and a machine without
-a C++ compiler runs everything on PyTorch's own products (the fallback, logged once)."""
+"""This package's own CPU kernels (llama/runtime/native.py, csrc/gemv.cpp, csrc/q8.cpp): each product
+equals dequantize-then-F.linear within float rounding at every instruction set this CPU has (each
+forced), those with int8 activations the same of the activations rounded per block as they say; the
+quantized layers and the greedy tokens are those of the dequantized path (with int8 activations:
+perplexity within the quantization bounds), and a machine without a C++ compiler runs everything on
+PyTorch's own products (the fallback, logged once)."""
+import math
 import os
 import subprocess
 import sys
@@ -18,6 +21,7 @@ from llama.weights import quant_formats, quant_modules
 
 REPO = Path(__file__).resolve().parent.parent
 ISAS = native.available_isas() if native.kernels() is not None else []
+A8_ISAS = native.available_isas(int8_activations=True) if native.kernels() is not None else []
 needs_kernels = pytest.mark.skipif(not ISAS, reason="no C++ compiler here (the fallback is tested below)")
 
 
@@ -44,6 +48,56 @@ def test_each_kernel_equals_dequantize_then_linear(isa, rows):
     close(native.bf16_mm(x, wb, isa), F.linear(x, wb.float()), k)
 
 
+def rounded_per_block(x: torch.Tensor, block: int = native.A8_BLOCK) -> torch.Tensor:
+    """x (rows, k) rounded as the int8-activation kernels say they round it, in float64: symmetric
+    int8 per block of `block` columns (the last one may be short), scale max|x| / 127 in float32."""
+    out = torch.empty(x.shape, dtype=torch.float64)
+    for b in range(0, x.shape[1], block):
+        xb = x[:, b : b + block].float()
+        d = xb.abs().amax(dim=1, keepdim=True) / 127
+        q = torch.where(d == 0, 0.0, torch.round(xb / d).clamp(-127, 127))
+        out[:, b : b + block] = q.double() * d.double()
+    return out
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", A8_ISAS)
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_each_int8_activation_kernel_equals_the_rounded_activations_times_the_weights(isa, rows):
+    """int8 x int8 and int8 x int4 integer products = F.linear in float64 of the activations rounded
+    per block and the dequantized weights; odd output counts, an inner size with a short last block
+    (int8) and with half a vector left over (int4, 96 columns), every int4 group size."""
+    gen = torch.Generator().manual_seed(rows)
+    for n, k in ((70, 512), (13, 100), (9, 96)):
+        w, x = torch.randn(n, k, generator=gen), torch.randn(rows, k, generator=gen)
+        x[0, :32] = 0  # an all-zero block: scale 0
+        xr = rounded_per_block(x)
+        q, s = quant_formats.quantize_int8(w)
+        close(native.int8a_mm(x, q, s.float(), isa).double(), F.linear(xr, q.double() * s.double()[:, None]), k)
+        for group in (32, 64, 128, 256):
+            if k % group == 0:
+                q4, s4, z4 = quant_formats.quantize_int4(w, group)
+                want = F.linear(xr, qk.dequantize_int4(qk.unpack_int4(q4), s4, z4, group).double())
+                close(native.int4a_mm(x, q4, s4, z4, group, isa).double(), want, k)
+
+
+@needs_kernels
+def test_int8_activations_stay_within_their_rounding_of_the_float_product():
+    """Against the float32 activations' product: each activation moves by at most half a step of
+    its block (1/254 of the block's max; for normal values a root-mean-square of about 0.5% of
+    their own), so the product moves by about that, under 1% of its size."""
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(256, 2048, generator=gen), torch.randn(4, 2048, generator=gen)
+    q, s = quant_formats.quantize_int8(w)
+    want = F.linear(x, q.float() * s.float()[:, None])
+    err = (native.int8a_mm(x, q, s.float()) - want).norm() / want.norm()
+    assert 1e-4 < err < 1e-2  # rounded (not the float product), by about its rounding
+    q4, s4, z4 = quant_formats.quantize_int4(w, 32)
+    want = F.linear(x, qk.dequantize_int4(qk.unpack_int4(q4), s4, z4, 32))
+    err = (native.int4a_mm(x, q4, s4, z4, 32) - want).norm() / want.norm()
+    assert 1e-4 < err < 1e-2
+
+
 @needs_kernels
 def test_the_kernels_refuse_what_they_cannot_read():
     q = torch.zeros(8, 64, dtype=torch.int8)
@@ -53,6 +107,8 @@ def test_the_kernels_refuse_what_they_cannot_read():
         native.int8_mm(torch.zeros(1, 32), q, torch.ones(8))
     with pytest.raises(ValueError, match="group size 48"):
         native.int4_mm(torch.zeros(1, 96), torch.zeros(8, 48, dtype=torch.uint8), torch.ones(8, 2), torch.ones(8, 2), 48)
+    with pytest.raises(ValueError, match="group size 96 must divide 192 and be a power of two"):
+        native.int4a_mm(torch.zeros(1, 192), torch.zeros(8, 96, dtype=torch.uint8), torch.ones(8, 2), torch.ones(8, 2), 96)
 
 
 @needs_kernels
@@ -94,14 +150,109 @@ def test_without_a_compiler_the_products_run_on_pytorchs_own_kernels(tmp_path):
         "assert native.kernels() is None and native.kernels() is None\n"
         "w = torch.randn(64, 128)\n"
         "lin = quant_modules.QuantizedLinear('int8', *quant_formats.quantize_int8(w), None, 32, torch.float32)\n"
-        "assert 'native' not in {p for p, _ in lin.kernels.values()}, lin.kernels\n"
+        "assert not {'native', 'native_a8'} & {p for p, _ in lin.kernels.values()}, lin.kernels\n"
         "print('ran', tuple(lin(torch.randn(1, 128)).shape))\n"
     )
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), native.KERNELS_DIR_ENV: str(tmp_path / "kernels"),
            "PYTHONPATH": str(REPO)}
+    env.pop(quant_choice.WEIGHT_ONLY_ENV, None)  # int8 activations allowed: still no native path without kernels
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ran (1, 64)" in r.stdout
     lines = [line for line in r.stderr.splitlines() if line.startswith("CPU kernels:")]
     assert len(lines) == 1 and "no C++ compiler" in lines[0] and "PyTorch's own products run" in lines[0]
     assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").rglob("*.so"))
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_layer_on_the_int8_activation_path_computes_the_rounded_product(mode):
+    w, x = torch.randn(96, 256), torch.randn(2, 5, 256)
+    stored = quant_formats.quantize_int8(w) + (None,) if mode == "int8" else quant_formats.quantize_int4(w, 32)
+    lin = quant_modules.QuantizedLinear(mode, *stored, 32, torch.bfloat16, path="native_a8")
+    assert set(lin.kernels.values()) == {("native_a8", torch.float32)}
+    got = lin(x.bfloat16())
+    want = F.linear(rounded_per_block(x.bfloat16().reshape(10, 256)), quant_formats.dequantize(mode, *stored, 32).double())
+    assert got.dtype == torch.bfloat16
+    close(got.double().reshape(10, 96), want.to(torch.bfloat16).double(), 256 * 128)  # returned in bfloat16
+
+
+@pytest.fixture
+def int8_activations_allowed(monkeypatch):
+    """The suite runs weight-only (conftest): these tests measure with the int8-activation kernels."""
+    monkeypatch.delenv(quant_choice.WEIGHT_ONLY_ENV, raising=False)
+    quant_choice._measured_quantized_policy.cache_clear()
+    yield
+    quant_choice._measured_quantized_policy.cache_clear()
+
+
+@needs_kernels
+def test_the_policy_takes_int8_activations_only_for_decode_where_they_win_and_names_them(int8_activations_allowed, monkeypatch):
+    probed = []
+
+    def fake_best_time(fn, repeats, give_up=float("inf")):
+        probed.append(fn.func)
+        return 1e-4 if fn.func in (native.int8a_mm, native.int4a_mm) else 1e-3
+
+    monkeypatch.setattr(quant_choice.cpu, "best_time", fake_best_time)
+    policy = quant_choice._measured_quantized_policy(1, True)
+    assert probed.count(native.int8a_mm) == probed.count(native.int4a_mm) == len(quant_choice.A8_STEPS)
+    for mode in quant_choice.QUANT_MODES:
+        assert policy.kernel(mode, "decode") == policy.kernel(mode, "small") == ("native_a8", torch.float32)
+        assert policy.kernel(mode, "prefill")[0] != "native_a8"  # not a candidate there
+        assert policy.kernel(mode, "decode", torch.bfloat16)[0] != "native_a8"  # float32 activations in
+    assert "native_a8 rounds the activations to int8 per block of 32 (LLAMA_WEIGHT_ONLY=1" in policy.describe()
+    # LLAMA_WEIGHT_ONLY=1: not a candidate, measured apart (not the kept choice of the other setting)
+    monkeypatch.setenv(quant_choice.WEIGHT_ONLY_ENV, "1")
+    probed.clear()
+    assert quant_choice.quantized_kernel("int8", "decode")[0] != "native_a8"
+    assert native.int8a_mm not in probed and native.int4a_mm not in probed and probed
+
+
+def _demo(monkeypatch, path: str, quantize, dtype: str = "float32"):
+    """The demo model with every quantized product on `path` (for native_a8: prefill too, to score a text)."""
+    from llama import Llama
+    from llama.demo import DEMO_DIR, TOKENIZER_PATH
+
+    monkeypatch.setattr(quant_choice, "quantized_kernel", lambda m, step, dt=None: (path, torch.float32))
+    return Llama.build(str(DEMO_DIR), str(TOKENIZER_PATH), 128, 1, device="cpu", dtype=dtype, quantize=quantize)
+
+
+def _perplexity(llama, text: str) -> float:
+    from llama.eval.scoring import windowed_nll
+
+    ids = llama.tokenizer.encode(text, bos=True, eos=False)[:257]  # two windows of 128
+    nll, n = windowed_nll(llama.model, ids, 128, 128, batch_size=2)
+    return math.exp(nll / n)
+
+
+@pytest.fixture(scope="module")
+def heldout_bf16_perplexity():
+    text = (REPO / "tests" / "data" / "demo_heldout_head.txt").read_text()[:1500]
+    with pytest.MonkeyPatch.context() as mp:
+        return text, _perplexity(_demo(mp, "dequant", None, "bfloat16"), text)
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode,bound", [("int8", 0.01), ("int4", 0.05)])
+def test_int8_activations_keep_the_demo_models_perplexity_and_mostly_its_tokens(mode, bound, monkeypatch,
+                                                                                 heldout_bf16_perplexity):
+    """Perplexity on held-out text within the quantization bound of bfloat16's (int8 1%, int4 5%);
+    the greedy tokens against the weight-only product's are counted (rounded activations may change
+    some) and the share that match is printed."""
+    text, ppl = heldout_bf16_perplexity
+    a8 = _demo(monkeypatch, "native_a8", mode)
+    assert a8.model.layers[0].feed_forward.w1.kernels["decode"] == ("native_a8", torch.float32)
+    ppl_a8 = _perplexity(a8, text)
+    assert abs(ppl_a8 / ppl - 1) <= bound, (ppl, ppl_a8)
+    prompt = a8.tokenizer.encode("Once upon a time", bos=True, eos=False)
+    tokens = a8.generate([prompt], 16, temperature=0)[0][0]
+    # weight-only: the same layers on the float-activation kernels (dequantize-then-F.linear's products,
+    # tested above), which read the same stored form
+    for lin in a8.model.modules():
+        if isinstance(lin, quant_modules.QuantizedLinear):
+            lin.kernels = {step: ("native", torch.float32) for step in lin.kernels}
+    weight_only = a8.generate([prompt], 16, temperature=0)[0][0]
+    same = sum(a == b for a, b in zip(tokens, weight_only))
+    print(f"{mode}: perplexity {ppl_a8:.3f} with int8 activations, {ppl:.3f} bfloat16; "
+          f"greedy tokens {same}/{len(weight_only)} as the weight-only product's")

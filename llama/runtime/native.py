@@ -1,6 +1,8 @@
 # This package's own CPU kernels (csrc/gemv.cpp): products of a few activation rows with int8, int4
 # and bfloat16 weights that read each weight byte once, at the instruction set the CPU has (AVX-512,
-# AVX2 + FMA, or plain C++), chosen at run time. Compiled on first use with the machine's C++
+# AVX2 + FMA, or plain C++), chosen at run time; and (csrc/q8.cpp) the int8 and int4 products with
+# the activations rounded to int8 per block of 32 and integer dot products (AVX-512 VNNI, AVX-512BW,
+# AVX2 or plain C++), whose results are those of the rounded activations ("a8": not weight-only). Compiled on first use with the machine's C++
 # compiler (torch.utils.cpp_extension with ninja) into a build directory under the user's cache,
 # one per PyTorch version and CPU, so later processes only load it. Where nothing can compile it,
 # `kernels()` is None (logged once) and the quantized products keep PyTorch's own paths.
@@ -19,8 +21,11 @@ from llama.runtime import stored
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "gemv.cpp"
-ISAS = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3}
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCE = CSRC / "gemv.cpp"
+SOURCES = (SOURCE, CSRC / "q8.cpp")
+ISAS = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3, "avx512vnni": 4}
+A8_BLOCK = 32  # the int8-activation kernels round each activation row in blocks of this many columns
 NAMES = {v: k for k, v in ISAS.items()}
 KERNELS_DIR_ENV = "LLAMA_KERNELS_DIR"
 DISABLE_ENV = "LLAMA_NO_NATIVE"
@@ -36,7 +41,7 @@ def build_dir() -> Path:
     """Where the extension is built: per PyTorch version and CPU (its model and flags) and source,
     under $LLAMA_KERNELS_DIR if set (the tests share one build), else the user's cache."""
     m = stored.machine()
-    digest = stored.digest({**m, "source": SOURCE.read_text()})
+    digest = stored.digest({**m, "source": "".join(p.read_text() for p in sorted(CSRC.iterdir()))})
     root = Path(os.environ[KERNELS_DIR_ENV]) if os.environ.get(KERNELS_DIR_ENV) else stored.cache_root() / "kernels"
     return root / f"torch{m['torch']}-{digest}"
 
@@ -63,7 +68,7 @@ def _kernels() -> Optional[ModuleType]:
     start = time.perf_counter()
     try:
         module = cpp_extension.load(
-            name="llama_gemv", sources=[str(SOURCE)], build_directory=str(path),
+            name="llama_gemv", sources=[str(p) for p in SOURCES], build_directory=str(path),
             extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False,
         )
     except Exception as e:  # a compiler that fails is as good as none: the products still run
@@ -83,14 +88,16 @@ def _has_ninja_module() -> bool:
 
 
 def best_isa() -> str:
-    """The widest instruction set the kernels use on this CPU ("avx512", "avx2" or "generic")."""
+    """The widest instruction set the kernels use on this CPU ("avx512vnni", "avx512", "avx2" or
+    "generic"; VNNI only the int8-activation kernels use)."""
     return NAMES[kernels().best_isa()]
 
 
-def available_isas() -> list[str]:
-    """Every instruction set this CPU can run the kernels at, narrowest first (tests force each)."""
+def available_isas(int8_activations: bool = False) -> list[str]:
+    """Every instruction set this CPU can run the kernels at, narrowest first (tests force each):
+    AVX-512 VNNI only for the kernels with int8 activations (the float ones have no use for it)."""
     best = kernels().best_isa()
-    return [NAMES[i] for i in range(1, best + 1)]
+    return [NAMES[i] for i in range(1, best + 1) if int8_activations or i != ISAS["avx512vnni"]]
 
 
 def _check(x2: torch.Tensor, in_features: int, *tensors: tuple[torch.Tensor, torch.dtype, tuple]) -> torch.Tensor:
@@ -139,4 +146,28 @@ def bf16_mm(x2: torch.Tensor, w: torch.Tensor, isa: str = "auto") -> torch.Tenso
     x2 = _check(x2, k, (w, torch.bfloat16, (n, k)))
     out = torch.empty(x2.shape[0], n)
     kernels().bf16_mm(x2.data_ptr(), x2.shape[0], k, w.data_ptr(), out.data_ptr(), n, ISAS[isa])
+    return out
+
+
+def int8a_mm(x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, isa: str = "auto") -> torch.Tensor:
+    """int8_mm with each row of x2 rounded to int8 per block of A8_BLOCK columns (scale max|x| / 127
+    of the block) and integer dot products: x2's rounded values @ (q * scales[:, None])^T, float32."""
+    n, k = q.shape
+    x2 = _check(x2, k, (q, torch.int8, (n, k)), (scales, torch.float32, (n,)))
+    out = torch.empty(x2.shape[0], n)
+    kernels().int8a_mm(x2.data_ptr(), x2.shape[0], k, q.data_ptr(), scales.data_ptr(), out.data_ptr(), n, ISAS[isa])
+    return out
+
+
+def int4a_mm(x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+             isa: str = "auto") -> torch.Tensor:
+    """int4_mm with x2 rounded as int8a_mm rounds it and integer dot products."""
+    n, k = q.shape[0], q.shape[1] * 2
+    if group_size % A8_BLOCK or k % group_size or group_size & (group_size - 1):
+        raise ValueError(f"int4 group size {group_size} must divide {k} and be a power of two of at least {A8_BLOCK}")
+    groups = (n, k // group_size)
+    x2 = _check(x2, k, (q, torch.uint8, (n, k // 2)), (scales, torch.bfloat16, groups), (zeros, torch.bfloat16, groups))
+    out = torch.empty(x2.shape[0], n)
+    kernels().int4a_mm(x2.data_ptr(), x2.shape[0], k, q.data_ptr(), scales.data_ptr(), zeros.data_ptr(), group_size,
+                       out.data_ptr(), n, ISAS[isa])
     return out

@@ -3,6 +3,7 @@
 # and logged as one line (the timings at debug level).
 import functools
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -21,13 +22,19 @@ logger = logging.getLogger(__name__)
 # torch._weight_int8pack_mm / torch._weight_int4pack_mm_for_cpu) or as dequantize-then-F.linear
 # ("dequant"), with bfloat16 or float32 activations, or through this package's own kernels ("native",
 # llama.runtime.native: float32 activations, the stored form read once per call; a candidate only where
-# they could be built). (torch._int_mm with dynamically quantized int8
-# activations is not a candidate: it is not weight-only, its results are not those of the weights.)
+# they could be built), or, for a decode step or a small batch, through its kernels with int8
+# activations ("native_a8": each activation row rounded to int8 per block of 32 at every product, then
+# integer dot products, as llama.cpp's Q8_0 and Q4_0 products; not weight-only, so its results are
+# those of the rounded activations: a candidate unless WEIGHT_ONLY_ENV is set, and named in the log).
+# (torch._int_mm with activations rounded per row is not a candidate: a row's one scale rounds
+# coarsely, and w8a8 is that mode, asked for by name.)
 QUANT_MODES = ("int8", "int4")
 QUANT_STEPS = ("decode", "small", "prefill")
-QUANT_PATHS = ("pack", "dequant", "native")
+QUANT_PATHS = ("pack", "dequant", "native", "native_a8")
 QUANT_COMPUTES = (torch.bfloat16, torch.float32)
-STORED_FORM = ("dequant", "native")  # the paths that read int4's stored form (pack reads PyTorch's layout)
+STORED_FORM = ("dequant", "native", "native_a8")  # the paths that read int4's stored form (pack reads PyTorch's layout)
+A8_STEPS = ("decode", "small")  # the steps native_a8 is a candidate of: those that read weights at one or few rows
+WEIGHT_ONLY_ENV = "LLAMA_WEIGHT_ONLY"  # set (to 1): quantized products keep float activations (no native_a8)
 DECODE_ROWS = 4
 # The probe of each step: its rows times a weight with the 1B's input width (2048, the kernels'
 # inner loop). The slow candidates (float32 activations into the packed kernels, int4 dequantized at
@@ -70,6 +77,8 @@ class QuantizedPolicy:
         modes = "; ".join(
             f"{m} {one(m, None)} (forced float32: {one(m, torch.float32)})" for m in QUANT_MODES
         )
+        if any(p == "native_a8" for p, _ in self.kernels.values()):
+            modes += f"; native_a8 rounds the activations to int8 per block of 32 ({WEIGHT_ONLY_ENV}=1: float activations)"
         return modes + (f" ({self.reason})" if self.reason else "")
 
 
@@ -102,6 +111,12 @@ def step_for(rows: int) -> str:
     return "decode" if rows <= DECODE_ROWS else "small" if rows <= SMALL_ROWS else "prefill"
 
 
+def int8_activations_allowed() -> bool:
+    """Whether the kernels with int8 activations (native_a8) may be chosen: unless WEIGHT_ONLY_ENV is
+    set (to anything but 0), and only where the native kernels built."""
+    return os.environ.get(WEIGHT_ONLY_ENV, "0") in ("", "0") and native.kernels() is not None
+
+
 def measure_quantized(repeats: int = 3) -> dict:
     """Seconds of one product per (mode, step, path, compute name) on this CPU, fastest of
     `repeats` after a warm-up (more for the short decode products): QUANT_PROBE_ROWS rows times a
@@ -113,7 +128,7 @@ def measure_quantized(repeats: int = 3) -> dict:
         for step in QUANT_STEPS:
             x = torch.randn(QUANT_PROBE_ROWS[step], QUANT_PROBE_SHAPE[step][1], generator=gen)
             for mode in QUANT_MODES:
-                probes = _probes(mode, QUANT_PROBE_SHAPE[step], x, gen)
+                probes = _probes(mode, QUANT_PROBE_SHAPE[step], x, gen, a8=step in A8_STEPS and int8_activations_allowed())
                 best = float("inf")
                 for (path, dt), probe in probes.items():
                     t = cpu.best_time(probe, repeats * (3 if step == "decode" else 1), give_up=GIVE_UP * best)
@@ -122,9 +137,10 @@ def measure_quantized(repeats: int = 3) -> dict:
     return timings
 
 
-def _probes(mode: str, shape: tuple[int, int], x: torch.Tensor, gen: torch.Generator) -> dict:
+def _probes(mode: str, shape: tuple[int, int], x: torch.Tensor, gen: torch.Generator, a8: bool = False) -> dict:
     """(path, compute dtype) -> a call of that product of `x` by a random `mode` weight of `shape`,
-    each called once already (a first call of a shape builds kernels and buffers: not timed)."""
+    each called once already (a first call of a shape builds kernels and buffers: not timed);
+    `a8`: native_a8 among them."""
     out_features, in_features = shape
     groups = (out_features, in_features // QUANT_PROBE_GROUP)
     if mode == "int8":
@@ -139,8 +155,13 @@ def _probes(mode: str, shape: tuple[int, int], x: torch.Tensor, gen: torch.Gener
         x32 = x.float()
         if mode == "int8":
             probes["native", torch.float32] = functools.partial(native.int8_mm, x32, q, scales.float())
+            if a8:
+                probes["native_a8", torch.float32] = functools.partial(native.int8a_mm, x32, q, scales.float())
         else:
             probes["native", torch.float32] = functools.partial(native.int4_mm, x32, q, scales, zeros, QUANT_PROBE_GROUP)
+            if a8:
+                probes["native_a8", torch.float32] = functools.partial(
+                    native.int4a_mm, x32, q, scales, zeros, QUANT_PROBE_GROUP)
     for dt in QUANT_COMPUTES:
         xd = x.to(dt)
         if mode == "int8":
@@ -161,16 +182,18 @@ def quantized_kernel(mode: str, step: str, compute_dtype: Optional[torch.dtype] 
     """(path, compute dtype) of a CPU product with `mode` weights for `step` ("decode" or
     "prefill"): the fastest measured on this CPU (once per process, on first use; with several
     processes rank 0's), restricted to `compute_dtype` when one is forced."""
-    return _measured_quantized_policy(torch.get_num_threads()).kernel(mode, step, compute_dtype)
+    return _measured_quantized_policy(torch.get_num_threads(), int8_activations_allowed()).kernel(mode, step, compute_dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _measured_quantized_policy(threads: int) -> QuantizedPolicy:
+def _measured_quantized_policy(threads: int, int8_activations: bool = False) -> QuantizedPolicy:
     start = time.perf_counter()
     policy = None
     if distributed.is_rank0():  # kept from an earlier process on this machine (stored), as the dtype policy
         timings, kept = stored.kept_or_measured(
-            "quantized-kernels", {"threads": threads, "paths": list(QUANT_PATHS), "native": native.kernels() is not None},
+            "quantized-kernels",
+            {"threads": threads, "paths": list(QUANT_PATHS), "native": native.kernels() is not None,
+             "int8_activations": int8_activations},
             measure_quantized,
             stored.encode_timings, lambda rows: stored.checked_timings(rows, choose_quantized),
         )

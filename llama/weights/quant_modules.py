@@ -14,7 +14,7 @@ from llama.distributed import gather_from_model_parallel_region, reduce_from_mod
 from llama.runtime import native, quant_choice, w8a8
 from llama.runtime import quant_kernels as qk
 from llama.runtime.policy import dtype_name
-from llama.runtime.quant_choice import QUANT_PATHS, QUANT_STEPS, step_for
+from llama.runtime.quant_choice import QUANT_PATHS, QUANT_STEPS, STORED_FORM, step_for
 from llama.weights import quant_formats, sharding
 from llama.weights.quant_formats import BLOCK_MODULES, QuantConfig, by_rows, dequantize, model_parallel_max
 
@@ -55,7 +55,8 @@ def check_device(mode: str, device: torch.device) -> None:
 # (mode, step) takes on CPU is measured on the machine at hand, once per process
 # (quant_choice.quantized_kernel); a forced dtype (dtype="float32") runs in that dtype, exactly.
 CPU_PATHS = QUANT_PATHS
-PATH_MODES = {"pack": ("int8", "int4"), "dequant": ("int8", "int4"), "native": ("int8", "int4")}
+PATH_MODES = {"pack": ("int8", "int4"), "dequant": ("int8", "int4"), "native": ("int8", "int4"), "native_a8": ("int8", "int4")}
+NATIVE = ("native", "native_a8")  # this package's kernels: float32 activations (native_a8 rounds them to int8)
 STEPS = QUANT_STEPS
 
 
@@ -97,7 +98,7 @@ class QuantizedLinear(nn.Module):
         elif path == "dynamic":  # w8a8: float32 into fbgemm's int8 product
             self.kernels = {step: (path, torch.float32) for step in STEPS}
         elif path is not None:  # one path for every step (benchmarks, tests)
-            dt = torch.float32 if path == "native" else compute_dtype or act_dtype  # native: float32 activations
+            dt = torch.float32 if path in NATIVE else compute_dtype or act_dtype  # native: float32 activations
             self.kernels = {step: (path, dt) for step in STEPS}
         else:
             self.kernels = {step: quant_choice.quantized_kernel(mode, step, compute_dtype) for step in STEPS}
@@ -118,14 +119,14 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("weight", q, persistent=False)
             self.register_buffer("scales", scales.float()[None, :], persistent=False)  # (1, out)
         else:
-            if "dequant" in paths or "native" in paths:  # the stored form
+            if set(STORED_FORM) & paths:  # the stored form
                 self.register_buffer("weight", q, persistent=False)
                 self.register_buffer("scales", scales, persistent=False)
                 self.register_buffer("zeros", zeros, persistent=False)
             if "pack" in paths:
-                packed = _int4_kernel_layout(q, in_place=consume and not {"dequant", "native"} & paths)
+                packed = _int4_kernel_layout(q, in_place=consume and not set(STORED_FORM) & paths)
                 self.packed_in_place = packed.data_ptr() == q.data_ptr()
-                self.register_buffer("packed" if {"dequant", "native"} & paths else "weight", packed, persistent=False)
+                self.register_buffer("packed" if set(STORED_FORM) & paths else "weight", packed, persistent=False)
                 for dt in compute:
                     sz = qk.scales_and_zeros(scales, zeros, dt)  # (in/g, out, 2)
                     self.register_buffer(_name("scales_and_zeros", dt), sz, persistent=False)
@@ -165,15 +166,15 @@ class QuantizedLinear(nn.Module):
         rows = x.numel() // x.shape[-1]
         path, dt = self.kernels[step_for(rows)]
         dt = dt or x.dtype
-        if path == "native" and torch.compiler.is_compiling():
+        if path in NATIVE and torch.compiler.is_compiling():
             path = "dequant"  # the native kernels read raw memory, which a traced graph cannot call
         x2 = x.reshape(rows, x.shape[-1]).to(dt)  # (rows, in)
         if path == "pack":
             out = self._int8_pack(x2, dt) if self.mode == "int8" else self._int4_pack(x2, dt)
         elif path == "scaled_mm":
             out = self._fp8(x2)
-        elif path == "native":
-            out = self._native(x2)
+        elif path in NATIVE:
+            out = self._native(x2, int8_activations=path == "native_a8")
         elif path == "dynamic":
             amax = x2.abs().amax(dim=1, keepdim=True)
             if self.row_max is not None:  # a row-parallel slice: this rank holds some of each row's columns
@@ -192,10 +193,12 @@ class QuantizedLinear(nn.Module):
         w = self.packed if hasattr(self, "packed") else self.weight
         return qk.int4_pack_mm(x2, w, self.group_size, getattr(self, _name("scales_and_zeros", dt)))
 
-    def _native(self, x2: torch.Tensor) -> torch.Tensor:
+    def _native(self, x2: torch.Tensor, int8_activations: bool = False) -> torch.Tensor:
         if self.mode == "int8":
-            return native.int8_mm(x2, self.weight, getattr(self, _name("scales", torch.float32)))
-        return native.int4_mm(x2, self.weight, self.scales, self.zeros, self.group_size)
+            mm = native.int8a_mm if int8_activations else native.int8_mm
+            return mm(x2, self.weight, getattr(self, _name("scales", torch.float32)))
+        mm = native.int4a_mm if int8_activations else native.int4_mm
+        return mm(x2, self.weight, self.scales, self.zeros, self.group_size)
 
     def _fp8(self, x2: torch.Tensor) -> torch.Tensor:
         return qk.fp8_mm(x2, self.weight, self.scales)
