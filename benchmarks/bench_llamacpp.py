@@ -16,8 +16,6 @@ machine measured in the same run (common.read_bandwidth) and its CPU's vector fl
 `pip install gguf llama-cpp-python` (not dependencies of the package); without them it says so in
 one line and stops.
 """
-import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ import torch
 from bench_generate import write_tokenizer
 from bench_kernels import cpu_flags
 from common import GB, N_SPECIAL, envelope, print_table, read_bandwidth, write_json, write_random_checkpoint
-from generate_impls import LLAMA_CPP_TYPES, SKIP_STEPS, weight_bytes
+from generate_impls import SKIP_STEPS, weight_bytes
 from llama import cli, registry
 from llama.model import ModelArgs, apply_scaling
 
@@ -152,6 +150,25 @@ def decode_llama_cpp(llm, prompt: list, n_new: int) -> tuple[float, list]:
     return (len(times) - 1 - SKIP_STEPS) / (times[-1] - times[SKIP_STEPS]), out
 
 
+def timed_rounds(ours: dict, cpp: dict, prompt: list, long: list, new_tokens: int, rounds: int) -> tuple[dict, dict]:
+    """Per (who, precision): the best round's (decode tokens/s, greedy tokens), and the best prefill
+    tokens/s of `long` (none when empty); each round runs every precision, ours then llama.cpp."""
+    best = {(who, p): (0.0, []) for p in ours for who in ("ours", "llama.cpp")}
+    prefill = {(who, p): 0.0 for p in ours for who in ("ours", "llama.cpp")}
+    for r in range(rounds):
+        for p in ours:
+            for who, run, fill in (
+                ("ours", lambda: decode_ours(ours[p], prompt, new_tokens), lambda: prefill_ours(ours[p], long)),
+                ("llama.cpp", lambda: decode_llama_cpp(cpp[p], prompt, new_tokens), lambda: prefill_llama_cpp(cpp[p], long)),
+            ):
+                tok_s, tokens = run()
+                best[who, p] = max(best[who, p], (tok_s, tokens), key=lambda b: b[0])
+                if long:
+                    prefill[who, p] = max(prefill[who, p], fill())
+                print(f"round {r + 1}: {who} {p} decode {tok_s:.2f} tok/s, prefill {prefill[who, p]:.1f} tok/s", flush=True)
+    return best, prefill
+
+
 def leading_agreement(a: list, b: list) -> int:
     """How many greedy tokens agree before the first difference."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -219,19 +236,7 @@ def main(
                                      n_threads_batch=threads, verbose=False)
         del state
         bw = read_bandwidth(torch.device("cpu"), int(bandwidth_mb) * 2**20)
-        best = {(who, p): (0.0, []) for p in chosen for who in ("ours", "llama.cpp")}
-        prefill = {(who, p): 0.0 for p in chosen for who in ("ours", "llama.cpp")}
-        for r in range(rounds):
-            for p in chosen:
-                for who, run, fill in (
-                    ("ours", lambda: decode_ours(ours[p], prompt, new_tokens), lambda: prefill_ours(ours[p], long)),
-                    ("llama.cpp", lambda: decode_llama_cpp(cpp[p], prompt, new_tokens), lambda: prefill_llama_cpp(cpp[p], long)),
-                ):
-                    tok_s, tokens = run()
-                    best[who, p] = max(best[who, p], (tok_s, tokens), key=lambda b: b[0])
-                    if prefill_len:
-                        prefill[who, p] = max(prefill[who, p], fill())
-                    print(f"round {r + 1}: {who} {p} decode {tok_s:.2f} tok/s, prefill {prefill[who, p]:.1f} tok/s", flush=True)
+        best, prefill = timed_rounds(ours, cpp, prompt, long, new_tokens, rounds)
         rows, results = [], []
         for p in chosen:
             kind = PRECISIONS[p][1]
