@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 PREFILL_BLOCK = 16 * 2**20  # values of the buffer a prefill dequantizes blocks of a weight into
-KERNEL_BLOCK = 64  # rows per block of the CPU int4 kernel layout kernel_layout_values reads
+BLOCK_ROWS = 64  # blocks of output rows are multiples of this
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,7 +27,7 @@ def blocks_mm(
     writes rows start:stop of W into `w` and returns it."""
     in_features = x2.shape[1]
     scratch = prefill_scratch(x2.dtype)
-    step = max(KERNEL_BLOCK, scratch.numel() // in_features // KERNEL_BLOCK * KERNEL_BLOCK)
+    step = max(BLOCK_ROWS, scratch.numel() // in_features // BLOCK_ROWS * BLOCK_ROWS)
     if step >= out_features:
         return F.linear(x2, rows_into(0, out_features, scratch[: out_features * in_features].view(out_features, -1)))
     out = torch.empty(x2.shape[0], out_features, dtype=x2.dtype)
@@ -42,12 +42,3 @@ def int4_into(w: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, zeros
     dequantized into `w` (rows, in), in w's dtype."""
     g = w.view(w.shape[0], -1, group_size)
     return g.copy_(values.view_as(g)).sub_(8).mul_(scales[..., None].to(w.dtype)).add_(zeros[..., None].to(w.dtype)).view_as(w)
-
-
-def kernel_layout_values(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The int4 values (rows, in) of whole 64-row blocks of the CPU kernel's layout `packed`
-    (rows, in / 2): each block stored column by column, row r of a block in the low nibbles and
-    row r + 32 in the high ones (quant_kernels.kernel_layout_rows, for contiguous rows)."""
-    blocks = packed.reshape(-1, in_features, KERNEL_BLOCK // 2)  # (blocks, in, 32)
-    values = torch.cat((blocks & 15, blocks >> 4), dim=2)  # (blocks, in, 64): rows 0-31, then 32-63
-    return values.transpose(1, 2).reshape(packed.shape[0], in_features)

@@ -176,12 +176,21 @@ def quantize_weight(
     names = config.keys(key)
     if config.mode == "int4":
         return dict(zip(names, by_rows(lambda rows: quantize_int4(rows, config.group_size), w)))
-    amax = torch.cat([rows.float().abs().amax(dim=1) for rows in w.split(chunk_rows(w), dim=0)])
+    step = chunk_rows(w)
+    # the one float32 temporary, reused by every chunk: a fresh one per chunk leaves the allocator's
+    # heap holding up to twice the tensor's size by the end, depending on what ran before
+    buf = torch.empty(min(step, len(w)), w.shape[1], device=w.device)
+    amax = torch.cat([buf[: len(rows)].copy_(rows).abs_().amax(dim=1) for rows in w.split(step, dim=0)])
     if reduce_max is not None and sharding.shard_dim(key) == 1:
         amax = reduce_max(amax)
-    fn = quantize_int8 if config.mode == "int8" else quantize_fp8
-    step = chunk_rows(w)
-    return dict(zip(names, by_rows(lambda rows, i: fn(rows, amax[i : i + step]), w, with_start=True)))
+    if config.mode == "int8":  # quantize_int8's arithmetic, in place in the buffer
+        scales = _bf16_up(amax.float().clamp(min=1e-30) / 127)
+        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        for i in range(0, len(w), step):
+            rows = buf[: len(w[i : i + step])].copy_(w[i : i + step])
+            q[i : i + step] = rows.div_(scales[i : i + step].float()[:, None]).round_().clamp_(-127, 127)
+        return dict(zip(names, (q, scales)))
+    return dict(zip(names, by_rows(lambda rows, i: quantize_fp8(rows, amax[i : i + step]), w, with_start=True)))
 
 
 CHUNK_BYTES = 8 << 20  # float32 temporaries of quantization stay within a few times this

@@ -189,13 +189,12 @@ class QuantizedLinear(nn.Module):
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _blocks_readable(self) -> bool:
-        """Whether a prefill can dequantize this layer block by block (CPU, eager; int8, or int4 in
-        its stored form or in a CPU kernel layout of 64-row blocks, which _dequantized_rows reads)."""
+        """Whether a prefill can dequantize this layer block by block: on CPU, eager, int8 or int4 in
+        its stored form (int4 in PyTorch's packed layout keeps the packed kernel: reading that
+        layout back by rows costs more than the block product gains)."""
         if self.weight.device.type != "cpu" or torch.compiler.is_compiling():
             return False
-        if self.mode == "int8":
-            return True
-        return self.mode == "int4" and (hasattr(self, "zeros") or qk.int4_kernel_block() == 64 and self.out_features % 64 == 0)
+        return self.mode == "int8" or self.mode == "int4" and hasattr(self, "zeros")
 
     def _dequant_blocks(self, x2: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         """x2 @ W^T for a prefill, block by block (llama.weights.quant_blocks)."""
@@ -209,13 +208,7 @@ class QuantizedLinear(nn.Module):
         """Rows start:stop of this weight written into `w` (int8: the values, unscaled)."""
         if self.mode == "int8":
             return w.copy_(self.weight[start:stop])
-        if hasattr(self, "zeros"):  # the stored form
-            values, scales, zeros = qk.unpack_int4(self.weight[start:stop]), self.scales[start:stop], self.zeros[start:stop]
-        else:
-            packed = self.packed if hasattr(self, "packed") else self.weight
-            sz = next(getattr(self, _name("scales_and_zeros", d)) for d in QUANT_COMPUTES if hasattr(self, _name("scales_and_zeros", d)))
-            values = quant_blocks.kernel_layout_values(packed[start:stop], self.in_features)
-            scales, zeros = sz[:, start:stop, 0].t(), sz[:, start:stop, 1].t()
+        values, scales, zeros = qk.unpack_int4(self.weight[start:stop]), self.scales[start:stop], self.zeros[start:stop]
         return quant_blocks.int4_into(w, values, scales, zeros, self.group_size)
 
     def _int8_pack(self, x2: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
