@@ -13,11 +13,11 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
 import torch
 
-from llama import distributed, registry
+from llama import distributed, memory, registry
 from llama.args import ModelArgs
 from llama.model import Transformer
 from llama.runtime import policy as policies
-from llama.runtime import probes
+from llama.runtime import probes, quant_choice
 from llama.tokenizer import Tokenizer
 from llama.weights import lora, sharding
 from llama.weights.checklist import verify_checklist
@@ -213,6 +213,10 @@ def load_model(
     active = quant or layout.quant  # the same stored form; quant says how to run it (w8a8)
     if active is not None:
         check_device(active.name, device)
+        if device.type == "cpu" and active.name in quant_choice.QUANT_MODES:
+            # measured now, while no weight is resident: the probes' buffers would add to the load's peak
+            quant_choice.quantized_kernel(active.name, "decode", compute_dtype)
+            memory.release_freed_memory()
     with skeleton():
         model = Transformer(args)
     reduce_max = model_parallel_max() if quant is not None and layout.quant is None else None

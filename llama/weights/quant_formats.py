@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
+from llama import memory
 # the stored int4 form is also the kernels' input: its reading lives with them, the runtime layer
 from llama.runtime.quant_kernels import FP8_MAX, dequantize_int4, unpack_int4  # noqa: F401 (re-exported)
 from llama.weights import sharding
@@ -113,11 +114,11 @@ def _bf16_up(s: torch.Tensor) -> torch.Tensor:
 def quantize_int8(w: torch.Tensor, amax: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8, one scale per output channel: (q int8 (out, in), scales bfloat16 (out,)).
     `amax` (out,): the rows' absolute maxima, when `w` holds only some of the columns."""
-    w = w.float()
+    w = w.to(torch.float32, copy=True)  # one temporary, worked on in place: it is a load's peak
     if amax is None:
         amax = w.abs().amax(dim=1)
     scales = _bf16_up(amax.float().clamp(min=1e-30) / 127)
-    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    q = w.div_(scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return q, scales
 
 
@@ -175,12 +176,21 @@ def quantize_weight(
     names = config.keys(key)
     if config.mode == "int4":
         return dict(zip(names, by_rows(lambda rows: quantize_int4(rows, config.group_size), w)))
-    amax = torch.cat([rows.float().abs().amax(dim=1) for rows in w.split(chunk_rows(w), dim=0)])
+    step = chunk_rows(w)
+    # the one float32 temporary, reused by every chunk: a fresh one per chunk leaves the allocator's
+    # heap holding up to twice the tensor's size by the end, depending on what ran before
+    buf = torch.empty(min(step, len(w)), w.shape[1], device=w.device)
+    amax = torch.cat([buf[: len(rows)].copy_(rows).abs_().amax(dim=1) for rows in w.split(step, dim=0)])
     if reduce_max is not None and sharding.shard_dim(key) == 1:
         amax = reduce_max(amax)
-    fn = quantize_int8 if config.mode == "int8" else quantize_fp8
-    step = chunk_rows(w)
-    return dict(zip(names, by_rows(lambda rows, i: fn(rows, amax[i : i + step]), w, with_start=True)))
+    if config.mode == "int8":  # quantize_int8's arithmetic, in place in the buffer
+        scales = _bf16_up(amax.float().clamp(min=1e-30) / 127)
+        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        for i in range(0, len(w), step):
+            rows = buf[: len(w[i : i + step])].copy_(w[i : i + step])
+            q[i : i + step] = rows.div_(scales[i : i + step].float()[:, None]).round_().clamp_(-127, 127)
+        return dict(zip(names, (q, scales)))
+    return dict(zip(names, by_rows(lambda rows, i: quantize_fp8(rows, amax[i : i + step]), w, with_start=True)))
 
 
 CHUNK_BYTES = 8 << 20  # float32 temporaries of quantization stay within a few times this
@@ -205,6 +215,10 @@ def by_rows(fn: Callable, w: torch.Tensor, with_start: bool = False, step: Optio
             outs = tuple(torch.empty((len(w), *p.shape[1:]), dtype=p.dtype, device=p.device) for p in parts)
         for out, p in zip(outs, parts):
             out[i : i + step] = p
+        del parts
+        # glibc keeps each chunk's freed temporaries in its heap: over the hundred chunks of a
+        # vocabulary matrix they add more than its bfloat16 size to the peak of a quantizing load
+        memory.release_freed_memory()
     return outs
 
 

@@ -14,8 +14,8 @@ from llama.distributed import gather_from_model_parallel_region, reduce_from_mod
 from llama.runtime import native, quant_choice, w8a8
 from llama.runtime import quant_kernels as qk
 from llama.runtime.policy import dtype_name
-from llama.runtime.quant_choice import QUANT_PATHS, QUANT_STEPS, STORED_FORM, step_for
-from llama.weights import quant_formats, sharding
+from llama.runtime.quant_choice import QUANT_COMPUTES, QUANT_PATHS, QUANT_STEPS, STORED_FORM, step_for
+from llama.weights import quant_blocks, quant_formats, sharding
 from llama.weights.quant_formats import BLOCK_MODULES, QuantConfig, by_rows, dequantize, model_parallel_max
 
 logger = logging.getLogger(__name__)
@@ -164,12 +164,15 @@ class QuantizedLinear(nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) @ W^T -> (..., out) on this rank's slice, in x's dtype; no communication."""
         rows = x.numel() // x.shape[-1]
-        path, dt = self.kernels[step_for(rows)]
+        step = step_for(rows)
+        path, dt = self.kernels[step]
         dt = dt or x.dtype
         if path in NATIVE and torch.compiler.is_compiling():
             path = "dequant"  # the native kernels read raw memory, which a traced graph cannot call
         x2 = x.reshape(rows, x.shape[-1]).to(dt)  # (rows, in)
-        if path == "pack":
+        if step == "prefill" and path in ("pack", "dequant") and self._blocks_readable():
+            out = self._dequant_blocks(x2, dt)
+        elif path == "pack":
             out = self._int8_pack(x2, dt) if self.mode == "int8" else self._int4_pack(x2, dt)
         elif path == "scaled_mm":
             out = self._fp8(x2)
@@ -185,6 +188,29 @@ class QuantizedLinear(nn.Module):
         else:
             out = qk.int4_dequant_mm(x2, self.weight, self.scales, self.zeros, self.group_size)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _blocks_readable(self) -> bool:
+        """Whether a prefill can dequantize this layer block by block: on CPU, eager, int8 or int4 in
+        its stored form (int4 in PyTorch's packed layout keeps the packed kernel: reading that
+        layout back by rows costs more than the block product gains)."""
+        if self.weight.device.type != "cpu" or torch.compiler.is_compiling():
+            return False
+        return self.mode == "int8" or self.mode == "int4" and hasattr(self, "zeros")
+
+    def _dequant_blocks(self, x2: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        """x2 @ W^T for a prefill, block by block (llama.weights.quant_blocks)."""
+        out = quant_blocks.blocks_mm(x2, self.out_features, self._dequantized_rows)
+        if self.mode == "int8":  # q converts exactly; its scales multiply the product's columns, as int8_dequant_mm's
+            scales = next(getattr(self, _name("scales", d)) for d in (dt, *QUANT_COMPUTES) if hasattr(self, _name("scales", d)))
+            out.mul_(scales.to(dt))
+        return out
+
+    def _dequantized_rows(self, start: int, stop: int, w: torch.Tensor) -> torch.Tensor:
+        """Rows start:stop of this weight written into `w` (int8: the values, unscaled)."""
+        if self.mode == "int8":
+            return w.copy_(self.weight[start:stop])
+        values, scales, zeros = qk.unpack_int4(self.weight[start:stop]), self.scales[start:stop], self.zeros[start:stop]
+        return quant_blocks.int4_into(w, values, scales, zeros, self.group_size)
 
     def _int8_pack(self, x2: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         return qk.int8_pack_mm(x2, self.weight, getattr(self, _name("scales", dt)))
