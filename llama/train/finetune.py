@@ -187,8 +187,9 @@ def build_model(ckpt: str, settings: dict, dev: torch.device, dtype: torch.dtype
     model = load_model(ckpt, args, 0, 1, dev, dtype, quant, compute)
     if quant is not None:
         qlora.make_trainable(model)
-    for p in model.parameters():  # the loader may hand out memory-mapped tensors; training writes in place
-        p.data = p.data.clone()
+    if not settings["lora_rank"]:  # the loader may hand out memory-mapped tensors; training writes in place
+        for p in model.parameters():  # (a frozen base is only read: a copy would double the load's peak)
+            p.data = p.data.clone()
     adapter = None
     if settings["lora_rank"]:
         model.requires_grad_(False)
