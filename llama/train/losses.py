@@ -59,11 +59,13 @@ class _FusedOutputLoss(torch.autograd.Function):
             hc, tc = h[start : start + rows], targets[start : start + rows]
             keep = tc != IGNORE
             logits = (hc @ weight.to(hc.dtype).t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(-1, tc.clamp(min=0)[:, None])[:, 0]
-            total += ((lse - picked) * keep).sum()
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # in place, one exp: the chunk's largest temporary is its logits
+            sums = probs.sum(dim=-1)
+            total += ((top[:, 0] + sums.log() - picked) * keep).sum()
             if want_h or want_w:  # d loss / d logits = softmax - one-hot, on the tokens that train
-                probs = logits.sub_(lse[:, None]).exp_()
+                probs /= sums[:, None]
                 probs[torch.arange(len(tc), device=tc.device), tc.clamp(min=0)] -= 1.0
                 probs *= keep[:, None]
                 g = probs.to(hc.dtype)
