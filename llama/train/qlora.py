@@ -55,6 +55,8 @@ def check(base_quantize: Optional[str], lora_rank: int, device: torch.device, ck
 def dequantized_rows(module: QuantizedLinear, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
     """Rows start:stop of `module`'s weight (stop - start, in) as the values its products in `dtype`
     multiply by (int8 and the int4 kernel layout keep their scales in each compute dtype), in `dtype`."""
+    if not rows_readable(module, dtype):
+        return module.dequantize()[start:stop].to(dtype)  # read back through the kernel (whole)
     buffers = dict(module.named_buffers())
     if module.mode == "int8":
         scales = buffers.get(f"scales_{dtype_name(dtype)}", buffers.get("scales_float32"))
@@ -62,13 +64,20 @@ def dequantized_rows(module: QuantizedLinear, start: int, stop: int, dtype: torc
     if "zeros" in buffers:  # int4's stored form
         w = module.weight[start:stop]
         return quant_formats.dequantize("int4", w, module.scales[start:stop], module.zeros[start:stop], module.group_size).to(dtype)
+    sz = buffers[f"scales_and_zeros_{dtype_name(dtype)}"][:, start:stop]  # int4 in the CPU kernel's layout
+    values = qk.kernel_layout_rows(module.weight, torch.arange(start, stop, device=sz.device), qk.int4_kernel_block())
+    return qk.dequantize_int4(values, sz[..., 0].t(), sz[..., 1].t(), module.group_size).to(dtype)
+
+
+def rows_readable(module: QuantizedLinear, dtype: torch.dtype) -> bool:
+    """Whether dequantized_rows reads a block of rows by itself: int8, int4's stored form, or the CPU
+    int4 kernel's layout where it is known; else (CUDA's int4 layout) the weight is read back whole
+    through the kernel, once per backward."""
+    if module.mode == "int8" or hasattr(module, "zeros"):
+        return True
     block = qk.int4_kernel_block() if module.weight.device.type == "cpu" else None
-    sz = buffers.get(f"scales_and_zeros_{dtype_name(dtype)}")
-    if block is not None and sz is not None and module.out_features % block == 0:
-        sz = sz[:, start:stop]
-        values = qk.kernel_layout_rows(module.weight, torch.arange(start, stop, device=sz.device), block)
-        return qk.dequantize_int4(values, sz[..., 0].t(), sz[..., 1].t(), module.group_size).to(dtype)
-    return module.dequantize()[start:stop].to(dtype)  # read back through the kernel (whole: rarely taken)
+    return (block is not None and module.out_features % block == 0
+            and hasattr(module, f"scales_and_zeros_{dtype_name(dtype)}"))
 
 
 class _QuantizedProduct(torch.autograd.Function):
@@ -84,7 +93,9 @@ class _QuantizedProduct(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         m, dt = ctx.module, ctx.compute
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(dt)
-        step = quant_formats.chunk_rows(torch.empty(1, m.in_features, dtype=torch.float32), multiple=64)
+        step = m.out_features
+        if rows_readable(m, dt):  # a block of rows at a time: the weight is never whole in floating point
+            step = quant_formats.chunk_rows(torch.empty(1, m.in_features, dtype=torch.float32), multiple=64)
         grad_x = None
         for start in range(0, m.out_features, step):
             stop = min(start + step, m.out_features)
