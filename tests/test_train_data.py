@@ -104,3 +104,29 @@ def test_sft_loss_equals_transformers(tok):
     with torch.no_grad():
         want = theirs(torch.tensor([s.tokens]), labels=labels).loss
     torch.testing.assert_close(ours.detach(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weight_trains", [True, False])
+def test_fused_output_loss_equals_the_loss_on_whole_logits(monkeypatch, weight_trains):
+    monkeypatch.setattr(losses, "LOGIT_CHUNK_BYTES", 4 * 512 * 5)  # chunks of 5 rows of a 512-token vocabulary
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 7, 64, generator=g)
+    w = torch.randn(512, 64, generator=g) / 8
+    targets = torch.randint(0, 512, (3, 7), generator=g)
+    targets[0, :3] = data.IGNORE
+    grads = []
+    for fused in (True, False):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_(weight_trains)
+        loss = losses.fused_token_loss_sum(hh, ww, targets) if fused else losses.token_loss_sum(hh @ ww.t(), targets)
+        (loss * 0.37).backward()
+        grads.append((loss.detach(), hh.grad, ww.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-6, rtol=1e-5)
+    if weight_trains:
+        torch.testing.assert_close(grads[0][2], grads[1][2], atol=1e-6, rtol=1e-5)
+    else:
+        assert grads[0][2] is None
+    model = tiny_model()  # the loop's check: a plain output projection fuses, one with an adapter does not
+    assert losses.fusable_head(model) is model.output.weight
+    model.output.lora = torch.nn.Identity()
+    assert losses.fusable_head(model) is None

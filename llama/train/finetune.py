@@ -18,11 +18,12 @@ from llama.demo import resolve_paths
 from llama.runtime.policy import dtype_name, parse_dtype
 from llama.tokenizer import Tokenizer
 from llama.train import data as dataio
-from llama.train import loop, state
+from llama.train import loop, qlora, state
 from llama.train.optim import autocast_for, make_optimizer
 from llama.weights import lora
 from llama.weights.checkpoint import read_params
 from llama.weights.loader import model_args, load_model
+from llama.weights.quant_formats import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ def finetune(
         lora_dropout: dropout on the adapters' inputs while training.
         lora_targets: the projections given adapters, comma-separated: wq, wk, wv, wo, w1, w2, w3, output.
         rslora: rank-stabilised scaling alpha / sqrt(rank).
-        base_quantize: int4 or int8 frozen base under LoRA (not available yet: refused).
+        base_quantize: int4 or int8: LoRA over the base quantized on load and frozen (QLoRA-style,
+            llama.train.qlora); the merged model is written from the full-precision checkpoint.
         max_steps: optimizer steps.
         batch_size: the global batch: rows (SFT) or preference pairs (DPO) per optimizer step, split
             over the processes and the --grad_accum micro-batches.
@@ -112,6 +114,7 @@ def finetune(
         state.check_fresh(out)
     torch.manual_seed(seed)
     ckpt, tok_path = resolve_paths(ckpt_dir, tokenizer_path)
+    qlora.check(base_quantize, lora_rank, dev, ckpt)
     tokenizer = Tokenizer(tok_path)
     items, eval_items = load_data(settings, tokenizer)
     weights_dtype = torch.float32 if dtype is None else parse_dtype(dtype)
@@ -132,7 +135,9 @@ def finetune(
     if run.stop_asked:
         return last
     out_dtype = parse_dtype(save_dtype) if save_dtype else weights_dtype
-    state.save_results(out, model, read_params(ckpt), ckpt, tok_path, out_dtype, adapter)
+    # a quantized base: the adapter is merged onto the full-precision base on disk (llama.train.qlora)
+    base = partial(full_precision_state, ckpt, settings, out_dtype) if base_quantize else None
+    state.save_results(out, model, read_params(ckpt), ckpt, tok_path, out_dtype, adapter, base)
     return last
 
 
@@ -142,10 +147,9 @@ def check_settings(settings: dict) -> dict:
         raise ValueError("pass --data FILE.jsonl and --out_dir DIR")
     if settings["method"] not in ("sft", "dpo"):
         raise ValueError(f"--method {settings['method']!r}: pass sft or dpo")
-    if settings["base_quantize"] is not None:
-        raise ValueError("--base_quantize is not available yet: train LoRA over the full-precision base (leave it out)")
     if settings["lora_rank"] < 0:
         raise ValueError(f"--lora_rank {settings['lora_rank']}: pass 0 (every weight trains) or a positive rank")
+    qlora.check(settings["base_quantize"], settings["lora_rank"], distributed.resolve_device(settings["device"]))
     settings["lora_targets"] = list(lora.parse_targets(cli.split_list(settings["lora_targets"])))
     for key in ("dtype", "save_dtype"):
         if settings[key] is not None:
@@ -177,9 +181,15 @@ def build_model(ckpt: str, settings: dict, dev: torch.device, dtype: torch.dtype
     """The checkpoint loaded whole on this process (the one loader), with LoRA adapters attached and
     the base frozen when --lora_rank > 0, and activation checkpointing when asked."""
     args = model_args(read_params(ckpt), settings["max_seq_len"], 1)
-    model = load_model(ckpt, args, 0, 1, dev, dtype)
-    for p in model.parameters():  # the loader may hand out memory-mapped tensors; training writes in place
-        p.data = p.data.clone()
+    quant = resolve(settings["base_quantize"])
+    # a forced --dtype runs the quantized products in it too; else each takes the measured kernel's
+    compute = dtype if quant is not None and settings["dtype"] is not None else None
+    model = load_model(ckpt, args, 0, 1, dev, dtype, quant, compute)
+    if quant is not None:
+        qlora.make_trainable(model)
+    if not settings["lora_rank"]:  # the loader may hand out memory-mapped tensors; training writes in place
+        for p in model.parameters():  # (a frozen base is only read: a copy would double the load's peak)
+            p.data = p.data.clone()
     adapter = None
     if settings["lora_rank"]:
         model.requires_grad_(False)
@@ -193,6 +203,12 @@ def build_model(ckpt: str, settings: dict, dev: torch.device, dtype: torch.dtype
     if distributed.is_rank0():
         logger.info("%s: %s parameters train of %s", ckpt, f"{n_train:,}", f"{sum(p.numel() for p in model.parameters()):,}")
     return model.train(), adapter
+
+
+def full_precision_state(ckpt: str, settings: dict, dtype: torch.dtype) -> dict:
+    """The base checkpoint's weights as stored (full precision), in `dtype`, on the CPU."""
+    args = model_args(read_params(ckpt), settings["max_seq_len"], 1)
+    return load_model(ckpt, args, 0, 1, torch.device("cpu"), dtype).state_dict()
 
 
 def shard(model: nn.Module) -> None:

@@ -138,9 +138,13 @@ class Loop:
 
     def _loss_sum(self, batch: dict) -> torch.Tensor:
         positions = batch["positions"] if self.settings["packing"] else None  # padded rows: plain causal attention
+        head = losses.fusable_head(self.model)
         with self.autocast():
-            logits = self.model.forward_train(batch["inputs"], positions)
-        return losses.token_loss_sum(logits, batch["targets"])
+            if head is None:
+                return losses.token_loss_sum(self.model.forward_train(batch["inputs"], positions), batch["targets"])
+            with losses.final_hidden_states(self.model):
+                hidden = self.model.forward_train(batch["inputs"], positions)
+            return losses.fused_token_loss_sum(hidden, head, batch["targets"])
 
     def _dpo_step(self, indices: list[int]) -> tuple[dict, int]:
         n_pairs = len(indices)

@@ -5,8 +5,13 @@ rejected completion under the model being trained (pi_c, pi_r) and under the fro
 (ref_c, ref_r), loss = -log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r))). Rewards are
 beta * (pi - ref); a pair is ranked right when the chosen reward is above the rejected one.
 """
+import contextlib
+from typing import Iterator, Optional
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
 
 from llama.train.data import IGNORE
 
@@ -32,3 +37,78 @@ def dpo_terms(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r
         "chosen": beta * (pi_c - ref_c).detach(),
         "rejected": beta * (pi_r - ref_r).detach(),
     }
+
+
+# The output projection and the cross-entropy fused, a chunk of tokens at a time: the (tokens, vocab)
+# logits are never held whole (in float32 at Llama 3's 128K vocabulary they outweigh a small model's
+# activations many times over). As the loss is the graph's end, each chunk's gradients for the hidden
+# states and the output weight are computed in the forward pass, from the chunk's logits while they
+# are at hand, and scaled by the incoming gradient in the backward pass: no logits are kept or recomputed.
+LOGIT_CHUNK_BYTES = 64 << 20  # float32 logits of one chunk
+
+
+class _FusedOutputLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows = max(8, LOGIT_CHUNK_BYTES // (4 * weight.shape[0]))
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], rows):
+            hc, tc = h[start : start + rows], targets[start : start + rows]
+            keep = tc != IGNORE
+            logits = (hc @ weight.to(hc.dtype).t()).float()
+            picked = logits.gather(-1, tc.clamp(min=0)[:, None])[:, 0]
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # in place, one exp: the chunk's largest temporary is its logits
+            sums = probs.sum(dim=-1)
+            total += ((top[:, 0] + sums.log() - picked) * keep).sum()
+            if want_h or want_w:  # d loss / d logits = softmax - one-hot, on the tokens that train
+                probs /= sums[:, None]
+                probs[torch.arange(len(tc), device=tc.device), tc.clamp(min=0)] -= 1.0
+                probs *= keep[:, None]
+                g = probs.to(hc.dtype)
+                if want_h:
+                    grad_h[start : start + rows] = g @ weight.to(hc.dtype)
+                if want_w:
+                    grad_w.addmm_(g.t().float(), hc.float())
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        out_h = grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None
+        out_w = (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None
+        return out_h, out_w, None
+
+
+def fused_token_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """token_loss_sum(hidden @ weight^T, targets) without the logits held whole: hidden (..., dim)
+    final-norm outputs, weight (vocab, dim) the output projection's."""
+    return _FusedOutputLoss.apply(hidden.flatten(0, -2), weight, targets.flatten())
+
+
+def fusable_head(model: nn.Module) -> Optional[torch.Tensor]:
+    """The output projection's weight when the loss may be fused with it (fused_token_loss_sum): a
+    plain floating-point matrix held whole here (not sharded by FSDP2, not quantized) with no
+    adapter beside it; else None."""
+    out = getattr(model, "output", None)
+    w = getattr(out, "weight", None)
+    if w is None or hasattr(out, "lora") or not w.is_floating_point() or isinstance(w, DTensor):
+        return None
+    return w if tuple(w.shape) == (model.params.vocab_size, model.params.dim) else None
+
+
+@contextlib.contextmanager
+def final_hidden_states(model: nn.Module) -> Iterator[None]:
+    """The model's forward gives its final-norm outputs instead of logits (the output projection
+    left to the fused loss)."""
+    output = model.output
+    model.output = nn.Identity()
+    try:
+        yield
+    finally:
+        model.output = output

@@ -5,6 +5,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from llama.runtime import probes
 
@@ -23,9 +24,13 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
+    # the fused kernel: one pass over each tensor's memory instead of one per operation (several times
+    # faster on a CPU, where every weight's step is bound by memory); FSDP2's sharded parameters keep
+    # the default implementation
+    fused = bool(params) and all(not isinstance(p, DTensor) and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.95), eps=1e-8,
+        lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None,
     )
 
 

@@ -12,7 +12,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -126,12 +126,15 @@ class MetricsLog:
 
 def save_results(
     out_dir: Path, model: nn.Module, params: dict, ckpt_dir: str, tokenizer_path: str,
-    save_dtype: torch.dtype, adapter: Optional[lora.LoRAConfig],
+    save_dtype: torch.dtype, adapter: Optional[lora.LoRAConfig], base: Optional[Callable[[], dict]] = None,
 ) -> None:
     """The trained model as a Meta checkpoint in `save_dtype` (adapter merged) and, with LoRA, the
-    adapter alone (collective; rank 0 writes)."""
+    adapter alone (collective; rank 0 writes). `base`: gives the weights the adapter is merged onto
+    when the model's own are not full precision (a quantized base: its checkpoint read again)."""
     state = full_model_state(model)
     if distributed.is_rank0():
+        if base is not None:
+            state = {**base(), **{k: v for k, v in state.items() if ".lora." in k}}
         full = lora.merge(state, adapter.scale) if adapter is not None else state
         with atomic_output_dir(out_dir / "model", overwrite=True, inputs=[ckpt_dir]) as tmp:
             save_checkpoint(full, params, tmp, dtype=save_dtype)

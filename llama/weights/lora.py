@@ -112,7 +112,7 @@ def attach(model: nn.Module, config: LoRAConfig) -> dict[str, LoRA]:
     out = {}
     mp = fs_init.get_model_parallel_world_size()
     for name, proj in projections(model, config.targets):
-        out_f, in_f = proj.weight.shape  # this rank's slice
+        out_f, in_f = _features(proj)  # this rank's slice
         kind = _kind(name)
         full = (out_f * (mp if kind != "row" else 1), in_f * (mp if kind == "row" else 1))
         if config.rank > min(full):
@@ -126,11 +126,18 @@ def attach(model: nn.Module, config: LoRAConfig) -> dict[str, LoRA]:
 def add_adapter(proj: nn.Module, config: LoRAConfig, kind: str = "column") -> LoRA:
     """Attach a new adapter to one projection (a module with a (out, in) `weight`): its output
     becomes proj(x) + lora(x)."""
-    out_f, in_f = proj.weight.shape
+    out_f, in_f = _features(proj)
     lora = LoRA(in_f, out_f, config, kind).to(proj.weight.device)
     proj.lora = lora
     proj.register_forward_hook(_add_lora)
     return lora
+
+
+def _features(proj: nn.Module) -> tuple[int, int]:
+    """(out, in) of a projection's weight (this rank's slice); a quantized one's stored form packs its columns."""
+    if proj.weight.dtype in FLOAT_DTYPES:
+        return tuple(proj.weight.shape)
+    return proj.out_features, proj.in_features
 
 
 def adapters(model: nn.Module) -> dict[str, LoRA]:

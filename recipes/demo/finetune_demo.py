@@ -8,9 +8,10 @@
 `data` writes the dialogs in OpenAI's message format for SFT, with a habit the demo model does not
 have yet: an answer about a dotted name ends by saying where the name lives ("`curses.panel.top_panel`
 returns ... Part of `curses.panel`."), a rule a model can learn and apply to names it has never
-seen; and preference pairs for DPO: the question with its own answer chosen and the answer to
-another question (the next one in the file, about another object) rejected. The held-out files
-come from the held-out pages only, so their objects are never trained on.
+seen; and preference pairs for DPO on the same habit: the question with its answer ending with
+where the name lives chosen, the answer as the corpus gives it (without) rejected (dialogs without
+a dotted name give no pair). The held-out files come from the held-out pages only, so their objects
+are never trained on.
 `answers` prints the greedy answers to a few held-out questions, of the demo model as shipped or
 of a fine-tuned one (--ckpt_dir, or --adapter over the demo model).
 """
@@ -48,7 +49,8 @@ def write_data(data_dir: str = "data/demo", overwrite: bool = False) -> None:
         for split in ("train", "heldout"):
             ds = dialogs(src / f"dialogs_{split}.jsonl")
             sft = [{"messages": d[:-1] + [{"role": "assistant", "content": with_home(d)}]} for d in ds]
-            dpo = [{"prompt": d[:-1], "chosen": [d[-1]], "rejected": [ds[(i + 1) % len(ds)][-1]]} for i, d in enumerate(ds)]
+            dpo = [{"prompt": d[:-1], "chosen": [{"role": "assistant", "content": with_home(d)}], "rejected": [d[-1]]}
+                   for d in ds if with_home(d) != d[-1]["content"]]
             for name, rows in (("sft", sft), ("dpo", dpo)):
                 (tmp / f"{name}_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     print(f"wrote {src / 'finetune'}: sft_train.jsonl, sft_heldout.jsonl, dpo_train.jsonl, dpo_heldout.jsonl")
