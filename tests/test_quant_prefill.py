@@ -1,6 +1,8 @@
 """A quantized layer's prefill dequantizes its weight block by block into a reused buffer (int8, and
 int4 in its stored form) and equals dequantize-then-F.linear within the rounding of its compute
 dtype, over several blocks and in one; int4 held in PyTorch's packed layout keeps the packed kernel."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,3 +38,14 @@ def test_prefill_blocks_equal_dequantize_then_linear(mode, path, act, block_rows
 def test_int4_in_the_packed_layout_keeps_the_packed_kernel_at_prefill():
     stored = quant_formats.quantize_int4(torch.randn(128, 128), 32)
     assert not quant_modules.QuantizedLinear("int4", *stored, 32, torch.bfloat16, path="pack")._blocks_readable()
+
+
+def test_a_buffer_first_used_under_inference_mode_serves_products_outside_it(monkeypatch):
+    fresh = functools.lru_cache(maxsize=None)(quant_blocks.prefill_scratch.__wrapped__)  # none made yet
+    monkeypatch.setattr(quant_blocks, "prefill_scratch", fresh)
+    stored = quant_formats.quantize_int8(torch.randn(96, 128)) + (None,)
+    lin = quant_modules.QuantizedLinear("int8", *stored, 32, torch.float32, path="dequant")
+    x = torch.randn(40, 128)
+    with torch.inference_mode():
+        inside = lin(x)
+    assert torch.equal(lin(x), inside)  # an inference tensor as the buffer refused the write here

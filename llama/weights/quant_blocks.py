@@ -16,8 +16,10 @@ BLOCK_ROWS = 64  # blocks of output rows are multiples of this
 @functools.lru_cache(maxsize=None)
 def prefill_scratch(dtype: torch.dtype) -> torch.Tensor:
     """The one reused buffer of `dtype` a prefill dequantizes into (allocated at the first prefill,
-    not at load; a fresh one would be page-faulted in at every product)."""
-    return torch.empty(PREFILL_BLOCK, dtype=dtype)
+    not at load; a fresh one would be page-faulted in at every product). A normal tensor even when
+    the first prefill runs under inference mode, so products outside it can write into it too."""
+    with torch.inference_mode(False):
+        return torch.empty(PREFILL_BLOCK, dtype=dtype)
 
 
 def blocks_mm(
