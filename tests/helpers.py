@@ -132,7 +132,21 @@ class Served:
 def start_server(tmp_path: Path, ckpt, tokenizer, nproc: int = 1, max_seq_len: int = 96, extra: tuple = ()) -> Served:
     """scripts/serve.py (under torchrun when nproc > 1) on a free loopback port, CPU float32, 4 rows,
     key SERVER_KEY, on `ckpt` (None: the bundled demo model); returns once /health answers (its output
-    goes to a log file under tmp_path)."""
+    goes to a log file under tmp_path). A port that another process took between free_port and the
+    server's bind (an ephemeral port of some client's connection) is replaced, twice at most."""
+    for attempt in range(3):
+        try:
+            return _start_server(tmp_path, ckpt, tokenizer, nproc, max_seq_len, extra)
+        except PortTaken:
+            if attempt == 2:
+                raise
+
+
+class PortTaken(RuntimeError):
+    pass
+
+
+def _start_server(tmp_path: Path, ckpt, tokenizer, nproc: int, max_seq_len: int, extra: tuple) -> Served:
     import httpx
 
     port = free_port()
@@ -152,7 +166,8 @@ def start_server(tmp_path: Path, ckpt, tokenizer, nproc: int = 1, max_seq_len: i
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}:\n{served.output()[-3000:]}")
+            error = PortTaken if "address already in use" in served.output() else RuntimeError
+            raise error(f"the server exited with {proc.returncode}:\n{served.output()[-3000:]}")
         try:
             if served.health()["status"] == "ok":
                 return served
