@@ -135,7 +135,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(llama):
     assert generated(engine.pop(late)) == alone(llama, long_prompt, 5)
 
 
-def test_prompt_logprobs_go_in_chunks_beside_cached_prompts(llama):
+def test_prompt_logprobs_beside_cached_prompts_with_chunked_prefill(llama):
     import torch
 
     prompt = encode(llama, SYSTEM + "Log-probs")

@@ -238,8 +238,10 @@ class Engine:
 
 def _chunk(s: SequenceState, budget: Optional[float], span: float, first: bool) -> Tuple[int, Optional[float]]:
     """Where this step's prefill of `s` ends, and the budget left after it (None: no bound): as far
-    as the budget reaches (`chunk_tokens`; at least one token for a step's `first` chunk)."""
-    if budget is None:
+    as the budget reaches (`chunk_tokens`; at least one token for a step's `first` chunk), or the
+    whole context when its prompt's log-probs are still to compute (the runner computes them in one
+    pass over the whole prompt)."""
+    if budget is None or s.needs_prompt_logits:
         end = s.context_len
     else:
         n = chunk_tokens(s.pos, budget, span)

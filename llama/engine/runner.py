@@ -161,9 +161,9 @@ class Runner:
         token already). A prompt whose log-probs are asked is prefilled whole, from its start."""
         logits: Dict[int, torch.Tensor] = {}
         first: Dict[int, dict] = {}
-        plain = [(s, s.pos, end) for s, end in chunks if s.tokens or not s.request.prompt_logprobs]
+        plain = [(s, s.pos, end) for s, end in chunks if not s.needs_prompt_logits]
         for s, end in chunks:
-            if not s.tokens and s.request.prompt_logprobs:
+            if s.needs_prompt_logits:
                 with kv_cache.using_tables([self.model], [s.blocks]):
                     logits[s.id], first[s.id] = self._prefill_with_logprobs(s, 0)
         for group in batch_chunks(plain, self.model.params.max_seq_len):
@@ -185,8 +185,8 @@ class Runner:
         group), which saves a pass's fixed cost on every step a prompt is prefilled beside decoding
         streams; the decoding sequences' next tokens, then the first tokens of the new ones whose
         context is complete. A prompt whose log-probs are asked has its own pass (`prefill_blocks`)."""
-        apart = [(s, end) for s, end in chunks if not s.tokens and s.request.prompt_logprobs]
-        plain = [(s, s.pos, end) for s, end in chunks if s.tokens or not s.request.prompt_logprobs]
+        apart = [(s, end) for s, end in chunks if s.needs_prompt_logits]
+        plain = [(s, s.pos, end) for s, end in chunks if not s.needs_prompt_logits]
         batches = [[plain[i] for i in g] for g in batch_chunks(plain, self.model.params.max_seq_len)]
         start_pos, kv_len = step_positions([s.pos for s in decoding], 1, self.device)
         zeros = torch.zeros(len(decoding), dtype=torch.long, device=self.device)

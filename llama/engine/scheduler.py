@@ -169,13 +169,12 @@ class BlockScheduler(Scheduler):
     def _take_blocks(self, s: SequenceState) -> bool:
         """Blocks for the context of `s`, cached ones first; False (none taken) when too few are free."""
         context = s.context()
-        every_logit = s.request.prompt_logprobs and not s.tokens  # its prompt's log-probs still to compute
-        if not every_logit:
+        if not s.needs_prompt_logits:
             s.pos = self.blocks.match(context, s.blocks, s.block_keys)
             if not s.tokens:
                 s.cached_tokens = s.pos
         if self.blocks.grow(s.blocks, len(context)):
-            if self.blocks.prefix_cache and not every_logit:
+            if self.blocks.prefix_cache and not s.needs_prompt_logits:
                 self.blocks.queries += len(context)
                 self.blocks.hits += s.pos
             return True

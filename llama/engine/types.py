@@ -109,3 +109,9 @@ class SequenceState:
     def needs_row(self) -> bool:
         """Whether it has anything to compute: tokens to generate, or its prompt's log-probs."""
         return self.limit > 0 or self.request.prompt_logprobs
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Whether its prompt's log-probs are still to compute: every position's logits, in one pass
+        over the whole prompt (Runner._prefill_with_logprobs), none taken from the prefix cache."""
+        return bool(self.request.prompt_logprobs) and not self.tokens
