@@ -170,13 +170,13 @@ class Engine:
                 if self.speculator:
                     self.speculator.forget(s.id)
             decoding = [s for s in decoding if s.row >= 0]  # not preempted
-            if not self.speculator:
-                return self._step_together(decoding)
-            if decoding:
-                with kv_cache.using_tables(self.models, [s.blocks for s in decoding]):
-                    events += self.speculator.step(self.runner, decoding) if self.speculator else self.runner.decode(decoding)
-                self.scheduler.register()
-                self._retire()
+        if not self.speculator:
+            return self._step_together(decoding)
+        if decoding:
+            with kv_cache.using_tables(self.models, [s.blocks for s in decoding]):
+                events += self.speculator.step(self.runner, decoding)
+            self.scheduler.register()
+            self._retire()
         events += self._prefill_chunks()
         self._retire()
         return events
@@ -199,7 +199,7 @@ class Engine:
         return events
 
     def _prefill_chunks(self) -> List[Event]:
-        """This step's prefill: chunks of contexts costing at most max_prefill_tokens in all, the cost counting each chunk's attention over
+        """With a draft, this step's prefill in both models: chunks of contexts costing at most max_prefill_tokens in all, the cost counting each chunk's attention over
         the context before it (`prefill_cost`), so that a step with a chunk late in a long prompt
         costs about as much as one with a chunk early in it and the decoding sequences' inter-token
         latency stays bounded. A step prefills at least one token, whatever its cost."""
@@ -208,8 +208,7 @@ class Engine:
         if chunks:
             starts = [s.pos for s, _ in chunks]
             events += self.runner.prefill_blocks(chunks)
-            if self.speculator:  # the draft's blocks hold the same contexts
-                self.speculator.prefill_blocks(chunks, starts)
+            self.speculator.prefill_blocks(chunks, starts)  # the draft's blocks hold the same contexts
             self.scheduler.register()
         return events
 
