@@ -1,11 +1,13 @@
 """The kernel and dtype policy (llama/runtime: policy, probes, compute, quant_choice): chosen from measured timings (faked here to test
 each outcome), bypassed by a forced dtype, exact in float32, and a bfloat16-weights model that
 prefills in float32 computes what float32 computes on the same weights."""
+import functools
 import logging
 import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llama import Llama
 from llama.runtime import compute, native, probes, quant_choice, quant_kernels
@@ -381,3 +383,13 @@ def test_best_time_gives_up_on_a_loser_after_its_first_call():
     calls = []
     assert cpu_info.best_time(lambda: calls.append(time.sleep(0.01)), repeats=5, give_up=0.001) >= 0.01
     assert len(calls) == 1
+
+
+def test_the_upcast_buffer_first_used_under_inference_mode_serves_products_outside_it(monkeypatch):
+    fresh = functools.lru_cache(maxsize=None)(compute.upcast_scratch.__wrapped__)  # none made yet
+    monkeypatch.setattr(compute, "upcast_scratch", fresh)
+    x, w = torch.randn(3, 64), torch.randn(48, 64).to(torch.bfloat16)
+    with torch.inference_mode():
+        inside = compute.upcast_linear(x, w, compute.upcast_scratch(torch.float32, torch.device("cpu")))
+    outside = compute.upcast_linear(x, w, compute.upcast_scratch(torch.float32, torch.device("cpu")))
+    assert torch.equal(outside, inside) and torch.equal(inside, F.linear(x, w.float()))

@@ -4,7 +4,7 @@
 # quantized kernels share.
 import contextlib
 import functools
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,24 +57,45 @@ def upcast_linear(
 ) -> torch.Tensor:
     """F.linear(x, weight.to(x.dtype), bias) without converting the whole weight at once: blocks of
     output rows are converted into `scratch` (a 1-D buffer of x's dtype) and multiplied in turn."""
-    out_features, in_features = weight.shape
-    rows = max(1, scratch.numel() // in_features)
-    if rows >= out_features and scratch.numel() >= weight.numel():
-        parts = [F.linear(x, scratch[: weight.numel()].view(weight.shape).copy_(weight))]
-    else:
-        parts = []
-        for start in range(0, out_features, rows):
-            block = weight[start : start + rows]
-            parts.append(F.linear(x, scratch[: block.numel()].view(block.shape).copy_(block)))
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (..., out_features)
+    out = blocks_linear(x, weight.shape[0], lambda start, stop, w: w.copy_(weight[start:stop]), scratch)
     return out if bias is None else out + bias.to(out.dtype)
+
+
+def blocks_linear(
+    x: torch.Tensor, out_features: int, rows_into: Callable[[int, int, torch.Tensor], torch.Tensor],
+    scratch: torch.Tensor, align: int = 1,
+) -> torch.Tensor:
+    """x (..., in) @ W^T -> (..., out_features) in x's dtype for a weight W that is never whole in
+    x's dtype: rows_into(start, stop, w) writes rows start:stop of W into `w` (a view of `scratch`,
+    a 1-D buffer of x's dtype) and returns it; blocks are as many rows as the buffer holds, a
+    multiple of `align`, each multiplied into its slice of the output."""
+    in_features = x.shape[-1]
+    step = max(align, scratch.numel() // in_features // align * align)
+
+    def block(start: int, stop: int) -> torch.Tensor:
+        return F.linear(x, rows_into(start, stop, scratch[: (stop - start) * in_features].view(stop - start, in_features)))
+
+    if step >= out_features:
+        return block(0, out_features)
+    out = x.new_empty(*x.shape[:-1], out_features)
+    for start in range(0, out_features, step):
+        stop = min(start + step, out_features)
+        out[..., start:stop] = block(start, stop)
+    return out
+
+
+def new_scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A buffer to reuse across products: a normal tensor even when made under inference mode (the
+    first product may run there), so that products outside it can write into it too."""
+    with torch.inference_mode(False):
+        return torch.empty(numel, dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=None)
 def upcast_scratch(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The one reused UPCAST_CHUNK buffer of `dtype` on `device` that `upcast_linear` converts
     weights into (allocated once: a fresh buffer of megabytes is page-faulted in at every product)."""
-    return torch.empty(UPCAST_CHUNK, dtype=dtype, device=device)
+    return new_scratch(UPCAST_CHUNK, dtype, device)
 
 
 class ComputeIn(TorchFunctionMode):
