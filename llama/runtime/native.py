@@ -114,10 +114,15 @@ def _check(x2: torch.Tensor, in_features: int, *tensors: tuple[torch.Tensor, tor
 
 def int8_mm(x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, isa: str = "auto") -> torch.Tensor:
     """x2 (rows, in) @ (q * scales[:, None])^T in float32, q int8 (out, in), scales float32 (out,)."""
+    return _int8(kernels().int8_mm, x2, q, scales, isa)
+
+
+def _int8(kernel, x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, isa: str) -> torch.Tensor:
+    """An int8-weight product of the extension (int8_mm or int8a_mm) on checked inputs."""
     n, k = q.shape
     x2 = _check(x2, k, (q, torch.int8, (n, k)), (scales, torch.float32, (n,)))
     out = torch.empty(x2.shape[0], n)
-    kernels().int8_mm(x2.data_ptr(), x2.shape[0], k, q.data_ptr(), scales.data_ptr(), out.data_ptr(), n, ISAS[isa])
+    kernel(x2.data_ptr(), x2.shape[0], k, q.data_ptr(), scales.data_ptr(), out.data_ptr(), n, ISAS[isa])
     return out
 
 
@@ -152,11 +157,7 @@ def bf16_mm(x2: torch.Tensor, w: torch.Tensor, isa: str = "auto") -> torch.Tenso
 def int8a_mm(x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, isa: str = "auto") -> torch.Tensor:
     """int8_mm with each row of x2 rounded to int8 per block of A8_BLOCK columns (scale max|x| / 127
     of the block) and integer dot products: x2's rounded values @ (q * scales[:, None])^T, float32."""
-    n, k = q.shape
-    x2 = _check(x2, k, (q, torch.int8, (n, k)), (scales, torch.float32, (n,)))
-    out = torch.empty(x2.shape[0], n)
-    kernels().int8a_mm(x2.data_ptr(), x2.shape[0], k, q.data_ptr(), scales.data_ptr(), out.data_ptr(), n, ISAS[isa])
-    return out
+    return _int8(kernels().int8a_mm, x2, q, scales, isa)
 
 
 def int4a_mm(x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
