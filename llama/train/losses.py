@@ -55,10 +55,11 @@ class _FusedOutputLoss(torch.autograd.Function):
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        w = weight.to(h.dtype)  # once, not per chunk: a bfloat16 head of 128K rows is a large conversion
         for start in range(0, h.shape[0], rows):
             hc, tc = h[start : start + rows], targets[start : start + rows]
             keep = tc != IGNORE
-            logits = (hc @ weight.to(hc.dtype).t()).float()
+            logits = (hc @ w.t()).float()
             picked = logits.gather(-1, tc.clamp(min=0)[:, None])[:, 0]
             top = logits.amax(dim=-1, keepdim=True)
             probs = logits.sub_(top).exp_()  # in place, one exp: the chunk's largest temporary is its logits
@@ -70,7 +71,7 @@ class _FusedOutputLoss(torch.autograd.Function):
                 probs *= keep[:, None]
                 g = probs.to(hc.dtype)
                 if want_h:
-                    grad_h[start : start + rows] = g @ weight.to(hc.dtype)
+                    grad_h[start : start + rows] = g @ w
                 if want_w:
                     grad_w.addmm_(g.t().float(), hc.float())
         ctx.save_for_backward(grad_h, grad_w)
