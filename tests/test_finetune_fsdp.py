@@ -44,7 +44,10 @@ def check_same_training(tmp_path, names, other: str) -> None:
                     assert b[key] == pytest.approx(a[key], rel=1e-5)
 
 
-def test_two_processes_train_as_one(tmp_path, tiny_ckpt, byte_tokenizer):
+def test_two_and_four_processes_train_as_one(tmp_path, tiny_ckpt, byte_tokenizer):
+    """2 processes, full and LoRA; 4 processes, every weight training (each process holds a quarter
+    of each; the global batch of 4 is one row per process), against one process accumulating two
+    micro-batches of 2."""
     runs = {name: dict(kw, ckpt_dir=str(tiny_ckpt), tokenizer_path=str(byte_tokenizer)) for name, kw in sft_runs(tmp_path).items()}
     for name, kwargs in runs.items():
         finetune(out_dir=str(tmp_path / name / "one"), **kwargs)
@@ -53,16 +56,9 @@ def test_two_processes_train_as_one(tmp_path, tiny_ckpt, byte_tokenizer):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     check_same_training(tmp_path, runs, "two")
     assert (tmp_path / "lora" / "two" / "adapter" / "adapter.json").is_file()
-    # the state FSDP2 saved (full tensors through torch.distributed.checkpoint's utilities) loads on one process
-    finetune(out_dir=str(tmp_path / "full" / "two"), resume=True, **runs["full"])
-
-
-def test_four_processes_train_as_one(tmp_path, tiny_ckpt, byte_tokenizer):
-    """Every weight trains (each process holds a quarter of each); the global batch of 4 is one row
-    per process, against one process accumulating two micro-batches of 2 (LoRA: 2 processes above)."""
-    full = dict(sft_runs(tmp_path)["full"], ckpt_dir=str(tiny_ckpt), tokenizer_path=str(byte_tokenizer))
-    finetune(out_dir=str(tmp_path / "full" / "one"), **full)
-    job = dict(full, out_dir=str(tmp_path / "full" / "four"), grad_accum=1)
+    job = dict(runs["full"], out_dir=str(tmp_path / "full" / "four"), grad_accum=1)
     r = helpers.run_torchrun("tests/workers/finetune_runs.py", [json.dumps([job])], nproc=4)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     check_same_training(tmp_path, ["full"], "four")
+    # the state FSDP2 saved (full tensors through torch.distributed.checkpoint's utilities) loads on one process
+    finetune(out_dir=str(tmp_path / "full" / "two"), resume=True, **runs["full"])
