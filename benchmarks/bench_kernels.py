@@ -87,7 +87,7 @@ def cpu_flags() -> str:
 def copies_for(n_bytes: int, from_memory: bool) -> int:
     """How many copies of a weight of `n_bytes` to cycle through: enough to miss the last-level cache
     at every call (from memory, as decode reads a model larger than the cache), else one."""
-    return min(MAX_COPIES, max(2, -(-2 * cpu.last_level_cache_bytes() // n_bytes))) if from_memory else 1
+    return min(MAX_COPIES, cpu.streamed_copies(n_bytes)) if from_memory else 1
 
 
 def timed_cycle(fns: list, repeats: int, from_memory: bool, clock: str = "wall") -> float:

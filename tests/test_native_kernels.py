@@ -190,13 +190,13 @@ def int8_activations_allowed(monkeypatch):
 def test_the_policy_takes_int8_activations_only_for_decode_where_they_win_and_names_them(int8_activations_allowed, monkeypatch):
     probed = []
 
-    def fake_best_time(fn, repeats, give_up=float("inf")):
-        probed.append(fn.func)
-        return 1e-4 if fn.func in (native.int8a_mm, native.int4a_mm) else 1e-3
+    def fake_best_time(fn, repeats, give_up=float("inf"), median=False):
+        probed.append(fn.kernel)
+        return 1e-4 if fn.kernel in (native.int8a_mm, native.int4a_mm) else 1e-3
 
     monkeypatch.setattr(quant_choice.cpu, "best_time", fake_best_time)
     policy = quant_choice._measured_quantized_policy(1, True)
-    assert probed.count(native.int8a_mm) == probed.count(native.int4a_mm) == len(quant_choice.A8_STEPS)
+    assert probed.count(native.int8a_mm) == probed.count(native.int4a_mm) == len(quant_choice.A8_STEPS) * quant_choice.PROBE_ROUNDS
     for mode in quant_choice.QUANT_MODES:
         assert policy.kernel(mode, "decode") == policy.kernel(mode, "small") == ("native_a8", torch.float32)
         assert policy.kernel(mode, "prefill")[0] != "native_a8"  # not a candidate there

@@ -11,6 +11,8 @@ from llama import distributed
 
 # The last-level cache assumed where sysfs does not tell it.
 FALLBACK_CACHE = 64 * 2**20
+# At most this many bytes more than the last-level cache in a probe's buffer of weights read from memory.
+STREAM_MARGIN = 256 * 2**20
 
 T = TypeVar("T")
 
@@ -37,6 +39,19 @@ def _last_level_cache_bytes() -> int:
         except (OSError, ValueError):
             continue
     return max(sizes, default=FALLBACK_CACHE)
+
+
+def streamed_bytes() -> int:
+    """Bytes a probe cycles through so that each call reads its weight from memory, as a model's
+    products do: twice the last-level cache (an LRU cache then misses on every read), at most
+    STREAM_MARGIN more than it (the buffer counts in a load's peak memory)."""
+    llc = last_level_cache_bytes()
+    return min(2 * llc, llc + STREAM_MARGIN)
+
+
+def streamed_copies(n_bytes: int) -> int:
+    """How many copies of a weight of `n_bytes` a probe cycles through (streamed_bytes, two at least)."""
+    return max(2, -(-streamed_bytes() // n_bytes))
 
 
 def best_time(fn: Callable[[], object], repeats: int, give_up: float = float("inf"), median: bool = False) -> float:

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 # small batches read it from where the model's weights will be read from. A model larger than the
 # last-level cache is read from memory at every step: its probe multiplies the Llama 3.2 1B's
 # feed-forward shape, 8192x2048 (32 MB in bfloat16), cycling through windows of a buffer twice the
-# cache's size (at most PROBE_POOL_MARGIN more than it, and PROBE_POOL_MAX), each product timed by
+# cache's size (cpu.streamed_bytes, and at most PROBE_POOL_MAX), each product timed by
 # the median of its calls. A model that fits is read from the cache: its probe multiplies the
 # model's own feed-forward shape (`policy_for`'s `shape`), cycling through as many
 # bytes as the model holds in each dtype, so that a model larger than the inner caches streams
@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 PROBE_ROWS = {"decode": 1, "small": 8, "prefill": 64}
 PROBE_SHAPE = {"decode": (8192, 2048), "small": (8192, 2048), "prefill": (2048, 2048)}
 PROBE_POOL_MAX = 2**30
-PROBE_POOL_MARGIN = 256 * 2**20
 
 
 def policy_for(
@@ -93,10 +92,7 @@ def measure(repeats: int = 2, from_memory: bool = True, cached: Optional[tuple] 
     n = big[0] * big[1]
     # one buffer of bfloat16 0.01s; read as float32, each pair of them is a float32 of about 0.01
     # (0x3C243C24), so the same bytes serve as the weights of both dtypes
-    llc = cpu.last_level_cache_bytes()
-    # cycling through more bytes than an LRU cache holds misses on every read; the margin keeps the
-    # buffer, which counts in a load's peak memory, from doubling a large cache
-    pool = max(min(2 * llc, llc + PROBE_POOL_MARGIN), 8 * n) if from_memory else 4 * n
+    pool = max(cpu.streamed_bytes(), 8 * n) if from_memory else 4 * n
     if own:
         pool = max(2 * cached[1], 8 * n)  # the model's float32 bytes: two bytes of each element
     prefill = PROBE_SHAPE["prefill"][0] * PROBE_SHAPE["prefill"][1] * 2  # in float32, as bfloat16 elements

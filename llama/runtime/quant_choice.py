@@ -37,19 +37,30 @@ A8_STEPS = ("decode", "small")  # the steps native_a8 is a candidate of: those t
 WEIGHT_ONLY_ENV = "LLAMA_WEIGHT_ONLY"  # set (to 1): quantized products keep float activations (no native_a8)
 DECODE_ROWS = 4
 # The probe of each step: its rows times a weight with the 1B's input width (2048, the kernels'
-# inner loop). The slow candidates (float32 activations into the packed kernels, int4 dequantized at
-# every product) run 10-100x slower than the fast ones on some CPUs, so the weights are small, and a
-# candidate whose first call is GIVE_UP times slower than the best so far is not timed again: the
-# whole measurement stays within about half a second even on a busy 2-core machine.
-# (A small batch has its own probe: dequantizing a whole weight for 8 rows, which can win at 64, costs
-# far more than the packed kernel there.) Below a few hundred kilobytes the fixed costs of
-# dequantizing would set its time, so prefill's weight is a megabyte, no larger: the probe's
-# temporaries count in a load's peak memory. Each candidate is called once before any of its step
-# is timed: its first call of a shape (oneDNN building its kernel, a buffer allocated) is not its speed.
-# The probes multiply random int8 and int4 tensors: a product's time does not depend on the values.
+# inner loop). Decode and small batches read a model's weights from memory at every step: their
+# probes multiply the 1B's feed-forward shape, cycling through copies of it that span twice the
+# last-level cache (cpu.streamed_copies), each timed by the median of its calls (a weight timed from
+# the cache favours the kernels that compute fastest, not those that read fastest: a probe of a
+# cached megabyte had chosen a kernel that decodes a 1B at half the speed of another). The slow
+# candidates (float32 activations into the packed kernels, int4 dequantized at every product) run
+# 10-100x slower than the fast ones on some CPUs: a candidate whose first call is GIVE_UP times
+# slower than the best so far is not timed again. (A small batch has its own probe: dequantizing a
+# whole weight for 8 rows, which can win at 64, costs far more than the packed kernel there.)
+# Prefill is bound by arithmetic: one weight of a megabyte, from the cache (below a few hundred
+# kilobytes the fixed costs of dequantizing would set its time). Each candidate is called once
+# before any of its step is timed: its first call of a shape (oneDNN building its kernel, a buffer
+# allocated) is not its speed. The probes multiply random int8 and int4 tensors: a product's time
+# does not depend on the values.
 QUANT_PROBE_ROWS = {"decode": 1, "small": 8, "prefill": 64}
-QUANT_PROBE_SHAPE = {"decode": (512, 2048), "small": (512, 2048), "prefill": (512, 2048)}
+QUANT_PROBE_SHAPE = {"decode": (8192, 2048), "small": (8192, 2048), "prefill": (512, 2048)}
+STREAMED = ("decode", "small")  # the steps whose probes read each call's weight from memory
+# Not a candidate of STREAMED steps: dequantize-then-F.linear writes the whole weight in the compute
+# dtype and reads it back at every product, 3-9x the bytes the kernels that read the stored form do
+# (it lost those steps by 5-300x wherever it was timed), and its temporaries for the probe's weight
+# would set a quantized load's peak memory.
+NOT_STREAMED = ("dequant",)
 QUANT_PROBE_GROUP = 32  # the default int4 group size
+PROBE_ROUNDS = 2  # each candidate timed in this many rounds, the fastest kept (measure_quantized)
 GIVE_UP = 3.0
 
 
@@ -117,62 +128,118 @@ def int8_activations_allowed() -> bool:
     return os.environ.get(WEIGHT_ONLY_ENV, "0") in ("", "0") and native.kernels() is not None
 
 
-def measure_quantized(repeats: int = 3) -> dict:
-    """Seconds of one product per (mode, step, path, compute name) on this CPU, fastest of
-    `repeats` after a warm-up (more for the short decode products): QUANT_PROBE_ROWS rows times a
-    QUANT_PROBE_SHAPE weight of random `mode` values, through each path in each compute dtype. A
-    candidate slower than GIVE_UP times the best of its (mode, step) on its first call keeps that time."""
+def measure_quantized(repeats: int = 3, rounds: int = PROBE_ROUNDS) -> dict:
+    """Seconds of one product per (mode, step, path, compute name) on this CPU, after a warm-up
+    (more calls for the short decode products): QUANT_PROBE_ROWS rows times a QUANT_PROBE_SHAPE
+    weight of random `mode` values, through each path in each compute dtype; the fastest call, or
+    for STREAMED steps the median of calls each reading another copy of the weight from memory; the
+    fastest of `rounds` such measurements (other work on the cores only ever adds time, and the choice
+    is kept for every later process). A candidate slower than GIVE_UP times the best of its (mode,
+    step) on its first call keeps that time."""
     gen = torch.Generator().manual_seed(0)
-    timings = {}
+    timings: dict = {}
     with torch.no_grad():
-        for step in QUANT_STEPS:
-            x = torch.randn(QUANT_PROBE_ROWS[step], QUANT_PROBE_SHAPE[step][1], generator=gen)
-            for mode in QUANT_MODES:
-                probes = _probes(mode, QUANT_PROBE_SHAPE[step], x, gen, a8=step in A8_STEPS and int8_activations_allowed())
-                best = float("inf")
-                for (path, dt), probe in probes.items():
-                    t = cpu.best_time(probe, repeats * (3 if step == "decode" else 1), give_up=GIVE_UP * best)
-                    timings[(mode, step, path, dtype_name(dt))] = t
-                    best = min(best, t)
+        for _ in range(rounds):
+            for step in QUANT_STEPS:
+                x = torch.randn(QUANT_PROBE_ROWS[step], QUANT_PROBE_SHAPE[step][1], generator=gen)
+                for mode in QUANT_MODES:
+                    _measure_step(timings, mode, step, x, gen, repeats)
     return timings
 
 
-def _probes(mode: str, shape: tuple[int, int], x: torch.Tensor, gen: torch.Generator, a8: bool = False) -> dict:
-    """(path, compute dtype) -> a call of that product of `x` by a random `mode` weight of `shape`,
-    each called once already (a first call of a shape builds kernels and buffers: not timed);
-    `a8`: native_a8 among them."""
+def _measure_step(timings: dict, mode: str, step: str, x: torch.Tensor, gen: torch.Generator, repeats: int) -> None:
+    """Times every candidate of (mode, step) into `timings`, keeping the faster of an earlier round's."""
+    a8 = step in A8_STEPS and int8_activations_allowed()
+    best = float("inf")
+    for group in _probe_groups(mode, QUANT_PROBE_SHAPE[step], x, gen, a8, step in STREAMED):
+        for (path, dt), probe in group.items():
+            calls = repeats * (3 if step == "decode" else 1)
+            t = cpu.best_time(probe, calls, give_up=GIVE_UP * best, median=step in STREAMED)
+            key = (mode, step, path, dtype_name(dt))
+            timings[key] = min(t, timings.get(key, t))
+            best = min(best, t)
+        group.clear()  # its copies freed before the next group's are made
+
+
+class Cycled:
+    """A probe: `kernel(x, *args)` with each of `weights` (tuples of args) in turn, so that from
+    several copies each call reads bytes the calls before it pushed out of the cache."""
+
+    def __init__(self, kernel: Callable[..., torch.Tensor], x: torch.Tensor, weights: list[tuple]):
+        self.kernel, self.x, self.weights, self.calls = kernel, x, weights, 0
+
+    def __call__(self) -> torch.Tensor:
+        args = self.weights[self.calls % len(self.weights)]
+        self.calls += 1
+        return self.kernel(self.x, *args)
+
+
+def _probe_groups(mode: str, shape: tuple[int, int], x: torch.Tensor, gen: torch.Generator, a8: bool, streamed: bool):
+    """Groups of probes, {(path, compute dtype): Cycled}, each group's weights made when it is
+    reached and dropped after (int4's stored form, then PyTorch's packed form: never both copies held);
+    `a8`: native_a8 among them; `streamed`: as many copies of each weight as reading from memory
+    takes (cpu.streamed_copies), else one. Each probe is called once before it is returned."""
     out_features, in_features = shape
     groups = (out_features, in_features // QUANT_PROBE_GROUP)
     if mode == "int8":
         q = torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
         scales = torch.rand(out_features, generator=gen) / 127
-    else:
-        q = torch.randint(0, 256, (out_features, in_features // 2), generator=gen, dtype=torch.uint8)
-        scales, zeros = torch.rand(groups, generator=gen).bfloat16(), torch.randn(groups, generator=gen).bfloat16()
-        packed = quant_kernels.int4_kernel_layout(q)
-    probes: dict[tuple[str, torch.dtype], Callable[[], torch.Tensor]] = {}
+        copies = [(c, scales) for c in _copies(q, streamed)]
+        yield _called(_int8_probes(x, copies, a8), streamed)
+        return
+    q = torch.randint(0, 256, (out_features, in_features // 2), generator=gen, dtype=torch.uint8)
+    scales, zeros = torch.rand(groups, generator=gen).bfloat16(), torch.randn(groups, generator=gen).bfloat16()
+    stored_form = [(q, scales, zeros)] + [tuple(t.clone() for t in (q, scales, zeros)) for _ in range(_count(q, streamed) - 1)]
+    yield _called(_int4_stored_probes(x, stored_form, a8), streamed)
+    del stored_form
+    packed = quant_kernels.int4_kernel_layout(q)
+    tables = {dt: quant_kernels.scales_and_zeros(scales, zeros, dt) for dt in QUANT_COMPUTES}
+    packed_copies = _copies(packed, streamed)
+    yield _called({
+        ("pack", dt): Cycled(quant_kernels.int4_pack_mm, x.to(dt), [(p, QUANT_PROBE_GROUP, tables[dt]) for p in packed_copies])
+        for dt in QUANT_COMPUTES
+    }, streamed)
+
+
+def _count(t: torch.Tensor, streamed: bool) -> int:
+    return cpu.streamed_copies(t.numel() * t.element_size()) if streamed else 1
+
+
+def _copies(t: torch.Tensor, streamed: bool) -> list[torch.Tensor]:
+    return [t] + [t.clone() for _ in range(_count(t, streamed) - 1)]
+
+
+def _int8_probes(x: torch.Tensor, copies: list[tuple], a8: bool) -> dict:
+    probes = {}
     if native.kernels() is not None:  # float32 activations; the stored form as it is
-        x32 = x.float()
-        if mode == "int8":
-            probes["native", torch.float32] = functools.partial(native.int8_mm, x32, q, scales.float())
-            if a8:
-                probes["native_a8", torch.float32] = functools.partial(native.int8a_mm, x32, q, scales.float())
-        else:
-            probes["native", torch.float32] = functools.partial(native.int4_mm, x32, q, scales, zeros, QUANT_PROBE_GROUP)
-            if a8:
-                probes["native_a8", torch.float32] = functools.partial(
-                    native.int4a_mm, x32, q, scales, zeros, QUANT_PROBE_GROUP)
+        x32, as32 = x.float(), [(q, s.float()) for q, s in copies]
+        probes["native", torch.float32] = Cycled(native.int8_mm, x32, as32)
+        if a8:
+            probes["native_a8", torch.float32] = Cycled(native.int8a_mm, x32, as32)
     for dt in QUANT_COMPUTES:
-        xd = x.to(dt)
-        if mode == "int8":
-            s = scales.to(dt)
-            probes["pack", dt] = functools.partial(quant_kernels.int8_pack_mm, xd, q, s)
-            probes["dequant", dt] = functools.partial(quant_kernels.int8_dequant_mm, xd, q, s)
-        else:
-            sz = quant_kernels.scales_and_zeros(scales, zeros, dt)
-            probes["pack", dt] = functools.partial(quant_kernels.int4_pack_mm, xd, packed, QUANT_PROBE_GROUP, sz)
-            probes["dequant", dt] = functools.partial(quant_kernels.int4_dequant_mm, xd, q, scales, zeros, QUANT_PROBE_GROUP)
-    ordered = {(path, dt): probes[path, dt] for path in QUANT_PATHS for dt in QUANT_COMPUTES if (path, dt) in probes}
+        as_dt = [(q, s.to(dt)) for q, s in copies]
+        probes["pack", dt] = Cycled(quant_kernels.int8_pack_mm, x.to(dt), as_dt)
+        probes["dequant", dt] = Cycled(quant_kernels.int8_dequant_mm, x.to(dt), as_dt)
+    return probes
+
+
+def _int4_stored_probes(x: torch.Tensor, copies: list[tuple], a8: bool) -> dict:
+    with_group = [(*c, QUANT_PROBE_GROUP) for c in copies]
+    probes = {}
+    if native.kernels() is not None:
+        probes["native", torch.float32] = Cycled(native.int4_mm, x.float(), with_group)
+        if a8:
+            probes["native_a8", torch.float32] = Cycled(native.int4a_mm, x.float(), with_group)
+    for dt in QUANT_COMPUTES:
+        probes["dequant", dt] = Cycled(quant_kernels.int4_dequant_mm, x.to(dt), with_group)
+    return probes
+
+
+def _called(probes: dict, streamed: bool) -> dict:
+    """`probes` in QUANT_PATHS order, less NOT_STREAMED where `streamed`, each called once (a first
+    call of a shape is not its speed)."""
+    paths = [p for p in QUANT_PATHS if not (streamed and p in NOT_STREAMED)]
+    ordered = {(path, dt): probes[path, dt] for path in paths for dt in QUANT_COMPUTES if (path, dt) in probes}
     for probe in ordered.values():
         probe()
     return ordered
@@ -193,7 +260,7 @@ def _measured_quantized_policy(threads: int, int8_activations: bool = False) -> 
         timings, kept = stored.kept_or_measured(
             "quantized-kernels",
             {"threads": threads, "paths": list(QUANT_PATHS), "native": native.kernels() is not None,
-             "int8_activations": int8_activations},
+             "int8_activations": int8_activations, "streamed": list(STREAMED)},
             measure_quantized,
             stored.encode_timings, lambda rows: stored.checked_timings(rows, choose_quantized),
         )
