@@ -117,9 +117,18 @@ def quantize_int8(w: torch.Tensor, amax: Optional[torch.Tensor] = None) -> tuple
     w = w.to(torch.float32, copy=True)  # one temporary, worked on in place: it is a load's peak
     if amax is None:
         amax = w.abs().amax(dim=1)
-    scales = _bf16_up(amax.float().clamp(min=1e-30) / 127)
-    q = w.div_(scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-    return q, scales
+    scales = _int8_scales(amax)
+    return _int8_levels_(w, scales).to(torch.int8), scales
+
+
+def _int8_scales(amax: torch.Tensor) -> torch.Tensor:
+    """Each row's scale (bfloat16, rounded up so that its maximum stays within 127 steps)."""
+    return _bf16_up(amax.float().clamp(min=1e-30) / 127)
+
+
+def _int8_levels_(w32: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 rows -> their int8 levels (still float32), in place."""
+    return w32.div_(scales.float()[:, None]).round_().clamp_(-127, 127)
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,11 +193,10 @@ def quantize_weight(
     if reduce_max is not None and sharding.shard_dim(key) == 1:
         amax = reduce_max(amax)
     if config.mode == "int8":  # quantize_int8's arithmetic, in place in the buffer
-        scales = _bf16_up(amax.float().clamp(min=1e-30) / 127)
+        scales = _int8_scales(amax)
         q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
         for i in range(0, len(w), step):
-            rows = buf[: len(w[i : i + step])].copy_(w[i : i + step])
-            q[i : i + step] = rows.div_(scales[i : i + step].float()[:, None]).round_().clamp_(-127, 127)
+            q[i : i + step] = _int8_levels_(buf[: len(w[i : i + step])].copy_(w[i : i + step]), scales[i : i + step])
         return dict(zip(names, (q, scales)))
     return dict(zip(names, by_rows(lambda rows, i: quantize_fp8(rows, amax[i : i + step]), w, with_start=True)))
 
