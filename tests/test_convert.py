@@ -239,6 +239,15 @@ def test_tied_meta_checkpoint_becomes_tied_hf(tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is True
     convert.from_hf(tmp_path / "hf", tmp_path / "back", shards=2)
     assert_same_checkpoint(tmp_path / "back", tmp_path / "meta")
+    # without output.weight (tied, as the loader takes it): the same Hugging Face model
+    del sd["output.weight"]
+    save.save_checkpoint(sd, SCALED, tmp_path / "no_output", n_shards=2)
+    convert.to_hf(tmp_path / "no_output", tmp_path / "hf2")
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text())["tie_word_embeddings"] is True
+    convert.from_hf(tmp_path / "hf2", tmp_path / "back2", shards=2)
+    assert_same_checkpoint(tmp_path / "back2", tmp_path / "meta")
+    with pytest.raises(hf.ConversionError, match=r"has no output.weight .*default \(tied\)"):
+        convert.to_hf(tmp_path / "no_output", tmp_path / "hf3", tie_word_embeddings=False)
 
 
 @pytest.mark.parametrize("name", list(registry.PUBLISHED))

@@ -114,8 +114,8 @@ class MetaShards:
         self.args = ModelArgs(**self.params)
         self.args.validate(len(self.paths))
         self.shards = [checkpoint.load_shard(p) for p in self.paths]
-        for path, shard in zip(self.paths, self.shards):
-            checkpoint.check_keys(shard, self.args.n_layers, str(path))
+        for path, shard in zip(self.paths, self.shards):  # output.weight may be left out (tied), as the loader allows
+            checkpoint.check_keys(shard, self.args.n_layers, str(path), allow_tied=True)
         self.keys = [k for k in self.shards[0] if k not in hf.META_IGNORED]
 
     def _pieces(self, key: str) -> list[torch.Tensor]:
@@ -128,8 +128,11 @@ class MetaShards:
         return sharding.merge_pieces(key, self._pieces(key), self.args)
 
     def tied(self) -> bool:
+        """Whether the output layer is the embedding: output.weight absent, or equal to it."""
+        if checkpoint.TIED_KEY not in self.shards[0]:
+            return True
         # both are split on dim 0 the same way, so shard-wise equality is full equality
-        return all(torch.equal(s["tok_embeddings.weight"], s["output.weight"]) for s in self.shards)
+        return all(torch.equal(s["tok_embeddings.weight"], s[checkpoint.TIED_KEY]) for s in self.shards)
 
 
 def _plan_files(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
@@ -170,6 +173,9 @@ def to_hf(
     src = MetaShards(ckpt_dir)
     out_dtype = _dtype(dtype) or src.shards[0]["tok_embeddings.weight"].dtype
     tied = src.tied() if tie_word_embeddings is None else bool(tie_word_embeddings)
+    if not tied and checkpoint.TIED_KEY not in src.keys:
+        raise hf.ConversionError(f"{ckpt_dir} has no {checkpoint.TIED_KEY} (its output layer is the embedding): "
+                                 "convert it with tie_word_embeddings left at its default (tied)")
     config = hf.config_from_params(
         src.params,
         tie_word_embeddings=tied,
