@@ -195,6 +195,7 @@ def test_the_policy_takes_int8_activations_only_for_decode_where_they_win_and_na
         return 1e-4 if fn.kernel in (native.int8a_mm, native.int4a_mm) else 1e-3
 
     monkeypatch.setattr(quant_choice.cpu, "best_time", fake_best_time)
+    monkeypatch.setattr(quant_choice, "WARM_UP_GIVE_UP", float("inf"))  # the fake times decide alone
     policy = quant_choice._measured_quantized_policy(1, True)
     assert probed.count(native.int8a_mm) == probed.count(native.int4a_mm) == len(quant_choice.A8_STEPS) * quant_choice.PROBE_ROUNDS
     for mode in quant_choice.QUANT_MODES:

@@ -313,17 +313,27 @@ def test_quantized_kernels_follow_the_timings():
     p = quant_choice.choose_quantized(t)
     assert p.kernel("int8", "decode") == ("pack", BF16) and p.kernel("int8", "prefill") == ("dequant", F32)
     assert p.kernel("int4", "decode") == ("pack", F32) and p.kernel("int4", "prefill") == ("pack", BF16)
-    # int4 keeps one form of its weights, its decode's: the small batch takes the fastest packed path
+    # int4 keeps one form of its weights, the one losing less over the steps (packed: 1 + 2 + 1 against
+    # the stored form's 2 + 1 + 1.5): the small batch takes the fastest packed path
     assert p.kernel("int8", "small") == ("pack", BF16) and p.kernel("int4", "small") == ("pack", BF16)
-    # a forced dtype: the fastest path in it (for int4, of its decode's form)
+    # a forced dtype: the fastest path in it; for int4 of the form that loses less in it (float32:
+    # stored 2 + 1 + 1 against packed 1 + 1 + 3.3)
     assert p.kernel("int8", "prefill", BF16)[1] == BF16 and p.kernel("int8", "decode", F32)[1] == F32
     assert p.kernel("int8", "prefill", F32) == ("dequant", F32)
-    assert p.kernel("int4", "prefill", F32) == ("pack", F32)
+    assert p.kernel("int4", "prefill", F32) == ("dequant", F32) and p.kernel("int4", "decode", F32)[0] in quant_choice.STORED_FORM
     t[("int4", "decode", "dequant", "float32")] = 0.5e-3  # the stored form decodes fastest: every step reads it
     p = quant_choice.choose_quantized(t)
     assert {p.kernel("int4", s)[0] for s in quant_choice.QUANT_STEPS} == {"dequant"}
     assert p.kernel("int4", "prefill", F32) == ("dequant", F32)
     assert p.kernel("int8", "decode", torch.float16) == ("dequant", torch.float16)  # no packed kernel timed in it
+    # the packed form decodes 10% faster but prefills 3x slower: the stored form is kept
+    t = quant_timings({(m, s): ("native_a8", "float32") for m in quant_choice.QUANT_MODES for s in quant_choice.QUANT_STEPS})
+    t.update({("int4", "decode", "pack", "bfloat16"): 0.9e-3, ("int4", "prefill", "dequant", "bfloat16"): 0.4e-3,
+              ("int4", "prefill", "pack", "bfloat16"): 1.2e-3})
+    p = quant_choice.choose_quantized(t)
+    assert p.kernel("int4", "decode") == ("native_a8", F32) and p.kernel("int4", "prefill") == ("dequant", BF16)
+    t[("int4", "decode", "pack", "bfloat16")] = 0.1e-3  # 10x faster decoding: worth the slower prefill
+    assert quant_choice.choose_quantized(t).kernel("int4", "prefill") == ("pack", BF16)
     with pytest.raises(ValueError, match="quantize='fp8' has no CPU kernel: use one of int8, int4"):
         p.kernel("fp8", "decode")
 
@@ -351,6 +361,7 @@ def test_the_quantized_kernels_are_measured_once_and_the_fastest_is_taken(fresh_
         return 1e-3 if kernel == ("pack", F32) else 2e-3
 
     monkeypatch.setattr(cpu_info, "best_time", fake_best_time)
+    monkeypatch.setattr(quant_choice, "WARM_UP_GIVE_UP", float("inf"))  # the fake times decide alone
     w = torch.randn(64, 128)
     with caplog.at_level(logging.DEBUG, logger="llama.runtime"):
         for mode, stored in (("int8", quant_formats.quantize_int8(w) + (None,)), ("int4", quant_formats.quantize_int4(w, 32))):
@@ -366,7 +377,7 @@ def test_the_quantized_kernels_are_measured_once_and_the_fastest_is_taken(fresh_
     lines = [r.getMessage() for r in caplog.records if "Quantized kernels" in r.getMessage() and r.levelno == logging.INFO]
     assert len(lines) == 1 and "int8 decode pack in float32" in lines[0] and "ms)" not in lines[0]
     timings = [r.getMessage() for r in caplog.records if "Quantized kernels" in r.getMessage() and r.levelno == logging.DEBUG]
-    assert len(timings) == 1 and "int4 prefill (64 rows, ms)" in timings[0]
+    assert len(timings) == 1 and "int4 prefill (256 rows, ms)" in timings[0]
 
 
 def test_measure_quantized_times_every_candidate_on_this_cpu():

@@ -47,11 +47,14 @@ DECODE_ROWS = 4
 # slower than the best so far is not timed again. (A small batch has its own probe: dequantizing a
 # whole weight for 8 rows, which can win at 64, costs far more than the packed kernel there.)
 # Prefill is bound by arithmetic: one weight of a megabyte, from the cache (below a few hundred
-# kilobytes the fixed costs of dequantizing would set its time). Each candidate is called once
-# before any of its step is timed: its first call of a shape (oneDNN building its kernel, a buffer
-# allocated) is not its speed. The probes multiply random int8 and int4 tensors: a product's time
-# does not depend on the values.
-QUANT_PROBE_ROWS = {"decode": 1, "small": 8, "prefill": 64}
+# kilobytes the fixed costs of dequantizing would set its time), times 256 rows, a prompt's length
+# or a chunk of one: PyTorch's packed kernels cost the same per row at any count, dequantizing a
+# block costs the same for any count of rows, and at 64 rows the packed kernels won where a
+# 512-token prompt ran 3-4x slower through them. Each candidate is called once before it is
+# timed: its first call of a shape (oneDNN building its kernel, a buffer allocated) is not its
+# speed; one whose first call alone is WARM_UP_GIVE_UP times the best so far is not called again.
+# The probes multiply random int8 and int4 tensors: a product's time does not depend on the values.
+QUANT_PROBE_ROWS = {"decode": 1, "small": 8, "prefill": 256}
 QUANT_PROBE_SHAPE = {"decode": (8192, 2048), "small": (8192, 2048), "prefill": (512, 2048)}
 STREAMED = ("decode", "small")  # the steps whose probes read each call's weight from memory
 # Not a candidate of STREAMED steps: dequantize-then-F.linear writes the whole weight in the compute
@@ -62,6 +65,7 @@ NOT_STREAMED = ("dequant",)
 QUANT_PROBE_GROUP = 32  # the default int4 group size
 PROBE_ROUNDS = 2  # each candidate timed in this many rounds, the fastest kept (measure_quantized)
 GIVE_UP = 3.0
+WARM_UP_GIVE_UP = 10.0  # a first call this many times the best so far is not timed again (_timed)
 
 
 @dataclass(frozen=True)
@@ -98,23 +102,46 @@ def choose_quantized(timings: dict, reason: str = "measured") -> QuantizedPolicy
     -> seconds for each mode in QUANT_MODES, step in QUANT_STEPS, path in QUANT_PATHS and compute
     in QUANT_COMPUTES (a missing one is no candidate). Each (mode, step) takes the fastest of all; each
     forced dtype the fastest in it. An int4 weight is held in one form only (two would undo what int4
-    saves): its decode step, which reads the weights at every token, takes the fastest path, and the
-    other steps the fastest of the paths that read the same form (STORED_FORM, or PyTorch's packed one)."""
+    saves): the stored one (STORED_FORM's paths) or PyTorch's packed one, whichever loses less over
+    the steps, each step's loss its form's best time over the step's best (`_int4_stored`); every
+    step then takes the fastest path of that form."""
     chosen = {}
     for mode in QUANT_MODES:
         for choice in (None, *QUANT_COMPUTES):
+            stored = _int4_stored(timings, choice) if mode == "int4" else None
             for step in QUANT_STEPS:
-                cells = [
-                    (timings[(mode, step, p, dtype_name(dt))], p, dt)
-                    for p in QUANT_PATHS
-                    for dt in QUANT_COMPUTES
-                    if (mode, step, p, dtype_name(dt)) in timings and choice in (None, dt)
-                ]
-                if mode == "int4" and step != "decode":
-                    stored = chosen[(mode, "decode", choice)][0] in STORED_FORM
+                cells = _cells(timings, mode, step, choice)
+                if stored is not None:
                     cells = [c for c in cells if (c[1] in STORED_FORM) == stored] or cells
                 chosen[(mode, step, choice)] = min(cells, key=lambda c: c[0])[1:]
     return QuantizedPolicy(chosen, reason=reason, timings=dict(timings))
+
+
+def _cells(timings: dict, mode: str, step: str, choice: Optional[torch.dtype]) -> list[tuple]:
+    """(seconds, path, compute dtype) of each candidate of (mode, step) in dtype `choice` (None: any)."""
+    return [
+        (timings[(mode, step, p, dtype_name(dt))], p, dt)
+        for p in QUANT_PATHS
+        for dt in QUANT_COMPUTES
+        if (mode, step, p, dtype_name(dt)) in timings and choice in (None, dt)
+    ]
+
+
+def _int4_stored(timings: dict, choice: Optional[torch.dtype]) -> bool:
+    """Whether int4 weights keep their stored form: the sum over the steps of its best time over the
+    step's best is at most the packed form's (decode alone would trade a prefill several times slower
+    for a decode a few percent faster; a tie keeps the stored form, which loads without converting)."""
+    def loss(stored: bool) -> float:
+        total = 0.0
+        for step in QUANT_STEPS:
+            cells = _cells(timings, "int4", step, choice)
+            mine = [c[0] for c in cells if (c[1] in STORED_FORM) == stored]
+            if not mine:
+                return float("inf")
+            total += min(mine) / min(c[0] for c in cells)
+        return total
+
+    return loss(True) <= loss(False)
 
 
 def step_for(rows: int) -> str:
@@ -148,17 +175,32 @@ def measure_quantized(repeats: int = 3, rounds: int = PROBE_ROUNDS) -> dict:
 
 
 def _measure_step(timings: dict, mode: str, step: str, x: torch.Tensor, gen: torch.Generator, repeats: int) -> None:
-    """Times every candidate of (mode, step) into `timings`, keeping the faster of an earlier round's."""
+    """Times every candidate of (mode, step) into `timings`, keeping the faster of an earlier round's;
+    a candidate that lost by more than GIVE_UP in an earlier round is not timed again."""
+    earlier = [t for (m, s, _, _), t in timings.items() if (m, s) == (mode, step)]
+    best = min(earlier, default=float("inf"))
     a8 = step in A8_STEPS and int8_activations_allowed()
-    best = float("inf")
     for group in _probe_groups(mode, QUANT_PROBE_SHAPE[step], x, gen, a8, step in STREAMED):
         for (path, dt), probe in group.items():
-            calls = repeats * (3 if step == "decode" else 1)
-            t = cpu.best_time(probe, calls, give_up=GIVE_UP * best, median=step in STREAMED)
             key = (mode, step, path, dtype_name(dt))
+            if timings.get(key, 0.0) > GIVE_UP * best:
+                continue
+            t = _timed(probe, repeats * (3 if step == "decode" else 1), best, step in STREAMED)
             timings[key] = min(t, timings.get(key, t))
             best = min(best, t)
         group.clear()  # its copies freed before the next group's are made
+
+
+def _timed(probe: "Cycled", calls: int, best: float, median: bool) -> float:
+    """Seconds of one call of `probe` (cpu.best_time) after a first call that is not timed (a first
+    call of a shape builds kernels and buffers), unless that first call alone takes WARM_UP_GIVE_UP
+    times `best`: whatever it paid once, it has lost (the slow candidates run 10-100x slower)."""
+    start = time.perf_counter()
+    probe()
+    first = time.perf_counter() - start
+    if first > WARM_UP_GIVE_UP * best:
+        return first
+    return cpu.best_time(probe, calls, give_up=GIVE_UP * best, median=median)
 
 
 class Cycled:
@@ -178,24 +220,24 @@ def _probe_groups(mode: str, shape: tuple[int, int], x: torch.Tensor, gen: torch
     """Groups of probes, {(path, compute dtype): Cycled}, each group's weights made when it is
     reached and dropped after (int4's stored form, then PyTorch's packed form: never both copies held);
     `a8`: native_a8 among them; `streamed`: as many copies of each weight as reading from memory
-    takes (cpu.streamed_copies), else one. Each probe is called once before it is returned."""
+    takes (cpu.streamed_copies), else one."""
     out_features, in_features = shape
     groups = (out_features, in_features // QUANT_PROBE_GROUP)
     if mode == "int8":
         q = torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
         scales = torch.rand(out_features, generator=gen) / 127
         copies = [(c, scales) for c in _copies(q, streamed)]
-        yield _called(_int8_probes(x, copies, a8), streamed)
+        yield _ordered(_int8_probes(x, copies, a8), streamed)
         return
     q = torch.randint(0, 256, (out_features, in_features // 2), generator=gen, dtype=torch.uint8)
     scales, zeros = torch.rand(groups, generator=gen).bfloat16(), torch.randn(groups, generator=gen).bfloat16()
     stored_form = [(q, scales, zeros)] + [tuple(t.clone() for t in (q, scales, zeros)) for _ in range(_count(q, streamed) - 1)]
-    yield _called(_int4_stored_probes(x, stored_form, a8), streamed)
+    yield _ordered(_int4_stored_probes(x, stored_form, a8), streamed)
     del stored_form
     packed = quant_kernels.int4_kernel_layout(q)
     tables = {dt: quant_kernels.scales_and_zeros(scales, zeros, dt) for dt in QUANT_COMPUTES}
     packed_copies = _copies(packed, streamed)
-    yield _called({
+    yield _ordered({
         ("pack", dt): Cycled(quant_kernels.int4_pack_mm, x.to(dt), [(p, QUANT_PROBE_GROUP, tables[dt]) for p in packed_copies])
         for dt in QUANT_COMPUTES
     }, streamed)
@@ -235,14 +277,11 @@ def _int4_stored_probes(x: torch.Tensor, copies: list[tuple], a8: bool) -> dict:
     return probes
 
 
-def _called(probes: dict, streamed: bool) -> dict:
-    """`probes` in QUANT_PATHS order, less NOT_STREAMED where `streamed`, each called once (a first
-    call of a shape is not its speed)."""
+def _ordered(probes: dict, streamed: bool) -> dict:
+    """`probes` in QUANT_PATHS order (the fast candidates first, so the slow ones give up after
+    one call), less NOT_STREAMED where `streamed`."""
     paths = [p for p in QUANT_PATHS if not (streamed and p in NOT_STREAMED)]
-    ordered = {(path, dt): probes[path, dt] for path in paths for dt in QUANT_COMPUTES if (path, dt) in probes}
-    for probe in ordered.values():
-        probe()
-    return ordered
+    return {(path, dt): probes[path, dt] for path in paths for dt in QUANT_COMPUTES if (path, dt) in probes}
 
 
 def quantized_kernel(mode: str, step: str, compute_dtype: Optional[torch.dtype] = None) -> tuple[str, torch.dtype]:
