@@ -95,3 +95,29 @@ def test_refusals(tmp_path, tiny_ckpt, monkeypatch):
     monkeypatch.delattr(torch, "_weight_int4pack_mm_for_cpu")
     with pytest.raises(ValueError, match="--base_quantize int4: .*no kernel on cpu"):
         finetune(data="x.jsonl", out_dir=str(tmp_path / "a"), ckpt_dir=str(tiny_ckpt), base_quantize="int4", lora_rank=4)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_an_adapter_applied_over_a_quantized_model_computes_as_over_its_dequantized_weights(mode, tiny_ckpt, tmp_path):
+    """Llama.build(quantize=..., adapter=...) at inference: the adapter beside the quantized products."""
+    args = model_args(read_params(tiny_ckpt), 32, 1)
+    quantized = load_model(tiny_ckpt, args, 0, 1, torch.device("cpu"), torch.float32, resolve(mode), torch.float32)
+    plain = load_model(tiny_ckpt, args, 0, 1, torch.device("cpu"), torch.float32)
+    for name, m in quantized.named_modules():
+        if isinstance(m, QuantizedLinear):
+            plain.get_submodule(name).weight.data = m.dequantize()
+        elif isinstance(m, QuantizedEmbedding):
+            plain.get_submodule(name).weight.data = m(torch.arange(args.vocab_size)).float()
+    config = lora.LoRAConfig(4, 8.0, ("wq", "wv", "w2", "output"))
+    torch.manual_seed(0)
+    state = {f"{name}.lora.{k}": t for name, a in lora.attach(load_model(tiny_ckpt, args, 0, 1, torch.device("cpu"), torch.float32), config).items()
+             for k, t in (("A", a.A.detach()), ("B", torch.randn_like(a.B) * 0.05))}
+    lora.save_adapter(state, config, args, tmp_path / "adapter")
+    tokens = torch.randint(0, args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = quantized.forward_train(tokens)
+        for model in (quantized, plain):
+            lora.apply_adapter(model, tmp_path / "adapter")
+        got, want = quantized.forward_train(tokens), plain.forward_train(tokens)
+    assert (got - before).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -133,6 +133,11 @@ def add_adapter(proj: nn.Module, config: LoRAConfig, kind: str = "column") -> Lo
     return lora
 
 
+def _float_dtype(proj: nn.Module) -> torch.dtype:
+    """The floating dtype of a projection's arithmetic: its weight's, or a quantized one's activations'."""
+    return proj.weight.dtype if proj.weight.dtype in FLOAT_DTYPES else proj.act_dtype
+
+
 def _features(proj: nn.Module) -> tuple[int, int]:
     """(out, in) of a projection's weight (this rank's slice); a quantized one's stored form packs its columns."""
     if proj.weight.dtype in FLOAT_DTYPES:
@@ -211,13 +216,11 @@ def read_adapter(adapter_dir: PathLike, args: ModelArgs) -> tuple[LoRAConfig, di
 
 def apply_adapter(model: nn.Module, adapter_dir: PathLike, mp_rank: int = 0, mp_size: int = 1) -> LoRAConfig:
     """Attach the adapter of `adapter_dir` to a loaded model, unmerged, this rank's slice of it, in
-    the dtype of the model's weights; frozen and in eval mode."""
+    the dtype of the model's weights (over quantized projections: of their activations); frozen and
+    in eval mode."""
     args = model.params
     config, state = read_adapter(adapter_dir, args)
-    if any(p.weight.dtype not in FLOAT_DTYPES for _, p in projections(model, config.targets)):
-        raise ValueError(f"the adapter {adapter_dir} targets quantized projections: load the merged checkpoint "
-                         "(the fine-tune's model/) and quantize that, or load without --quantize")
-    dtype = next(p.weight.dtype for _, p in projections(model, config.targets))
+    dtype = next(_float_dtype(p) for _, p in projections(model, config.targets))
     for name, lora in attach(model, config).items():
         a, b = state[name + ".lora.A"], state[name + ".lora.B"]
         if lora.kind == "row":
