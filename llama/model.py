@@ -5,14 +5,11 @@ from typing import Optional, Union
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel.layers import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-)
+from fairscale.nn.model_parallel.layers import VocabParallelEmbedding
 from torch import nn
 
 from llama import kv_cache
+from llama.parallel_layers import ColumnParallelLinear, RowParallelLinear
 from llama.args import MAX_SEQ_LEN_SCALED, MAX_SEQ_LEN_UNSCALED, ModelArgs, _swiglu_hidden_dim, ffn_hidden_dim  # noqa: F401 (re-exported)
 from llama.kv_cache import BlockKVCache, Group, KVCache, Slots
 

@@ -17,7 +17,7 @@ PACKAGE = ROOT / "llama"
 LAYERS: List[List[str]] = [
     # leaves: nothing of ours below them
     ["llama.args", "llama.validation", "llama.distributed", "llama.registry", "llama.atomic", "llama.memory",
-     "llama.demo", "llama.cli"],
+     "llama.demo", "llama.cli", "llama.parallel_layers"],
     # the model and what it reads and writes
     ["llama.model", "llama.kv_cache", "llama.tokenizer"],
     # what is built on tokens and logits alone

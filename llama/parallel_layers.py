@@ -1,0 +1,25 @@
+# fairscale's tensor-parallel linear layers (the model's parameter names and sharding), whose
+# forward is the plain product when the layer is held whole, on one model-parallel process: the
+# regions' autograd functions around the product (copy to, reduce from) are identities there, and
+# cost more than the product itself for a decode step's small projections.
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel import layers as fs_layers
+
+
+class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
+    """fairscale's ColumnParallelLinear; held whole, F.linear alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.output_size_per_partition == self.out_features:
+            return F.linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+class RowParallelLinear(fs_layers.RowParallelLinear):
+    """fairscale's RowParallelLinear; held whole, F.linear alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_size_per_partition == self.in_features:
+            return F.linear(x, self.weight, self.bias)
+        return super().forward(x)
