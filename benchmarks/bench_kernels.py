@@ -14,7 +14,7 @@ second copy of any weight), each through oneDNN and through
 PyTorch's own kernels; PyTorch's int8 and int4 weight-only kernels (`torch._weight_int8pack_mm`,
 `torch._weight_int4pack_mm_for_cpu`) with bfloat16 and float32 activations; and this package's own
 bfloat16, int8 and int4 products (llama.runtime.native) at each instruction set the CPU has, where
-they build, with float32 activations and with activations rounded to int8 per block ("int8 act.",
+they build, with float32 activations (the bfloat16 one also with bfloat16 activations and results, "bf16 act.") and with activations rounded to int8 per block ("int8 act.",
 the policy's native_a8). Each case cycles through copies of its weight twice the last-level cache, so every call
 reads its weight from memory as decode does (`--from_memory False`: one weight, again and again).
 Reported: milliseconds (median of --repeats rounds), the weight's bytes read per second and their
@@ -147,6 +147,10 @@ def float_cases(x32: torch.Tensor, w16s: list, w32s: list, scratch: torch.Tensor
     if native.kernels() is not None:
         for isa in reversed(native.available_isas()):
             cases.append((f"bfloat16, native {isa}", [lambda w=w, isa=isa: native.bf16_mm(x32, w, isa) for w in w16s],
+                          w16s[0].nbytes, None))
+        for isa in reversed(native.available_isas(bf16_activations=True)):  # as the bfloat16 model calls it
+            cases.append((f"bfloat16, native bf16 act. {isa}",
+                          [lambda w=w, isa=isa: native.bf16_mm(x16, w, isa, torch.bfloat16) for w in w16s],
                           w16s[0].nbytes, None))
     return cases
 

@@ -22,6 +22,7 @@ from llama.weights import quant_formats, quant_modules
 REPO = Path(__file__).resolve().parent.parent
 ISAS = native.available_isas() if native.kernels() is not None else []
 A8_ISAS = native.available_isas(int8_activations=True) if native.kernels() is not None else []
+BF16_ISAS = native.available_isas(bf16_activations=True) if native.kernels() is not None else []
 needs_kernels = pytest.mark.skipif(not ISAS, reason="no C++ compiler here (the fallback is tested below)")
 
 
@@ -46,6 +47,23 @@ def test_each_kernel_equals_dequantize_then_linear(isa, rows):
         close(native.int4_mm(x, q4, s4, z4, group, isa), want, k)
     wb = w.bfloat16()
     close(native.bf16_mm(x, wb, isa), F.linear(x, wb.float()), k)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", BF16_ISAS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 9])  # each row count of a pass, and several passes
+def test_the_bfloat16_product_with_bfloat16_activations_is_f_linear_in_float32(isa, rows):
+    """bfloat16 x bfloat16 products summed in float32 (F.linear in bfloat16 computes them so, summed
+    in another order): float32 results, and bfloat16 ones rounded as PyTorch rounds; inner sizes that
+    take each width of vector and none, activations small (one row per step) and large (several)."""
+    gen = torch.Generator().manual_seed(rows)
+    for n, k in ((70, 512), (37, 8192), (13, 48), (9, 100)):
+        w, x = torch.randn(n, k, generator=gen).bfloat16(), torch.randn(rows, k, generator=gen).bfloat16()
+        want = F.linear(x.float(), w.float())
+        close(native.bf16_mm(x, w, isa), want, k)
+        got = native.bf16_mm(x, w, isa, out_dtype=torch.bfloat16)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, native.bf16_mm(x, w, isa).bfloat16())  # the same sums, rounded as PyTorch rounds
 
 
 def rounded_per_block(x: torch.Tensor, block: int = native.A8_BLOCK) -> torch.Tensor:

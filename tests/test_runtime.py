@@ -276,6 +276,7 @@ def test_bench_kernels_reports_every_case(tmp_path):
     if native.kernels() is not None:  # this package's own, at each instruction set the CPU has
         for case in ("bfloat16", "int8", "int4"):
             assert {(1, f"{case}, native {isa}") for isa in native.available_isas()} <= cases
+        assert {(1, f"bfloat16, native bf16 act. {isa}") for isa in native.available_isas(bf16_activations=True)} <= cases
         for case in ("int8", "int4"):  # and with the activations rounded to int8 (native_a8)
             assert {(1, f"{case}, native int8 act. {isa}") for isa in native.available_isas(int8_activations=True)} <= cases
     assert {"int8", "int4"} <= set(report["times_bfloat16"]["1"])  # the fastest of each, against bfloat16
