@@ -157,6 +157,35 @@ def test_greedy_tokens_are_unchanged_through_the_policy(tiny_ckpt, byte_tokenize
     assert out["native"] == out["dequant"]
 
 
+@needs_kernels
+def test_a_bfloat16_model_decodes_the_same_greedy_tokens_through_the_native_product(monkeypatch):
+    """The policy planning this package's bfloat16 product for decode and small batches (as it does
+    where that is measured fastest): the demo model's greedy tokens, one prompt and two together,
+    are those of PyTorch's bfloat16 products, and the decode steps' products did go through it."""
+    import dataclasses
+
+    from llama import Llama
+    from llama.demo import DEMO_DIR, TOKENIZER_PATH
+    from llama.runtime import compute
+    from llama.runtime import policy as kernel_policy
+
+    calls, product = [], native.bf16_mm
+    monkeypatch.setattr(compute.native, "bf16_mm", lambda *a, **k: calls.append(a[0].shape[0]) or product(*a, **k))
+    llama = Llama.build(str(DEMO_DIR), str(TOKENIZER_PATH), 128, 2, device="cpu", dtype="bfloat16")
+    plain = kernel_policy.uniform(torch.bfloat16)  # PyTorch's products
+    own = dataclasses.replace(plain, decode=kernel_policy.StepKernels(torch.bfloat16, native=True),
+                              small=kernel_policy.StepKernels(torch.bfloat16, native=True))
+    prompts = [llama.tokenizer.encode(t, bos=True, eos=False) for t in ("Once upon a time", "The little robot said")]
+    out = {}
+    calls.clear()  # the start-up probe's
+    for name, policy in (("plain", plain), ("own", own)):
+        llama.policy = policy
+        out[name] = (llama.generate(prompts[:1], 16, temperature=0)[0], llama.generate(prompts, 16, temperature=0)[0])
+        assert bool(calls) == (name == "own")
+    assert out["own"] == out["plain"]
+    assert {1, 2} <= set(calls)  # one-row and two-row decode steps
+
+
 def test_without_a_compiler_the_products_run_on_pytorchs_own_kernels(tmp_path):
     """The compiler hidden (CXX naming a missing binary), in a fresh build directory: no native
     kernels, one log line, and a quantized layer still chooses and runs a PyTorch path."""
