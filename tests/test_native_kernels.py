@@ -64,6 +64,8 @@ def test_the_bfloat16_product_with_bfloat16_activations_is_f_linear_in_float32(i
         got = native.bf16_mm(x, w, isa, out_dtype=torch.bfloat16)
         assert got.dtype == torch.bfloat16
         assert torch.equal(got, native.bf16_mm(x, w, isa).bfloat16())  # the same sums, rounded as PyTorch rounds
+        if isa == BF16_ISAS[-1]:  # the model's entry: any leading dimensions, the widest instruction set
+            assert torch.equal(native.bf16_linear(x.view(rows, 1, k), w), got.view(rows, 1, n))
 
 
 def rounded_per_block(x: torch.Tensor, block: int = native.A8_BLOCK) -> torch.Tensor:
@@ -169,8 +171,8 @@ def test_a_bfloat16_model_decodes_the_same_greedy_tokens_through_the_native_prod
     from llama.runtime import compute
     from llama.runtime import policy as kernel_policy
 
-    calls, product = [], native.bf16_mm
-    monkeypatch.setattr(compute.native, "bf16_mm", lambda *a, **k: calls.append(a[0].shape[0]) or product(*a, **k))
+    calls, product = [], native.bf16_linear
+    monkeypatch.setattr(compute.native, "bf16_linear", lambda x, w: calls.append(x.shape[:-1].numel()) or product(x, w))
     llama = Llama.build(str(DEMO_DIR), str(TOKENIZER_PATH), 128, 2, device="cpu", dtype="bfloat16")
     plain = kernel_policy.uniform(torch.bfloat16)  # PyTorch's products
     own = dataclasses.replace(plain, decode=kernel_policy.StepKernels(torch.bfloat16, native=True),

@@ -161,7 +161,6 @@ class NativeLinear(TorchFunctionMode):
             bias = rest[0] if rest else kwargs.get("bias")
             if (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.dim() == 2
                     and weight.is_contiguous() and weight.device.type == "cpu" and not x.requires_grad):
-                out = native.bf16_mm(x.reshape(-1, x.shape[-1]), weight, out_dtype=torch.bfloat16)
-                out = out.view(*x.shape[:-1], weight.shape[0])
+                out = native.bf16_linear(x, weight)
                 return out if bias is None else out + bias
         return func(*args, **kwargs)

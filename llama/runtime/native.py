@@ -166,6 +166,19 @@ def bf16_mm(x2: torch.Tensor, w: torch.Tensor, isa: str = "auto", out_dtype: tor
     return out
 
 
+def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) for bfloat16 x (..., in) and a contiguous bfloat16 CPU w (out, in), by bf16_mm
+    with bfloat16 results: the bfloat16 model's products, with the fewest checks per call (the
+    caller, llama.runtime.compute.NativeLinear, has checked the weight)."""
+    k, n = x.shape[-1], w.shape[0]
+    if x.dtype != torch.bfloat16 or w.shape[1] != k:
+        raise ValueError(f"bfloat16 activations (..., {w.shape[1]}) expected, not {x.dtype} {tuple(x.shape)}")
+    x = x.contiguous()
+    out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+    kernels().bf16_mm(x.data_ptr(), x.numel() // k, k, w.data_ptr(), out.data_ptr(), n, 0, True, True)
+    return out
+
+
 def int8a_mm(x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, isa: str = "auto") -> torch.Tensor:
     """int8_mm with each row of x2 rounded to int8 per block of A8_BLOCK columns (scale max|x| / 127
     of the block) and integer dot products: x2's rounded values @ (q * scales[:, None])^T, float32."""
