@@ -411,3 +411,38 @@ def test_the_upcast_buffer_first_used_under_inference_mode_serves_products_outsi
         inside = compute.upcast_linear(x, w, compute.upcast_scratch(torch.float32, torch.device("cpu")))
     outside = compute.upcast_linear(x, w, compute.upcast_scratch(torch.float32, torch.device("cpu")))
     assert torch.equal(outside, inside) and torch.equal(inside, F.linear(x, w.float()))
+
+
+def test_weights_are_allocated_on_huge_pages_where_linux_gives_them(monkeypatch, tiny_ckpt, byte_tokenizer):
+    """A tensor advised before it is written is backed by 2 MB pages (where transparent huge pages
+    are not off), the loader advises every weight it allocates, and LLAMA_NO_HUGE_PAGES=1 leaves the
+    default pages."""
+    from pathlib import Path
+
+    from llama.runtime import pages
+
+    advised, advise = [], pages.advise_huge_pages
+    monkeypatch.setattr(pages, "advise_huge_pages", lambda t: advised.append(t.shape) or advise(t))
+    llama = Llama.build(str(tiny_ckpt), str(byte_tokenizer), 64, 1, device="cpu", dtype="float32")
+    assert len(advised) >= len(llama.model.state_dict()) - 1  # each weight as it is allocated (output tied or not)
+    monkeypatch.setattr(pages, "advise_huge_pages", advise)
+
+    t = torch.empty(4 * pages.HUGE_PAGE // 2, dtype=torch.bfloat16)
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("transparent huge pages are off here")
+    assert pages.advise_huge_pages(t)
+    t.fill_(1)
+    lo, hi, huge, span = t.data_ptr(), t.data_ptr() + t.nbytes, 0, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split()[0]
+        if "-" in first and ":" not in first:
+            a, b = (int(v, 16) for v in first.split("-"))
+            span = a < hi and b > lo
+        elif first == "AnonHugePages:" and span:
+            huge += int(line.split()[1]) * 1024
+    assert huge >= 3 * pages.HUGE_PAGE  # every whole 2 MB page inside the tensor
+    monkeypatch.setenv(pages.DISABLE_ENV, "1")
+    assert not pages.advise_huge_pages(torch.empty(4 * pages.HUGE_PAGE // 2, dtype=torch.bfloat16))
+    monkeypatch.delenv(pages.DISABLE_ENV)
+    assert not pages.advise_huge_pages(torch.empty(16))  # under 2 MB: nothing to ask
