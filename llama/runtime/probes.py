@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import distributed
-from llama.runtime import cpu, native, stored
+from llama.runtime import cpu, native, pages, stored
 from llama.runtime.compute import upcast_linear, upcast_scratch
 from llama.runtime.policy import COMPUTES, KERNELS, KINDS, NATIVE, Policy, choose, fastest, parse_dtype, step_kernels, uniform
 
@@ -101,7 +101,9 @@ def measure(repeats: int = 2, from_memory: bool = True, cached: Optional[tuple] 
     if own:
         pool = max(2 * cached[1], 8 * n)  # the model's float32 bytes: two bytes of each element
     prefill = PROBE_SHAPE["prefill"][0] * PROBE_SHAPE["prefill"][1] * 2  # in float32, as bfloat16 elements
-    buffer = torch.full((max(4 * n, prefill, min(pool, PROBE_POOL_MAX) // 2 // n * n),), 0.01, dtype=torch.bfloat16)
+    buffer = torch.empty((max(4 * n, prefill, min(pool, PROBE_POOL_MAX) // 2 // n * n),), dtype=torch.bfloat16)
+    pages.advise_huge_pages(buffer)  # in pages like the loader's weights
+    buffer.fill_(0.01)
     # bfloat16 elements each dtype's windows cycle through: all of the buffer, or from the cache the
     # model's bytes in that dtype (bfloat16 half of them)
     span = {dtype: buffer.numel() for dtype in (torch.bfloat16, torch.float32)}
