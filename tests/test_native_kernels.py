@@ -57,7 +57,7 @@ def test_the_bfloat16_product_with_bfloat16_activations_is_f_linear_in_float32(i
     in another order): float32 results, and bfloat16 ones rounded as PyTorch rounds; inner sizes that
     take each width of vector and none, activations small (one row per step) and large (several)."""
     gen = torch.Generator().manual_seed(rows)
-    for n, k in ((70, 512), (37, 8192), (13, 48), (9, 100)):
+    for n, k in ((70, 512), (37, 8192), (11, 96), (13, 48), (9, 100)):  # 96: a step and a vector past it
         w, x = torch.randn(n, k, generator=gen).bfloat16(), torch.randn(rows, k, generator=gen).bfloat16()
         want = F.linear(x.float(), w.float())
         close(native.bf16_mm(x, w, isa), want, k)
@@ -190,7 +190,8 @@ def test_a_bfloat16_model_decodes_the_same_greedy_tokens_through_the_native_prod
 
 def test_without_a_compiler_the_products_run_on_pytorchs_own_kernels(tmp_path):
     """The compiler hidden (CXX naming a missing binary), in a fresh build directory: no native
-    kernels, one log line, and a quantized layer still chooses and runs a PyTorch path."""
+    kernels, one log line, a quantized layer still chooses and runs a PyTorch path, and a bfloat16
+    step planned on this package's bfloat16 product runs PyTorch's."""
     code = (
         "import logging, torch\n"
         "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
@@ -201,6 +202,14 @@ def test_without_a_compiler_the_products_run_on_pytorchs_own_kernels(tmp_path):
         "lin = quant_modules.QuantizedLinear('int8', *quant_formats.quantize_int8(w), None, 32, torch.float32)\n"
         "assert not {'native', 'native_a8'} & {p for p, _ in lin.kernels.values()}, lin.kernels\n"
         "print('ran', tuple(lin(torch.randn(1, 128)).shape))\n"
+        # a bfloat16 step planned on the native product: PyTorch's product runs (and the probe has no native case)
+        "from llama.runtime import compute, probes\n"
+        "from llama.runtime import policy as kp\n"
+        "p = kp.Policy(torch.bfloat16, *[kp.StepKernels(torch.bfloat16, native=True)] * 3)\n"
+        "x, wb = torch.randn(1, 1, 128).bfloat16(), w.bfloat16()\n"
+        "with compute.kernels_for(torch.zeros(1, 1, dtype=torch.long), p):\n"
+        "    assert torch.equal(torch.nn.functional.linear(x, wb), torch.nn.functional.linear(x, wb))\n"
+        "assert all(k[2] != kp.NATIVE for k in probes.measure(repeats=1, from_memory=False))\n"
     )
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), native.KERNELS_DIR_ENV: str(tmp_path / "kernels"),
            "PYTHONPATH": str(REPO)}
