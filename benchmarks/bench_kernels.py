@@ -14,10 +14,11 @@ second copy of any weight), each through oneDNN and through
 PyTorch's own kernels; PyTorch's int8 and int4 weight-only kernels (`torch._weight_int8pack_mm`,
 `torch._weight_int4pack_mm_for_cpu`) with bfloat16 and float32 activations; and this package's own
 bfloat16, int8 and int4 products (llama.runtime.native) at each instruction set the CPU has, where
-they build, with float32 activations and with activations rounded to int8 per block ("int8 act.",
+they build, with float32 activations (the bfloat16 one also with bfloat16 activations and results, "bf16 act.") and with activations rounded to int8 per block ("int8 act.",
 the policy's native_a8). Each case cycles through copies of its weight twice the last-level cache, so every call
 reads its weight from memory as decode does (`--from_memory False`: one weight, again and again).
-Reported: milliseconds (median of --repeats rounds), the weight's bytes read per second and their
+The weights are allocated as the loader allocates them (on huge pages where Linux gives them;
+LLAMA_NO_HUGE_PAGES=1: 4 KB pages). Reported: milliseconds (median of --repeats rounds), the weight's bytes read per second and their
 share of this machine's read bandwidth measured in the same run, GFLOP/s; then, per row count, how
 many times faster than PyTorch's bfloat16 product (its faster kernel) the fastest int8 and int4 ones
 are (decode's tokens per second go as that), and what the policy picks. `--clock thread` times the
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 from common import GB, envelope, read_bandwidth, write_json
 from llama import cli
-from llama.runtime import compute, cpu, native, probes, quant_kernels
+from llama.runtime import compute, cpu, native, pages, probes, quant_kernels
 from llama.weights import quant_formats
 from llama.runtime import policy as kernel_policy
 
@@ -49,12 +50,12 @@ def quantized_cases(w: torch.Tensor, x32: torch.Tensor, copies: int) -> dict:
     cases = {}
     n, k = w.shape
     q8, s8 = quant_formats.quantize_int8(w)
-    q8s = [q8.clone() for _ in range(copies)]
+    q8s = [copy(q8) for _ in range(copies)]
     for name, dt in (("int8, PyTorch, bfloat16 act.", torch.bfloat16), ("int8, PyTorch, float32 act.", torch.float32)):
         x, s = x32.to(dt), s8.to(dt)
         cases[name] = ([lambda q=q, x=x, s=s: quant_kernels.int8_pack_mm(x, q, s) for q in q8s], q8.nbytes + s.nbytes)
     q4, s4, z4 = quant_formats.quantize_int4(w, 32)
-    q4s = [q4.clone() for _ in range(copies)]
+    q4s = [copy(q4) for _ in range(copies)]
     packed = [quant_kernels.int4_kernel_layout(q) for q in q4s]
     int4_bytes = q4.nbytes + s4.nbytes + z4.nbytes
     for name, dt in (("int4, PyTorch, bfloat16 act.", torch.bfloat16), ("int4, PyTorch, float32 act.", torch.float32)):
@@ -73,6 +74,14 @@ def quantized_cases(w: torch.Tensor, x32: torch.Tensor, copies: int) -> dict:
             cases[f"int4, native int8 act. {isa}"] = (
                 [lambda q=q, isa=isa: native.int4a_mm(x32, q, s4, z4, 32, isa) for q in q4s], int4_bytes)
     return cases
+
+
+def copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of weight `t` in memory like the loader's (llama.runtime.pages: on huge pages where
+    Linux gives them, unless LLAMA_NO_HUGE_PAGES is set)."""
+    out = torch.empty_like(t)
+    pages.advise_huge_pages(out)
+    return out.copy_(t)
 
 
 def cpu_flags() -> str:
@@ -148,6 +157,10 @@ def float_cases(x32: torch.Tensor, w16s: list, w32s: list, scratch: torch.Tensor
         for isa in reversed(native.available_isas()):
             cases.append((f"bfloat16, native {isa}", [lambda w=w, isa=isa: native.bf16_mm(x32, w, isa) for w in w16s],
                           w16s[0].nbytes, None))
+        for isa in reversed(native.available_isas(bf16_activations=True)):  # as the bfloat16 model calls it
+            cases.append((f"bfloat16, native bf16 act. {isa}",
+                          [lambda w=w, isa=isa: native.bf16_mm(x16, w, isa, torch.bfloat16) for w in w16s],
+                          w16s[0].nbytes, None))
     return cases
 
 
@@ -208,8 +221,8 @@ def main(
     torch.manual_seed(0)
     w32 = torch.randn(n, k) / k**0.5
     w16 = w32.bfloat16()
-    w32s = [w32] + [w32.clone() for _ in range(copies_for(w32.nbytes, from_memory) - 1)]
-    w16s = [w16] + [w16.clone() for _ in range(copies_for(w16.nbytes, from_memory) - 1)]
+    w32s = [copy(w32) for _ in range(copies_for(w32.nbytes, from_memory))]
+    w16s = [copy(w16) for _ in range(copies_for(w16.nbytes, from_memory))]
     bw = max(bandwidth(int(bandwidth_mb) * 2**20, clock) for _ in range(max(1, int(rounds))))
     scratch = torch.empty(compute.UPCAST_CHUNK)
     print(f"CPU {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "

@@ -22,6 +22,7 @@ from llama.weights import quant_formats, quant_modules
 REPO = Path(__file__).resolve().parent.parent
 ISAS = native.available_isas() if native.kernels() is not None else []
 A8_ISAS = native.available_isas(int8_activations=True) if native.kernels() is not None else []
+BF16_ISAS = native.available_isas(bf16_activations=True) if native.kernels() is not None else []
 needs_kernels = pytest.mark.skipif(not ISAS, reason="no C++ compiler here (the fallback is tested below)")
 
 
@@ -46,6 +47,25 @@ def test_each_kernel_equals_dequantize_then_linear(isa, rows):
         close(native.int4_mm(x, q4, s4, z4, group, isa), want, k)
     wb = w.bfloat16()
     close(native.bf16_mm(x, wb, isa), F.linear(x, wb.float()), k)
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", BF16_ISAS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 9])  # each row count of a pass, and several passes
+def test_the_bfloat16_product_with_bfloat16_activations_is_f_linear_in_float32(isa, rows):
+    """bfloat16 x bfloat16 products summed in float32 (F.linear in bfloat16 computes them so, summed
+    in another order): float32 results, and bfloat16 ones rounded as PyTorch rounds; inner sizes that
+    take each width of vector and none, activations small (one row per step) and large (several)."""
+    gen = torch.Generator().manual_seed(rows)
+    for n, k in ((70, 512), (37, 8192), (11, 96), (13, 48), (9, 100)):  # 96: a step and a vector past it
+        w, x = torch.randn(n, k, generator=gen).bfloat16(), torch.randn(rows, k, generator=gen).bfloat16()
+        want = F.linear(x.float(), w.float())
+        close(native.bf16_mm(x, w, isa), want, k)
+        got = native.bf16_mm(x, w, isa, out_dtype=torch.bfloat16)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, native.bf16_mm(x, w, isa).bfloat16())  # the same sums, rounded as PyTorch rounds
+        if isa == BF16_ISAS[-1]:  # the model's entry: any leading dimensions, the widest instruction set
+            assert torch.equal(native.bf16_linear(x.view(rows, 1, k), w), got.view(rows, 1, n))
 
 
 def rounded_per_block(x: torch.Tensor, block: int = native.A8_BLOCK) -> torch.Tensor:
@@ -139,9 +159,39 @@ def test_greedy_tokens_are_unchanged_through_the_policy(tiny_ckpt, byte_tokenize
     assert out["native"] == out["dequant"]
 
 
+@needs_kernels
+def test_a_bfloat16_model_decodes_the_same_greedy_tokens_through_the_native_product(monkeypatch):
+    """The policy planning this package's bfloat16 product for decode and small batches (as it does
+    where that is measured fastest): the demo model's greedy tokens, one prompt and two together,
+    are those of PyTorch's bfloat16 products, and the decode steps' products did go through it."""
+    import dataclasses
+
+    from llama import Llama
+    from llama.demo import DEMO_DIR, TOKENIZER_PATH
+    from llama.runtime import compute
+    from llama.runtime import policy as kernel_policy
+
+    calls, product = [], native.bf16_linear
+    monkeypatch.setattr(compute.native, "bf16_linear", lambda x, w: calls.append(x.shape[:-1].numel()) or product(x, w))
+    llama = Llama.build(str(DEMO_DIR), str(TOKENIZER_PATH), 128, 2, device="cpu", dtype="bfloat16")
+    plain = kernel_policy.uniform(torch.bfloat16)  # PyTorch's products
+    own = dataclasses.replace(plain, decode=kernel_policy.StepKernels(torch.bfloat16, native=True),
+                              small=kernel_policy.StepKernels(torch.bfloat16, native=True))
+    prompts = [llama.tokenizer.encode(t, bos=True, eos=False) for t in ("Once upon a time", "The little robot said")]
+    out = {}
+    calls.clear()  # the start-up probe's
+    for name, policy in (("plain", plain), ("own", own)):
+        llama.policy = policy
+        out[name] = (llama.generate(prompts[:1], 16, temperature=0)[0], llama.generate(prompts, 16, temperature=0)[0])
+        assert bool(calls) == (name == "own")
+    assert out["own"] == out["plain"]
+    assert {1, 2} <= set(calls)  # one-row and two-row decode steps
+
+
 def test_without_a_compiler_the_products_run_on_pytorchs_own_kernels(tmp_path):
     """The compiler hidden (CXX naming a missing binary), in a fresh build directory: no native
-    kernels, one log line, and a quantized layer still chooses and runs a PyTorch path."""
+    kernels, one log line, a quantized layer still chooses and runs a PyTorch path, and a bfloat16
+    step planned on this package's bfloat16 product runs PyTorch's."""
     code = (
         "import logging, torch\n"
         "logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
@@ -152,6 +202,14 @@ def test_without_a_compiler_the_products_run_on_pytorchs_own_kernels(tmp_path):
         "lin = quant_modules.QuantizedLinear('int8', *quant_formats.quantize_int8(w), None, 32, torch.float32)\n"
         "assert not {'native', 'native_a8'} & {p for p, _ in lin.kernels.values()}, lin.kernels\n"
         "print('ran', tuple(lin(torch.randn(1, 128)).shape))\n"
+        # a bfloat16 step planned on the native product: PyTorch's product runs (and the probe has no native case)
+        "from llama.runtime import compute, probes\n"
+        "from llama.runtime import policy as kp\n"
+        "p = kp.Policy(torch.bfloat16, *[kp.StepKernels(torch.bfloat16, native=True)] * 3)\n"
+        "x, wb = torch.randn(1, 1, 128).bfloat16(), w.bfloat16()\n"
+        "with compute.kernels_for(torch.zeros(1, 1, dtype=torch.long), p):\n"
+        "    assert torch.equal(torch.nn.functional.linear(x, wb), torch.nn.functional.linear(x, wb))\n"
+        "assert all(k[2] != kp.NATIVE for k in probes.measure(repeats=1, from_memory=False))\n"
     )
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), native.KERNELS_DIR_ENV: str(tmp_path / "kernels"),
            "PYTHONPATH": str(REPO)}

@@ -59,6 +59,21 @@ def test_policy_follows_the_timings_of_a_cpu_with_native_bf16():
     assert p.decode == p.small == p.prefill == kernel_policy.StepKernels(BF16, onednn=True)
 
 
+def test_policy_takes_this_packages_bfloat16_product_where_it_is_timed_fastest():
+    """The native bfloat16 product, timed for decode and small batches, is planned where it is the
+    fastest: oneDNN left as set there; a slower one changes nothing."""
+    native_kernel = kernel_policy.NATIVE
+    fast = {**NO_NATIVE_BF16, ("decode", "bfloat16", native_kernel): 0.5e-3, ("small", "bfloat16", native_kernel): 3e-3}
+    p = kernel_policy.choose(fast)
+    assert p.weights == BF16
+    assert p.decode == p.small == kernel_policy.StepKernels(BF16, native=True)
+    assert p.prefill == kernel_policy.StepKernels(F32, onednn=True)
+    assert "decode bfloat16, this package's bfloat16 product" in p.describe()
+    slow = {**NO_NATIVE_BF16, ("decode", "bfloat16", native_kernel): 1e-3, ("small", "bfloat16", native_kernel): 9e-3}
+    assert kernel_policy.choose(slow) == kernel_policy.choose(NO_NATIVE_BF16)
+    assert "bfloat16-native 0.500" in probes.format_timings(fast)
+
+
 def test_float32_weights_when_float32_decodes_faster():
     slow_bf16 = {**NO_NATIVE_BF16, ("decode", "bfloat16", True): 9e-3, ("decode", "bfloat16", False): 8e-3}
     p = kernel_policy.choose(slow_bf16)
@@ -148,6 +163,8 @@ def test_kernels_for_applies_the_plan_of_each_step_and_restores_the_flags():
 def test_measure_times_every_case_on_this_cpu(from_memory):
     t = probes.measure(repeats=1, from_memory=from_memory)
     expected = {(k, c, o) for k in kernel_policy.KINDS for c in kernel_policy.COMPUTES for o in (True, False)}
+    if native.kernels() is not None:  # this package's bfloat16 product, for the steps that read weights at few rows
+        expected |= {("decode", "bfloat16", kernel_policy.NATIVE), ("small", "bfloat16", kernel_policy.NATIVE)}
     assert set(t) == expected - {("decode", "upcast", True), ("decode", "upcast", False)}
     assert all(s > 0 for s in t.values())
     assert isinstance(kernel_policy.choose(t).weights, torch.dtype)
@@ -276,6 +293,7 @@ def test_bench_kernels_reports_every_case(tmp_path):
     if native.kernels() is not None:  # this package's own, at each instruction set the CPU has
         for case in ("bfloat16", "int8", "int4"):
             assert {(1, f"{case}, native {isa}") for isa in native.available_isas()} <= cases
+        assert {(1, f"bfloat16, native bf16 act. {isa}") for isa in native.available_isas(bf16_activations=True)} <= cases
         for case in ("int8", "int4"):  # and with the activations rounded to int8 (native_a8)
             assert {(1, f"{case}, native int8 act. {isa}") for isa in native.available_isas(int8_activations=True)} <= cases
     assert {"int8", "int4"} <= set(report["times_bfloat16"]["1"])  # the fastest of each, against bfloat16
@@ -409,3 +427,39 @@ def test_the_upcast_buffer_first_used_under_inference_mode_serves_products_outsi
         inside = compute.upcast_linear(x, w, compute.upcast_scratch(torch.float32, torch.device("cpu")))
     outside = compute.upcast_linear(x, w, compute.upcast_scratch(torch.float32, torch.device("cpu")))
     assert torch.equal(outside, inside) and torch.equal(inside, F.linear(x, w.float()))
+
+
+def test_weights_are_allocated_on_huge_pages_where_linux_gives_them(monkeypatch, tiny_ckpt, byte_tokenizer):
+    """A tensor advised before it is written is backed by 2 MB pages (where transparent huge pages
+    are not off), the loader advises every weight it allocates, and LLAMA_NO_HUGE_PAGES=1 leaves the
+    default pages."""
+    from pathlib import Path
+
+    from llama.runtime import pages
+
+    advised, advise = [], pages.advise_huge_pages
+    monkeypatch.setattr(pages, "advise_huge_pages", lambda t: advised.append(t.shape) or advise(t))
+    llama = Llama.build(str(tiny_ckpt), str(byte_tokenizer), 64, 1, device="cpu", dtype="float32")
+    assert len(advised) >= len(llama.model.state_dict()) - 1  # each weight as it is allocated (output tied or not)
+    monkeypatch.setattr(pages, "advise_huge_pages", advise)
+
+    # over glibc's largest mmap threshold (32 MB): fresh pages, never memory an earlier test freed
+    t = torch.empty(20 * pages.HUGE_PAGE // 2, dtype=torch.bfloat16)
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("transparent huge pages are off here")
+    assert pages.advise_huge_pages(t)
+    t.fill_(1)
+    lo, hi, huge, span = t.data_ptr(), t.data_ptr() + t.nbytes, 0, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        first = line.split()[0]
+        if "-" in first and ":" not in first:
+            a, b = (int(v, 16) for v in first.split("-"))
+            span = a < hi and b > lo
+        elif first == "AnonHugePages:" and span:
+            huge += int(line.split()[1]) * 1024
+    assert huge >= 19 * pages.HUGE_PAGE  # every whole 2 MB page inside the tensor
+    monkeypatch.setenv(pages.DISABLE_ENV, "1")
+    assert not pages.advise_huge_pages(torch.empty(4 * pages.HUGE_PAGE // 2, dtype=torch.bfloat16))
+    monkeypatch.delenv(pages.DISABLE_ENV)
+    assert not pages.advise_huge_pages(torch.empty(16))  # under 2 MB: nothing to ask

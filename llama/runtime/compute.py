@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
+from llama.runtime import native
 from llama.runtime.policy import Policy
 
 # SDPA backends for CUDA: not cuDNN, which builds an execution plan for every new sequence length
@@ -27,9 +28,9 @@ def kernels_for(tokens: torch.Tensor, policy: Optional[Policy], compiled: bool =
 
     CUDA: attention from CUDA_ATTENTION. CPU: oneDNN on or off as planned, and a step planned in
     another dtype than the weights runs under `ComputeIn` (float32 activations and products over
-    bfloat16 weights, no second copy of any weight kept); a `compiled` step computes in the
-    weights' dtype (torch.compile traces the model, not this mode). `policy` None leaves
-    PyTorch's defaults.
+    bfloat16 weights, no second copy of any weight kept), one planned `native` in bfloat16 under
+    `NativeLinear`; a `compiled` step computes in the weights' dtype with PyTorch's products
+    (torch.compile traces the model, not these modes). `policy` None leaves PyTorch's defaults.
     """
     if tokens.device.type == "cuda":
         with sdpa_kernel(CUDA_ATTENTION):
@@ -45,6 +46,9 @@ def kernels_for(tokens: torch.Tensor, policy: Optional[Policy], compiled: bool =
     try:
         if plan.dtype != policy.weights and not compiled:
             with ComputeIn(plan.dtype):
+                yield
+        elif plan.native and plan.dtype == policy.weights == torch.bfloat16 and not compiled and native.kernels():
+            with NativeLinear():
                 yield
         else:
             yield
@@ -141,3 +145,22 @@ class ComputeIn(TorchFunctionMode):
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             return t.to(dtype or self.dtype)
         return t
+
+
+class NativeLinear(TorchFunctionMode):
+    """Run the bfloat16 linear layers of a forward pass through this package's bfloat16 product
+    (llama.runtime.native.bf16_mm, bfloat16 results): the products of bfloat16 activations and
+    weights summed in float32, as F.linear in bfloat16 computes them (in another order). Any other
+    product (another dtype, a weight that is not a contiguous CPU matrix) and every other function
+    runs as it would."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight, *rest = args
+            bias = rest[0] if rest else kwargs.get("bias")
+            if (x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.dim() == 2
+                    and weight.is_contiguous() and weight.device.type == "cpu" and not x.requires_grad):
+                out = native.bf16_linear(x, weight)
+                return out if bias is None else out + bias
+        return func(*args, **kwargs)

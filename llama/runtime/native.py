@@ -1,6 +1,7 @@
-# This package's own CPU kernels (csrc/gemv.cpp): products of a few activation rows with int8, int4
-# and bfloat16 weights that read each weight byte once, at the instruction set the CPU has (AVX-512,
-# AVX2 + FMA, or plain C++), chosen at run time; and (csrc/q8.cpp) the int8 and int4 products with
+# This package's own CPU kernels (csrc/gemv.cpp): products of a few activation rows with int8 and int4
+# weights that read each weight byte once, at the instruction set the CPU has (AVX-512,
+# AVX2 + FMA, or plain C++), chosen at run time; (csrc/bf16.cpp) the same with bfloat16 weights and
+# float32 or bfloat16 activations (AVX-512 BF16's bfloat16 products where present); and (csrc/q8.cpp) the int8 and int4 products with
 # the activations rounded to int8 per block of 32 and integer dot products (AVX-512 VNNI, AVX-512BW,
 # AVX2 or plain C++), whose results are those of the rounded activations ("a8": not weight-only). Compiled on first use with the machine's C++
 # compiler (torch.utils.cpp_extension with ninja) into a build directory under the user's cache,
@@ -23,8 +24,8 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCE = CSRC / "gemv.cpp"
-SOURCES = (SOURCE, CSRC / "q8.cpp")
-ISAS = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3, "avx512vnni": 4}
+SOURCES = (SOURCE, CSRC / "q8.cpp", CSRC / "bf16.cpp")
+ISAS = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3, "avx512vnni": 4, "avx512bf16": 5}
 A8_BLOCK = 32  # the int8-activation kernels round each activation row in blocks of this many columns
 NAMES = {v: k for k, v in ISAS.items()}
 KERNELS_DIR_ENV = "LLAMA_KERNELS_DIR"
@@ -88,22 +89,26 @@ def _has_ninja_module() -> bool:
 
 
 def best_isa() -> str:
-    """The widest instruction set the kernels use on this CPU ("avx512vnni", "avx512", "avx2" or
-    "generic"; VNNI only the int8-activation kernels use)."""
+    """The widest instruction set the kernels use on this CPU ("avx512bf16", "avx512vnni", "avx512",
+    "avx2" or "generic"; VNNI only the int8-activation kernels use, BF16 only the bfloat16 product
+    with bfloat16 activations)."""
     return NAMES[kernels().best_isa()]
 
 
-def available_isas(int8_activations: bool = False) -> list[str]:
+def available_isas(int8_activations: bool = False, bf16_activations: bool = False) -> list[str]:
     """Every instruction set this CPU can run the kernels at, narrowest first (tests force each):
-    AVX-512 VNNI only for the kernels with int8 activations (the float ones have no use for it)."""
+    AVX-512 VNNI only for the kernels with int8 activations, AVX-512 BF16 only for the bfloat16
+    product with bfloat16 activations (the others have no use for them)."""
     best = kernels().best_isa()
-    return [NAMES[i] for i in range(1, best + 1) if int8_activations or i != ISAS["avx512vnni"]]
+    extra = {ISAS["avx512vnni"]: int8_activations, ISAS["avx512bf16"]: bf16_activations}
+    return [NAMES[i] for i in range(1, best + 1) if extra.get(i, True)]
 
 
-def _check(x2: torch.Tensor, in_features: int, *tensors: tuple[torch.Tensor, torch.dtype, tuple]) -> torch.Tensor:
-    """x2 as contiguous float32 (rows, in_features); each (tensor, dtype, shape) checked: the kernels
+def _check(x2: torch.Tensor, in_features: int, *tensors: tuple[torch.Tensor, torch.dtype, tuple],
+           x_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x2 as contiguous `x_dtype` (rows, in_features); each (tensor, dtype, shape) checked: the kernels
     read raw memory, so a wrong dtype or layout must stop here."""
-    x2 = x2.float().contiguous()
+    x2 = x2.to(x_dtype).contiguous()
     if x2.dim() != 2 or x2.shape[1] != in_features:
         raise ValueError(f"activations {tuple(x2.shape)} do not match the weight's {in_features} inputs")
     for t, dtype, shape in tensors:
@@ -145,12 +150,32 @@ def int4_mm(x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torc
     return out
 
 
-def bf16_mm(x2: torch.Tensor, w: torch.Tensor, isa: str = "auto") -> torch.Tensor:
-    """x2 (rows, in) @ w^T in float32 for bfloat16 w (out, in), without a float32 copy of w."""
+def bf16_mm(x2: torch.Tensor, w: torch.Tensor, isa: str = "auto", out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x2 (rows, in) @ w^T for bfloat16 w (out, in), without a float32 copy of w: the products summed in
+    float32, the result in `out_dtype` (float32 or bfloat16, rounded to nearest even). Bfloat16 x2 is
+    read as it is (multiplied by AVX-512 BF16's vdpbf16ps where the CPU has it, else widened exactly),
+    any other dtype as float32."""
     n, k = w.shape
-    x2 = _check(x2, k, (w, torch.bfloat16, (n, k)))
-    out = torch.empty(x2.shape[0], n)
-    kernels().bf16_mm(x2.data_ptr(), x2.shape[0], k, w.data_ptr(), out.data_ptr(), n, ISAS[isa])
+    x_dtype = torch.bfloat16 if x2.dtype == torch.bfloat16 else torch.float32
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the bfloat16 product writes float32 or bfloat16, not {out_dtype}")
+    x2 = _check(x2, k, (w, torch.bfloat16, (n, k)), x_dtype=x_dtype)
+    out = torch.empty(x2.shape[0], n, dtype=out_dtype)
+    kernels().bf16_mm(x2.data_ptr(), x2.shape[0], k, w.data_ptr(), out.data_ptr(), n, ISAS[isa],
+                      x_dtype == torch.bfloat16, out_dtype == torch.bfloat16)
+    return out
+
+
+def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) for bfloat16 x (..., in) and a contiguous bfloat16 CPU w (out, in), by bf16_mm
+    with bfloat16 results: the bfloat16 model's products, with the fewest checks per call (the
+    caller, llama.runtime.compute.NativeLinear, has checked the weight)."""
+    k, n = x.shape[-1], w.shape[0]
+    if x.dtype != torch.bfloat16 or w.shape[1] != k:
+        raise ValueError(f"bfloat16 activations (..., {w.shape[1]}) expected, not {x.dtype} {tuple(x.shape)}")
+    x = x.contiguous()
+    out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+    kernels().bf16_mm(x.data_ptr(), x.numel() // k, k, w.data_ptr(), out.data_ptr(), n, 0, True, True)
     return out
 
 

@@ -15,19 +15,26 @@ KINDS = ("decode", "small", "prefill")
 SMALL_ROWS = 16
 
 # How a step's products may compute: in bfloat16 or float32 over weights of that dtype, or in float32
-# over bfloat16 weights upcast one linear at a time ("upcast"); each with oneDNN on or off.
+# over bfloat16 weights upcast one linear at a time ("upcast"); each with oneDNN on or off, and
+# bfloat16 over bfloat16 weights also through this package's own product (NATIVE,
+# llama.runtime.native.bf16_mm) where it builds. A timing's third key is the kernel: True (oneDNN),
+# False (PyTorch's own) or NATIVE.
 COMPUTES = ("bfloat16", "float32", "upcast")
+NATIVE = "native"
+KERNELS = (True, False, NATIVE)
 
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
 
 @dataclass(frozen=True)
 class StepKernels:
-    """How one kind of step computes: the dtype of its activations and products, and whether CPU
-    products go through oneDNN (True), PyTorch's own kernels (False) or whatever is set (None)."""
+    """How one kind of step computes: the dtype of its activations and products, whether CPU
+    products go through oneDNN (True), PyTorch's own kernels (False) or whatever is set (None), and
+    whether its bfloat16 linear layers go through this package's own product (`native`)."""
 
     dtype: torch.dtype
     onednn: Optional[bool] = None
+    native: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class Policy:
     def describe(self) -> str:
         def one(p: StepKernels) -> str:
             kernel = "" if p.onednn is None else ", oneDNN" if p.onednn else ", PyTorch's own kernels"
+            kernel += ", this package's bfloat16 product" if p.native else ""
             return dtype_name(p.dtype) + kernel
 
         plans = "; ".join(f"{k} {one(getattr(self, k))}" for k in KINDS)
@@ -81,8 +89,9 @@ def uniform(dtype: torch.dtype, onednn: Optional[bool] = None, reason: str = "")
 
 
 def choose(timings: dict, reason: str = "measured") -> Policy:
-    """The policy the timings call for. `timings` maps (kind, compute, onednn) -> seconds for each
-    kind in KINDS, compute in COMPUTES ("upcast" may be missing for decode) and onednn in (True, False).
+    """The policy the timings call for. `timings` maps (kind, compute, kernel) -> seconds for each
+    kind in KINDS, compute in COMPUTES ("upcast" may be missing for decode) and kernel in (True, False)
+    (oneDNN or not), and NATIVE where timed (bfloat16 decode and small batches).
 
     The weights go in bfloat16 when its one-row decode product is faster than float32's (half the
     memory, and decode reads every weight once per token), else in float32. Each kind of step then
@@ -96,15 +105,21 @@ def choose(timings: dict, reason: str = "measured") -> Policy:
         weights, allowed = torch.float32, ("float32",)
     plans = {}
     for kind in KINDS:
-        _, onednn, compute = min((*fastest(timings, kind, c), c) for c in allowed if _has(timings, kind, c))
-        plans[kind] = StepKernels(torch.bfloat16 if compute == "bfloat16" else torch.float32, onednn)
+        _, kernel, compute = min(((*fastest(timings, kind, c), c) for c in allowed if _has(timings, kind, c)),
+                                 key=lambda t: t[0])
+        plans[kind] = step_kernels(torch.bfloat16 if compute == "bfloat16" else torch.float32, kernel)
     return Policy(weights, reason=reason, timings=dict(timings), **plans)
 
 
 def _has(timings: dict, kind: str, compute: str) -> bool:
-    return any((kind, compute, o) in timings for o in (True, False))
+    return any((kind, compute, o) in timings for o in KERNELS)
 
 
-def fastest(timings: dict, kind: str, compute: str) -> tuple[float, bool]:
-    """(seconds, onednn) of the faster kernel for this kind and compute."""
-    return min((timings[(kind, compute, o)], o) for o in (True, False) if (kind, compute, o) in timings)
+def fastest(timings: dict, kind: str, compute: str) -> tuple[float, Union[bool, str]]:
+    """(seconds, kernel) of the fastest kernel timed for this kind and compute (KERNELS)."""
+    return min(((timings[(kind, compute, o)], o) for o in KERNELS if (kind, compute, o) in timings), key=lambda t: t[0])
+
+
+def step_kernels(dtype: torch.dtype, kernel: Union[bool, str]) -> StepKernels:
+    """The StepKernels of a step computing in `dtype` with `kernel` (KERNELS): NATIVE leaves oneDNN as set."""
+    return StepKernels(dtype, native=True) if kernel == NATIVE else StepKernels(dtype, kernel)

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from llama import distributed
-from llama.runtime import cpu, stored
+from llama.runtime import cpu, native, pages, stored
 from llama.runtime.compute import upcast_linear, upcast_scratch
-from llama.runtime.policy import COMPUTES, KINDS, Policy, StepKernels, choose, fastest, parse_dtype, uniform
+from llama.runtime.policy import COMPUTES, KERNELS, KINDS, NATIVE, Policy, choose, fastest, parse_dtype, step_kernels, uniform
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def policy_for(
     if forced is None:
         return policy
     # bfloat16 forced: the faster kernel measured for it, per kind of step
-    plans = {k: StepKernels(forced, fastest(policy.timings, k, "bfloat16")[1]) for k in KINDS}
+    plans = {k: step_kernels(forced, fastest(policy.timings, k, "bfloat16")[1]) for k in KINDS}
     return Policy(forced, reason="forced", timings=policy.timings, **plans)
 
 
@@ -80,10 +80,11 @@ def resolve_dtype(
 
 
 def measure(repeats: int = 2, from_memory: bool = True, cached: Optional[tuple] = None) -> dict:
-    """Seconds of one product per (kind, compute, onednn) on this CPU, fastest of `repeats` after a
+    """Seconds of one product per (kind, compute, kernel) on this CPU, fastest of `repeats` after a
     warm-up (more for the short decode products): PROBE_ROWS rows times a PROBE_SHAPE weight, in
     bfloat16, float32, and float32 over an upcast bfloat16 weight (not timed for one-row decode,
-    where it can only lose to float32 weights). `from_memory`: decode and small-batch products
+    where it can only lose to float32 weights), and for decode and small batches this package's
+    bfloat16 product (kernel NATIVE) where it builds. `from_memory`: decode and small-batch products
     read each call's weight from memory, not from the last-level cache (see PROBE_SHAPE);
     otherwise `cached`, ((out, in), bytes of the model in bfloat16), gives them the model's shape
     and cycles them through the model's bytes (None: one 1B-shaped weight, read again and again)."""
@@ -96,7 +97,9 @@ def measure(repeats: int = 2, from_memory: bool = True, cached: Optional[tuple] 
     if own:
         pool = max(2 * cached[1], 8 * n)  # the model's float32 bytes: two bytes of each element
     prefill = PROBE_SHAPE["prefill"][0] * PROBE_SHAPE["prefill"][1] * 2  # in float32, as bfloat16 elements
-    buffer = torch.full((max(4 * n, prefill, min(pool, PROBE_POOL_MAX) // 2 // n * n),), 0.01, dtype=torch.bfloat16)
+    buffer = torch.empty((max(4 * n, prefill, min(pool, PROBE_POOL_MAX) // 2 // n * n),), dtype=torch.bfloat16)
+    pages.advise_huge_pages(buffer)  # in pages like the loader's weights
+    buffer.fill_(0.01)
     # bfloat16 elements each dtype's windows cycle through: all of the buffer, or from the cache the
     # model's bytes in that dtype (bfloat16 half of them)
     span = {dtype: buffer.numel() for dtype in (torch.bfloat16, torch.float32)}
@@ -129,15 +132,15 @@ def measure(repeats: int = 2, from_memory: bool = True, cached: Optional[tuple] 
                 "float32": lambda: F.linear(x32, weight(torch.float32, shape, one)),
                 "upcast": lambda: upcast_linear(x32, weight(torch.bfloat16, shape, one), scratch),
             }
-            for compute, fn in cases.items():
-                if kind == "decode" and compute == "upcast":
-                    continue
-                for onednn in (True, False):
-                    torch.backends.mkldnn.enabled = onednn
-                    calls = repeats * (3 if kind == "decode" else 1)
-                    if kind != "prefill" and big != PROBE_SHAPE["decode"]:
-                        calls *= 10  # a cached model's products take microseconds: one slow call is most of a few
-                    timings[(kind, compute, onednn)] = cpu.best_time(fn, calls, median=from_memory and kind != "prefill")
+            runs = [(c, fn, o) for c, fn in cases.items() if not (kind == "decode" and c == "upcast") for o in (True, False)]
+            if kind != "prefill" and native.kernels() is not None:  # this package's bfloat16 product, bfloat16 results
+                runs.append(("bfloat16", lambda: native.bf16_mm(x16, weight(torch.bfloat16, shape, one), out_dtype=torch.bfloat16), NATIVE))
+            for compute, fn, kernel in runs:
+                torch.backends.mkldnn.enabled = was if kernel == NATIVE else kernel
+                calls = repeats * (3 if kind == "decode" else 1)
+                if kind != "prefill" and big != PROBE_SHAPE["decode"]:
+                    calls *= 10  # a cached model's products take microseconds: one slow call is most of a few
+                timings[(kind, compute, kernel)] = cpu.best_time(fn, calls, median=from_memory and kind != "prefill")
     finally:
         torch.backends.mkldnn.enabled = was
     return timings
@@ -154,7 +157,7 @@ def _measured_cpu_policy(threads: int, from_memory: bool = True, cached: Optiona
     if distributed.is_rank0():
         # kept from an earlier process on this machine, for this thread count and shape: a restart
         # makes the same choice (stored); --remeasure measures again
-        key = {"threads": threads, "from_memory": from_memory, "cached": cached}
+        key = {"threads": threads, "from_memory": from_memory, "cached": cached, "native": native.kernels() is not None}
         timings, kept = stored.kept_or_measured(
             "dtype-policy", key, lambda: measure(from_memory=from_memory, cached=cached),
             stored.encode_timings, lambda rows: stored.checked_timings(rows, choose),
@@ -167,11 +170,12 @@ def format_timings(timings: dict) -> str:
     """One line: milliseconds per kind, compute and kernel."""
     parts = []
     for kind in KINDS:
+        label = {True: "", False: "-own", NATIVE: "-native"}
         cells = [
-            f"{compute}{'' if onednn else '-own'} {timings[(kind, compute, onednn)] * 1e3:.3f}"
+            f"{compute}{label[kernel]} {timings[(kind, compute, kernel)] * 1e3:.3f}"
             for compute in COMPUTES
-            for onednn in (True, False)
-            if (kind, compute, onednn) in timings
+            for kernel in KERNELS
+            if (kind, compute, kernel) in timings
         ]
         if cells:
             rows = PROBE_ROWS[kind]

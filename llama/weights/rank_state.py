@@ -15,6 +15,7 @@ import torch
 
 from llama import distributed, memory
 from llama.args import ModelArgs
+from llama.runtime import pages
 from llama.weights import sharding
 from llama.weights.checkpoint import Layout, PathLike, expected_keys, inspect_checkpoint, load_shard
 from llama.weights.quant_formats import QuantConfig, ReduceMax, quantize_weight
@@ -108,7 +109,9 @@ def load_rank_state(
         kept = layout.dtypes[key]  # quantized tensors, and weights about to be quantized, keep theirs
         keep = (stored is not None and stored.applies(key)) or (on_load is not None and on_load.applies(key))
         shape = sharding.piece_shape(key, args, rank, count, stored)
-        return torch.empty(shape, dtype=kept if keep or dtype is None else dtype, device=device)
+        out = torch.empty(shape, dtype=kept if keep or dtype is None else dtype, device=device)
+        pages.advise_huge_pages(out)  # before it is filled: decode streams it (llama.runtime.pages)
+        return out
 
     piece = _Piece(layout, args, rank, count)
     if on_load is None:

@@ -11,8 +11,9 @@
 
 namespace {
 
-// AVX512: F + BW; VNNI: those and AVX-512 VNNI (only the int8-activation kernels use it)
-enum Isa { AUTO = 0, GENERIC = 1, AVX2 = 2, AVX512 = 3, VNNI = 4 };
+// AVX512: F + BW; VNNI: those and AVX-512 VNNI (only the int8-activation kernels use it); BF16: those
+// and AVX-512 BF16 (only the bfloat16 product with bfloat16 activations uses it, bf16.cpp)
+enum Isa { AUTO = 0, GENERIC = 1, AVX2 = 2, AVX512 = 3, VNNI = 4, BF16 = 5 };
 constexpr int64_t MAX_ROWS = 4;  // activation rows per pass over the weights
 constexpr int64_t NB = 4;        // weight rows per inner step (independent accumulators)
 
@@ -25,8 +26,10 @@ inline float bf16_to_float(uint16_t h) {
 
 int best_isa() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
-    return __builtin_cpu_supports("avx512vnni") ? VNNI : AVX512;
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
+    if (!__builtin_cpu_supports("avx512vnni")) return AVX512;
+    return __builtin_cpu_supports("avx512bf16") ? BF16 : VNNI;
+  }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return AVX2;
   return GENERIC;
 }

@@ -1,4 +1,4 @@
-// Products of a few float32 activation rows with int8, int4 or bfloat16 weights, reading each weight
+// Products of a few float32 activation rows with int8 or int4 weights (bfloat16 ones: bf16.cpp), reading each weight
 // byte once per call (the weights of a decode step stream from memory, so the bytes read, not the
 // arithmetic, bound them). Built on first use by llama/runtime/native.py; the instruction set is
 // chosen at run time from what the CPU has (AVX-512, AVX2 + FMA, or plain C++), and can be forced.
@@ -7,7 +7,6 @@
 //   int8: q (N, K) int8, scales (N,) float32:          W[n, k] = q[n, k] * scales[n]
 //   int4: q (N, K / 2) uint8, column 2j in the low nibble of byte j and 2j + 1 in the high one;
 //         scales, zeros (N, K / group) bfloat16:    W[n, k] = (v - 8) * scales[n, k / group] + zeros[n, k / group]
-//   bf16: w (N, K) bfloat16.
 // out (rows, N) float32 = x (rows, K) float32 @ W^T. Threads split the output columns (weight rows).
 #include <pybind11/pybind11.h>
 #include <vector>
@@ -25,16 +24,6 @@ void int8_generic(const float* x, int64_t R, int64_t K, const int8_t* q, const f
       float acc = 0.f;
       for (int64_t k = 0; k < K; ++k) acc += x[r * K + k] * static_cast<float>(q[n * K + k]);
       out[r * N + n] = acc * s[n];
-    }
-}
-
-void bf16_generic(const float* x, int64_t R, int64_t K, const uint16_t* w, float* out, int64_t N, int64_t n0,
-                  int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n)
-    for (int64_t r = 0; r < R; ++r) {
-      float acc = 0.f;
-      for (int64_t k = 0; k < K; ++k) acc += x[r * K + k] * bf16_to_float(w[n * K + k]);
-      out[r * N + n] = acc;
     }
 }
 
@@ -82,29 +71,6 @@ __attribute__((target("avx2,fma"))) void int8_avx2(const float* x, int64_t K, co
       for (int r = 0; r < R; ++r) out[r * N + n + i] = hsum256(acc[i][r]) * s[n + i];
   }
   if (n < n1) int8_generic(x, R, K, q, s, out, N, n, n1);
-}
-
-template <int R>
-__attribute__((target("avx2,fma"))) void bf16_avx2(const float* x, int64_t K, const uint16_t* w, float* out,
-                                                   int64_t N, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + NB <= n1; n += NB) {
-    __m256 acc[NB][R];
-    for (int i = 0; i < NB; ++i)
-      for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += 8) {
-      __m256 xv[R];
-      for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(x + r * K + k);
-      for (int i = 0; i < NB; ++i) {
-        __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n + i) * K + k));
-        __m256 wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-        for (int r = 0; r < R; ++r) acc[i][r] = _mm256_fmadd_ps(wv, xv[r], acc[i][r]);
-      }
-    }
-    for (int i = 0; i < NB; ++i)
-      for (int r = 0; r < R; ++r) out[r * N + n + i] = hsum256(acc[i][r]);
-  }
-  if (n < n1) bf16_generic(x, R, K, w, out, N, n, n1);
 }
 
 template <int R>
@@ -176,29 +142,6 @@ __attribute__((target("avx512f,avx512bw"))) void int8_avx512(const float* x, int
 }
 
 template <int R>
-__attribute__((target("avx512f,avx512bw"))) void bf16_avx512(const float* x, int64_t K, const uint16_t* w,
-                                                             float* out, int64_t N, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + NB <= n1; n += NB) {
-    __m512 acc[NB][R];
-    for (int i = 0; i < NB; ++i)
-      for (int r = 0; r < R; ++r) acc[i][r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-      __m512 xv[R];
-      for (int r = 0; r < R; ++r) xv[r] = _mm512_loadu_ps(x + r * K + k);
-      for (int i = 0; i < NB; ++i) {
-        __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n + i) * K + k));
-        __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-        for (int r = 0; r < R; ++r) acc[i][r] = _mm512_fmadd_ps(wv, xv[r], acc[i][r]);
-      }
-    }
-    for (int i = 0; i < NB; ++i)
-      for (int r = 0; r < R; ++r) out[r * N + n + i] = _mm512_reduce_add_ps(acc[i][r]);
-  }
-  if (n < n1) bf16_generic(x, R, K, w, out, N, n, n1);
-}
-
-template <int R>
 __attribute__((target("avx512f,avx512bw"))) void int4_avx512(const float* xe, const float* xo, const float* xs,
                                                              int64_t K, const uint8_t* q, const uint16_t* sc,
                                                              const uint16_t* ze, int64_t group, float* out, int64_t N,
@@ -260,20 +203,6 @@ void int8_mm(int64_t x, int64_t rows, int64_t K, int64_t q, int64_t scales, int6
   });
 }
 
-void bf16_mm(int64_t x, int64_t rows, int64_t K, int64_t w, int64_t out, int64_t N, int64_t isa) {
-  const int which = resolve(isa, K);
-  const float* xp = ptr<const float>(x);
-  const uint16_t* wp = ptr<const uint16_t>(w);
-  float* op = ptr<float>(out);
-  over_rows_and_columns(rows, N, [&](int64_t r0, int64_t R, int64_t n0, int64_t n1) {
-    const float* xr = xp + r0 * K;
-    float* orow = op + r0 * N;
-    if (which == AVX512) { BY_ROWS(bf16_avx512, R, xr, K, wp, orow, N, n0, n1) }
-    else if (which == AVX2) { BY_ROWS(bf16_avx2, R, xr, K, wp, orow, N, n0, n1) }
-    else bf16_generic(xr, R, K, wp, orow, N, n0, n1);
-  });
-}
-
 // xe, xo: (rows, K / 2) float32, the even and odd columns of x (a byte holds one of each);
 // xs: (rows, K / group) float32, each group's sum of x
 void int4_mm(int64_t xe, int64_t xo, int64_t xs, int64_t rows, int64_t K, int64_t q, int64_t scales, int64_t zeros,
@@ -302,12 +231,18 @@ void int4a_mm(int64_t x, int64_t rows, int64_t K, int64_t q, int64_t scales, int
               int64_t out, int64_t N, int64_t isa);
 }  // namespace llama_q8
 
+namespace llama_bf16 {  // bf16.cpp: bfloat16 weights, float32 or bfloat16 activations and results
+void bf16_mm(int64_t x, int64_t rows, int64_t K, int64_t w, int64_t out, int64_t N, int64_t isa, bool x_bf16,
+             bool out_bf16);
+}  // namespace llama_bf16
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_mm", &int8_mm, "out (rows, N) = x (rows, K) @ (q int8 (N, K) * scales (N,))^T, float32");
   m.def("int4_mm", &int4_mm, "out (rows, N) = x @ W^T, W the stored int4 form, x given as its even and odd columns");
-  m.def("bf16_mm", &bf16_mm, "out (rows, N) = x (rows, K) @ w^T, w bfloat16 (N, K)");
+  m.def("bf16_mm", &llama_bf16::bf16_mm,
+        "out (rows, N) = x (rows, K) @ w^T, w bfloat16 (N, K); x and out float32, or bfloat16 where flagged");
   m.def("int8a_mm", &llama_q8::int8a_mm, "int8_mm with x rounded to int8 per block of 32, integer dot products");
   m.def("int4a_mm", &llama_q8::int4a_mm, "out (rows, N) = x (rows, K) @ W^T, the stored int4 form, x rounded as int8a_mm's");
   m.def("best_isa", &best_isa,
-        "the widest instruction set this CPU has: 1 plain C++, 2 AVX2 + FMA, 3 AVX-512 F/BW, 4 and VNNI");
+        "the widest instruction set this CPU has: 1 plain C++, 2 AVX2 + FMA, 3 AVX-512 F/BW, 4 and VNNI, 5 and BF16");
 }
