@@ -315,3 +315,24 @@ def test_int8_activations_keep_the_demo_models_perplexity_and_mostly_its_tokens(
     same = sum(a == b for a, b in zip(tokens, weight_only))
     print(f"{mode}: perplexity {ppl_a8:.3f} with int8 activations, {ppl:.3f} bfloat16; "
           f"greedy tokens {same}/{len(weight_only)} as the weight-only product's")
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("a8", [False, True])
+def test_the_unchecked_entry_of_the_model_equals_the_checked_ones(mode, a8):
+    """native.quantized_linear (QuantizedLinear's decode: no weight checks) = int8(a)_mm / int4(a)_mm."""
+    g = torch.Generator().manual_seed(5)
+    stored = quant_formats.quantize_weight("layers.0.attention.wq.weight", torch.randn(96, 256, generator=g),
+                                           quant_formats.resolve(mode))
+    q, scales, *zeros = stored.values()
+    x = torch.randn(2, 3, 256, generator=g).bfloat16()
+    x2 = x.reshape(6, 256).float()
+    if mode == "int8":
+        got = native.quantized_linear(x, q, scales.float(), None, 0, a8)
+        want = (native.int8a_mm if a8 else native.int8_mm)(x2, q, scales.float())
+    else:
+        got = native.quantized_linear(x, q, scales, zeros[0], 32, a8)
+        want = (native.int4a_mm if a8 else native.int4_mm)(x2, q, scales, zeros[0], 32)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 96)
+    assert torch.equal(got, want.bfloat16().reshape(2, 3, 96))

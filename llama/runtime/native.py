@@ -179,6 +179,28 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def quantized_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                     group_size: int, int8_activations: bool) -> torch.Tensor:
+    """x (..., in) @ W^T in x's dtype for int8 (`zeros` None: int8_mm / int8a_mm) or the stored int4
+    form (int4_mm / int4a_mm), the activations in float32, with no check of the weight's tensors:
+    the caller (llama.weights.quant_modules.QuantizedLinear, whose decode makes ~100 of these
+    products a token) made them in the kernels' forms, which the checked entries verify."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).float().contiguous()
+    rows, n = x2.shape[0], q.shape[0]
+    if zeros is not None and not int8_activations:
+        out = int4_mm(x2, q, scales, zeros, group_size)
+    else:
+        out = torch.empty(rows, n)
+        if zeros is None:
+            kernel = kernels().int8a_mm if int8_activations else kernels().int8_mm
+            kernel(x2.data_ptr(), rows, k, q.data_ptr(), scales.data_ptr(), out.data_ptr(), n, 0)
+        else:
+            kernels().int4a_mm(x2.data_ptr(), rows, k, q.data_ptr(), scales.data_ptr(), zeros.data_ptr(), group_size,
+                               out.data_ptr(), n, 0)
+    return out.to(x.dtype).view(*x.shape[:-1], n)
+
+
 def int8a_mm(x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, isa: str = "auto") -> torch.Tensor:
     """int8_mm with each row of x2 rounded to int8 per block of A8_BLOCK columns (scale max|x| / 127
     of the block) and integer dot products: x2's rounded values @ (q * scales[:, None])^T, float32."""

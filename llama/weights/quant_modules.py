@@ -167,7 +167,9 @@ class QuantizedLinear(nn.Module):
         step = step_for(rows)
         path, dt = self.kernels[step]
         dt = dt or x.dtype
-        if path in NATIVE and torch.compiler.is_compiling():
+        if path in NATIVE:
+            if not torch.compiler.is_compiling():  # decode's ~100 products a token: the fewest steps
+                return self._native(x, int8_activations=path == "native_a8")
             path = "dequant"  # the native kernels read raw memory, which a traced graph cannot call
         x2 = x.reshape(rows, x.shape[-1]).to(dt)  # (rows, in)
         if step == "prefill" and path in ("pack", "dequant") and self._blocks_readable():
@@ -176,8 +178,6 @@ class QuantizedLinear(nn.Module):
             out = self._int8_pack(x2, dt) if self.mode == "int8" else self._int4_pack(x2, dt)
         elif path == "scaled_mm":
             out = self._fp8(x2)
-        elif path in NATIVE:
-            out = self._native(x2, int8_activations=path == "native_a8")
         elif path == "dynamic":
             amax = x2.abs().amax(dim=1, keepdim=True)
             if self.row_max is not None:  # a row-parallel slice: this rank holds some of each row's columns
@@ -219,12 +219,12 @@ class QuantizedLinear(nn.Module):
         w = self.packed if hasattr(self, "packed") else self.weight
         return qk.int4_pack_mm(x2, w, self.group_size, getattr(self, _name("scales_and_zeros", dt)))
 
-    def _native(self, x2: torch.Tensor, int8_activations: bool = False) -> torch.Tensor:
+    def _native(self, x: torch.Tensor, int8_activations: bool = False) -> torch.Tensor:
+        """x (..., in) @ W^T in x's dtype through this package's kernels, on the buffers this module
+        made in their forms (native.quantized_linear checks no weight)."""
         if self.mode == "int8":
-            mm = native.int8a_mm if int8_activations else native.int8_mm
-            return mm(x2, self.weight, getattr(self, _name("scales", torch.float32)))
-        mm = native.int4a_mm if int8_activations else native.int4_mm
-        return mm(x2, self.weight, self.scales, self.zeros, self.group_size)
+            return native.quantized_linear(x, self.weight, self.scales_float32, None, 0, int8_activations)
+        return native.quantized_linear(x, self.weight, self.scales, self.zeros, self.group_size, int8_activations)
 
     def _fp8(self, x2: torch.Tensor) -> torch.Tensor:
         return qk.fp8_mm(x2, self.weight, self.scales)
