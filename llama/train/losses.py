@@ -55,11 +55,22 @@ class _FusedOutputLoss(torch.autograd.Function):
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        w = weight.to(h.dtype)  # once, not per chunk: a bfloat16 head of 128K rows is a large conversion
+        # the products' dtype: autocast's where it is on (it would convert both operands of every
+        # chunk's two products); the head converted once, not per product: at 128K rows it is a
+        # large conversion, of the order of a product's own time
+        dev = h.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        with torch.autocast(dev, enabled=False):
+            return _FusedOutputLoss._chunks(ctx, h, weight, targets, rows, dtype, grad_h, grad_w, total)
+
+    @staticmethod
+    def _chunks(ctx, h, weight, targets, rows, dtype, grad_h, grad_w, total) -> torch.Tensor:
+        want_h, want_w = grad_h is not None, grad_w is not None
+        w, hq = weight.to(dtype), h.to(dtype)
         for start in range(0, h.shape[0], rows):
             hc, tc = h[start : start + rows], targets[start : start + rows]
             keep = tc != IGNORE
-            logits = (hc @ w.t()).float()
+            logits = (hq[start : start + rows] @ w.t()).float()
             picked = logits.gather(-1, tc.clamp(min=0)[:, None])[:, 0]
             top = logits.amax(dim=-1, keepdim=True)
             probs = logits.sub_(top).exp_()  # in place, one exp: the chunk's largest temporary is its logits
@@ -71,8 +82,8 @@ class _FusedOutputLoss(torch.autograd.Function):
                 probs *= keep[:, None]
                 g = probs.to(hc.dtype)
                 if want_h:
-                    grad_h[start : start + rows] = g @ w
-                if want_w:
+                    grad_h[start : start + rows] = g.to(dtype) @ w
+                if want_w:  # float32, as autocast leaves an in-place product
                     grad_w.addmm_(g.t().float(), hc.float())
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
