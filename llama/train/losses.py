@@ -6,6 +6,7 @@ rejected completion under the model being trained (pi_c, pi_r) and under the fro
 beta * (pi - ref); a pair is ranked right when the chosen reward is above the rejected one.
 """
 import contextlib
+import weakref
 from typing import Iterator, Optional
 
 import torch
@@ -56,8 +57,8 @@ class _FusedOutputLoss(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         # the products' dtype: autocast's where it is on (it would convert both operands of every
-        # chunk's two products); the head converted once, not per product: at 128K rows it is a
-        # large conversion, of the order of a product's own time
+        # chunk's two products); the head converted once, not per product (at 128K rows it is a
+        # large conversion, of the order of a product's own time), and a frozen one once for all steps
         dev = h.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
         with torch.autocast(dev, enabled=False):
@@ -66,7 +67,7 @@ class _FusedOutputLoss(torch.autograd.Function):
     @staticmethod
     def _chunks(ctx, h, weight, targets, rows, dtype, grad_h, grad_w, total) -> torch.Tensor:
         want_h, want_w = grad_h is not None, grad_w is not None
-        w, hq = weight.to(dtype), h.to(dtype)
+        w, hq = (weight.to(dtype) if want_w else frozen_in(weight, dtype)), h.to(dtype)
         for start in range(0, h.shape[0], rows):
             hc, tc = h[start : start + rows], targets[start : start + rows]
             keep = tc != IGNORE
@@ -95,6 +96,23 @@ class _FusedOutputLoss(torch.autograd.Function):
         out_h = grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None
         out_w = (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None
         return out_h, out_w, None
+
+
+_frozen_copies: dict = {}  # id(weight): (storage, version, dtype), the converted copy
+
+
+def frozen_in(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` (one that does not train) in `dtype`, converted once and kept while the weight lives
+    and stays unchanged (its storage and version), not converted again at every step."""
+    if weight.dtype == dtype:
+        return weight
+    key = (weight.data_ptr(), weight._version, dtype)
+    kept = _frozen_copies.get(id(weight))
+    if kept is None or kept[0] != key:
+        if kept is None:  # dropped with the weight
+            weakref.finalize(weight, _frozen_copies.pop, id(weight), None)
+        _frozen_copies[id(weight)] = kept = (key, weight.detach().to(dtype))
+    return kept[1]
 
 
 def fused_token_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
