@@ -218,7 +218,7 @@ def compact_frozen_base(model: nn.Module, dtype: torch.dtype) -> int:
     autocast converted it for every product, forward and gradient, and kept the converted copy for
     the backward pass, so the products are the same, bit for bit, without the conversions or the
     copies. (The output projection is left as it is: a tied one is the embedding, read outside
-    autocast, and the fused loss converts it once a step.) restore_frozen_base undoes it before
+    autocast, and the fused loss converts a frozen one once and keeps it.) restore_frozen_base undoes it before
     the weights are merged and saved. The number of weights converted."""
     n = 0
     for block in model.layers:
