@@ -67,7 +67,7 @@ class _FusedOutputLoss(torch.autograd.Function):
     @staticmethod
     def _chunks(ctx, h, weight, targets, rows, dtype, grad_h, grad_w, total) -> torch.Tensor:
         want_h, want_w = grad_h is not None, grad_w is not None
-        w, hq = (weight.to(dtype) if want_w else frozen_in(weight, dtype)), h.to(dtype)
+        w, hq = (frozen_in(weight, dtype) if not weight.requires_grad else weight.to(dtype)), h.to(dtype)
         for start in range(0, h.shape[0], rows):
             hc, tc = h[start : start + rows], targets[start : start + rows]
             keep = tc != IGNORE
