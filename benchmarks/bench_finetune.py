@@ -62,7 +62,7 @@ def run_ours(ckpt: str, rows: torch.Tensor, cfg: dict) -> list[tuple[float, floa
                 "dtype": "float32", "activation_checkpointing": cfg["ac"], "max_steps": steps, "warmup": 0, "lr": LR,
                 "min_lr": LR, "batch_size": cfg["batch"], "seed": 0, "method": "sft", "grad_accum": 1,
                 "packing": False, "max_grad_norm": 1.0, "eval_every": 0}
-    model, adapter = build_model(ckpt, settings, dev, torch.float32)
+    model, adapter = build_model(ckpt, settings, dev, torch.float32, torch.bfloat16 if cfg["bf16"] else None)
     items = [data.Row(r[:-1].tolist(), r[1:].tolist(), list(range(len(r) - 1))) for r in rows]
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg["bf16"] else contextlib.nullcontext
     run = loop.Loop(model, make_optimizer(model, LR, 0.0), items, [], settings, Path(cfg["tmp"]), dev, autocast,

@@ -88,6 +88,29 @@ def test_micro_batches_and_recomputed_activations_equal_one_larger_batch(tmp_pat
         run(tmp_path, "bad", tiny_ckpt, byte_tokenizer, sft_file, grad_accum=3)
 
 
+def test_lora_under_autocast_keeps_a_bfloat16_base_in_bfloat16_with_the_same_results(tmp_path, byte_tokenizer, sft_file, monkeypatch):
+    from llama.train import finetune as ft
+    from llama.weights.save import save_checkpoint
+
+    ckpt = tmp_path / "bf16"  # a bfloat16 checkpoint, as Meta's: loaded in float32, its values fit bfloat16
+    state = {k: v.bfloat16() for k, v in helpers.random_state_dict(helpers.TINY_PARAMS).items()}
+    save_checkpoint(state, helpers.TINY_PARAMS, ckpt)
+    monkeypatch.setattr(ft, "autocast_for", lambda dev: (lambda: torch.autocast(dev.type, dtype=torch.bfloat16), True))
+    counts, compact = [], ft.compact_frozen_base
+    monkeypatch.setattr(ft, "compact_frozen_base", lambda m, d: counts.append(compact(m, d)))
+    kw = dict(lora_rank=4, lora_targets="wq,wv,w2", dtype=None)
+    run(tmp_path, "compact", ckpt, byte_tokenizer, sft_file, **kw)
+    monkeypatch.setattr(ft, "compact_frozen_base", lambda m, d: counts.append(0))  # float32 products' inputs
+    run(tmp_path, "plain", ckpt, byte_tokenizer, sft_file, **kw)
+    assert counts == [7 * helpers.TINY_PARAMS["n_layers"], 0]
+    want, got = weights(tmp_path / "plain"), weights(tmp_path / "compact")
+    assert any(not torch.equal(want[k], state[k].float()) for k in want)  # it trained
+    for k in want:
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], want[k]), k
+    adapters = [torch.load(tmp_path / n / "adapter" / "adapter.pth", weights_only=True) for n in ("compact", "plain")]
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[1])
+
+
 def test_resume_after_sigterm_ends_with_the_uninterrupted_weights(tmp_path, tiny_ckpt, byte_tokenizer, sft_file, monkeypatch):
     common = dict(max_steps=4, lora_rank=2, lora_dropout=0.1)
     run(tmp_path, "whole", tiny_ckpt, byte_tokenizer, sft_file, **common)

@@ -126,6 +126,19 @@ def test_fused_output_loss_equals_the_loss_on_whole_logits(monkeypatch, weight_t
         torch.testing.assert_close(grads[0][2], grads[1][2], atol=1e-6, rtol=1e-5)
     else:
         assert grads[0][2] is None
+    # under bfloat16 autocast: the products in bfloat16 as autocast makes them (the head converted once)
+    hh = h.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = losses.fused_token_loss_sum(hh, w, targets)
+    (loss * 0.37).backward()
+    logits = (h.bfloat16() @ w.bfloat16().t()).float()
+    torch.testing.assert_close(loss.detach(), losses.token_loss_sum(logits, targets))
+    assert hh.grad.dtype == torch.float32
+    torch.testing.assert_close(hh.grad, grads[1][1], atol=2e-2, rtol=2e-2)
+    kept = losses.frozen_in(w, torch.bfloat16)  # the frozen head's conversion, kept from step to step
+    assert losses.frozen_in(w, torch.bfloat16) is kept and torch.equal(kept, w.bfloat16())
+    w.mul_(2.0)  # changed in place: converted again
+    assert torch.equal(losses.frozen_in(w, torch.bfloat16), w.bfloat16())
     model = tiny_model()  # the loop's check: a plain output projection fuses, one with an adapter does not
     assert losses.fusable_head(model) is model.output.weight
     model.output.lora = torch.nn.Identity()

@@ -121,7 +121,9 @@ def finetune(
     autocast, use_bf16 = autocast_for(dev) if dtype is None else (contextlib.nullcontext, False)
     if distributed.is_rank0():
         logger.info("%d process(es) on %s: %s weights, bfloat16 autocast %s", world, dev, dtype_name(weights_dtype), "on" if use_bf16 else "off")
-    model, adapter = build_model(ckpt, settings, dev, weights_dtype)
+    # the frozen base kept in autocast's dtype (one process: FSDP2 shards a block's tensors together)
+    compact = torch.bfloat16 if use_bf16 and world == 1 else None
+    model, adapter = build_model(ckpt, settings, dev, weights_dtype, compact)
     frozen = copy.deepcopy(model).requires_grad_(False) if method == "dpo" and adapter is None else None
     if world > 1:
         shard(model)
@@ -135,6 +137,7 @@ def finetune(
     if run.stop_asked:
         return last
     out_dtype = parse_dtype(save_dtype) if save_dtype else weights_dtype
+    restore_frozen_base(model, weights_dtype)
     # a quantized base: the adapter is merged onto the full-precision base on disk (llama.train.qlora)
     base = partial(full_precision_state, ckpt, settings, out_dtype) if base_quantize else None
     state.save_results(out, model, read_params(ckpt), ckpt, tok_path, out_dtype, adapter, base)
@@ -177,9 +180,11 @@ def load_data(settings: dict, tokenizer: Tokenizer) -> tuple[list, list]:
     return out[0], out[1]
 
 
-def build_model(ckpt: str, settings: dict, dev: torch.device, dtype: torch.dtype) -> tuple[nn.Module, Optional[lora.LoRAConfig]]:
+def build_model(ckpt: str, settings: dict, dev: torch.device, dtype: torch.dtype,
+                compact: Optional[torch.dtype] = None) -> tuple[nn.Module, Optional[lora.LoRAConfig]]:
     """The checkpoint loaded whole on this process (the one loader), with LoRA adapters attached and
-    the base frozen when --lora_rank > 0, and activation checkpointing when asked."""
+    the base frozen when --lora_rank > 0, and activation checkpointing when asked. `compact`: the
+    dtype of the autocast every forward pass will run under (compact_frozen_base), or None."""
     args = model_args(read_params(ckpt), settings["max_seq_len"], 1)
     quant = resolve(settings["base_quantize"])
     # a forced --dtype runs the quantized products in it too; else each takes the measured kernel's
@@ -196,6 +201,8 @@ def build_model(ckpt: str, settings: dict, dev: torch.device, dtype: torch.dtype
         adapter = lora.LoRAConfig(settings["lora_rank"], settings["lora_alpha"], tuple(settings["lora_targets"]),
                                   settings["lora_dropout"], settings["rslora"])
         lora.attach(model, adapter)
+        if compact is not None and quant is None:
+            compact_frozen_base(model, compact)
     if settings["activation_checkpointing"]:
         for block in model.layers:
             block.forward = partial(checkpoint, block.forward, use_reentrant=False)
@@ -203,6 +210,37 @@ def build_model(ckpt: str, settings: dict, dev: torch.device, dtype: torch.dtype
     if distributed.is_rank0():
         logger.info("%s: %s parameters train of %s", ckpt, f"{n_train:,}", f"{sum(p.numel() for p in model.parameters()):,}")
     return model.train(), adapter
+
+
+def compact_frozen_base(model: nn.Module, dtype: torch.dtype) -> int:
+    """Keep each frozen block projection's weight in `dtype`, the dtype of the autocast that every
+    product reading it runs under, where that loses nothing (a bfloat16 checkpoint's values):
+    autocast converted it for every product, forward and gradient, and kept the converted copy for
+    the backward pass, so the products are the same, bit for bit, without the conversions or the
+    copies. (The output projection is left as it is: a tied one is the embedding, read outside
+    autocast, and the fused loss converts a frozen one once and keeps it.) restore_frozen_base undoes it before
+    the weights are merged and saved. The number of weights converted."""
+    n = 0
+    for block in model.layers:
+        for name in lora.BLOCK_TARGETS:
+            w = getattr(getattr(block, lora.BLOCK_TARGETS[name]), name).weight
+            if w.requires_grad or w.dtype == dtype or w.dtype not in lora.FLOAT_DTYPES:
+                continue
+            low = w.detach().to(dtype)
+            if torch.equal(low.to(w.dtype), w):
+                w.data, n = low, n + 1
+    if distributed.is_rank0():
+        logger.info("frozen base: %d projection weights kept in %s (autocast's dtype)", n, dtype_name(dtype))
+    return n
+
+
+def restore_frozen_base(model: nn.Module, dtype: torch.dtype) -> None:
+    """Bring the weights compact_frozen_base converted back to the training dtype (exactly)."""
+    for block in getattr(model, "layers", []):
+        for name in lora.BLOCK_TARGETS:
+            w = getattr(getattr(block, lora.BLOCK_TARGETS[name]), name).weight
+            if not w.requires_grad and w.dtype != dtype and w.dtype in lora.FLOAT_DTYPES:
+                w.data = w.data.to(dtype)
 
 
 def full_precision_state(ckpt: str, settings: dict, dtype: torch.dtype) -> dict:

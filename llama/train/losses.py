@@ -6,6 +6,7 @@ rejected completion under the model being trained (pi_c, pi_r) and under the fro
 beta * (pi - ref); a pair is ranked right when the chosen reward is above the rejected one.
 """
 import contextlib
+import weakref
 from typing import Iterator, Optional
 
 import torch
@@ -44,7 +45,7 @@ def dpo_terms(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r
 # activations many times over). As the loss is the graph's end, each chunk's gradients for the hidden
 # states and the output weight are computed in the forward pass, from the chunk's logits while they
 # are at hand, and scaled by the incoming gradient in the backward pass: no logits are kept or recomputed.
-LOGIT_CHUNK_BYTES = 64 << 20  # float32 logits of one chunk
+LOGIT_CHUNK_BYTES = 128 << 20  # float32 logits of one chunk: 256 rows at 128K; fewer rows make slower float32 products
 
 
 class _FusedOutputLoss(torch.autograd.Function):
@@ -55,11 +56,22 @@ class _FusedOutputLoss(torch.autograd.Function):
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        w = weight.to(h.dtype)  # once, not per chunk: a bfloat16 head of 128K rows is a large conversion
+        # the products' dtype: autocast's where it is on (it would convert both operands of every
+        # chunk's two products); the head converted once, not per product (at 128K rows it is a
+        # large conversion, of the order of a product's own time), and a frozen one once for all steps
+        dev = h.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        with torch.autocast(dev, enabled=False):
+            return _FusedOutputLoss._chunks(ctx, h, weight, targets, rows, dtype, grad_h, grad_w, total)
+
+    @staticmethod
+    def _chunks(ctx, h, weight, targets, rows, dtype, grad_h, grad_w, total) -> torch.Tensor:
+        want_h, want_w = grad_h is not None, grad_w is not None
+        w, hq = (frozen_in(weight, dtype) if not weight.requires_grad else weight.to(dtype)), h.to(dtype)
         for start in range(0, h.shape[0], rows):
             hc, tc = h[start : start + rows], targets[start : start + rows]
             keep = tc != IGNORE
-            logits = (hc @ w.t()).float()
+            logits = (hq[start : start + rows] @ w.t()).float()
             picked = logits.gather(-1, tc.clamp(min=0)[:, None])[:, 0]
             top = logits.amax(dim=-1, keepdim=True)
             probs = logits.sub_(top).exp_()  # in place, one exp: the chunk's largest temporary is its logits
@@ -71,8 +83,8 @@ class _FusedOutputLoss(torch.autograd.Function):
                 probs *= keep[:, None]
                 g = probs.to(hc.dtype)
                 if want_h:
-                    grad_h[start : start + rows] = g @ w
-                if want_w:
+                    grad_h[start : start + rows] = g.to(dtype) @ w
+                if want_w:  # float32, as autocast leaves an in-place product
                     grad_w.addmm_(g.t().float(), hc.float())
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
@@ -84,6 +96,23 @@ class _FusedOutputLoss(torch.autograd.Function):
         out_h = grad_h * grad_total.to(grad_h.dtype) if grad_h is not None else None
         out_w = (grad_w * grad_total).to(ctx.weight_dtype) if grad_w is not None else None
         return out_h, out_w, None
+
+
+_frozen_copies: dict = {}  # id(weight): (storage, version, dtype), the converted copy
+
+
+def frozen_in(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` (one that does not train) in `dtype`, converted once and kept while the weight lives
+    and stays unchanged (its storage and version), not converted again at every step."""
+    if weight.dtype == dtype:
+        return weight
+    key = (weight.data_ptr(), weight._version, dtype)
+    kept = _frozen_copies.get(id(weight))
+    if kept is None or kept[0] != key:
+        if kept is None:  # dropped with the weight
+            weakref.finalize(weight, _frozen_copies.pop, id(weight), None)
+        _frozen_copies[id(weight)] = kept = (key, weight.detach().to(dtype))
+    return kept[1]
 
 
 def fused_token_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
