@@ -213,7 +213,8 @@ def main(
                      "CPU time TRL / ours": cpu["ours"] / cpu["trl"],
                      "ours peak RSS GiB": peak["ours"], "TRL peak RSS GiB": peak["trl"],
                      "memory ours / TRL": peak["ours"] / peak["trl"]})
-    headline = [{"metric": f"fine-tuning {r['metric']}, {layers}-layer 1B shape, CPU: tokens/s ours / TRL SFTTrainer",
+    precision = "bfloat16 autocast" if bf16 else "float32"
+    headline = [{"metric": f"fine-tuning {r['metric']}, {layers}-layer 1B shape, CPU, {precision}: tokens/s ours / TRL SFTTrainer",
                  "value": round(r["speed ours / TRL"], 2)} for r in rows]
     write_json(out, envelope("finetune", results, rows, headline))
 
