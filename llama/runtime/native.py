@@ -126,8 +126,14 @@ def _int8(kernel, x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, isa: 
     """An int8-weight product of the extension (int8_mm or int8a_mm) on checked inputs."""
     n, k = q.shape
     x2 = _check(x2, k, (q, torch.int8, (n, k)), (scales, torch.float32, (n,)))
+    return _int8_call(kernel, x2, q, scales, ISAS[isa])
+
+
+def _int8_call(kernel, x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, isa: int) -> torch.Tensor:
+    """The extension's int8-weight `kernel` on inputs already in its forms (float32 contiguous x2)."""
+    n, k = q.shape
     out = torch.empty(x2.shape[0], n)
-    kernel(x2.data_ptr(), x2.shape[0], k, q.data_ptr(), scales.data_ptr(), out.data_ptr(), n, ISAS[isa])
+    kernel(x2.data_ptr(), x2.shape[0], k, q.data_ptr(), scales.data_ptr(), out.data_ptr(), n, isa)
     return out
 
 
@@ -185,19 +191,14 @@ def quantized_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zer
     form (int4_mm / int4a_mm), the activations in float32, with no check of the weight's tensors:
     the caller (llama.weights.quant_modules.QuantizedLinear, whose decode makes ~100 of these
     products a token) made them in the kernels' forms, which the checked entries verify."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k).float().contiguous()
-    rows, n = x2.shape[0], q.shape[0]
-    if zeros is not None and not int8_activations:
-        out = int4_mm(x2, q, scales, zeros, group_size)
+    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+    n = q.shape[0]
+    if zeros is None:
+        out = _int8_call(kernels().int8a_mm if int8_activations else kernels().int8_mm, x2, q, scales, ISAS["auto"])
+    elif int8_activations:
+        out = _int4a_call(x2, q, scales, zeros, group_size, ISAS["auto"])
     else:
-        out = torch.empty(rows, n)
-        if zeros is None:
-            kernel = kernels().int8a_mm if int8_activations else kernels().int8_mm
-            kernel(x2.data_ptr(), rows, k, q.data_ptr(), scales.data_ptr(), out.data_ptr(), n, 0)
-        else:
-            kernels().int4a_mm(x2.data_ptr(), rows, k, q.data_ptr(), scales.data_ptr(), zeros.data_ptr(), group_size,
-                               out.data_ptr(), n, 0)
+        out = int4_mm(x2, q, scales, zeros, group_size)
     return out.to(x.dtype).view(*x.shape[:-1], n)
 
 
@@ -215,7 +216,14 @@ def int4a_mm(x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: tor
         raise ValueError(f"int4 group size {group_size} must divide {k} and be a power of two of at least {A8_BLOCK}")
     groups = (n, k // group_size)
     x2 = _check(x2, k, (q, torch.uint8, (n, k // 2)), (scales, torch.bfloat16, groups), (zeros, torch.bfloat16, groups))
+    return _int4a_call(x2, q, scales, zeros, group_size, ISAS[isa])
+
+
+def _int4a_call(x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                isa: int) -> torch.Tensor:
+    """The extension's int4a_mm on inputs already in its forms (float32 contiguous x2)."""
+    n, k = q.shape[0], q.shape[1] * 2
     out = torch.empty(x2.shape[0], n)
     kernels().int4a_mm(x2.data_ptr(), x2.shape[0], k, q.data_ptr(), scales.data_ptr(), zeros.data_ptr(), group_size,
-                       out.data_ptr(), n, ISAS[isa])
+                       out.data_ptr(), n, isa)
     return out
