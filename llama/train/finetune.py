@@ -221,14 +221,13 @@ def compact_frozen_base(model: nn.Module, dtype: torch.dtype) -> int:
     autocast, and the fused loss converts a frozen one once and keeps it.) restore_frozen_base undoes it before
     the weights are merged and saved. The number of weights converted."""
     n = 0
-    for block in model.layers:
-        for name in lora.BLOCK_TARGETS:
-            w = getattr(getattr(block, lora.BLOCK_TARGETS[name]), name).weight
-            if w.requires_grad or w.dtype == dtype or w.dtype not in lora.FLOAT_DTYPES:
-                continue
-            low = w.detach().to(dtype)
-            if torch.equal(low.to(w.dtype), w):
-                w.data, n = low, n + 1
+    for _, proj in lora.projections(model, tuple(lora.BLOCK_TARGETS)):
+        w = proj.weight
+        if w.requires_grad or w.dtype == dtype or w.dtype not in lora.FLOAT_DTYPES:
+            continue
+        low = w.detach().to(dtype)
+        if torch.equal(low.to(w.dtype), w):
+            w.data, n = low, n + 1
     if distributed.is_rank0():
         logger.info("frozen base: %d projection weights kept in %s (autocast's dtype)", n, dtype_name(dtype))
     return n
@@ -236,11 +235,10 @@ def compact_frozen_base(model: nn.Module, dtype: torch.dtype) -> int:
 
 def restore_frozen_base(model: nn.Module, dtype: torch.dtype) -> None:
     """Bring the weights compact_frozen_base converted back to the training dtype (exactly)."""
-    for block in getattr(model, "layers", []):
-        for name in lora.BLOCK_TARGETS:
-            w = getattr(getattr(block, lora.BLOCK_TARGETS[name]), name).weight
-            if not w.requires_grad and w.dtype != dtype and w.dtype in lora.FLOAT_DTYPES:
-                w.data = w.data.to(dtype)
+    for _, proj in lora.projections(model, tuple(lora.BLOCK_TARGETS)):
+        w = proj.weight
+        if not w.requires_grad and w.dtype != dtype and w.dtype in lora.FLOAT_DTYPES:
+            w.data = w.data.to(dtype)
 
 
 def full_precision_state(ckpt: str, settings: dict, dtype: torch.dtype) -> dict:

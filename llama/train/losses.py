@@ -98,7 +98,7 @@ class _FusedOutputLoss(torch.autograd.Function):
         return out_h, out_w, None
 
 
-_frozen_copies: dict = {}  # id(weight): (storage, version, dtype), the converted copy
+_frozen_copies: dict = {}  # id(weight): ((data pointer, version, dtype), the converted copy)
 
 
 def frozen_in(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
