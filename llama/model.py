@@ -9,7 +9,7 @@ from fairscale.nn.model_parallel.layers import VocabParallelEmbedding
 from torch import nn
 
 from llama import kv_cache
-from llama.parallel_layers import ColumnParallelLinear, RowParallelLinear
+from llama.parallel_layers import ColumnParallelLinear, RowParallelLinear, project
 from llama.args import MAX_SEQ_LEN_SCALED, MAX_SEQ_LEN_UNSCALED, ModelArgs, _swiglu_hidden_dim, ffn_hidden_dim  # noqa: F401 (re-exported)
 from llama.kv_cache import BlockKVCache, Group, KVCache, Slots
 
@@ -143,7 +143,8 @@ class Attention(nn.Module):
         if isinstance(slots, list):  # `Group`s of rows packed along the tokens of x (1, T, dim)
             return self._grouped(x, slots)
         bsz, seqlen, _ = x.shape
-        out = self._attend(self.wq(x), self.wk(x), self.wv(x), bsz, seqlen, freqs_cis, mask,
+        xq, xk, xv = project(x, self.wq, self.wk, self.wv)
+        out = self._attend(xq, xk, xv, bsz, seqlen, freqs_cis, mask,
                            lambda xk, xv: self._cached(xk, xv, start_pos, use_cache, row0, kv_len, slots))
         return self.wo(out)
 
@@ -158,7 +159,7 @@ class Attention(nn.Module):
     def _grouped(self, x: torch.Tensor, groups: list) -> torch.Tensor:
         """Each projection once over every group's tokens; attention group by group (each its own
         rows, length, positions and block slots)."""
-        xq, xk, xv = self.wq(x)[0], self.wk(x)[0], self.wv(x)[0]  # (T, ...)
+        xq, xk, xv = (t[0] for t in project(x, self.wq, self.wk, self.wv))  # (T, ...)
         outs, off = [], 0
         for g in groups:
             part, off = slice(off, off + g.rows * g.seqlen), off + g.rows * g.seqlen
@@ -199,7 +200,8 @@ class FeedForward(nn.Module):
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=lambda x: x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        h1, h3 = project(x, self.w1, self.w3)
+        return self.w2(F.silu(h1) * h3)
 
 
 class TransformerBlock(nn.Module):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import helpers
+from llama.parallel_layers import project
 from llama.runtime import native, quant_choice
 from llama.runtime import quant_kernels as qk
 from llama.weights import quant_formats, quant_modules
@@ -336,3 +337,50 @@ def test_the_unchecked_entry_of_the_model_equals_the_checked_ones(mode, a8):
         want = (native.int4a_mm if a8 else native.int4_mm)(x2, q, scales, zeros[0], 32)
     assert got.dtype == torch.bfloat16 and got.shape == (2, 3, 96)
     assert torch.equal(got, want.bfloat16().reshape(2, 3, 96))
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 6])
+def test_one_call_over_several_weights_equals_each_weight_alone(mode, rows):
+    """native.quantized_products with int8 activations (one call for a block's wq, wk, wv): each
+    result equals that weight's own checked product, float32 in and out, and bfloat16 in and out
+    (the bfloat16 result is the float32 one rounded); weight row counts that split the threads'
+    range inside a weight and across them."""
+    g = torch.Generator().manual_seed(rows)
+    config = quant_formats.resolve(mode)
+    stored = [list(quant_formats.quantize_weight("layers.0.attention.wq.weight", torch.randn(n, 256, generator=g),
+                                                 config).values()) for n in (96, 13, 40)]
+    weights = [(q, s.float(), None) if mode == "int8" else (q, s, z[0]) for q, s, *z in stored]
+    x = torch.randn(rows, 256, generator=g).bfloat16()
+    alone = [native.int8a_mm(x.float(), q, s) if z is None else native.int4a_mm(x.float(), q, s, z, 32)
+             for q, s, z in weights]
+    for got, want in zip(native.quantized_products(x.float()[None], weights, 32, True), alone):
+        assert torch.equal(got[0], want)
+    for got, want in zip(native.quantized_products(x[None], weights, 32, True), alone):
+        assert got.dtype == torch.bfloat16 and torch.equal(got[0], want.bfloat16())
+
+
+@needs_kernels
+def test_a_block_takes_wq_wk_wv_and_w1_w3_in_one_call_unless_a_hook_watches():
+    """llama.parallel_layers.project on quantized projections with int8 activations at decode: one
+    kernel call for wq, wk, wv (and one for w1, w3), the outputs of each layer alone; a forward hook
+    on wk makes it call each layer, so the hook sees its call."""
+    g = torch.Generator().manual_seed(0)
+    layers = [quant_modules.QuantizedLinear("int4", *quant_formats.quantize_int4(torch.randn(n, 256, generator=g), 32),
+                                            32, torch.bfloat16, path="native_a8") for n in (256, 64, 64)]
+    x = torch.randn(1, 1, 256, generator=g).bfloat16()
+    calls = []
+    real = native.quantized_products
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(native, "quantized_products", lambda *a: calls.append(len(a[1])) or real(*a))
+        joint = project(x, *layers)
+        assert calls == [3]
+        for got, layer in zip(joint, layers):
+            assert torch.equal(got, layer(x))
+        seen = []
+        layers[1].register_forward_hook(lambda m, i, o: seen.append(o))
+        calls.clear()
+        alone = project(x, *layers)
+        assert calls == [1, 1, 1] and len(seen) == 1
+        assert all(torch.equal(a, b) for a, b in zip(alone, joint))

@@ -14,7 +14,7 @@ import shutil
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -119,14 +119,9 @@ def _check(x2: torch.Tensor, in_features: int, *tensors: tuple[torch.Tensor, tor
 
 def int8_mm(x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, isa: str = "auto") -> torch.Tensor:
     """x2 (rows, in) @ (q * scales[:, None])^T in float32, q int8 (out, in), scales float32 (out,)."""
-    return _int8(kernels().int8_mm, x2, q, scales, isa)
-
-
-def _int8(kernel, x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, isa: str) -> torch.Tensor:
-    """An int8-weight product of the extension (int8_mm or int8a_mm) on checked inputs."""
     n, k = q.shape
     x2 = _check(x2, k, (q, torch.int8, (n, k)), (scales, torch.float32, (n,)))
-    return _int8_call(kernel, x2, q, scales, ISAS[isa])
+    return _int8_call(kernels().int8_mm, x2, q, scales, ISAS[isa])
 
 
 def _int8_call(kernel, x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, isa: int) -> torch.Tensor:
@@ -188,24 +183,36 @@ def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def quantized_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
                      group_size: int, int8_activations: bool) -> torch.Tensor:
     """x (..., in) @ W^T in x's dtype for int8 (`zeros` None: int8_mm / int8a_mm) or the stored int4
-    form (int4_mm / int4a_mm), the activations in float32, with no check of the weight's tensors:
-    the caller (llama.weights.quant_modules.QuantizedLinear, whose decode makes ~100 of these
-    products a token) made them in the kernels' forms, which the checked entries verify."""
-    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
-    n = q.shape[0]
-    if zeros is None:
-        out = _int8_call(kernels().int8a_mm if int8_activations else kernels().int8_mm, x2, q, scales, ISAS["auto"])
-    elif int8_activations:
-        out = _int4a_call(x2, q, scales, zeros, group_size, ISAS["auto"])
+    form (int4_mm / int4a_mm), with no check of the weight's tensors: the caller
+    (llama.weights.quant_modules.QuantizedLinear, whose decode makes ~100 of these products a
+    token) made them in the kernels' forms, which the checked entries verify."""
+    return quantized_products(x, [(q, scales, zeros)], group_size, int8_activations)[0]
+
+
+def quantized_products(x: torch.Tensor, weights: Sequence[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],
+                       group_size: int, int8_activations: bool) -> list[torch.Tensor]:
+    """quantized_linear of x with each (q, scales, zeros) of `weights` (all int8 or all int4, with
+    the same inputs): with int8 activations in one call of the extension, which rounds x once
+    and splits all the weights' rows among the threads; bfloat16 or float32 x is read as it is
+    and the results written in its dtype (no conversions around the call)."""
+    k, lead = x.shape[-1], x.shape[:-1]
+    if int8_activations:
+        x2 = x.reshape(-1, k)
+        x2 = (x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()).contiguous()
+        outs = _a8_call(x2, weights, group_size, ISAS["auto"])
     else:
-        out = int4_mm(x2, q, scales, zeros, group_size)
-    return out.to(x.dtype).view(*x.shape[:-1], n)
+        x2 = x.reshape(-1, k).float().contiguous()
+        outs = [_int8_call(kernels().int8_mm, x2, q, s, ISAS["auto"]) if z is None else int4_mm(x2, q, s, z, group_size)
+                for q, s, z in weights]
+    return [(o if o.dtype == x.dtype else o.to(x.dtype)).view(*lead, o.shape[1]) for o in outs]
 
 
 def int8a_mm(x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, isa: str = "auto") -> torch.Tensor:
     """int8_mm with each row of x2 rounded to int8 per block of A8_BLOCK columns (scale max|x| / 127
     of the block) and integer dot products: x2's rounded values @ (q * scales[:, None])^T, float32."""
-    return _int8(kernels().int8a_mm, x2, q, scales, isa)
+    n, k = q.shape
+    x2 = _check(x2, k, (q, torch.int8, (n, k)), (scales, torch.float32, (n,)))
+    return _a8_call(x2, [(q, scales, None)], 0, ISAS[isa])[0]
 
 
 def int4a_mm(x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -216,14 +223,21 @@ def int4a_mm(x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: tor
         raise ValueError(f"int4 group size {group_size} must divide {k} and be a power of two of at least {A8_BLOCK}")
     groups = (n, k // group_size)
     x2 = _check(x2, k, (q, torch.uint8, (n, k // 2)), (scales, torch.bfloat16, groups), (zeros, torch.bfloat16, groups))
-    return _int4a_call(x2, q, scales, zeros, group_size, ISAS[isa])
+    return _a8_call(x2, [(q, scales, zeros)], group_size, ISAS[isa])[0]
 
 
-def _int4a_call(x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                isa: int) -> torch.Tensor:
-    """The extension's int4a_mm on inputs already in its forms (float32 contiguous x2)."""
-    n, k = q.shape[0], q.shape[1] * 2
-    out = torch.empty(x2.shape[0], n)
-    kernels().int4a_mm(x2.data_ptr(), x2.shape[0], k, q.data_ptr(), scales.data_ptr(), zeros.data_ptr(), group_size,
-                       out.data_ptr(), n, isa)
-    return out
+def _a8_call(x2: torch.Tensor, weights: Sequence[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],
+             group_size: int, isa: int) -> list[torch.Tensor]:
+    """The extension's int8a_mm (zeros None) or int4a_mm over `weights`, which all multiply x2
+    (rows, in), contiguous float32 or bfloat16: the results (rows, out_i) in x2's dtype."""
+    rows, k = x2.shape
+    bf16 = x2.dtype == torch.bfloat16
+    outs = [torch.empty(rows, q.shape[0], dtype=x2.dtype) for q, _, _ in weights]
+    qs, scales = [q.data_ptr() for q, _, _ in weights], [s.data_ptr() for _, s, _ in weights]
+    ptrs, ns = [o.data_ptr() for o in outs], [o.shape[1] for o in outs]
+    if weights[0][2] is None:
+        kernels().int8a_mm(x2.data_ptr(), rows, k, qs, scales, ptrs, ns, isa, bf16, bf16)
+    else:
+        zeros = [z.data_ptr() for _, _, z in weights]
+        kernels().int4a_mm(x2.data_ptr(), rows, k, qs, scales, zeros, group_size, ptrs, ns, isa, bf16, bf16)
+    return outs

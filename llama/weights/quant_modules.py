@@ -4,7 +4,7 @@
 # rows it looks up, and `install` swaps them into a model from a state dict of stored tensors.
 import logging
 from collections import Counter
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -222,9 +222,26 @@ class QuantizedLinear(nn.Module):
     def _native(self, x: torch.Tensor, int8_activations: bool = False) -> torch.Tensor:
         """x (..., in) @ W^T in x's dtype through this package's kernels, on the buffers this module
         made in their forms (native.quantized_linear checks no weight)."""
+        return native.quantized_linear(x, *self._native_tensors(), self.group_size, int8_activations)
+
+    def _native_tensors(self) -> tuple:
+        """(q, scales, zeros or None) in the native kernels' forms."""
         if self.mode == "int8":
-            return native.quantized_linear(x, self.weight, self.scales_float32, None, 0, int8_activations)
-        return native.quantized_linear(x, self.weight, self.scales, self.zeros, self.group_size, int8_activations)
+            return self.weight, self.scales_float32, None
+        return self.weight, self.scales, self.zeros
+
+    def joint(self, x: torch.Tensor, layers: Sequence[nn.Module]) -> Optional[list[torch.Tensor]]:
+        """Each of `layers`' outputs for x (this layer first; llama.parallel_layers.project) from one
+        call of the int8-activation kernels, which round x once for all; None where those do not
+        run this step for all of them alike, or a hook watches one (it would see no call)."""
+        step = step_for(x.numel() // x.shape[-1])
+        if torch.compiler.is_compiling() or not all(
+            isinstance(m, QuantizedLinear) and m.kernels.get(step, ("",))[0] == "native_a8" and m.mode == self.mode
+            and m.group_size == self.group_size and m.parallel != "row" and not m.gather_output
+            and not (m._forward_hooks or m._forward_pre_hooks) for m in layers
+        ):
+            return None
+        return native.quantized_products(x, [m._native_tensors() for m in layers], self.group_size, True)
 
     def _fp8(self, x2: torch.Tensor) -> torch.Tensor:
         return qk.fp8_mm(x2, self.weight, self.scales)

@@ -22,14 +22,6 @@ constexpr int PF = 256;  // bytes ahead of each weight row's reads that are pref
 constexpr int64_t X_FITS = 16384;
 constexpr int NBR_WIDE = 4;
 
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as PyTorch's bfloat16 conversion
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
 struct Out {  // where a product's results go: float32 or bfloat16 (rows, N)
   void* p;
   int64_t N;

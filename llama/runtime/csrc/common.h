@@ -1,5 +1,5 @@
 // What the products of gemv.cpp (float32 activations) and q8.cpp (int8 activations) share: the
-// instruction sets and their detection, bfloat16 reading, the int4 groups' scale and zero-point
+// instruction sets and their detection, bfloat16 reading and rounding, the int4 groups' scale and zero-point
 // preparation, and the split of the output columns among threads.
 #pragma once
 #include <ATen/Parallel.h>
@@ -22,6 +22,14 @@ inline float bf16_to_float(uint16_t h) {
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as PyTorch's bfloat16 conversion
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
 }
 
 int best_isa() {

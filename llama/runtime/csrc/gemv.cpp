@@ -9,6 +9,7 @@
 //         scales, zeros (N, K / group) bfloat16:    W[n, k] = (v - 8) * scales[n, k / group] + zeros[n, k / group]
 // out (rows, N) float32 = x (rows, K) float32 @ W^T. Threads split the output columns (weight rows).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <vector>
 
 #include "common.h"
@@ -225,10 +226,13 @@ void int4_mm(int64_t xe, int64_t xo, int64_t xs, int64_t rows, int64_t K, int64_
 
 }  // namespace
 
-namespace llama_q8 {  // q8.cpp: the same products with the activations rounded to int8 per block
-void int8a_mm(int64_t x, int64_t rows, int64_t K, int64_t q, int64_t scales, int64_t out, int64_t N, int64_t isa);
-void int4a_mm(int64_t x, int64_t rows, int64_t K, int64_t q, int64_t scales, int64_t zeros, int64_t group,
-              int64_t out, int64_t N, int64_t isa);
+namespace llama_q8 {  // q8.cpp: the same products with the activations rounded to int8 per block, over
+                      // one or more weights that multiply the same activations (lists of their tensors)
+void int8a_mm(int64_t x, int64_t rows, int64_t K, const std::vector<int64_t>& qs, const std::vector<int64_t>& scales,
+              const std::vector<int64_t>& outs, const std::vector<int64_t>& Ns, int64_t isa, bool x_bf16, bool out_bf16);
+void int4a_mm(int64_t x, int64_t rows, int64_t K, const std::vector<int64_t>& qs, const std::vector<int64_t>& scales,
+              const std::vector<int64_t>& zeros, int64_t group, const std::vector<int64_t>& outs,
+              const std::vector<int64_t>& Ns, int64_t isa, bool x_bf16, bool out_bf16);
 }  // namespace llama_q8
 
 namespace llama_bf16 {  // bf16.cpp: bfloat16 weights, float32 or bfloat16 activations and results
@@ -241,8 +245,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, "out (rows, N) = x @ W^T, W the stored int4 form, x given as its even and odd columns");
   m.def("bf16_mm", &llama_bf16::bf16_mm,
         "out (rows, N) = x (rows, K) @ w^T, w bfloat16 (N, K); x and out float32, or bfloat16 where flagged");
-  m.def("int8a_mm", &llama_q8::int8a_mm, "int8_mm with x rounded to int8 per block of 32, integer dot products");
-  m.def("int4a_mm", &llama_q8::int4a_mm, "out (rows, N) = x (rows, K) @ W^T, the stored int4 form, x rounded as int8a_mm's");
+  m.def("int8a_mm", &llama_q8::int8a_mm,
+        "out_i (rows, N_i) = x (rows, K) @ (q_i * scales_i)^T for each weight i, x rounded to int8 per block of 32");
+  m.def("int4a_mm", &llama_q8::int4a_mm,
+        "out_i (rows, N_i) = x (rows, K) @ W_i^T for each stored int4 weight i, x rounded as int8a_mm's");
   m.def("best_isa", &best_isa,
         "the widest instruction set this CPU has: 1 plain C++, 2 AVX2 + FMA, 3 AVX-512 F/BW, 4 and VNNI, 5 and BF16");
 }

@@ -353,40 +353,79 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int4a_avx512(const A
 
 namespace llama_q8 {
 
-// The entry points, as gemv.cpp's: addresses of contiguous tensors that llama/runtime/native.py checked.
-void int8a_mm(int64_t x, int64_t rows, int64_t K, int64_t q, int64_t scales, int64_t out, int64_t N, int64_t isa) {
-  const int which = resolve(isa, 64, VNNI);  // masked loads and scalar tails: any K
-  const int8_t* qp = ptr<const int8_t>(q);
-  const float* sp = ptr<const float>(scales);
+// The entry points, as gemv.cpp's: addresses of contiguous tensors that llama/runtime/native.py
+// checked. One call takes every weight that multiplies the same activations (a layer's wq, wk and
+// wv; w1 and w3): the activations are rounded once, and the threads split all the weights' rows
+// as one range, so a small weight is not a parallel region of its own. Activations and results
+// are float32, or bfloat16 where flagged (widened exactly; results rounded to nearest even, as
+// PyTorch's conversion rounds): a bfloat16 model's products then need no conversions around them.
+
+// `run(act, part, n0, n1, out)` computes rows n0..n1 of weight `part` into `out` (R, N) float32.
+template <typename Run>
+void joint(int64_t x, int64_t rows, int64_t K, bool int4, int64_t group, const std::vector<int64_t>& outs,
+           const std::vector<int64_t>& Ns, bool vector, bool x_bf16, bool out_bf16, const Run& run) {
+  const size_t P = Ns.size();
+  std::vector<int64_t> first(P + 1, 0);  // each weight's first block in the joint range
+  for (size_t p = 0; p < P; ++p) first[p + 1] = first[p] + (Ns[p] + NB - 1) / NB;
+  std::vector<float> wide;
   for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) {
-    const Act a = quantize(ptr<const float>(x) + r0 * K, std::min(MAX_ROWS, rows - r0), K, false, 0, which >= AVX2);
-    float* op = ptr<float>(out) + r0 * N;
-    at::parallel_for(0, (N + NB - 1) / NB, 16, [&](int64_t b0, int64_t b1) {
-      const int64_t n0 = b0 * NB, n1 = std::min(N, b1 * NB);
-      if (which == VNNI) { BY_ROWS_V(int8a_avx512, a.R, true, a, qp, sp, op, N, n0, n1) }
-      else if (which == AVX512) { BY_ROWS_V(int8a_avx512, a.R, false, a, qp, sp, op, N, n0, n1) }
-      else if (which == AVX2) { BY_ROWS(int8a_avx2, a.R, a, qp, sp, op, N, n0, n1) }
-      else int8a_generic(a, qp, sp, op, N, n0, n1);
+    const int64_t R = std::min(MAX_ROWS, rows - r0);
+    const float* xr = ptr<const float>(x) + r0 * K;
+    if (x_bf16) {
+      wide.resize(R * K);
+      const uint16_t* xh = ptr<const uint16_t>(x) + r0 * K;
+      for (int64_t i = 0; i < R * K; ++i) wide[i] = bf16_to_float(xh[i]);
+      xr = wide.data();
+    }
+    const Act a = quantize(xr, R, K, int4, group, vector);
+    std::vector<std::vector<float>> tmp(out_bf16 ? P : 0);  // float32 results before rounding
+    for (size_t p = 0; p < tmp.size(); ++p) tmp[p].resize(R * Ns[p]);
+    at::parallel_for(0, first[P], 16, [&](int64_t b0, int64_t b1) {
+      for (size_t p = 0; p < P; ++p) {
+        const int64_t lo = std::max(b0, first[p]), hi = std::min(b1, first[p + 1]), N = Ns[p];
+        if (lo >= hi) continue;
+        const int64_t n0 = (lo - first[p]) * NB, n1 = std::min(N, (hi - first[p]) * NB);
+        float* op = out_bf16 ? tmp[p].data() : ptr<float>(outs[p]) + r0 * N;
+        run(a, p, n0, n1, op);
+        if (!out_bf16) continue;
+        uint16_t* oh = ptr<uint16_t>(outs[p]) + r0 * N;
+        for (int64_t r = 0; r < R; ++r)
+          for (int64_t n = n0; n < n1; ++n) oh[r * N + n] = float_to_bf16(op[r * N + n]);
+      }
     });
   }
 }
 
-void int4a_mm(int64_t x, int64_t rows, int64_t K, int64_t q, int64_t scales, int64_t zeros, int64_t group,
-              int64_t out, int64_t N, int64_t isa) {
+void int8a_mm(int64_t x, int64_t rows, int64_t K, const std::vector<int64_t>& qs, const std::vector<int64_t>& scales,
+              const std::vector<int64_t>& outs, const std::vector<int64_t>& Ns, int64_t isa, bool x_bf16,
+              bool out_bf16) {
+  const int which = resolve(isa, 64, VNNI);  // masked loads and scalar tails: any K
+  joint(x, rows, K, false, 0, outs, Ns, which >= AVX2, x_bf16, out_bf16,
+        [&](const Act& a, size_t p, int64_t n0, int64_t n1, float* op) {
+          const int8_t* qp = ptr<const int8_t>(qs[p]);
+          const float* sp = ptr<const float>(scales[p]);
+          const int64_t N = Ns[p];
+          if (which == VNNI) { BY_ROWS_V(int8a_avx512, a.R, true, a, qp, sp, op, N, n0, n1) }
+          else if (which == AVX512) { BY_ROWS_V(int8a_avx512, a.R, false, a, qp, sp, op, N, n0, n1) }
+          else if (which == AVX2) { BY_ROWS(int8a_avx2, a.R, a, qp, sp, op, N, n0, n1) }
+          else int8a_generic(a, qp, sp, op, N, n0, n1);
+        });
+}
+
+void int4a_mm(int64_t x, int64_t rows, int64_t K, const std::vector<int64_t>& qs, const std::vector<int64_t>& scales,
+              const std::vector<int64_t>& zeros, int64_t group, const std::vector<int64_t>& outs,
+              const std::vector<int64_t>& Ns, int64_t isa, bool x_bf16, bool out_bf16) {
   const int which = resolve(isa, 64, VNNI);
-  const uint8_t* qp = ptr<const uint8_t>(q);
-  const uint16_t *scp = ptr<const uint16_t>(scales), *zp = ptr<const uint16_t>(zeros);
-  for (int64_t r0 = 0; r0 < rows; r0 += MAX_ROWS) {
-    const Act a = quantize(ptr<const float>(x) + r0 * K, std::min(MAX_ROWS, rows - r0), K, true, group, which >= AVX2);
-    float* op = ptr<float>(out) + r0 * N;
-    at::parallel_for(0, (N + NB - 1) / NB, 16, [&](int64_t b0, int64_t b1) {
-      const int64_t n0 = b0 * NB, n1 = std::min(N, b1 * NB);
-      if (which == VNNI) { BY_ROWS_V(int4a_avx512, a.R, true, a, qp, scp, zp, group, op, N, n0, n1) }
-      else if (which == AVX512) { BY_ROWS_V(int4a_avx512, a.R, false, a, qp, scp, zp, group, op, N, n0, n1) }
-      else if (which == AVX2) { BY_ROWS(int4a_avx2, a.R, a, qp, scp, zp, group, op, N, n0, n1) }
-      else int4a_generic(a, qp, scp, zp, group, op, N, n0, n1);
-    });
-  }
+  joint(x, rows, K, true, group, outs, Ns, which >= AVX2, x_bf16, out_bf16,
+        [&](const Act& a, size_t p, int64_t n0, int64_t n1, float* op) {
+          const uint8_t* qp = ptr<const uint8_t>(qs[p]);
+          const uint16_t *scp = ptr<const uint16_t>(scales[p]), *zp = ptr<const uint16_t>(zeros[p]);
+          const int64_t N = Ns[p];
+          if (which == VNNI) { BY_ROWS_V(int4a_avx512, a.R, true, a, qp, scp, zp, group, op, N, n0, n1) }
+          else if (which == AVX512) { BY_ROWS_V(int4a_avx512, a.R, false, a, qp, scp, zp, group, op, N, n0, n1) }
+          else if (which == AVX2) { BY_ROWS(int4a_avx2, a.R, a, qp, scp, zp, group, op, N, n0, n1) }
+          else int4a_generic(a, qp, scp, zp, group, op, N, n0, n1);
+        });
 }
 
 }  // namespace llama_q8
