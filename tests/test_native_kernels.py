@@ -18,7 +18,7 @@ import helpers
 from llama.parallel_layers import project
 from llama.runtime import native, quant_choice
 from llama.runtime import quant_kernels as qk
-from llama.weights import quant_formats, quant_modules
+from llama.weights import quant_blocks, quant_formats, quant_modules
 
 REPO = Path(__file__).resolve().parent.parent
 ISAS = native.available_isas() if native.kernels() is not None else []
@@ -384,3 +384,16 @@ def test_a_block_takes_wq_wk_wv_and_w1_w3_in_one_call_unless_a_hook_watches():
         alone = project(x, *layers)
         assert calls == [1, 1, 1] and len(seen) == 1
         assert all(torch.equal(a, b) for a, b in zip(alone, joint))
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ISAS)
+def test_int4_rows_dequantize_to_the_pytorch_forms_values_bit_for_bit(isa):
+    """native.int4_into (a prefill's blocks) = quant_blocks.int4_into's PyTorch ops, every rounding
+    alike: bfloat16 and float32, each group size, an odd row count."""
+    g = torch.Generator().manual_seed(3)
+    for group in quant_formats.GROUP_SIZES:
+        q, s, z = quant_formats.quantize_int4(torch.randn(37, 512, generator=g) * 0.02, group)
+        for dt in (torch.bfloat16, torch.float32):
+            want = quant_blocks.int4_into(torch.empty(37, 512, dtype=dt), qk.unpack_int4(q), s, z, group)
+            assert torch.equal(native.int4_into(torch.empty(37, 512, dtype=dt), q, s, z, group, isa), want)

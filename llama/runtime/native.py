@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCE = CSRC / "gemv.cpp"
-SOURCES = (SOURCE, CSRC / "q8.cpp", CSRC / "bf16.cpp")
+SOURCES = (SOURCE, CSRC / "q8.cpp", CSRC / "bf16.cpp", CSRC / "dequant.cpp")
 ISAS = {"auto": 0, "generic": 1, "avx2": 2, "avx512": 3, "avx512vnni": 4, "avx512bf16": 5}
 A8_BLOCK = 32  # the int8-activation kernels round each activation row in blocks of this many columns
 NAMES = {v: k for k, v in ISAS.items()}
@@ -111,10 +111,14 @@ def _check(x2: torch.Tensor, in_features: int, *tensors: tuple[torch.Tensor, tor
     x2 = x2.to(x_dtype).contiguous()
     if x2.dim() != 2 or x2.shape[1] != in_features:
         raise ValueError(f"activations {tuple(x2.shape)} do not match the weight's {in_features} inputs")
+    _check_tensors(*tensors)
+    return x2
+
+
+def _check_tensors(*tensors: tuple[torch.Tensor, torch.dtype, tuple]) -> None:
     for t, dtype, shape in tensors:
         if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous() or t.device.type != "cpu":
             raise ValueError(f"kernel input {t.dtype} {tuple(t.shape)} is not contiguous {dtype} {shape} on the CPU")
-    return x2
 
 
 def int8_mm(x2: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, isa: str = "auto") -> torch.Tensor:
@@ -241,3 +245,17 @@ def _a8_call(x2: torch.Tensor, weights: Sequence[tuple[torch.Tensor, torch.Tenso
         zeros = [z.data_ptr() for _, _, z in weights]
         kernels().int4a_mm(x2.data_ptr(), rows, k, qs, scales, zeros, group_size, ptrs, ns, isa, bf16, bf16)
     return outs
+
+
+def int4_into(w: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+              isa: str = "auto") -> torch.Tensor:
+    """The stored int4 weight (q uint8 (out, in / 2), scales and zeros bfloat16 (out, in / group))
+    written into `w` (out, in), float32 or bfloat16, with the roundings of
+    llama.weights.quant_blocks.int4_into's PyTorch form (the same values) in one pass."""
+    n, k = w.shape
+    groups = (n, k // group_size)
+    _check_tensors((w, w.dtype if w.dtype in (torch.float32, torch.bfloat16) else torch.float32, (n, k)),
+                   (q, torch.uint8, (n, k // 2)), (scales, torch.bfloat16, groups), (zeros, torch.bfloat16, groups))
+    kernels().int4_into(q.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n, k, group_size, w.data_ptr(),
+                        w.dtype == torch.bfloat16, ISAS[isa])
+    return w

@@ -209,6 +209,8 @@ class QuantizedLinear(nn.Module):
         """Rows start:stop of this weight written into `w` (int8: the values, unscaled)."""
         if self.mode == "int8":
             return w.copy_(self.weight[start:stop])
+        if native.kernels() is not None and w.dtype in (torch.float32, torch.bfloat16):  # the same values, one pass
+            return native.int4_into(w, self.weight[start:stop], self.scales[start:stop], self.zeros[start:stop], self.group_size)
         values, scales, zeros = qk.unpack_int4(self.weight[start:stop]), self.scales[start:stop], self.zeros[start:stop]
         return quant_blocks.int4_into(w, values, scales, zeros, self.group_size)
 

@@ -235,6 +235,11 @@ void int4a_mm(int64_t x, int64_t rows, int64_t K, const std::vector<int64_t>& qs
               const std::vector<int64_t>& Ns, int64_t isa, bool x_bf16, bool out_bf16);
 }  // namespace llama_q8
 
+namespace llama_dequant {  // dequant.cpp: stored int4 rows into float32 or bfloat16 for a prefill's block product
+void int4_into(int64_t q, int64_t scales, int64_t zeros, int64_t N, int64_t K, int64_t group, int64_t out, bool bf16,
+               int64_t isa);
+}  // namespace llama_dequant
+
 namespace llama_bf16 {  // bf16.cpp: bfloat16 weights, float32 or bfloat16 activations and results
 void bf16_mm(int64_t x, int64_t rows, int64_t K, int64_t w, int64_t out, int64_t N, int64_t isa, bool x_bf16,
              bool out_bf16);
@@ -249,6 +254,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out_i (rows, N_i) = x (rows, K) @ (q_i * scales_i)^T for each weight i, x rounded to int8 per block of 32");
   m.def("int4a_mm", &llama_q8::int4a_mm,
         "out_i (rows, N_i) = x (rows, K) @ W_i^T for each stored int4 weight i, x rounded as int8a_mm's");
+  m.def("int4_into", &llama_dequant::int4_into,
+        "out (N, K) float32 or bfloat16 = the stored int4 weight, rounded as quant_blocks.int4_into's PyTorch form");
   m.def("best_isa", &best_isa,
         "the widest instruction set this CPU has: 1 plain C++, 2 AVX2 + FMA, 3 AVX-512 F/BW, 4 and VNNI, 5 and BF16");
 }
