@@ -14,6 +14,10 @@ FALLBACK_CACHE = 64 * 2**20
 # At most this many bytes more than the last-level cache in a probe's buffer of weights read from memory.
 STREAM_MARGIN = 256 * 2**20
 
+# Start-up probes time each candidate in this many rounds and keep its fastest: other work on the
+# cores only ever adds time, and a choice is kept for every later process on the machine
+PROBE_ROUNDS = 2
+
 T = TypeVar("T")
 
 

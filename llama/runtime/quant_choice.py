@@ -63,7 +63,7 @@ STREAMED = ("decode", "small")  # the steps whose probes read each call's weight
 # would set a quantized load's peak memory.
 NOT_STREAMED = ("dequant",)
 QUANT_PROBE_GROUP = 32  # the default int4 group size
-PROBE_ROUNDS = 2  # each candidate timed in this many rounds, the fastest kept (measure_quantized)
+PROBE_ROUNDS = cpu.PROBE_ROUNDS  # each candidate timed in this many rounds, the fastest kept (measure_quantized)
 GIVE_UP = 3.0
 WARM_UP_GIVE_UP = 10.0  # a first call this many times the best so far is not timed again (_timed)
 
