@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import helpers
 from llama import Llama, distributed
-from llama.runtime import quant_choice, quant_kernels
+from llama.runtime import native, quant_choice, quant_kernels
 from llama.runtime import w8a8 as w8a8_kernels
 from llama.weights import checkpoint, convert, hf, loader, quant_formats, quant_modules, rank_state, save, sharding
 from llama.model import ModelArgs
@@ -198,6 +198,8 @@ def test_quantize_none_is_the_unquantized_model_and_output_can_stay_full_precisi
 
 def test_quantized_runs_on_1_2_and_4_processes_give_the_tokens_of_one(tmp_path, fp_ckpt, q_ckpts):
     runs = [f"{fp_ckpt}|int8", f"{fp_ckpt}|int4", f"{q_ckpts['int4']}|none"]
+    if native.kernels() is not None:  # int8 activations: one call for wq, wk, wv (w1, w3) on each rank's slices
+        runs += [f"{fp_ckpt}|int8|native_a8", f"{fp_ckpt}|int4|native_a8"]
     w8a8 = [f"{fp_ckpt}|w8a8"] if w8a8_kernels.w8a8_available() else []
     results = {}
     for n in (1, 2, 4):
@@ -210,6 +212,7 @@ def test_quantized_runs_on_1_2_and_4_processes_give_the_tokens_of_one(tmp_path, 
             assert results[n][run]["tokens"] == results[1][run]["tokens"], (run, n)
             torch.testing.assert_close(results[n][run]["logits"], results[1][run]["logits"], rtol=1e-4, atol=1e-4)
     assert results[1][runs[1]]["tokens"] == results[1][runs[2]]["tokens"]  # on load == from the file
+    assert all(results[n][run]["decode"] == "native_a8" for run in runs[3:] for n in (1, 2, 4))
 
 
 def test_reshard_of_a_quantized_checkpoint_loads_bit_for_bit(tmp_path, q_ckpts):
