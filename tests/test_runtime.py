@@ -431,8 +431,8 @@ def test_the_upcast_buffer_first_used_under_inference_mode_serves_products_outsi
 
 def test_weights_are_allocated_on_huge_pages_where_linux_gives_them(monkeypatch, tiny_ckpt, byte_tokenizer):
     """A tensor advised before it is written is backed by 2 MB pages (where transparent huge pages
-    are not off), the loader advises every weight it allocates, and LLAMA_NO_HUGE_PAGES=1 leaves the
-    default pages."""
+    are not off), the loader advises every weight it allocates or quantizes, and LLAMA_NO_HUGE_PAGES=1
+    leaves the default pages."""
     from pathlib import Path
 
     from llama.runtime import pages
@@ -441,6 +441,10 @@ def test_weights_are_allocated_on_huge_pages_where_linux_gives_them(monkeypatch,
     monkeypatch.setattr(pages, "advise_huge_pages", lambda t: advised.append(t.shape) or advise(t))
     llama = Llama.build(str(tiny_ckpt), str(byte_tokenizer), 64, 1, device="cpu", dtype="float32")
     assert len(advised) >= len(llama.model.state_dict()) - 1  # each weight as it is allocated (output tied or not)
+    advised.clear()  # quantized on load: the stored forms, made by computation, moved under advised pages too
+    int4 = Llama.build(str(tiny_ckpt), str(byte_tokenizer), 64, 1, device="cpu", dtype="float32", quantize="int4")
+    packed = {tuple(m.weight.shape) for m in int4.model.modules() if hasattr(m, "kernels")}  # (out, in / 2)
+    assert packed and packed <= set(map(tuple, advised))
     monkeypatch.setattr(pages, "advise_huge_pages", advise)
 
     # over glibc's largest mmap threshold (32 MB): fresh pages, never memory an earlier test freed

@@ -35,6 +35,16 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     return True
 
 
+def in_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """`t` moved into memory advised for huge pages (a copy), where advise_huge_pages would ask for
+    them; else `t` itself. For tensors made by computation, whose pages were written before any
+    advice could come (weights quantized on load: torch's own allocations)."""
+    if not t.is_contiguous():
+        return t
+    out = torch.empty_like(t)
+    return out.copy_(t) if advise_huge_pages(out) else t
+
+
 @functools.lru_cache(maxsize=None)
 def _madvise() -> Optional[object]:
     if not hasattr(mmap, "MADV_HUGEPAGE"):

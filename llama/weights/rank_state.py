@@ -177,9 +177,13 @@ def _quantizing(
             done = _copy_piece(key, t, done, shard, k, layout.n_shards, args, rank, count, None, progress)
         _check_covered(key, done, args, rank, count, None)
         if quant.applies(key):
-            state.update(quantize_weight(key, t, quant, reduce_max))
+            stored = quantize_weight(key, t, quant, reduce_max)
             del t
             memory.release_freed_memory()  # the quantizing temporaries, before the next tensor is read
+            # made by computation, in pages already written: moved under huge pages as the loaded are
+            state.update({k: pages.in_huge_pages(v) for k, v in stored.items()})
+            del stored
+            memory.release_freed_memory()
         else:
             state[key] = t
     return state
