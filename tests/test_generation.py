@@ -1,5 +1,6 @@
 """The Llama generator: batching, echo, logprobs, stop tokens, limits, errors, streaming, and
 tensor-parallel runs in real processes."""
+import json
 import shutil
 
 import pytest
@@ -159,25 +160,26 @@ def test_bad_inputs_name_the_problem(tmp_path, tiny_ckpt, byte_tokenizer):
         build(tiny_ckpt, tmp_path / "missing.model")
 
 
-def test_two_processes_on_two_shards_match_one_process(tmp_path, tiny_ckpt, tiny_ckpt_2shards, byte_tokenizer):
-    """Two processes match one, eager and compiled: torch.compile traces the tensor-parallel
-    collectives (llama.distributed.traceable_collectives), so compiled passes on two ranks run
-    compiled instead of falling back to eager."""
-    results = {}
-    for name, ckpt, nproc, extra in (("one", tiny_ckpt, 1, []), ("two", tiny_ckpt_2shards, 2, []),
-                                     ("two compiled", tiny_ckpt_2shards, 2, ["--compile"])):
-        out = tmp_path / f"{name}.pt"
-        args = ["--ckpt_dir", ckpt, "--tokenizer_path", byte_tokenizer, "--out", out, *extra]
-        r = helpers.run_torchrun("tests/workers/generate.py", args, nproc)
-        assert r.returncode == 0, r.stderr[-3000:]
-        results[name] = torch.load(out)
-    one = results["one"]
-    for two in (results["two"], results["two compiled"]):
+def test_two_processes_on_two_shards_match_one_process(tmp_path, llama, tiny_ckpt_2shards, byte_tokenizer):
+    """Two processes match one (this process, built as the worker builds), eager and compiled:
+    torch.compile traces the tensor-parallel collectives (llama.distributed.traceable_collectives),
+    so compiled passes on two ranks run compiled instead of falling back to eager. Both runs share
+    one torchrun launch (the worker's --variants)."""
+    from workers.generate import results_of
+
+    one = results_of(llama)
+    outs = {"two": tmp_path / "two.pt", "two compiled": tmp_path / "two-compiled.pt"}
+    variants = [{"out": str(outs["two"]), "compile": 0}, {"out": str(outs["two compiled"]), "compile": 1}]
+    args = ["--ckpt_dir", tiny_ckpt_2shards, "--tokenizer_path", byte_tokenizer, "--variants", json.dumps(variants)]
+    r = helpers.run_torchrun("tests/workers/generate.py", args, 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = {name: torch.load(out) for name, out in outs.items()}
+    for two in results.values():
         assert one["tokens"] == two["tokens"]
         assert one["sampled"] == two["sampled"]
         torch.testing.assert_close(two["logits"], one["logits"], atol=1e-5, rtol=0)
         assert two["logprobs"] == [pytest.approx(lp, abs=1e-5) for lp in one["logprobs"]]
-    assert results["two compiled"]["compiled"] == [True]
+    assert "compiled" not in results["two"] and results["two compiled"]["compiled"] == [True]
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
