@@ -385,28 +385,34 @@ def test_bad_input_names_the_problem_and_the_fix(tmp_path, tiny_ckpt, byte_token
 # ---------------------------------------------------------------- two processes
 
 
-@pytest.mark.parametrize("parallel, compile", [("replicated", False), ("sharded", False), ("replicated", True)])
-def test_two_processes_accept_the_same_tokens_as_one(tmp_path, plain, tiny_ckpt_2shards, byte_tokenizer, draft_ckpt, parallel, compile):
+VARIANTS = [("replicated", False), ("sharded", False), ("replicated", True)]  # (draft_parallel, compile)
+
+
+def test_two_processes_accept_the_same_tokens_as_one(tmp_path, plain, tiny_ckpt_2shards, byte_tokenizer, draft_ckpt):
     """The model sharded over two ranks, the draft whole on each or split like the model, eager or
     compiled (the passes one by one, compiled on each rank): greedy output is the one-process
-    model's own, and seeded sampling draws the same tokens on both ranks."""
-    out = tmp_path / "two.pt"
-    args = ["--ckpt_dir", tiny_ckpt_2shards, "--tokenizer_path", byte_tokenizer, "--out", out, "--draft_ckpt_dir", draft_ckpt,
-            "--draft_parallel", parallel] + (["--compile"] if compile else [])
+    model's own, and seeded sampling draws the same tokens on both ranks. The three variants run
+    one after another in one torchrun launch (the worker's --variants)."""
+    outs = [tmp_path / f"two-{parallel}-{int(compile)}.pt" for parallel, compile in VARIANTS]
+    variants = [{"out": str(out), "draft_parallel": parallel, "compile": int(compile)}
+                for out, (parallel, compile) in zip(outs, VARIANTS)]
+    args = ["--ckpt_dir", tiny_ckpt_2shards, "--tokenizer_path", byte_tokenizer, "--draft_ckpt_dir", draft_ckpt,
+            "--variants", json.dumps(variants)]
     r = helpers.run_torchrun("tests/workers/generate.py", args, 2)
     assert r.returncode == 0, r.stderr[-3000:]
-    two = torch.load(out)
-    if compile:
-        assert two["compiled"] == [True, True, True]  # the model's steps, its verify passes, the draft's steps
     from workers.generate import PROMPTS
 
     want, want_lps = plain.generate(encode(plain, PROMPTS), 12, temperature=0, logprobs=True)
-    assert two["tokens"] == want
-    assert two["logprobs"] == [pytest.approx(lp, abs=1e-5) for lp in want_lps]
     kv_rows = helpers.TINY_PARAMS["n_kv_heads"] * 16  # whole; split in two when sharded
-    assert two["draft_wk_rows"] == (kv_rows if parallel == "replicated" else kv_rows // 2)
-    assert 0 < two["acceptance"] < 1
-    assert torch.load(f"{out}.rank1.sampled") == two["sampled"]
+    for out, (parallel, compile) in zip(outs, VARIANTS):
+        two, variant = torch.load(out), (parallel, compile)
+        if compile:
+            assert two["compiled"] == [True, True, True], variant  # the model's steps, its verify passes, the draft's steps
+        assert two["tokens"] == want, variant
+        assert two["logprobs"] == [pytest.approx(lp, abs=1e-5) for lp in want_lps], variant
+        assert two["draft_wk_rows"] == (kv_rows if parallel == "replicated" else kv_rows // 2), variant
+        assert 0 < two["acceptance"] < 1, variant
+        assert torch.load(f"{out}.rank1.sampled") == two["sampled"], variant
 
 
 # ---------------------------------------------------------------- scripts
