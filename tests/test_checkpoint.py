@@ -332,15 +332,16 @@ def test_errors_are_one_line(cpu_group, tmp_path, ckpts):
 
 
 def test_loading_costs_the_weights_once_where_the_naive_way_costs_twice(tmp_path):
-    def bench(shards: int) -> dict:  # 149 MB in float32
-        out = tmp_path / f"load{shards}.json"
-        cmd = [sys.executable, "benchmarks/bench_load.py", "--dim", "512", "--n_layers", "8", "--vocab_size", "8000",
-               "--dtype", "float32", "--shards", str(shards), "--repeats", "1", "--out", str(out)]
-        r = subprocess.run(cmd, cwd=helpers.REPO, env=helpers.child_env(), capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return json.loads(out.read_text())["methods"]
+    def bench(shards: int) -> list:  # 149 MB in float32
+        return [sys.executable, "benchmarks/bench_load.py", "--dim", "512", "--n_layers", "8", "--vocab_size", "8000",
+                "--dtype", "float32", "--shards", str(shards), "--repeats", "1", "--out", str(tmp_path / f"load{shards}.json")]
 
-    one, two = bench(1), bench(2)
+    # each run measures its own process's memory: the two run side by side
+    runs = helpers.run_at_once([bench(1), bench(2)], cwd=helpers.REPO, env=helpers.child_env(), capture_output=True,
+                               text=True, timeout=600)
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"load{shards}.json").read_text())["methods"] for shards in (1, 2))
     added = [one["lean"]["added_over_size"], two["lean"]["added_over_size"], one["naive"]["added_over_size"]]
     # lean: the weights plus at most one 16 MiB copy chunk (0.11x of this small model), merging or
     # not; naive: twice the weights

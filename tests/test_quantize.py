@@ -269,15 +269,14 @@ def test_a_quantized_checkpoint_to_hf_is_a_one_line_error(tmp_path, q_ckpts):
 
 
 def test_quantize_script_refusals_are_one_line_errors(tmp_path, fp_ckpt, q_ckpts):
-    for args, message in (
+    cases = (
         ([fp_ckpt, tmp_path / "a", "--mode", "int5"], "error: unknown mode 'int5'"),
         ([q_ckpts["int8"], tmp_path / "b", "--mode", "int4"], "is already quantized"),
         ([fp_ckpt, tmp_path / "c", "--mode", "int4", "--group_size", "256"], "does not divide the input dimension"),
-    ):
-        proc = subprocess.run(
-            [sys.executable, "scripts/quantize.py", *map(str, args)],
-            capture_output=True, text=True, cwd=helpers.REPO, env=helpers.child_env(),
-        )
+    )
+    procs = helpers.run_at_once([[sys.executable, "scripts/quantize.py", *map(str, args)] for args, _ in cases],
+                                capture_output=True, text=True, cwd=helpers.REPO, env=helpers.child_env())
+    for proc, (_, message) in zip(procs, cases):
         assert proc.returncode == 1 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
@@ -385,13 +384,14 @@ def test_the_int4_kernel_layout_probe_on_each_cpu_capability():
     of 64 rows, AVX2: 32) and says None on the scalar build's (where the embedding keeps its own
     copy), each in a fresh process."""
     found = {}
-    for capability in ("avx512", "avx2", "default"):
-        proc = subprocess.run(
-            [sys.executable, "-c", "import torch; from llama.runtime import quant_kernels; "
-             "print(torch.backends.cpu.get_cpu_capability(), quant_kernels.int4_kernel_block())"],
-            capture_output=True, text=True, cwd=helpers.REPO, timeout=120,
-            env={**helpers.child_env(), "ATEN_CPU_CAPABILITY": capability},
-        )
+    code = ("import torch; from llama.runtime import quant_kernels; "
+            "print(torch.backends.cpu.get_cpu_capability(), quant_kernels.int4_kernel_block())")
+    procs = helpers.run_at_once(
+        [([sys.executable, "-c", code], {"env": {**helpers.child_env(), "ATEN_CPU_CAPABILITY": capability}})
+         for capability in ("avx512", "avx2", "default")],
+        capture_output=True, text=True, cwd=helpers.REPO, timeout=120,
+    )
+    for proc in procs:
         assert proc.returncode == 0, proc.stderr[-2000:]
         got, block = proc.stdout.split()
         found[got] = block
