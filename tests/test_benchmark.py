@@ -71,21 +71,20 @@ def test_benchmark_reports_every_field_and_compares_the_policy_with_forced_dtype
     assert "llama.cpp skipped: llama.cpp not given" in proc.stdout
 
 
-def test_benchmark_help():
-    proc = subprocess.run([sys.executable, str(BENCHMARK), "--help"], capture_output=True, text=True, timeout=60)
-    text = proc.stdout + proc.stderr  # fire writes help to stderr when that is not a terminal
-    assert proc.returncode == 0 and "--n_layers" in text and "--compile" in text
+BAD_INPUT = [(["--shape", "nope"], "error: unknown model 'nope': known are llama3-8b"),
+             (["--impls", "ours,bogus"], "error: unknown implementation(s) ['bogus']: choose from ours")]
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [(["--shape", "nope"], "error: unknown model 'nope': known are llama3-8b"),
-     (["--impls", "ours,bogus"], "error: unknown implementation(s) ['bogus']: choose from ours")],
-)
-def test_bad_input_is_one_line(args, message):
-    proc = subprocess.run([sys.executable, str(BENCHMARK), *args], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
-    assert proc.stderr.startswith(message), proc.stderr
+def test_benchmark_help_and_bad_input_is_one_line():
+    """--help names its flags; an unknown model or implementation is one line (exit 1). The three
+    processes run side by side."""
+    procs = helpers.run_at_once([[sys.executable, str(BENCHMARK), *args] for args in [["--help"]] + [a for a, _ in BAD_INPUT]],
+                                capture_output=True, text=True, timeout=60)
+    text = procs[0].stdout + procs[0].stderr  # fire writes help to stderr when that is not a terminal
+    assert procs[0].returncode == 0 and "--n_layers" in text and "--compile" in text
+    for proc, (args, message) in zip(procs[1:], BAD_INPUT):
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], args
+        assert proc.stderr.startswith(message), proc.stderr
 
 
 PROMPTS = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11, 12, 13], [14, 15]]

@@ -209,13 +209,17 @@ def test_chat_completion_returns_parsed_tool_calls(llama, monkeypatch):
     assert msg == {"role": "assistant", "content": "just text"}  # exactly the original's result
 
 
-@pytest.mark.parametrize("script", ["example_text_completion.py", "example_chat_completion.py", "scripts/chat.py"])
-def test_scripts_report_bad_input_in_one_line(script, tmp_path):
+def test_scripts_report_bad_input_in_one_line(tmp_path):
+    """example_text_completion.py, example_chat_completion.py and scripts/chat.py on a missing
+    checkpoint directory: exit 1 and one line naming it (the three processes side by side)."""
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, script, "--ckpt_dir", str(tmp_path / "missing")], cwd=helpers.REPO,
-                       env=helpers.child_env(), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == [f"error: checkpoint directory {tmp_path / 'missing'} does not exist: "
-                                             "give the directory holding params.json and consolidated.NN.pth"]
+    scripts = ["example_text_completion.py", "example_chat_completion.py", "scripts/chat.py"]
+    runs = helpers.run_at_once([[sys.executable, script, "--ckpt_dir", str(tmp_path / "missing")] for script in scripts],
+                               cwd=helpers.REPO, env=helpers.child_env(), capture_output=True, text=True, timeout=120,
+                               stdin=subprocess.DEVNULL)
+    for script, r in zip(scripts, runs):
+        assert r.returncode == 1, script
+        assert r.stderr.strip().splitlines() == [f"error: checkpoint directory {tmp_path / 'missing'} does not exist: "
+                                                 "give the directory holding params.json and consolidated.NN.pth"], script

@@ -2,7 +2,6 @@
 dequantize-then-F.linear, quantized checkpoints against quantizing on load (bit for bit), real
 multi-process runs against one process, resharding, and one-line errors for bad input."""
 import json
-import subprocess
 import sys
 
 import pytest
@@ -295,16 +294,18 @@ def test_cuda_quantized_linear_matches_dequantize(mode):
     assert (lin(x).float() - want).abs().max() <= tol * want.abs().max()
 
 
-@pytest.mark.parametrize("script, mode", [("example_text_completion.py", "int8"), ("scripts/chat.py", "int4")])
-def test_scripts_take_quantize(script, mode):
-    """--quantize passes through to Llama.build (the bundled demo model, quantized on load)."""
-    proc = subprocess.run(
-        [sys.executable, script, "--quantize", mode, "--max_gen_len", "4", "--device", "cpu"],
+def test_scripts_take_quantize():
+    """--quantize passes through to Llama.build (the bundled demo model, quantized on load):
+    example_text_completion.py with int8 and scripts/chat.py with int4, side by side."""
+    cases = [("example_text_completion.py", "int8"), ("scripts/chat.py", "int4")]
+    procs = helpers.run_at_once(
+        [[sys.executable, script, "--quantize", mode, "--max_gen_len", "4", "--device", "cpu"] for script, mode in cases],
         input="What does the len function do?\n", capture_output=True, text=True, cwd=helpers.REPO,
         env=helpers.child_env(), timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"quantized ({mode}" in proc.stderr and proc.stdout.strip()
+    for proc, (script, mode) in zip(procs, cases):
+        assert proc.returncode == 0, (script, proc.stderr[-3000:])
+        assert f"quantized ({mode}" in proc.stderr and proc.stdout.strip(), script
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
