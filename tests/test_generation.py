@@ -183,16 +183,22 @@ def test_two_processes_on_two_shards_match_one_process(tmp_path, llama, tiny_ckp
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-@pytest.mark.parametrize("script", ["example_text_completion.py", "example_chat_completion.py"])
-def test_example_scripts_run_under_torchrun(script, nproc, tiny_ckpt, tiny_ckpt_2shards, byte_tokenizer):
+def test_example_scripts_run_under_torchrun(nproc, tiny_ckpt, tiny_ckpt_2shards, byte_tokenizer):
+    """example_text_completion.py and example_chat_completion.py (launched side by side) on 1 and 2
+    processes: rank 0 alone prints and logs."""
+    import concurrent.futures
+
     ckpt = tiny_ckpt if nproc == 1 else tiny_ckpt_2shards
     # the byte-level tokenizer spends one token per byte of the long example prompts
     args = ["--ckpt_dir", ckpt, "--tokenizer_path", byte_tokenizer, "--max_gen_len", 8, "--max_seq_len", 2048, "--device", "cpu"]
-    r = helpers.run_torchrun(script, args, nproc)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("==================================") == 4  # rank 0 alone prints
-    assert r.stderr.count("Loaded in") == 1 and f"tokenizer {byte_tokenizer} (512 tokens)" in r.stderr  # and logs
-    assert "loading consolidated" in r.stderr
+    scripts = ["example_text_completion.py", "example_chat_completion.py"]
+    with concurrent.futures.ThreadPoolExecutor(len(scripts)) as pool:
+        runs = list(pool.map(lambda script: helpers.run_torchrun(script, args, nproc), scripts))
+    for script, r in zip(scripts, runs):
+        assert r.returncode == 0, (script, r.stderr[-3000:])
+        assert r.stdout.count("==================================") == 4, script  # rank 0 alone prints
+        assert r.stderr.count("Loaded in") == 1 and f"tokenizer {byte_tokenizer} (512 tokens)" in r.stderr, script  # and logs
+        assert "loading consolidated" in r.stderr, script
 
 
 def test_chat_completion_returns_parsed_tool_calls(llama, monkeypatch):
