@@ -1,5 +1,6 @@
 """Speculative decoding (llama.engine.speculative): greedy output token for token the model's own, on one
 process and two; sampling that follows the model's (top-p filtered) distribution; bad input."""
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -432,11 +433,13 @@ def test_scripts_take_a_draft_and_the_demo_ships_one(tmp_path, tiny_ckpt, byte_t
         demo.resolve_draft(str(tiny_ckpt), None, True)
     args = ["--ckpt_dir", tiny_ckpt, "--tokenizer_path", byte_tokenizer, "--draft_ckpt_dir", draft_ckpt,
             "--max_gen_len", 8, "--max_seq_len", 2048, "--device", "cpu", "--temperature", 0]
-    r = helpers.run_torchrun("example_text_completion.py", args, 1)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the refusal's process beside the run
+        refused = pool.submit(subprocess.run, [sys.executable, "example_text_completion.py", *map(str, args[:-2]), "--speculate_k", "0"],
+                              cwd=helpers.REPO, env=helpers.child_env(), capture_output=True, text=True, timeout=120)
+        r = helpers.run_torchrun("example_text_completion.py", args, 1)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("==================================") == 4 and "Speculative decoding: draft" in r.stderr
-    r = subprocess.run([sys.executable, "example_text_completion.py", *map(str, args[:-2]), "--speculate_k", "0"],
-                       cwd=helpers.REPO, env=helpers.child_env(), capture_output=True, text=True, timeout=120)
+    r = refused.result()
     assert r.returncode == 1 and r.stderr.strip().startswith("error: speculate_k 0 is out of range")
 
 
