@@ -2,7 +2,6 @@
 checkpoints (both directions), and clear refusals."""
 
 import json
-import subprocess
 import sys
 
 import pytest
