@@ -18,50 +18,73 @@ pytest.importorskip("safetensors")
 BENCHMARK = helpers.REPO / "scripts" / "benchmark.py"
 
 
-def test_benchmark_reports_every_field(tmp_path):
+def test_benchmark_reports_every_field_and_compares_the_policy_with_forced_dtypes(tmp_path):
+    """One run (one start-up of the benchmark for both claims): every field of the report, never a
+    timing, for ours beside hf-eager and hf-sdpa; and ours (the measured policy) beside forced
+    bfloat16 and float32, with the ratio the benchmark pages quote; the quantized and llama.cpp
+    implementations run when available, else are noted."""
+    import inspect
+
     out = tmp_path / "bench.json"
+    env = helpers.child_env(OMP_NUM_THREADS="2")
+    env.pop("LLAMA_CPP_DIR", None)
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARK), "--shape", "tiny", "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=helpers.REPO,
+        [sys.executable, str(BENCHMARK), "--shape", "tiny", "--quick", "--out", str(out),
+         "--impls", "ours,hf-eager,hf-sdpa,ours-bf16,ours-f32,ours-int8,llama.cpp"],
+        capture_output=True, text=True, timeout=300, cwd=helpers.REPO, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ours / hf" in proc.stdout and "ours / ceiling" in proc.stdout
     report = json.loads(out.read_text())
 
     assert report["complete"] is True
-    assert set(report["results"]) == {"ours", "hf-eager", "hf-sdpa"}
+    quantized = "quantize" in inspect.signature(Llama.build).parameters
+    assert set(report["results"]) == {"ours", "hf-eager", "hf-sdpa", "ours-bf16", "ours-f32"} | ({"ours-int8"} if quantized else set())
     assert {"read", "copy", "gemv", "ceiling"} <= set(report["bandwidth_gb_s"])
     assert report["bytes"]["weights"] > 0 and report["bytes"]["kv_per_token"] > 0
-    for impl, r in report["results"].items():
+    for impl in ("ours", "hf-eager", "hf-sdpa"):
+        r = report["results"][impl]
         assert set(r["decode"]) == {"short_b1", "short_b8", "long_b1"}, impl
         for entry in r["decode"].values():
             assert entry["tokens_per_s"] > 0 and entry["context"] > entry["prompt"]
         assert r["prefill"]["tokens_per_s"] > 0 and r["prefill"]["ttft_s"] > 0
         assert r["mixed"]["new_tokens"] == 8 * report["settings"]["mixed_new"]  # no early stop
         assert r["load_s"] > 0 and r["peak_rss_gb"] > 0
-    assert r["mixed"]["lens"][0] == 16 and r["mixed"]["lens"][-1] == report["settings"]["prefill_len"]
+        assert r["mixed"]["lens"][0] == 16 and r["mixed"]["lens"][-1] == report["settings"]["prefill_len"]
     assert report["results"]["ours"]["original_loop"]["tokens_per_s"] > 0
     for name in ("decode tok/s, batch 1", "prefill", "end-to-end", "load time", "peak resident"):
         assert any(name in row["metric"] for row in report["table"]), name
     assert "batch of 8: ours / original loop" in report["ratios"]
     assert any(k.endswith("ours / ceiling") for k in report["ratios"])
+    # the measured policy beside the forced dtypes
+    r = report["results"]
+    assert r["ours-bf16"]["weights_dtype"] == "bfloat16" and r["ours-f32"]["weights_dtype"] == "float32"
+    assert "measured on this CPU" in r["ours"]["policy"] and "(forced)" in r["ours-f32"]["policy"]
+    for metric in ("decode tok/s, batch 1", "prefill tok/s"):
+        assert any(k.startswith(metric) and k.endswith("ours / best of forced bf16, f32") for k in report["ratios"])
+    assert not any("load time" in k and "forced" in k for k in report["ratios"])  # speeds only
+    assert "llama.cpp not given" in report["skipped"]["llama.cpp"]  # never needed to pass
+    if quantized:
+        assert r["ours-int8"]["weight_bytes"] < r["ours-bf16"]["weight_bytes"]
+    else:
+        assert "no quantize=" in report["skipped"]["ours-int8"]
+    assert "llama.cpp skipped: llama.cpp not given" in proc.stdout
 
 
-def test_benchmark_help():
-    proc = subprocess.run([sys.executable, str(BENCHMARK), "--help"], capture_output=True, text=True, timeout=60)
-    text = proc.stdout + proc.stderr  # fire writes help to stderr when that is not a terminal
-    assert proc.returncode == 0 and "--n_layers" in text and "--compile" in text
+BAD_INPUT = [(["--shape", "nope"], "error: unknown model 'nope': known are llama3-8b"),
+             (["--impls", "ours,bogus"], "error: unknown implementation(s) ['bogus']: choose from ours")]
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [(["--shape", "nope"], "error: unknown model 'nope': known are llama3-8b"),
-     (["--impls", "ours,bogus"], "error: unknown implementation(s) ['bogus']: choose from ours")],
-)
-def test_bad_input_is_one_line(args, message):
-    proc = subprocess.run([sys.executable, str(BENCHMARK), *args], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [proc.stderr.strip()]
-    assert proc.stderr.startswith(message), proc.stderr
+def test_benchmark_help_and_bad_input_is_one_line():
+    """--help names its flags; an unknown model or implementation is one line (exit 1). The three
+    processes run side by side."""
+    procs = helpers.run_at_once([[sys.executable, str(BENCHMARK), *args] for args in [["--help"]] + [a for a, _ in BAD_INPUT]],
+                                capture_output=True, text=True, timeout=60)
+    text = procs[0].stdout + procs[0].stderr  # fire writes help to stderr when that is not a terminal
+    assert procs[0].returncode == 0 and "--n_layers" in text and "--compile" in text
+    for proc, (args, message) in zip(procs[1:], BAD_INPUT):
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], args
+        assert proc.stderr.startswith(message), proc.stderr
 
 
 PROMPTS = [[1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11, 12, 13], [14, 15]]
@@ -117,36 +140,6 @@ def test_failed_compilation_warns_and_decodes_eagerly(tiny_ckpt, byte_tokenizer,
     assert "no compiler here" in caplog.text and llama._compiled.fn is None
     eager = Llama.build(str(tiny_ckpt), str(byte_tokenizer), **kwargs)
     assert got == eager.generate(PROMPTS, max_gen_len=6, temperature=0)[0]
-
-
-def test_benchmark_compares_the_policy_with_forced_dtypes_and_notes_what_it_skips(tmp_path):
-    """ours (the measured policy) beside forced bfloat16 and float32 in one run, with the ratio the
-    benchmark pages quote; the quantized and llama.cpp implementations run when available, else are noted."""
-    import inspect
-
-    out = tmp_path / "bench.json"
-    env = helpers.child_env(OMP_NUM_THREADS="2")
-    env.pop("LLAMA_CPP_DIR", None)
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARK), "--shape", "tiny", "--quick", "--baseline", "False", "--out", str(out),
-         "--impls", "ours,ours-bf16,ours-f32,ours-int8,llama.cpp"],
-        capture_output=True, text=True, timeout=240, cwd=helpers.REPO, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(out.read_text())
-    r = report["results"]
-    assert {"ours", "ours-bf16", "ours-f32"} <= set(r)
-    assert r["ours-bf16"]["weights_dtype"] == "bfloat16" and r["ours-f32"]["weights_dtype"] == "float32"
-    assert "measured on this CPU" in r["ours"]["policy"] and "(forced)" in r["ours-f32"]["policy"]
-    for metric in ("decode tok/s, batch 1", "prefill tok/s"):
-        assert any(k.startswith(metric) and k.endswith("ours / best of forced bf16, f32") for k in report["ratios"])
-    assert not any("load time" in k and "forced" in k for k in report["ratios"])  # speeds only
-    assert "llama.cpp not given" in report["skipped"]["llama.cpp"]  # never needed to pass
-    if "quantize" in inspect.signature(Llama.build).parameters:
-        assert r["ours-int8"]["weight_bytes"] < r["ours-bf16"]["weight_bytes"]
-    else:
-        assert "no quantize=" in report["skipped"]["ours-int8"]
-    assert "llama.cpp skipped: llama.cpp not given" in proc.stdout
 
 
 def test_report_sets_each_precision_beside_llama_cpp(tmp_path):

@@ -1,5 +1,6 @@
 """Checkpoint loading: any shard count on any process count that divides (or is divided by) it, in
 real processes and across two simulated nodes; tied embeddings; lean construction; one-line errors."""
+import concurrent.futures
 import json
 import logging
 import os
@@ -208,17 +209,6 @@ def check_results(results: dict, ckpts: dict, references: dict, mp_size: int) ->
         torch.testing.assert_close(got["logits"], logits, atol=1e-5, rtol=0, msg=f"checkpoint {name}")
 
 
-@pytest.mark.parametrize("nproc", SHARD_COUNTS)
-def test_processes_match_the_unsharded_model_for_every_shard_count(tmp_path, ckpts, references, nproc):
-    # one launch per process count (fairscale fixes the model-parallel size per group); 4 processes
-    # on a model of 2 KV heads repeat each head on two ranks
-    out = tmp_path / "out.pt"
-    dirs = ",".join(str(d) for d in ckpts.values())
-    r = helpers.run_torchrun(WORKER, ["--ckpt_dirs", dirs, "--out", out], nproc, timeout=180)
-    assert r.returncode == 0, r.stderr[-3000:]
-    check_results(torch.load(out), ckpts, references, nproc)
-
-
 def multi_node_command(node_rank: int, port: int, script_args: list) -> list:
     """One node of a two-node torchrun launch (both nodes on this machine, c10d rendezvous)."""
     return [
@@ -230,19 +220,51 @@ def multi_node_command(node_rank: int, port: int, script_args: list) -> list:
     ]
 
 
-def test_two_nodes_match_one_process(tmp_path, ckpts, references):
-    out = tmp_path / "out.pt"
+def two_nodes(out: Path, ckpt_dirs: str) -> list:
+    """Both nodes of a two-node launch of the worker: their exit codes and output."""
     port = helpers.free_port()
     pythonpath = os.pathsep.join(p for p in (str(helpers.REPO), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
-    args = ["--ckpt_dirs", f"{ckpts[2]},{ckpts['tied2']}", "--out", out]
+    args = ["--ckpt_dirs", ckpt_dirs, "--out", out]
     nodes = [
         subprocess.Popen(multi_node_command(rank, port, args), cwd=helpers.REPO, env=env, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for rank in (0, 1)
     ]
     logs = [node.communicate(timeout=180)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    return [(node.returncode, log) for node, log in zip(nodes, logs)]
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory, ckpts):
+    """The worker's real multi-process runs, started side by side when the first test asks (each
+    test below waits for its own): every checkpoint on 2 and on 4 processes (one launch per process
+    count: fairscale fixes the model-parallel size per group; 4 processes on a model of 2 KV heads
+    repeat each head on two ranks), and the 2-shard checkpoints across two nodes. One process
+    loading every shard count and the tied checkpoint is this process's own case
+    (test_one_process_loads_every_shard_count, test_tied_checkpoint_shares_one_tensor): no launch."""
+    root = tmp_path_factory.mktemp("launches")
+    dirs = ",".join(str(d) for d in ckpts.values())
+    pool = concurrent.futures.ThreadPoolExecutor(3)
+    jobs = {nproc: pool.submit(helpers.run_torchrun, WORKER, ["--ckpt_dirs", dirs, "--out", root / f"out{nproc}.pt"], nproc,
+                               timeout=180) for nproc in (2, 4)}
+    jobs["nodes"] = pool.submit(two_nodes, root / "nodes.pt", f"{ckpts[2]},{ckpts['tied2']}")
+    yield {name: (job, root / f"out{name}.pt" if name != "nodes" else root / "nodes.pt") for name, job in jobs.items()}
+    pool.shutdown(wait=True)
+
+
+@pytest.mark.parametrize("nproc", [n for n in SHARD_COUNTS if n > 1])
+def test_processes_match_the_unsharded_model_for_every_shard_count(launches, ckpts, references, nproc):
+    job, out = launches[nproc]
+    r = job.result()
+    assert r.returncode == 0, r.stderr[-3000:]
+    check_results(torch.load(out), ckpts, references, nproc)
+
+
+def test_two_nodes_match_one_process(launches, ckpts, references):
+    job, out = launches["nodes"]
+    nodes = job.result()
+    assert [rc for rc, _ in nodes] == [0, 0], "\n".join(log[-2000:] for _, log in nodes)
     check_results(torch.load(out), {2: ckpts[2], "tied2": ckpts["tied2"]}, references, 2)
 
 
@@ -330,15 +352,16 @@ def test_errors_are_one_line(cpu_group, tmp_path, ckpts):
 
 
 def test_loading_costs_the_weights_once_where_the_naive_way_costs_twice(tmp_path):
-    def bench(shards: int) -> dict:  # 149 MB in float32
-        out = tmp_path / f"load{shards}.json"
-        cmd = [sys.executable, "benchmarks/bench_load.py", "--dim", "512", "--n_layers", "8", "--vocab_size", "8000",
-               "--dtype", "float32", "--shards", str(shards), "--repeats", "1", "--out", str(out)]
-        r = subprocess.run(cmd, cwd=helpers.REPO, env=helpers.child_env(), capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return json.loads(out.read_text())["methods"]
+    def bench(shards: int) -> list:  # 149 MB in float32
+        return [sys.executable, "benchmarks/bench_load.py", "--dim", "512", "--n_layers", "8", "--vocab_size", "8000",
+                "--dtype", "float32", "--shards", str(shards), "--repeats", "1", "--out", str(tmp_path / f"load{shards}.json")]
 
-    one, two = bench(1), bench(2)
+    # each run measures its own process's memory: the two run side by side
+    runs = helpers.run_at_once([bench(1), bench(2)], cwd=helpers.REPO, env=helpers.child_env(), capture_output=True,
+                               text=True, timeout=600)
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"load{shards}.json").read_text())["methods"] for shards in (1, 2))
     added = [one["lean"]["added_over_size"], two["lean"]["added_over_size"], one["naive"]["added_over_size"]]
     # lean: the weights plus at most one 16 MiB copy chunk (0.11x of this small model), merging or
     # not; naive: twice the weights

@@ -2,7 +2,6 @@
 checkpoints (both directions), and clear refusals."""
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -298,11 +297,10 @@ def test_refusals(tmp_path, tiny_ckpt):
 def test_cli_help_and_one_line_error(tmp_path):
     script = str(helpers.REPO / "scripts" / "convert.py")
     env = helpers.child_env(PAGER="cat")
-    done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0 and "to_hf" in done.stdout + done.stderr
-    done = subprocess.run(
-        [sys.executable, script, "from_hf", str(tmp_path / "nope"), str(tmp_path / "out")],
+    helped, done = helpers.run_at_once(  # side by side
+        [[sys.executable, script, "--help"], [sys.executable, script, "from_hf", str(tmp_path / "nope"), str(tmp_path / "out")]],
         capture_output=True, text=True, env=env, timeout=120,
     )
+    assert helped.returncode == 0 and "to_hf" in helped.stdout + helped.stderr
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error:") and "config.json" in done.stderr

@@ -1,5 +1,6 @@
 """The Llama generator: batching, echo, logprobs, stop tokens, limits, errors, streaming, and
 tensor-parallel runs in real processes."""
+import json
 import shutil
 
 import pytest
@@ -159,38 +160,45 @@ def test_bad_inputs_name_the_problem(tmp_path, tiny_ckpt, byte_tokenizer):
         build(tiny_ckpt, tmp_path / "missing.model")
 
 
-def test_two_processes_on_two_shards_match_one_process(tmp_path, tiny_ckpt, tiny_ckpt_2shards, byte_tokenizer):
-    """Two processes match one, eager and compiled: torch.compile traces the tensor-parallel
-    collectives (llama.distributed.traceable_collectives), so compiled passes on two ranks run
-    compiled instead of falling back to eager."""
-    results = {}
-    for name, ckpt, nproc, extra in (("one", tiny_ckpt, 1, []), ("two", tiny_ckpt_2shards, 2, []),
-                                     ("two compiled", tiny_ckpt_2shards, 2, ["--compile"])):
-        out = tmp_path / f"{name}.pt"
-        args = ["--ckpt_dir", ckpt, "--tokenizer_path", byte_tokenizer, "--out", out, *extra]
-        r = helpers.run_torchrun("tests/workers/generate.py", args, nproc)
-        assert r.returncode == 0, r.stderr[-3000:]
-        results[name] = torch.load(out)
-    one = results["one"]
-    for two in (results["two"], results["two compiled"]):
+def test_two_processes_on_two_shards_match_one_process(tmp_path, llama, tiny_ckpt_2shards, byte_tokenizer):
+    """Two processes match one (this process, built as the worker builds), eager and compiled:
+    torch.compile traces the tensor-parallel collectives (llama.distributed.traceable_collectives),
+    so compiled passes on two ranks run compiled instead of falling back to eager. Both runs share
+    one torchrun launch (the worker's --variants)."""
+    from workers.generate import results_of
+
+    one = results_of(llama)
+    outs = {"two": tmp_path / "two.pt", "two compiled": tmp_path / "two-compiled.pt"}
+    variants = [{"out": str(outs["two"]), "compile": 0}, {"out": str(outs["two compiled"]), "compile": 1}]
+    args = ["--ckpt_dir", tiny_ckpt_2shards, "--tokenizer_path", byte_tokenizer, "--variants", json.dumps(variants)]
+    r = helpers.run_torchrun("tests/workers/generate.py", args, 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = {name: torch.load(out) for name, out in outs.items()}
+    for two in results.values():
         assert one["tokens"] == two["tokens"]
         assert one["sampled"] == two["sampled"]
         torch.testing.assert_close(two["logits"], one["logits"], atol=1e-5, rtol=0)
         assert two["logprobs"] == [pytest.approx(lp, abs=1e-5) for lp in one["logprobs"]]
-    assert results["two compiled"]["compiled"] == [True]
+    assert "compiled" not in results["two"] and results["two compiled"]["compiled"] == [True]
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-@pytest.mark.parametrize("script", ["example_text_completion.py", "example_chat_completion.py"])
-def test_example_scripts_run_under_torchrun(script, nproc, tiny_ckpt, tiny_ckpt_2shards, byte_tokenizer):
+def test_example_scripts_run_under_torchrun(nproc, tiny_ckpt, tiny_ckpt_2shards, byte_tokenizer):
+    """example_text_completion.py and example_chat_completion.py (launched side by side) on 1 and 2
+    processes: rank 0 alone prints and logs."""
+    import concurrent.futures
+
     ckpt = tiny_ckpt if nproc == 1 else tiny_ckpt_2shards
     # the byte-level tokenizer spends one token per byte of the long example prompts
     args = ["--ckpt_dir", ckpt, "--tokenizer_path", byte_tokenizer, "--max_gen_len", 8, "--max_seq_len", 2048, "--device", "cpu"]
-    r = helpers.run_torchrun(script, args, nproc)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("==================================") == 4  # rank 0 alone prints
-    assert r.stderr.count("Loaded in") == 1 and f"tokenizer {byte_tokenizer} (512 tokens)" in r.stderr  # and logs
-    assert "loading consolidated" in r.stderr
+    scripts = ["example_text_completion.py", "example_chat_completion.py"]
+    with concurrent.futures.ThreadPoolExecutor(len(scripts)) as pool:
+        runs = list(pool.map(lambda script: helpers.run_torchrun(script, args, nproc), scripts))
+    for script, r in zip(scripts, runs):
+        assert r.returncode == 0, (script, r.stderr[-3000:])
+        assert r.stdout.count("==================================") == 4, script  # rank 0 alone prints
+        assert r.stderr.count("Loaded in") == 1 and f"tokenizer {byte_tokenizer} (512 tokens)" in r.stderr, script  # and logs
+        assert "loading consolidated" in r.stderr, script
 
 
 def test_chat_completion_returns_parsed_tool_calls(llama, monkeypatch):
@@ -207,13 +215,17 @@ def test_chat_completion_returns_parsed_tool_calls(llama, monkeypatch):
     assert msg == {"role": "assistant", "content": "just text"}  # exactly the original's result
 
 
-@pytest.mark.parametrize("script", ["example_text_completion.py", "example_chat_completion.py", "scripts/chat.py"])
-def test_scripts_report_bad_input_in_one_line(script, tmp_path):
+def test_scripts_report_bad_input_in_one_line(tmp_path):
+    """example_text_completion.py, example_chat_completion.py and scripts/chat.py on a missing
+    checkpoint directory: exit 1 and one line naming it (the three processes side by side)."""
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, script, "--ckpt_dir", str(tmp_path / "missing")], cwd=helpers.REPO,
-                       env=helpers.child_env(), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == [f"error: checkpoint directory {tmp_path / 'missing'} does not exist: "
-                                             "give the directory holding params.json and consolidated.NN.pth"]
+    scripts = ["example_text_completion.py", "example_chat_completion.py", "scripts/chat.py"]
+    runs = helpers.run_at_once([[sys.executable, script, "--ckpt_dir", str(tmp_path / "missing")] for script in scripts],
+                               cwd=helpers.REPO, env=helpers.child_env(), capture_output=True, text=True, timeout=120,
+                               stdin=subprocess.DEVNULL)
+    for script, r in zip(scripts, runs):
+        assert r.returncode == 1, script
+        assert r.stderr.strip().splitlines() == [f"error: checkpoint directory {tmp_path / 'missing'} does not exist: "
+                                                 "give the directory holding params.json and consolidated.NN.pth"], script

@@ -255,6 +255,9 @@ def test_the_policy_takes_int8_activations_only_for_decode_where_they_win_and_na
 
     monkeypatch.setattr(quant_choice.cpu, "best_time", fake_best_time)
     monkeypatch.setattr(quant_choice, "WARM_UP_GIVE_UP", float("inf"))  # the fake times decide alone
+    # the fake times make the probes' size irrelevant: small weights, two copies, not the 1B's shape over twice the cache
+    monkeypatch.setattr(quant_choice, "QUANT_PROBE_SHAPE", {step: (64, 256) for step in quant_choice.QUANT_PROBE_SHAPE})
+    monkeypatch.setattr(quant_choice.cpu, "streamed_copies", lambda n_bytes: 2)
     policy = quant_choice._measured_quantized_policy(1, True)
     assert probed.count(native.int8a_mm) == probed.count(native.int4a_mm) == len(quant_choice.A8_STEPS) * quant_choice.PROBE_ROUNDS
     for mode in quant_choice.QUANT_MODES:

@@ -101,15 +101,20 @@ def test_script_reports_loss_per_file_and_in_total(tmp_path, hf_model):
     assert report["total"]["loss"] == pytest.approx(total_nll / total_n, abs=1e-4)
 
 
-@pytest.mark.parametrize("args,message", [
+BAD_INPUT = [
     (["missing.txt"], "error: missing.txt: no such file"),
     (["{empty}"], "is empty: there is no token to score"),
     (["{empty}", "--stride", "0"], "error: stride 0 must be between 1 and max_seq_len"),
-])
-def test_bad_input_is_one_line(tmp_path, args, message):
+]
+
+
+def test_bad_input_is_one_line(tmp_path):
+    """A missing file, an empty one and a zero stride: exit 1, the problem on the last line, no
+    traceback (the three processes side by side)."""
     (tmp_path / "empty.txt").write_text("")
-    args = [str(tmp_path / "empty.txt") if a == "{empty}" else a for a in args]
-    proc = subprocess.run([sys.executable, str(PERPLEXITY), *args], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path, env=helpers.child_env())
-    assert proc.returncode == 1
-    assert message in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    commands = [[sys.executable, str(PERPLEXITY), *(str(tmp_path / "empty.txt") if a == "{empty}" else a for a in args)]
+                for args, _ in BAD_INPUT]
+    procs = helpers.run_at_once(commands, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=helpers.child_env())
+    for proc, (args, message) in zip(procs, BAD_INPUT):
+        assert proc.returncode == 1, args
+        assert message in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr, proc.stderr[-1500:]

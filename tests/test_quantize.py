@@ -1,8 +1,8 @@
 """Weight-only quantization: the weight transforms against plain math, every CPU kernel path against
 dequantize-then-F.linear, quantized checkpoints against quantizing on load (bit for bit), real
 multi-process runs against one process, resharding, and one-line errors for bad input."""
+import concurrent.futures
 import json
-import subprocess
 import sys
 
 import pytest
@@ -201,12 +201,18 @@ def test_quantized_runs_on_1_2_and_4_processes_give_the_tokens_of_one(tmp_path, 
     if native.kernels() is not None:  # int8 activations: one call for wq, wk, wv (w1, w3) on each rank's slices
         runs += [f"{fp_ckpt}|int8|native_a8", f"{fp_ckpt}|int4|native_a8"]
     w8a8 = [f"{fp_ckpt}|w8a8"] if w8a8_kernels.w8a8_available() else []
-    results = {}
-    for n in (1, 2, 4):
+    def launch(n: int) -> dict:
         out = tmp_path / f"out{n}.pt"
         proc = helpers.run_torchrun(WORKER, [",".join(runs + w8a8), fp_ckpt / "tokenizer.model", out], nproc=n)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        results[n] = torch.load(out)
+        return torch.load(out)
+
+    # one process first: it measures the quantized kernels and keeps the choice (this test's cache
+    # directory), which the 2 and 4 processes, started side by side, then read: every run multiplies
+    # with the same kernels
+    results = {1: launch(1)}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results.update(zip((2, 4), pool.map(launch, (2, 4))))
     for run in runs + w8a8:  # w8a8's row-parallel layers round each input row with the whole row's scale
         for n in (2, 4):
             assert results[n][run]["tokens"] == results[1][run]["tokens"], (run, n)
@@ -272,15 +278,14 @@ def test_a_quantized_checkpoint_to_hf_is_a_one_line_error(tmp_path, q_ckpts):
 
 
 def test_quantize_script_refusals_are_one_line_errors(tmp_path, fp_ckpt, q_ckpts):
-    for args, message in (
+    cases = (
         ([fp_ckpt, tmp_path / "a", "--mode", "int5"], "error: unknown mode 'int5'"),
         ([q_ckpts["int8"], tmp_path / "b", "--mode", "int4"], "is already quantized"),
         ([fp_ckpt, tmp_path / "c", "--mode", "int4", "--group_size", "256"], "does not divide the input dimension"),
-    ):
-        proc = subprocess.run(
-            [sys.executable, "scripts/quantize.py", *map(str, args)],
-            capture_output=True, text=True, cwd=helpers.REPO, env=helpers.child_env(),
-        )
+    )
+    procs = helpers.run_at_once([[sys.executable, "scripts/quantize.py", *map(str, args)] for args, _ in cases],
+                                capture_output=True, text=True, cwd=helpers.REPO, env=helpers.child_env())
+    for proc, (_, message) in zip(procs, cases):
         assert proc.returncode == 1 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
@@ -299,16 +304,18 @@ def test_cuda_quantized_linear_matches_dequantize(mode):
     assert (lin(x).float() - want).abs().max() <= tol * want.abs().max()
 
 
-@pytest.mark.parametrize("script, mode", [("example_text_completion.py", "int8"), ("scripts/chat.py", "int4")])
-def test_scripts_take_quantize(script, mode):
-    """--quantize passes through to Llama.build (the bundled demo model, quantized on load)."""
-    proc = subprocess.run(
-        [sys.executable, script, "--quantize", mode, "--max_gen_len", "4", "--device", "cpu"],
+def test_scripts_take_quantize():
+    """--quantize passes through to Llama.build (the bundled demo model, quantized on load):
+    example_text_completion.py with int8 and scripts/chat.py with int4, side by side."""
+    cases = [("example_text_completion.py", "int8"), ("scripts/chat.py", "int4")]
+    procs = helpers.run_at_once(
+        [[sys.executable, script, "--quantize", mode, "--max_gen_len", "4", "--device", "cpu"] for script, mode in cases],
         input="What does the len function do?\n", capture_output=True, text=True, cwd=helpers.REPO,
         env=helpers.child_env(), timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"quantized ({mode}" in proc.stderr and proc.stdout.strip()
+    for proc, (script, mode) in zip(procs, cases):
+        assert proc.returncode == 0, (script, proc.stderr[-3000:])
+        assert f"quantized ({mode}" in proc.stderr and proc.stdout.strip(), script
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -388,13 +395,14 @@ def test_the_int4_kernel_layout_probe_on_each_cpu_capability():
     of 64 rows, AVX2: 32) and says None on the scalar build's (where the embedding keeps its own
     copy), each in a fresh process."""
     found = {}
-    for capability in ("avx512", "avx2", "default"):
-        proc = subprocess.run(
-            [sys.executable, "-c", "import torch; from llama.runtime import quant_kernels; "
-             "print(torch.backends.cpu.get_cpu_capability(), quant_kernels.int4_kernel_block())"],
-            capture_output=True, text=True, cwd=helpers.REPO, timeout=120,
-            env={**helpers.child_env(), "ATEN_CPU_CAPABILITY": capability},
-        )
+    code = ("import torch; from llama.runtime import quant_kernels; "
+            "print(torch.backends.cpu.get_cpu_capability(), quant_kernels.int4_kernel_block())")
+    procs = helpers.run_at_once(
+        [([sys.executable, "-c", code], {"env": {**helpers.child_env(), "ATEN_CPU_CAPABILITY": capability}})
+         for capability in ("avx512", "avx2", "default")],
+        capture_output=True, text=True, cwd=helpers.REPO, timeout=120,
+    )
+    for proc in procs:
         assert proc.returncode == 0, proc.stderr[-2000:]
         got, block = proc.stdout.split()
         found[got] = block

@@ -380,6 +380,9 @@ def test_the_quantized_kernels_are_measured_once_and_the_fastest_is_taken(fresh_
 
     monkeypatch.setattr(cpu_info, "best_time", fake_best_time)
     monkeypatch.setattr(quant_choice, "WARM_UP_GIVE_UP", float("inf"))  # the fake times decide alone
+    # the fake times make the probes' size irrelevant: small weights, two copies, not the 1B's shape over twice the cache
+    monkeypatch.setattr(quant_choice, "QUANT_PROBE_SHAPE", {step: (64, 256) for step in quant_choice.QUANT_PROBE_SHAPE})
+    monkeypatch.setattr(cpu_info, "streamed_copies", lambda n_bytes: 2)
     w = torch.randn(64, 128)
     with caplog.at_level(logging.DEBUG, logger="llama.runtime"):
         for mode, stored in (("int8", quant_formats.quantize_int8(w) + (None,)), ("int4", quant_formats.quantize_int4(w, 32))):

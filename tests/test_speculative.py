@@ -1,5 +1,6 @@
 """Speculative decoding (llama.engine.speculative): greedy output token for token the model's own, on one
 process and two; sampling that follows the model's (top-p filtered) distribution; bad input."""
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -385,28 +386,34 @@ def test_bad_input_names_the_problem_and_the_fix(tmp_path, tiny_ckpt, byte_token
 # ---------------------------------------------------------------- two processes
 
 
-@pytest.mark.parametrize("parallel, compile", [("replicated", False), ("sharded", False), ("replicated", True)])
-def test_two_processes_accept_the_same_tokens_as_one(tmp_path, plain, tiny_ckpt_2shards, byte_tokenizer, draft_ckpt, parallel, compile):
+VARIANTS = [("replicated", False), ("sharded", False), ("replicated", True)]  # (draft_parallel, compile)
+
+
+def test_two_processes_accept_the_same_tokens_as_one(tmp_path, plain, tiny_ckpt_2shards, byte_tokenizer, draft_ckpt):
     """The model sharded over two ranks, the draft whole on each or split like the model, eager or
     compiled (the passes one by one, compiled on each rank): greedy output is the one-process
-    model's own, and seeded sampling draws the same tokens on both ranks."""
-    out = tmp_path / "two.pt"
-    args = ["--ckpt_dir", tiny_ckpt_2shards, "--tokenizer_path", byte_tokenizer, "--out", out, "--draft_ckpt_dir", draft_ckpt,
-            "--draft_parallel", parallel] + (["--compile"] if compile else [])
+    model's own, and seeded sampling draws the same tokens on both ranks. The three variants run
+    one after another in one torchrun launch (the worker's --variants)."""
+    outs = [tmp_path / f"two-{parallel}-{int(compile)}.pt" for parallel, compile in VARIANTS]
+    variants = [{"out": str(out), "draft_parallel": parallel, "compile": int(compile)}
+                for out, (parallel, compile) in zip(outs, VARIANTS)]
+    args = ["--ckpt_dir", tiny_ckpt_2shards, "--tokenizer_path", byte_tokenizer, "--draft_ckpt_dir", draft_ckpt,
+            "--variants", json.dumps(variants)]
     r = helpers.run_torchrun("tests/workers/generate.py", args, 2)
     assert r.returncode == 0, r.stderr[-3000:]
-    two = torch.load(out)
-    if compile:
-        assert two["compiled"] == [True, True, True]  # the model's steps, its verify passes, the draft's steps
     from workers.generate import PROMPTS
 
     want, want_lps = plain.generate(encode(plain, PROMPTS), 12, temperature=0, logprobs=True)
-    assert two["tokens"] == want
-    assert two["logprobs"] == [pytest.approx(lp, abs=1e-5) for lp in want_lps]
     kv_rows = helpers.TINY_PARAMS["n_kv_heads"] * 16  # whole; split in two when sharded
-    assert two["draft_wk_rows"] == (kv_rows if parallel == "replicated" else kv_rows // 2)
-    assert 0 < two["acceptance"] < 1
-    assert torch.load(f"{out}.rank1.sampled") == two["sampled"]
+    for out, (parallel, compile) in zip(outs, VARIANTS):
+        two, variant = torch.load(out), (parallel, compile)
+        if compile:
+            assert two["compiled"] == [True, True, True], variant  # the model's steps, its verify passes, the draft's steps
+        assert two["tokens"] == want, variant
+        assert two["logprobs"] == [pytest.approx(lp, abs=1e-5) for lp in want_lps], variant
+        assert two["draft_wk_rows"] == (kv_rows if parallel == "replicated" else kv_rows // 2), variant
+        assert 0 < two["acceptance"] < 1, variant
+        assert torch.load(f"{out}.rank1.sampled") == two["sampled"], variant
 
 
 # ---------------------------------------------------------------- scripts
@@ -426,11 +433,13 @@ def test_scripts_take_a_draft_and_the_demo_ships_one(tmp_path, tiny_ckpt, byte_t
         demo.resolve_draft(str(tiny_ckpt), None, True)
     args = ["--ckpt_dir", tiny_ckpt, "--tokenizer_path", byte_tokenizer, "--draft_ckpt_dir", draft_ckpt,
             "--max_gen_len", 8, "--max_seq_len", 2048, "--device", "cpu", "--temperature", 0]
-    r = helpers.run_torchrun("example_text_completion.py", args, 1)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the refusal's process beside the run
+        refused = pool.submit(subprocess.run, [sys.executable, "example_text_completion.py", *map(str, args[:-2]), "--speculate_k", "0"],
+                              cwd=helpers.REPO, env=helpers.child_env(), capture_output=True, text=True, timeout=120)
+        r = helpers.run_torchrun("example_text_completion.py", args, 1)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("==================================") == 4 and "Speculative decoding: draft" in r.stderr
-    r = subprocess.run([sys.executable, "example_text_completion.py", *map(str, args[:-2]), "--speculate_k", "0"],
-                       cwd=helpers.REPO, env=helpers.child_env(), capture_output=True, text=True, timeout=120)
+    r = refused.result()
     assert r.returncode == 1 and r.stderr.strip().startswith("error: speculate_k 0 is out of range")
 
 
