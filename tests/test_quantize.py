@@ -201,6 +201,7 @@ def test_quantized_runs_on_1_2_and_4_processes_give_the_tokens_of_one(tmp_path, 
     if native.kernels() is not None:  # int8 activations: one call for wq, wk, wv (w1, w3) on each rank's slices
         runs += [f"{fp_ckpt}|int8|native_a8", f"{fp_ckpt}|int4|native_a8"]
     w8a8 = [f"{fp_ckpt}|w8a8"] if w8a8_kernels.w8a8_available() else []
+
     def launch(n: int) -> dict:
         out = tmp_path / f"out{n}.pt"
         proc = helpers.run_torchrun(WORKER, [",".join(runs + w8a8), fp_ckpt / "tokenizer.model", out], nproc=n)
