@@ -139,20 +139,13 @@ def prepare(work: Path, layers: int) -> None:
     Hugging Face conversion, with the demo tokenizer (the rows are token ids; TRL wants a tokenizer)."""
     from llama.demo import TOKENIZER_PATH
     from llama.weights.convert import to_hf
-
     from llama.weights.save import save_checkpoint
 
     params = dict(SHAPE_1B, n_layers=layers)
-    # the converter reads an output.weight: write it (the embedding's values) for the conversion, tied
-    # there, then the Meta checkpoint without it, tied as the 3.2 1B's is
-    state = random_state_dict(params, torch.bfloat16, tied=True)
-    state["output.weight"] = state["tok_embeddings.weight"]
-    save_checkpoint(state, params, work / "untied")
-    shutil.copyfile(TOKENIZER_PATH, work / "untied" / "tokenizer.model")
-    to_hf(str(work / "untied"), str(work / "hf"), dtype="bfloat16", tie_word_embeddings=True)
-    shutil.rmtree(work / "untied")
-    del state["output.weight"]
-    save_checkpoint(state, params, work / "meta")
+    # tied, as the 3.2 1B's is: no output.weight, and the converter ties the HF model's head
+    save_checkpoint(random_state_dict(params, torch.bfloat16, tied=True), params, work / "meta")
+    shutil.copyfile(TOKENIZER_PATH, work / "meta" / "tokenizer.model")
+    to_hf(str(work / "meta"), str(work / "hf"), dtype="bfloat16")
 
 
 def main(

@@ -143,3 +143,24 @@ def test_fused_output_loss_equals_the_loss_on_whole_logits(monkeypatch, weight_t
     assert losses.fusable_head(model) is model.output.weight
     model.output.lora = torch.nn.Identity()
     assert losses.fusable_head(model) is None
+
+
+def test_fused_output_loss_on_logits_spread_past_exps_range():
+    # logits spread over hundreds (random unscaled weights): most shifted logits sit below float32
+    # exp's normal range, where the fused loss floors them; loss and gradients stay those of the
+    # cross-entropy over whole logits
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 5, 64, generator=g)
+    w = torch.randn(512, 64, generator=g) * 25
+    targets = torch.randint(0, 512, (2, 5), generator=g)
+    out = []
+    for fused in (True, False):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = losses.fused_token_loss_sum(hh, ww, targets) if fused else losses.token_loss_sum(hh @ ww.t(), targets)
+        loss.backward()
+        out.append((loss.detach(), hh.grad, ww.grad))
+    shifted = h @ w.t() - (h @ w.t()).amax(-1, keepdim=True)
+    assert (shifted < losses.EXP_FLOOR).float().mean() > 0.5
+    torch.testing.assert_close(out[0][0], out[1][0], atol=0, rtol=1e-6)
+    torch.testing.assert_close(out[0][1], out[1][1], atol=1e-30, rtol=1e-5)
+    torch.testing.assert_close(out[0][2], out[1][2], atol=1e-30, rtol=1e-5)

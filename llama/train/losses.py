@@ -45,6 +45,7 @@ def dpo_terms(pi_c: torch.Tensor, pi_r: torch.Tensor, ref_c: torch.Tensor, ref_r
 # activations many times over). As the loss is the graph's end, each chunk's gradients for the hidden
 # states and the output weight are computed in the forward pass, from the chunk's logits while they
 # are at hand, and scaled by the incoming gradient in the backward pass: no logits are kept or recomputed.
+EXP_FLOOR = -87.0  # exp(-87) = 1.6e-38, just above float32's smallest normal number (1.2e-38)
 LOGIT_CHUNK_BYTES = 128 << 20  # float32 logits of one chunk: 256 rows at 128K; fewer rows make slower float32 products
 
 
@@ -74,7 +75,12 @@ class _FusedOutputLoss(torch.autograd.Function):
             logits = (hq[start : start + rows] @ w.t()).float()
             picked = logits.gather(-1, tc.clamp(min=0)[:, None])[:, 0]
             top = logits.amax(dim=-1, keepdim=True)
-            probs = logits.sub_(top).exp_()  # in place, one exp: the chunk's largest temporary is its logits
+            # in place, one exp: the chunk's largest temporary is its logits. The shifted logits are
+            # floored where exp leaves float32's normal range (EXP_FLOOR): below it the CPU's exp
+            # takes a slow path, many times slower per value (a model whose logits spread over more
+            # than 87 sends most of the vocabulary there), and the floor's exp (under 2e-38 against
+            # a sum of at least 1) changes no sum or gradient beyond float rounding
+            probs = logits.sub_(top).clamp_(min=EXP_FLOOR).exp_()
             sums = probs.sum(dim=-1)
             total += ((top[:, 0] + sums.log() - picked) * keep).sum()
             if want_h or want_w:  # d loss / d logits = softmax - one-hot, on the tokens that train
