@@ -46,6 +46,15 @@ def test_a_restart_reads_the_kept_policy_instead_of_measuring(counted):
     assert len(kept) == 1
 
 
+def test_a_model_in_the_cache_reads_its_kept_policy_too(counted):
+    """The key of a model that fits in the cache holds its shape (a tuple, a list once kept as JSON):
+    a restart still finds it, rather than measuring again at every start."""
+    for _ in range(2):
+        probes._measured_cpu_policy.cache_clear()
+        policy = probes.policy_for(torch.device("cpu"), weight_bytes=2**20, shape=(896, 320))
+    assert len(counted) == 1 and "as kept in" in policy.reason
+
+
 def test_remeasure_measures_again(counted, monkeypatch):
     restart_and_build()
     stored.request_remeasure()  # --remeasure

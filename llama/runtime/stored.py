@@ -76,7 +76,7 @@ def kept_or_measured(
     machine, else `measure()`, kept for the next one (`encode` to JSON, `decode` back). A file that cannot
     be read or decoded is measured again (one warning); one that cannot be written is only logged."""
     path = path_for(what, key)
-    full = {"what": what, **machine(), **key}
+    full = json.loads(json.dumps({"what": what, **machine(), **key}))  # as read back: tuples are lists
     if not remeasure_requested() and path.exists():
         try:
             held = json.loads(path.read_text())
