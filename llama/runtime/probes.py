@@ -124,19 +124,26 @@ def measure(repeats: int = 2, from_memory: bool = True, cached: Optional[tuple] 
     try:
         for kind in [k for _ in range(rounds) for k in KINDS]:
             shape = PROBE_SHAPE[kind] if kind == "prefill" else big
-            x32 = torch.full((PROBE_ROWS[kind], shape[1]), 0.5)
-            x16 = x32.bfloat16()
+            # from memory, a call multiplies both of the feed-forward's shapes, (hidden, dim) as w1 and
+            # w3 and (dim, hidden) as w2: kernels rank differently on the two (PyTorch's own bfloat16
+            # product read the 1B's w2 at two thirds of this package's speed, its w1 slightly faster)
+            shapes = [shape, shape[::-1]] if kind != "prefill" and from_memory else [shape]
+            x32 = {s: torch.full((PROBE_ROWS[kind], s[1]), 0.5) for s in shapes}
+            x16 = {s: x.bfloat16() for s, x in x32.items()}
             # prefill's product is bound by arithmetic: one weight, read from the cache after the
             # warm-up; so is a cached model's without its size
             one = kind == "prefill" or not (from_memory or own)
-            cases: dict[str, Callable[[], torch.Tensor]] = {
-                "bfloat16": lambda: F.linear(x16, weight(torch.bfloat16, shape, one)),
-                "float32": lambda: F.linear(x32, weight(torch.float32, shape, one)),
-                "upcast": lambda: upcast_linear(x32, weight(torch.bfloat16, shape, one), scratch),
+            each: dict[str, Callable[[tuple], torch.Tensor]] = {
+                "bfloat16": lambda s: F.linear(x16[s], weight(torch.bfloat16, s, one)),
+                "float32": lambda s: F.linear(x32[s], weight(torch.float32, s, one)),
+                "upcast": lambda s: upcast_linear(x32[s], weight(torch.bfloat16, s, one), scratch),
+                NATIVE: lambda s: native.bf16_mm(x16[s], weight(torch.bfloat16, s, one), out_dtype=torch.bfloat16),
             }
-            runs = [(c, fn, o) for c, fn in cases.items() if not (kind == "decode" and c == "upcast") for o in (True, False)]
+            cases = {c: (lambda f=f: [f(s) for s in shapes]) for c, f in each.items()}
+            runs = [(c, cases[c], o) for c in ("bfloat16", "float32", "upcast") if not (kind == "decode" and c == "upcast")
+                    for o in (True, False)]
             if kind != "prefill" and native.kernels() is not None:  # this package's bfloat16 product, bfloat16 results
-                runs.append(("bfloat16", lambda: native.bf16_mm(x16, weight(torch.bfloat16, shape, one), out_dtype=torch.bfloat16), NATIVE))
+                runs.append(("bfloat16", cases[NATIVE], NATIVE))
             for compute, fn, kernel in runs:
                 torch.backends.mkldnn.enabled = was if kernel == NATIVE else kernel
                 calls = repeats * (3 if kind == "decode" else 1)
