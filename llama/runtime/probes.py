@@ -83,9 +83,10 @@ def measure(repeats: int = 2, from_memory: bool = True, cached: Optional[tuple] 
             rounds: int = cpu.PROBE_ROUNDS) -> dict:
     """Seconds of one product per (kind, compute, kernel) on this CPU, fastest of `repeats` after a
     warm-up (more for the short decode products), the fastest of `rounds` such measurements (other
-    work on the cores only ever adds time, and the choice is kept for later processes): PROBE_ROWS rows times a PROBE_SHAPE weight, in
-    bfloat16, float32, and float32 over an upcast bfloat16 weight (not timed for one-row decode,
-    where it can only lose to float32 weights), and for decode and small batches this package's
+    work on the cores only ever adds time, and the choice is kept for later processes): PROBE_ROWS
+    rows times a PROBE_SHAPE weight (from memory, decode and small batches also its transpose, w2's
+    shape, in the same call), in bfloat16, float32, and float32 over an upcast bfloat16 weight (not
+    timed for one-row decode, where it can only lose to float32 weights), and for decode and small batches this package's
     bfloat16 product (kernel NATIVE) where it builds. `from_memory`: decode and small-batch products
     read each call's weight from memory, not from the last-level cache (see PROBE_SHAPE);
     otherwise `cached`, ((out, in), bytes of the model in bfloat16), gives them the model's shape

@@ -12,8 +12,8 @@ namespace {
 
 // Rows [r0, r1) of q (N, K / 2) uint8 with scales, zeros (N, K / group) bfloat16 into out (N, K).
 template <bool BF16>
-inline __attribute__((always_inline)) void rows_body(const uint8_t* q, const uint16_t* sc, const uint16_t* ze,
-                                                     int64_t K, int64_t group, void* out, int64_t r0, int64_t r1) {
+void rows_generic(const uint8_t* q, const uint16_t* sc, const uint16_t* ze, int64_t K, int64_t group, void* out,
+                  int64_t r0, int64_t r1) {
   const int64_t G = K / group, half = group / 2;
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t g = 0; g < G; ++g) {
@@ -77,12 +77,6 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const uint8_t* q, const uint1
     }
 }
 
-template <bool BF16>
-void rows_generic(const uint8_t* q, const uint16_t* sc, const uint16_t* ze, int64_t K, int64_t group, void* out,
-                  int64_t r0, int64_t r1) {
-  rows_body<BF16>(q, sc, ze, K, group, out, r0, r1);
-}
-
 }  // namespace
 
 namespace llama_dequant {
@@ -90,7 +84,7 @@ namespace llama_dequant {
 // out (N, K) float32 or bfloat16 = the stored int4 weight (q, scales, zeros) of N rows, threads over rows.
 void int4_into(int64_t q, int64_t scales, int64_t zeros, int64_t N, int64_t K, int64_t group, int64_t out, bool bf16,
                int64_t isa) {
-  const int which = group % 32 ? GENERIC : resolve(isa, 16);  // the vector forms take 32 columns a step
+  const int which = group % 32 ? GENERIC : resolve(isa, 16);  // the vector form takes 32 columns a step
   const uint8_t* qp = ptr<const uint8_t>(q);
   const uint16_t *sp = ptr<const uint16_t>(scales), *zp = ptr<const uint16_t>(zeros);
   void* op = ptr<void>(out);
